@@ -1,0 +1,80 @@
+"""Shared test helpers: the one `assert_close`, the test device, and seeded random inputs."""
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+# Absolute slack added on top of the measured torch error, per dtype.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+
+
+def _describe(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor, limit: int = 5) -> str:
+    diff = (actual.double() - expected.double()).abs()
+    rel = diff / expected.double().abs().clamp_min(1e-12)
+    finite = torch.isfinite(diff)
+    lines = [
+        f"max abs err {diff[finite].max().item() if finite.any() else float('nan'):.3e}, "
+        f"max rel err {rel[finite].max().item() if finite.any() else float('nan'):.3e}, "
+        f"{int(bad.sum())} of {bad.numel()} elements out of tolerance, "
+        f"{int((~torch.isfinite(actual)).sum())} non-finite in actual, "
+        f"{int((~torch.isfinite(expected)).sum())} non-finite in expected",
+    ]
+    for idx in bad.nonzero()[:limit].tolist():
+        i = tuple(idx)
+        lines.append(f"  at {i}: actual {actual[i].item()!r} expected {expected[i].item()!r}")
+    return "\n".join(lines)
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    atol: float | None = None,
+    rtol: float = 0.0,
+    baseline: torch.Tensor | None = None,
+    factor: float = 2.0,
+    msg: str = "",
+) -> None:
+    """Check `actual` against a high-precision `expected`.
+
+    With `baseline` (the same op written in torch at actual's dtype) the allowed error of every
+    element is `factor * max|baseline - expected| + atol`: a kernel may be at most about twice as
+    wrong as torch itself. Without it, the allowed error is `atol + rtol * |expected|`.
+    NaN or Inf in `actual` never passes unless `expected` holds the same non-finite value there.
+    `atol` defaults to the per-dtype slack in ATOL for actual's dtype.
+    """
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if atol is None:
+        atol = ATOL.get(actual.dtype, 0.0)
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    tol = torch.full_like(e, atol) + rtol * e.abs()
+    if baseline is not None:
+        b = baseline.detach().double().cpu()
+        base_err = (b - e).abs()
+        base_err = base_err[torch.isfinite(base_err)]
+        tol = tol + factor * (base_err.max() if base_err.numel() else 0.0)
+    same_nonfinite = (~torch.isfinite(e)) & ((a == e) | (a.isnan() & e.isnan()))
+    ok = ((a - e).abs() <= tol) | same_nonfinite
+    if not bool(ok.all()):
+        extra = ""
+        if baseline is not None:
+            extra = f"\n  torch baseline max abs err {float(factor and (tol.max() - atol) / factor):.3e} (allowed x{factor} + atol {atol:g})"
+        raise AssertionError(f"{msg} tensors not close:\n{_describe(a, e, ~ok)}{extra}")
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Fresh normal random data on the test device (never zeros)."""
+    g = torch.Generator(device="cpu")
+    if seed is not None:
+        g.manual_seed(seed)
+    else:
+        g.seed()
+    return (torch.randn(*shape, generator=g, dtype=torch.float32) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill a float tensor with NaN so that any element a kernel fails to write is caught."""
+    return t.fill_(float("nan"))
