@@ -1,0 +1,240 @@
+"""Rotary position embedding (RoPE) for q and k in one launch, Hugging Face half-rotation layout.
+
+For a head vector x of even length d, split into halves x1 = x[:d/2], x2 = x[d/2:], and a token
+at integer position p:
+
+    inv_freq_j = 1 / theta^(2j / d)                 j = 0 .. d/2-1, fp32, computed by torch
+    a_j        = fp32(p) * inv_freq_j                one fp32 multiply, as transformers does
+    out1_j     = x1_j * cos(a_j) - x2_j * sin(a_j)
+    out2_j     = x2_j * cos(a_j) + x1_j * sin(a_j)
+
+i.e. out = x * cos + rotate_half(x) * sin with cos/sin repeated over both halves. The kernel
+keeps cos/sin and the products in fp32 and rounds once to the input dtype; transformers rounds
+cos/sin to the input dtype first, so in fp16/bf16 the kernel is the more accurate of the two.
+
+Grid: (seq, q-head blocks + k-head blocks, batch). A program handles BLOCK_H heads of one token;
+programs whose head-block index is past the q blocks rotate k, so q and k share one launch and
+one position load per program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_same_device, check_tensor
+from .rms_norm import cast_rtne
+
+MAX_HEAD_DIM = 256
+
+_INV_FREQ_CACHE: dict[tuple[float, int, torch.device], torch.Tensor] = {}
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, o_ptr,  # base pointers of this token's heads in the input / output
+    stride_xh, stride_oh,  # elements between consecutive heads
+    head0, n_heads,  # first head this program rotates, heads in the tensor
+    cos, sin,  # [1, BLOCK_HALF] fp32 rotation for this token
+    HALF: tl.constexpr,  # head_dim // 2: offset of the second half
+    BLOCK_HALF: tl.constexpr,  # power of two >= HALF (lanes past HALF are masked)
+    BLOCK_H: tl.constexpr,  # heads per program
+):
+    """Rotate heads [head0, head0 + BLOCK_H) of one token, rounding once to the output dtype."""
+    heads = head0 + tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < n_heads) & (cols < HALF)
+    x_off = heads * stride_xh + cols
+    o_off = heads * stride_oh + cols
+    x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    tl.store(o_ptr + o_off, cast_rtne(out1, o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + o_off + HALF, cast_rtne(out2, o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,  # *T, q [b, s, n_heads, d], last dim contiguous (may be a view into fused qkv)
+    k_ptr,  # *T, k [b, s, n_kv_heads, d], last dim contiguous
+    qo_ptr,  # *T, rotated q output, same layout rules
+    ko_ptr,  # *T, rotated k output
+    pos_ptr,  # *int32|int64, positions [b, s]
+    inv_freq_ptr,  # *fp32, [HALF] inverse frequencies computed by torch
+    stride_qb, stride_qs, stride_qh,  # q strides (elements) for batch, seq, head
+    stride_kb, stride_ks, stride_kh,  # k strides
+    stride_qob, stride_qos, stride_qoh,  # q output strides
+    stride_kob, stride_kos, stride_koh,  # k output strides
+    stride_pb, stride_ps,  # positions strides
+    n_heads,  # q heads
+    n_kv_heads,  # k heads
+    n_q_blocks,  # cdiv(n_heads, BLOCK_H): head-block index where k starts
+    HALF: tl.constexpr,  # head_dim // 2
+    BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
+    BLOCK_H: tl.constexpr,  # heads per program
+):
+    # int64 batch/seq offsets: a long prefill's q can pass 2**31 elements
+    s = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    # fp32(pos) * inv_freq in fp32 is exactly transformers' `position_ids.float() * inv_freq`
+    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps).to(tl.float32)
+    cols = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(inv_freq_ptr + cols, mask=cols < HALF, other=0.0)
+    angle = (pos * inv_freq)[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+
+    if hb < n_q_blocks:
+        _rotate_heads(
+            q_ptr + b * stride_qb + s * stride_qs, qo_ptr + b * stride_qob + s * stride_qos,
+            stride_qh, stride_qoh, hb * BLOCK_H, n_heads, cos, sin,
+            HALF, BLOCK_HALF, BLOCK_H,
+        )
+    else:
+        _rotate_heads(
+            k_ptr + b * stride_kb + s * stride_ks, ko_ptr + b * stride_kob + s * stride_kos,
+            stride_kh, stride_koh, (hb - n_q_blocks) * BLOCK_H, n_kv_heads, cos, sin,
+            HALF, BLOCK_HALF, BLOCK_H,
+        )
+
+
+def rotary_launch_config(n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, int]:
+    """Constexprs and warps for apply_rotary (pure; used by the compile check)."""
+    if head_dim < 2 or head_dim % 2 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"apply_rotary: head_dim must be even and in [2, {MAX_HEAD_DIM}], got {head_dim}")
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    # Size the head block by the smaller head count so k programs (few kv heads under GQA) are
+    # not mostly masked, and cap it so a program moves at most ~2K elements per tensor.
+    block_h = min(triton.next_power_of_2(max(1, min(n_heads, n_kv_heads))), 8, max(1, 1024 // block_half))
+    elems = block_h * block_half * 2
+    return {
+        "HALF": half,
+        "BLOCK_HALF": block_half,
+        "BLOCK_H": block_h,
+        "num_warps": 4 if elems <= 1024 else 8,
+        "num_stages": 1,  # no loop to pipeline
+    }
+
+
+def rotary_inv_freq(theta: float, head_dim: int, device: torch.device) -> torch.Tensor:
+    """transformers' default-RoPE inverse frequencies, fp32 [head_dim // 2], cached per (theta, d, device)."""
+    key = (float(theta), int(head_dim), torch.device(device))
+    inv = _INV_FREQ_CACHE.get(key)
+    if inv is None:
+        # Computed on the CPU then moved, exactly as transformers builds its buffer.
+        inv = 1.0 / (key[0] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv = inv.to(device)
+        _INV_FREQ_CACHE[key] = inv
+    return inv
+
+
+def _check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
+    check_tensor(name, out, ndim=4, dtypes=(like.dtype,))
+    if out.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(out.shape)}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim, got strides {out.stride()}")
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float,
+    *,
+    q_out: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [b, s, n_heads, d] and k [b, s, n_kv_heads, d] by `positions` [b, s]; returns new tensors.
+
+    q and k may be strided views (e.g. slices of a fused qkv projection) as long as their last dim
+    is contiguous; a strided last dim is copied once. `q_out` / `k_out` optionally receive the
+    results (same shape/dtype as q / k, last dim contiguous); passing q_out=q rotates in place.
+    """
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_tensor("positions", positions, ndim=2, dtypes=(torch.int32, torch.int64))
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; they must match")
+    b, s, n_heads, d = q.shape
+    if k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
+        raise ValueError(f"k must have shape [{b}, {s}, n_kv_heads, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(positions.shape) != (b, s):
+        raise ValueError(f"positions must have shape [{b}, {s}] (q's batch and seq), got {tuple(positions.shape)}")
+    if d % 2 or d < 2 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be even and in [2, {MAX_HEAD_DIM}], got {d}")
+    n_kv_heads = k.shape[2]
+    theta = float(theta)
+    if not theta > 0.0:
+        raise ValueError(f"theta must be > 0, got {theta}")
+    outs = {k_: v for k_, v in (("q_out", q_out), ("k_out", k_out)) if v is not None}
+    check_same_device(q=q, k=k, positions=positions, **outs)
+    if b > 65535:
+        raise ValueError(f"batch must be <= 65535 (grid dim 2 limit), got {b}")
+
+    # Documented copy: a strided head dim would need a gather per element.
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if q_out is None:
+        q_out = torch.empty((b, s, n_heads, d), dtype=q.dtype, device=q.device)
+    else:
+        _check_out("q_out", q_out, q)
+    if k_out is None:
+        k_out = torch.empty((b, s, n_kv_heads, d), dtype=k.dtype, device=k.device)
+    else:
+        _check_out("k_out", k_out, k)
+    if q.numel() == 0 and k.numel() == 0:
+        return q_out, k_out
+
+    cfg = rotary_launch_config(n_heads, n_kv_heads, d)
+    inv_freq = rotary_inv_freq(theta, d, q.device)
+    n_q_blocks = triton.cdiv(n_heads, cfg["BLOCK_H"])
+    n_k_blocks = triton.cdiv(n_kv_heads, cfg["BLOCK_H"])
+    grid = (s, n_q_blocks + n_k_blocks, b)
+    _rotary_kernel[grid](
+        q, k, q_out, k_out, positions, inv_freq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        positions.stride(0), positions.stride(1),
+        n_heads, n_kv_heads, n_q_blocks,
+        HALF=cfg["HALF"], BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_H=cfg["BLOCK_H"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return q_out, k_out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_ref(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' LlamaRotaryEmbedding + apply_rotary_pos_emb for [b, s, heads, d] tensors.
+
+    Angles are fp32 as in transformers; cos/sin are evaluated in fp32 then cast to q's dtype, and
+    the rotation runs in q's dtype. For fp64 input cos/sin are evaluated in fp64 (of the same fp32
+    angles) so the tests can use this function as their high-precision reference.
+    """
+    d = q.shape[-1]
+    inv_freq = rotary_inv_freq(theta, d, q.device)
+    freqs = positions[..., None].float() * inv_freq.float()  # [b, s, d/2], fp32
+    emb = torch.cat((freqs, freqs), dim=-1).to(torch.promote_types(q.dtype, torch.float32))
+    cos = emb.cos().to(q.dtype)[:, :, None, :]  # unsqueeze the heads dim of [b, s, h, d]
+    sin = emb.sin().to(q.dtype)[:, :, None, :]
+    q_embed = (q * cos) + (_rotate_half(q) * sin)
+    k_embed = (k * cos) + (_rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+__all__ = ["apply_rotary", "apply_rotary_ref", "rotary_launch_config", "rotary_inv_freq"]

@@ -1,0 +1,333 @@
+"""Tests for the elementwise kernels: rms_norm / add_rms_norm, apply_rotary, swiglu.
+
+Every kernel result is compared with the float64 run of its torch reference, allowing at most
+2x the error torch itself makes at the input dtype (helpers.assert_close with `baseline=`).
+Outputs are passed in NaN-poisoned so an element the kernel skips fails the comparison, and
+inputs are checked to be untouched. Same code runs under the interpreter (CPU) and compiled (CUDA).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsolar.kernels.rms_norm import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    rms_norm,
+    rms_norm_launch_config,
+    rms_norm_ref,
+)
+from fastsolar.kernels.rotary import apply_rotary, apply_rotary_ref, rotary_launch_config
+from fastsolar.kernels.swiglu import swiglu, swiglu_launch_config, swiglu_ref
+from helpers import DEVICE, assert_close, poison, randn
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["fp32", "fp16", "bf16"]
+EPS = 1e-5
+THETA = 10000.0
+
+
+def _d(t: torch.Tensor) -> torch.Tensor:
+    return t.double()
+
+
+def _weight(n: int, dtype: torch.dtype) -> torch.Tensor:
+    # Around 1 like trained norm weights, but not all ones so a skipped multiply shows.
+    return (1.0 + 0.5 * randn(n, dtype=torch.float32)).to(dtype)
+
+
+# ----------------------------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1, 4096), (17, 3000), (2, 3, 123), (123,)], ids=str)
+def test_rms_norm(shape, dtype):
+    n = shape[-1]
+    x = randn(*shape, dtype=dtype, scale=3.0)
+    w = _weight(n, dtype)
+    x0, w0 = x.clone(), w.clone()
+    out = poison(torch.empty_like(x))
+    y = rms_norm(x, w, EPS, out=out)
+    assert y is out and y.dtype == dtype
+    assert_close(y, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS), msg=f"rms_norm {shape} {dtype}")
+    assert torch.equal(x, x0) and torch.equal(w, w0), "inputs modified"
+
+
+def test_rms_norm_prefill_solar_bf16():
+    x = randn(113, 4096, dtype=torch.bfloat16)
+    w = _weight(4096, torch.bfloat16)
+    y = rms_norm(x, w, EPS)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    assert_close(y, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_rms_norm_strided_rows(dtype):
+    # Rows that are a slice of a wider tensor: a row stride, no copy needed.
+    wide = randn(2, 5, 200, dtype=dtype)
+    x = wide[..., 30:153]
+    w = _weight(123, dtype)
+    wide0 = wide.clone()
+    y = rms_norm(x, w, EPS)
+    assert y.is_contiguous()
+    assert_close(y, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS))
+    # A transposed (strided last dim) input takes the documented copy path.
+    xt = randn(123, 7, dtype=dtype).t()
+    assert_close(rms_norm(xt, w, EPS), rms_norm_ref(_d(xt), _d(w), EPS), baseline=rms_norm_ref(xt, w, EPS))
+    assert torch.equal(wide, wide0)
+
+
+def test_rms_norm_strided_out():
+    x = randn(3, 123)
+    w = _weight(123, torch.float32)
+    big = poison(torch.empty(3, 300, device=DEVICE))
+    out = big[:, 100:223]
+    rms_norm(x, w, EPS, out=out)
+    assert_close(out, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS))
+    assert big[:, :100].isnan().all() and big[:, 223:].isnan().all(), "wrote outside the out view"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 17, 3000), (3, 123)], ids=str)
+def test_add_rms_norm(shape, dtype):
+    n = shape[-1]
+    x = randn(*shape, dtype=dtype)
+    r = randn(*shape, dtype=dtype, scale=4.0)
+    w = _weight(n, dtype)
+    x0, r0, w0 = x.clone(), r.clone(), w.clone()
+    out, out_h = poison(torch.empty_like(x)), poison(torch.empty_like(x))
+    y, h = add_rms_norm(x, r, w, EPS, out=out, out_h=out_h)
+    assert y is out and h is out_h
+    y_base, h_base = add_rms_norm_ref(x, r, w, EPS)
+    y_exp, h_exp = add_rms_norm_ref(_d(x), _d(r), _d(w), EPS)
+    # One fp32 add rounded to T is exactly torch's T add: h must match bit for bit.
+    assert torch.equal(h, h_base), "h differs from torch's x + residual"
+    assert_close(y, y_exp, baseline=y_base, msg=f"add_rms_norm {shape} {dtype}")
+    assert torch.equal(x, x0) and torch.equal(r, r0) and torch.equal(w, w0), "inputs modified"
+
+
+def test_add_rms_norm_in_place_residual_and_strided():
+    # The model updates its residual stream in place: out_h=residual must be safe.
+    wide = randn(2, 9, 1000, dtype=torch.float16)
+    x = wide[..., 100:223]
+    r = randn(2, 9, 123, dtype=torch.float16)
+    w = _weight(123, torch.float16)
+    y_base, h_base = add_rms_norm_ref(x, r, w, EPS)
+    y_exp, _ = add_rms_norm_ref(_d(x), _d(r), _d(w), EPS)
+    y, h = add_rms_norm(x, r, w, EPS, out_h=r)
+    assert h is r and torch.equal(r, h_base)
+    assert_close(y, y_exp, baseline=y_base)
+
+
+def test_rms_norm_bad_inputs():
+    x = randn(4, 64)
+    w = _weight(64, torch.float32)
+    with pytest.raises(TypeError, match="x has dtype int64"):
+        rms_norm(torch.ones(4, 64, dtype=torch.int64, device=DEVICE), w, EPS)
+    with pytest.raises(TypeError, match="weight has dtype int32"):
+        rms_norm(x, torch.ones(64, dtype=torch.int32, device=DEVICE), EPS)
+    with pytest.raises(ValueError, match="weight has 63 elements but x's last dim is 64"):
+        rms_norm(x, _weight(63, torch.float32), EPS)
+    with pytest.raises(ValueError, match="weight must have 1 dimensions"):
+        rms_norm(x, w[None], EPS)
+    with pytest.raises(ValueError, match=r"hidden size\) must be in \[1, 65536\]"):
+        rms_norm(randn(1, 65537), _weight(65537, torch.float32), EPS)
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        rms_norm(x, w, -1.0)
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 64\)"):
+        rms_norm(x, w, EPS, out=torch.empty(4, 65, device=DEVICE))
+    with pytest.raises(TypeError, match="out has dtype float16"):
+        rms_norm(x, w, EPS, out=torch.empty(4, 64, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        add_rms_norm(x, randn(4, 1, 64), w, EPS)
+    with pytest.raises(TypeError, match="residual has dtype torch.float16 but x has torch.float32"):
+        add_rms_norm(x, randn(4, 64, dtype=torch.float16), w, EPS)
+    with pytest.raises(ValueError, match="out_h must be viewable"):
+        add_rms_norm(x, x, w, EPS, out_h=torch.empty(64, 4, device=DEVICE).t())
+
+
+def test_rms_norm_launch_config():
+    assert rms_norm_launch_config(4096) == {"BLOCK": 4096, "num_warps": 8, "num_stages": 1}
+    assert rms_norm_launch_config(123)["BLOCK"] == 128
+    assert rms_norm_launch_config(16384)["num_warps"] == 16
+    with pytest.raises(ValueError, match="hidden size"):
+        rms_norm_launch_config(0)
+
+
+# ------------------------------------------------------------------------------------- rotary
+
+
+def _positions(b: int, s: int, starts: list[int], dtype: torch.dtype) -> torch.Tensor:
+    # Each row continues from its own cached length, as in batched decode / chunked prefill.
+    return (torch.tensor(starts)[:, None] + torch.arange(s)[None, :]).to(dtype=dtype, device=DEVICE)
+
+
+def _fused_qkv(b: int, s: int, nh: int, nkv: int, d: int, dtype: torch.dtype):
+    """q and k as strided views into a fused qkv projection output, exactly as the model calls us."""
+    qkv = randn(b, s, (nh + 2 * nkv) * d, dtype=dtype)
+    q = qkv[..., : nh * d].view(b, s, nh, d)
+    k = qkv[..., nh * d : (nh + nkv) * d].view(b, s, nkv, d)
+    return qkv, q, k
+
+
+ROTARY_CASES = [
+    # b, s, nh, nkv, d, per-row start positions
+    (1, 1, 32, 8, 128, [4000]),  # SOLAR decode, deep into the sequence
+    (2, 17, 4, 1, 64, [0, 513]),  # chunked prefill, rows at different offsets
+    (1, 113, 4, 1, 64, [7]),
+    (2, 3, 3, 2, 96, [1, 2047]),  # non-power-of-two half (48) and head counts
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", ROTARY_CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}kv{c[3]}d{c[4]}")
+def test_apply_rotary_fused_qkv_views(case, dtype):
+    b, s, nh, nkv, d, starts = case
+    qkv, q, k = _fused_qkv(b, s, nh, nkv, d, dtype)
+    pos = _positions(b, s, starts, torch.int64 if b == 1 else torch.int32)
+    qkv0 = qkv.clone()
+    q_out = poison(torch.empty(b, s, nh, d, dtype=dtype, device=DEVICE))
+    k_out = poison(torch.empty(b, s, nkv, d, dtype=dtype, device=DEVICE))
+    qo, ko = apply_rotary(q, k, pos, THETA, q_out=q_out, k_out=k_out)
+    assert qo is q_out and ko is k_out
+    q_base, k_base = apply_rotary_ref(q, k, pos, THETA)
+    q_exp, k_exp = apply_rotary_ref(_d(q), _d(k), pos, THETA)
+    assert_close(qo, q_exp, baseline=q_base, msg=f"q {case} {dtype}")
+    assert_close(ko, k_exp, baseline=k_base, msg=f"k {case} {dtype}")
+    assert torch.equal(qkv, qkv0), "inputs modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_apply_rotary_contiguous_new_outputs(dtype):
+    b, s, nh, nkv, d = 2, 5, 4, 2, 128
+    q = randn(b, s, nh, d, dtype=dtype)
+    k = randn(b, s, nkv, d, dtype=dtype)
+    pos = _positions(b, s, [100, 31], torch.int64)
+    q0, k0 = q.clone(), k.clone()
+    qo, ko = apply_rotary(q, k, pos, THETA)
+    assert qo.data_ptr() != q.data_ptr() and ko.data_ptr() != k.data_ptr()
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+    q_base, k_base = apply_rotary_ref(q, k, pos, THETA)
+    q_exp, k_exp = apply_rotary_ref(_d(q), _d(k), pos, THETA)
+    assert_close(qo, q_exp, baseline=q_base)
+    assert_close(ko, k_exp, baseline=k_base)
+    assert torch.equal(q, q0) and torch.equal(k, k0), "inputs modified"
+
+
+def test_apply_rotary_in_place_into_qkv():
+    # Rotating straight back into the fused buffer (q_out=q) leaves v untouched.
+    b, s, nh, nkv, d = 1, 4, 4, 1, 64
+    qkv, q, k = _fused_qkv(b, s, nh, nkv, d, torch.float32)
+    v0 = qkv[..., (nh + nkv) * d :].clone()
+    pos = _positions(b, s, [9], torch.int32)
+    q_exp, k_exp = apply_rotary_ref(_d(q), _d(k), pos, THETA)
+    q_base, k_base = apply_rotary_ref(q, k, pos, THETA)
+    apply_rotary(q, k, pos, THETA, q_out=q, k_out=k)
+    assert_close(q, q_exp, baseline=q_base)
+    assert_close(k, k_exp, baseline=k_base)
+    assert torch.equal(qkv[..., (nh + nkv) * d :], v0)
+
+
+def test_apply_rotary_ref_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                                   rope_theta=THETA, max_position_embeddings=4096)
+    rope = LlamaRotaryEmbedding(cfg).to(DEVICE)
+    b, s, d = 2, 6, 64
+    for dtype in DTYPES:
+        q = randn(b, s, 4, d, dtype=dtype)
+        k = randn(b, s, 1, d, dtype=dtype)
+        pos = _positions(b, s, [3, 1000], torch.int64)
+        cos, sin = rope(q, pos)
+        q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q_ref, k_ref = apply_rotary_ref(q, k, pos, THETA)
+        assert torch.equal(q_ref, q_hf) and torch.equal(k_ref, k_hf), dtype
+
+
+def test_apply_rotary_bad_inputs():
+    q = randn(1, 2, 4, 64)
+    k = randn(1, 2, 1, 64)
+    pos = _positions(1, 2, [0], torch.int64)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        apply_rotary(randn(1, 2, 4, 63), randn(1, 2, 1, 63), pos, THETA)
+    with pytest.raises(ValueError, match=r"head_dim must be even and in \[2, 256\], got 512"):
+        apply_rotary(randn(1, 2, 1, 512), randn(1, 2, 1, 512), pos, THETA)
+    with pytest.raises(TypeError, match="positions has dtype float32"):
+        apply_rotary(q, k, pos.float(), THETA)
+    with pytest.raises(TypeError, match="k has dtype torch.float16 but q has torch.float32"):
+        apply_rotary(q, k.half(), pos, THETA)
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        apply_rotary(q[0], k, pos, THETA)
+    with pytest.raises(ValueError, match=r"k must have shape \[1, 2, n_kv_heads, 64\]"):
+        apply_rotary(q, randn(1, 3, 1, 64), pos, THETA)
+    with pytest.raises(ValueError, match=r"positions must have shape \[1, 2\]"):
+        apply_rotary(q, k, pos[:, :1], THETA)
+    with pytest.raises(ValueError, match="positions must have 2 dimensions"):
+        apply_rotary(q, k, pos[0], THETA)
+    with pytest.raises(ValueError, match=r"q_out must have shape \(1, 2, 4, 64\)"):
+        apply_rotary(q, k, pos, THETA, q_out=torch.empty(1, 2, 1, 64, device=DEVICE))
+
+
+def test_rotary_launch_config():
+    cfg = rotary_launch_config(32, 8, 128)
+    assert cfg["HALF"] == 64 and cfg["BLOCK_HALF"] == 64 and cfg["BLOCK_H"] == 8
+    assert rotary_launch_config(3, 2, 96)["BLOCK_HALF"] == 64
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rotary_launch_config(4, 1, 7)
+
+
+# ------------------------------------------------------------------------------------- swiglu
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1, 14336), (17, 3000), (2, 3, 123), (5,)], ids=str)
+def test_swiglu(shape, dtype):
+    g = randn(*shape, dtype=dtype, scale=4.0)  # wide enough to reach silu's saturated tails
+    u = randn(*shape, dtype=dtype)
+    g0, u0 = g.clone(), u.clone()
+    out = poison(torch.empty_like(g))
+    y = swiglu(g, u, out=out)
+    assert y is out
+    assert_close(y, swiglu_ref(_d(g), _d(u)), baseline=swiglu_ref(g, u), msg=f"swiglu {shape} {dtype}")
+    assert torch.equal(g, g0) and torch.equal(u, u0), "inputs modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_swiglu_fused_gate_up_views(dtype):
+    # gate and up as the halves of one [tokens, 2 * I] projection output: strided rows, no copy.
+    gu = randn(2, 7, 2 * 300, dtype=dtype, scale=3.0)
+    g, u = gu[..., :300], gu[..., 300:]
+    gu0 = gu.clone()
+    y = swiglu(g, u)
+    assert y.shape == g.shape and y.is_contiguous()
+    assert_close(y, swiglu_ref(_d(g), _d(u)), baseline=swiglu_ref(g, u))
+    # A strided output view and a transposed (copied) input as well.
+    big = poison(torch.empty(2, 7, 500, dtype=dtype, device=DEVICE))
+    swiglu(g, u, out=big[..., 100:400])
+    assert_close(big[..., 100:400], swiglu_ref(_d(g), _d(u)), baseline=swiglu_ref(g, u))
+    assert big[..., :100].isnan().all() and big[..., 400:].isnan().all()
+    gt = randn(33, 9, dtype=dtype).t()
+    ut = randn(9, 33, dtype=dtype)
+    assert_close(swiglu(gt, ut), swiglu_ref(_d(gt), _d(ut)), baseline=swiglu_ref(gt, ut))
+    assert torch.equal(gu, gu0)
+
+
+def test_swiglu_bad_inputs():
+    g = randn(4, 8)
+    with pytest.raises(ValueError, match=r"up must have gate's shape \(4, 8\)"):
+        swiglu(g, randn(4, 9))
+    with pytest.raises(TypeError, match="up has dtype torch.bfloat16 but gate has torch.float32"):
+        swiglu(g, randn(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="gate has dtype int64"):
+        swiglu(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), g)
+    with pytest.raises(ValueError, match=r"out must have gate's shape"):
+        swiglu(g, g, out=torch.empty(8, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be viewable"):
+        swiglu(g, g, out=torch.empty(8, 4, device=DEVICE).t())
+
+
+def test_swiglu_launch_config():
+    cfg = swiglu_launch_config(14336)
+    assert set(cfg) == {"BLOCK", "num_warps", "num_stages"} and cfg["BLOCK"] % 128 == 0
