@@ -1,0 +1,287 @@
+"""The SOLAR / Llama-2 tokenizer: sentencepiece's `tokenizer.model`, a streaming decoder, the chat format.
+
+Encoding is sentencepiece's own (legacy Llama behaviour: the dummy prefix space is added, byte fallback
+for characters outside the vocabulary, digits split), which is what transformers' Llama tokenizers
+produce for SOLAR. `encode(text)` prepends bos by default, as `tokenizer(text)` does for SOLAR.
+
+Decoding skips the special ids -- every sentencepiece control id (bos, eos, pad) and unk -- and decodes
+the rest with sentencepiece, so `decode(ids)` equals transformers' `decode(ids, skip_special_tokens=True)`:
+the leading space of the first piece (the dummy prefix) is dropped, and byte-fallback pieces are joined
+into characters, an invalid or unfinished UTF-8 byte becoming one U+FFFD per byte.
+
+`StreamDecoder` (from `tokenizer.stream_decoder()`) turns a token stream into text pieces whose
+concatenation is exactly `decode(all ids)`: it decodes a short window that starts at the previous emit
+point and emits the difference, holding text back while it ends with U+FFFD (a character whose bytes
+have not all arrived). Each push costs O(window), a few tokens, not O(generated so far).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fastsolar.chat import SOLAR_CHAT_TEMPLATE, render_chat_template, stop_strings_for
+
+logger = logging.getLogger(__name__)
+
+_REPLACEMENT = "\ufffd"
+# A UTF-8 character has at most 4 bytes, so at most 3 of them can be waiting for the rest.
+_MAX_PENDING_BYTES = 4
+
+
+class Tokenizer:
+    """sentencepiece model plus special ids and chat template; see the module docstring for semantics."""
+
+    def __init__(
+        self,
+        model_file: str | Path,
+        *,
+        chat_template: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+    ) -> None:
+        import sentencepiece as spm
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a sentencepiece model: {e}") from None
+        self.sp = sp
+        self.model_file = path
+        self.vocab_size: int = sp.GetPieceSize()
+        self.bos_id: int = sp.bos_id()
+        self.eos_id: int = sp.eos_id()
+        self.unk_id: int = sp.unk_id()
+        self.pad_id: int | None = sp.pad_id() if sp.pad_id() >= 0 else None
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{path} defines no bos or eos piece; a Llama-style tokenizer needs both")
+        self.special_ids: frozenset[int] = frozenset(
+            i for i in range(self.vocab_size) if sp.IsControl(i) or sp.IsUnknown(i)
+        )
+        self._byte_value: dict[int, int] = {
+            i: int(sp.IdToPiece(i)[3:5], 16) for i in range(self.vocab_size) if sp.IsByte(i)
+        }
+        self.chat_template: str = chat_template if chat_template is not None else SOLAR_CHAT_TEMPLATE
+        tokens = {
+            "bos_token": sp.IdToPiece(self.bos_id),
+            "eos_token": sp.IdToPiece(self.eos_id),
+            "unk_token": sp.IdToPiece(self.unk_id) if self.unk_id >= 0 else None,
+            "pad_token": sp.IdToPiece(self.pad_id) if self.pad_id is not None else None,
+        }
+        tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
+        self.special_tokens: dict[str, str | None] = tokens
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "Tokenizer":
+        """Load `tokenizer.model` from a checkpoint directory, with its chat template and special-token
+        strings from `chat_template.jinja` / `tokenizer_config.json` where present (else SOLAR's format)."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
+        model_file = model_dir / "tokenizer.model"
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.model in {model_dir} (expected {model_file})")
+        template, special = _read_tokenizer_config(model_dir)
+        return cls(model_file, chat_template=template, special_tokens=special)
+
+    # -- encoding / decoding ---------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text` (sentencepiece, dummy prefix added), with bos / eos if asked."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self.sp.EncodeAsIds(text) if text else []
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, skipping special ids (transformers' `skip_special_tokens=True`)."""
+        return self.sp.DecodeIds(self._content_ids(ids))
+
+    def _content_ids(self, ids: Iterable[int]) -> list[int]:
+        if hasattr(ids, "tolist"):  # torch / numpy
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            i = self._check_id(i)
+            if i not in self.special_ids:
+                out.append(i)
+        return out
+
+    def _check_id(self, token_id: Any) -> int:
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            try:
+                token_id = int(token_id.item()) if hasattr(token_id, "item") else token_id
+            except (TypeError, ValueError):
+                pass
+            if isinstance(token_id, bool) or not isinstance(token_id, int):
+                raise TypeError(f"token ids must be integers, got {token_id!r}")
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        return token_id
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.IdToPiece(self._check_id(token_id))
+
+    def is_byte(self, token_id: int) -> bool:
+        return token_id in self._byte_value
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """The prompt text for `messages` (a list of {"role", "content"}; roles system/user/assistant)."""
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens,
+            **kwargs,
+        )
+
+    def encode_chat(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Token ids of the rendered conversation, starting with bos.
+
+        The bos / eos strings inside the rendered text (templates that write `{{ bos_token }}`) become
+        their ids, as transformers parses special tokens in text; every other stretch is encoded with
+        sentencepiece (dummy prefix included, legacy Llama behaviour). bos is prepended unless the
+        template already starts with it.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        specials = {self.special_tokens["bos_token"]: self.bos_id, self.special_tokens["eos_token"]: self.eos_id}
+        specials = {k: v for k, v in specials.items() if k}
+        ids: list[int] = []
+        pos = 0
+        while pos < len(text):
+            hits = [(text.find(s, pos), s) for s in specials]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if not hits:
+                ids.extend(self.encode(text[pos:], bos=False))
+                break
+            i, s = min(hits, key=lambda h: (h[0], -len(h[1])))
+            if i > pos:
+                ids.extend(self.encode(text[pos:i], bos=False))
+            ids.append(specials[s])
+            pos = i + len(s)
+        if not ids or ids[0] != self.bos_id:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    @property
+    def chat_stop_strings(self) -> tuple[str, ...]:
+        """Strings that end an assistant reply besides eos: the SOLAR turn headers the template uses."""
+        return stop_strings_for(self.chat_template)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.model_file)!r}, vocab_size={self.vocab_size})"
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id) -> new text`, `flush() -> rest`; pieces concatenate to `decode`.
+
+    State is a short window of content ids (specials are skipped on arrival). `_ids[:_read]` is text
+    already emitted and starts at a character boundary, so decoding the window and subtracting the
+    decoded emitted part yields exactly the new text, with sentencepiece's first-piece space stripping
+    applied to the same piece in both (and therefore cancelling out except at the true start).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._read = 0  # ids[:_read] have been emitted
+        self._read_text = ""  # decode(ids[:_read])
+
+    def reset(self) -> None:
+        self._ids, self._read, self._read_text = [], 0, ""
+
+    def push(self, token_id: int) -> str:
+        tok = self.tokenizer
+        token_id = tok._check_id(token_id)
+        if token_id in tok.special_ids:
+            return ""
+        self._ids.append(token_id)
+        text = tok.sp.DecodeIds(self._ids)
+        if not text.endswith(_REPLACEMENT):
+            return self._emit(len(self._ids), text)
+        if len(self._ids) - self._read <= _MAX_PENDING_BYTES:
+            return ""  # perhaps a character still missing bytes
+        # A long run ending in U+FFFD holds invalid bytes that no later token can repair. Emit up to the
+        # last piece that is not a UTF-8 continuation byte among the tail that could still be waiting:
+        # everything before such a piece decodes the same whatever follows.
+        n = len(self._ids)
+        cut = n
+        for k in range(n - 1, n - _MAX_PENDING_BYTES, -1):
+            b = tok._byte_value.get(self._ids[k])
+            if b is None or not 0x80 <= b < 0xC0:
+                cut = k
+                break
+        if cut <= self._read:
+            return ""
+        return self._emit(cut, tok.sp.DecodeIds(self._ids[:cut]))
+
+    def _emit(self, end: int, text: str) -> str:
+        new = text[len(self._read_text):]
+        # Slide the window: what was emitted before this call is dropped, this call's ids become the
+        # prefix that anchors the next decode.
+        dropped = self._read
+        self._ids = self._ids[dropped:]
+        self._read = end - dropped
+        self._read_text = self.tokenizer.sp.DecodeIds(self._ids[: self._read]) if dropped else text
+        return new
+
+    def flush(self) -> str:
+        """Emit whatever is held back (an unfinished character comes out as U+FFFD, as `decode` has it)."""
+        if self._read == len(self._ids):
+            return ""
+        return self._emit(len(self._ids), self.tokenizer.sp.DecodeIds(self._ids))
+
+
+def _token_string(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or as serialized AddedToken dicts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str]]:
+    template: str | None = None
+    special: dict[str, str] = {}
+    config_path = model_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object")
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            s = _token_string(config.get(key))
+            if s is not None:
+                special[key] = s
+        raw = config.get("chat_template")
+        if isinstance(raw, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+            named = {t.get("name"): t.get("template") for t in raw if isinstance(t, Mapping)}
+            raw = named.get("default")
+        if raw is not None and not isinstance(raw, str):
+            raise ValueError(f"{config_path}: chat_template must be a string")
+        template = raw
+    jinja_path = model_dir / "chat_template.jinja"
+    if jinja_path.is_file():
+        template = jinja_path.read_text(encoding="utf-8")
+    if template is not None:
+        logger.debug("using the chat template from %s", model_dir)
+    return template, special
