@@ -1,0 +1,499 @@
+"""Depth Up-Scaling (DUS): how SOLAR-10.7B was made from Mistral-7B.
+
+Take a base decoder of n layers, keep two copies, drop the last `drop` layers of the first copy and
+the first `drop` layers of the second, and stack them: the new model has 2 * (n - drop) layers,
+
+    new layer i <- base layer i                     for i <  n - drop
+    new layer i <- base layer i - (n - drop) + drop for i >= n - drop
+
+with the embeddings, the final norm and the lm_head unchanged. Mistral-7B (n=32) with drop=8 gives
+SOLAR's 48 layers: new 0..23 <- base 0..23, new 24..47 <- base 8..31.
+
+`upscale(base_dir, out_dir, drop=8)` writes the result as a Hugging Face checkpoint directory:
+- `config.json`: the base config with the new `num_hidden_layers` (and a per-layer `layer_types` list
+  remapped, if the base has one); every other field, and the key order, kept as the base had it.
+- safetensors shards `model-0000i-of-0000N.safetensors` of at most `max_shard_size` bytes each plus
+  `model.safetensors.index.json` (`metadata.total_size` = sum of tensor bytes, `weight_map`); a
+  result that fits in one shard is written as a single `model.safetensors` without an index, which is
+  what transformers' `save_pretrained` does too.
+- every other top-level file of the base that is not weights (tokenizer.model, tokenizer.json,
+  tokenizer_config.json, special_tokens_map.json, generation_config.json, chat templates, README...)
+  copied verbatim.
+
+Memory stays bounded by the largest single tensor (about 0.5 GB for a 7B model): tensors are read one
+at a time with `safetensors.safe_open` and appended to the open output shard, whose header is
+computed up front from the base files' headers (shapes and dtypes are known before any data is read).
+Nothing is unpickled: a `.bin` (pickle) base is refused. The work happens in a hidden temporary
+directory next to `out_dir` that is renamed into place at the end, so a failure never leaves a
+half-written checkpoint behind.
+
+Every check runs before anything is written: `drop` in range, `out_dir` absent or empty, the base
+config a Llama/Mistral one that fastsolar supports (`SolarConfig.from_hf_dict`), the weights present
+and consistent with the config (every layer 0..n-1 present with the same tensor names).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastsolar.config import SolarConfig
+
+logger = logging.getLogger(__name__)
+
+#: Per-layer tensor names in a Hugging Face Llama/Mistral checkpoint: `model.layers.{i}.<rest>`.
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+#: The non-layer tensors of a Llama/Mistral checkpoint, carried over unchanged (any other key is too).
+NON_LAYER_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+#: Like transformers' `save_pretrained` default ("5GB" = 5 * 10**9 bytes).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+UPSCALE_HELP = "depth-up-scale a Llama/Mistral checkpoint (how SOLAR-10.7B was made from Mistral-7B)"
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files of a model directory that hold weights (in any format); everything else at the top level is copied.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure parts: the layer map and the config
+# --------------------------------------------------------------------------------------------------
+
+def layer_map(num_layers: int, drop: int = 8) -> list[int]:
+    """`result[new_layer] = base_layer` for Depth Up-Scaling a base of `num_layers` layers."""
+    if isinstance(drop, bool) or not isinstance(drop, int):
+        raise TypeError(f"drop must be an integer, got {drop!r}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"the base model must have a positive number of layers, got {num_layers!r}")
+    if drop < 1:
+        raise ValueError(f"drop must be at least 1, got {drop}")
+    if 2 * drop > num_layers:
+        raise ValueError(
+            f"drop={drop} is too large for a base of {num_layers} layers: dropping {drop} layers from each "
+            f"copy needs 2*drop <= num_layers ({2 * drop} > {num_layers}); use drop <= {num_layers // 2}"
+        )
+    keep = num_layers - drop
+    return list(range(keep)) + list(range(drop, num_layers))
+
+
+def upscale_config(base_config: Mapping[str, Any], drop: int = 8) -> tuple[dict[str, Any], list[int]]:
+    """Map a base Hugging Face config dict to the up-scaled one; returns `(new_config, layer_map)`.
+
+    The base must be a Llama/Mistral config fastsolar supports (checked with `SolarConfig.from_hf_dict`,
+    ValueError otherwise). The new config is a deep copy of the base with `num_hidden_layers` changed
+    (and a per-layer `layer_types` list remapped through the layer map if the base has one); nothing
+    else changes, not even fields fastsolar reads differently (e.g. Mistral's sliding window).
+    """
+    if not isinstance(base_config, Mapping):
+        raise TypeError(f"base_config must be a dict, got {type(base_config).__name__}")
+    config_logger = logging.getLogger("fastsolar.config")
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)  # validation only: its sliding-window note is about loading
+    try:
+        SolarConfig.from_hf_dict(dict(base_config))
+    except KeyError as e:
+        raise ValueError(f"the base config is not a Llama/Mistral config: missing {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the base config is not an up-scalable Llama/Mistral config: {e}") from None
+    finally:
+        config_logger.setLevel(level)
+    n = base_config["num_hidden_layers"]
+    mapping = layer_map(n, drop)
+    new = copy.deepcopy(dict(base_config))
+    new["num_hidden_layers"] = len(mapping)
+    layer_types = new.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == n:
+        new["layer_types"] = [layer_types[b] for b in mapping]
+    return new, mapping
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (GB = 10**9, GiB = 2**30, as in transformers)."""
+    if isinstance(size, bool):
+        raise TypeError(f"size must be an int or a string like '5GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"cannot read size {size!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    else:
+        raise TypeError(f"size must be an int or a string like '5GB', got {type(size).__name__}")
+    if value < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the base
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of the base as its safetensors header describes it."""
+
+    file: Path
+    key: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        numel = math.prod(self.shape)
+        return self.nbytes // numel if numel else 1
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 2**20:
+            raise ValueError(f"{path} is not a safetensors file (header of {n} bytes)")
+        try:
+            return json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file: {e}") from None
+
+
+def _weight_files(base: Path) -> list[Path]:
+    index = base / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e!r}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (base / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) missing from {base}: {', '.join(missing)}")
+        return [base / f for f in files]
+    if (base / SINGLE_NAME).is_file():
+        return [base / SINGLE_NAME]
+    pickles = sorted(p.name for p in base.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ValueError(
+            f"{base} holds only pickle weights ({', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''}); "
+            "fastsolar never unpickles checkpoints. Convert them to safetensors first, e.g. with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
+        )
+    raise FileNotFoundError(f"no safetensors weights in {base}: expected {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def _scan_weights(base: Path) -> dict[str, _Tensor]:
+    tensors: dict[str, _Tensor] = {}
+    for path in _weight_files(base):
+        header = _read_header(path)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if key in tensors:
+                raise ValueError(f"tensor {key!r} appears in both {tensors[key].file.name} and {path.name}")
+            start, end = info["data_offsets"]
+            tensors[key] = _Tensor(path, key, info["dtype"], tuple(info["shape"]), end - start)
+    return tensors
+
+
+def _check_weights(tensors: Mapping[str, _Tensor], config: Mapping[str, Any]) -> None:
+    """Refuse weights that do not match a Llama/Mistral checkpoint of `config`'s depth."""
+    n = config["num_hidden_layers"]
+    per_layer: dict[int, set[str]] = {}
+    for key in tensors:
+        m = LAYER_KEY.match(key)
+        if m:
+            per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
+    if not per_layer:
+        raise ValueError("the base weights have no `model.layers.{i}.` tensors: not a Llama/Mistral checkpoint")
+    found = sorted(per_layer)
+    if found != list(range(n)):
+        missing = sorted(set(range(n)) - set(found))
+        extra = sorted(set(found) - set(range(n)))
+        raise ValueError(
+            f"the base weights do not match num_hidden_layers={n} of config.json: "
+            + (f"layers missing {missing[:8]}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected layers {extra[:8]}" if extra else "")
+        )
+    names = per_layer[0]
+    for i in found:
+        if per_layer[i] != names:
+            diff = sorted(per_layer[i] ^ names)
+            raise ValueError(f"layer {i} has different tensors than layer 0 ({', '.join(diff[:4])})")
+    if "model.embed_tokens.weight" not in tensors:
+        raise ValueError("the base weights have no model.embed_tokens.weight: not a Llama/Mistral checkpoint")
+
+
+def _read_base(base_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise FileNotFoundError(f"base model directory {base} does not exist")
+    cfg_path = base / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no config.json in {base}: not a Hugging Face model directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} does not hold a JSON object")
+    return base, config
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"output path {out} exists and is not a directory")
+        if any(out.iterdir()):
+            raise ValueError(f"output directory {out} exists and is not empty; choose a new or empty one")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+def _plan_shards(items: list[tuple[str, _Tensor]], max_bytes: int) -> list[list[tuple[str, _Tensor]]]:
+    """Greedy split in order, like transformers: a shard closes when the next tensor would overflow it."""
+    shards: list[list[tuple[str, _Tensor]]] = [[]]
+    size = 0
+    for item in items:
+        nbytes = item[1].nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    return shards
+
+
+def _shard_header(items: list[tuple[str, _Tensor]]) -> tuple[bytes, list[tuple[str, _Tensor]]]:
+    """The safetensors header for `items` and the order in which their data follows it.
+
+    Wider dtypes first (stable otherwise), so every tensor's data starts at a multiple of its item size.
+    """
+    ordered = sorted(items, key=lambda it: -it[1].itemsize)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in ordered:
+        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors writer does it
+    return struct.pack("<Q", len(raw)) + raw, ordered
+
+
+def _tensor_bytes(tensor) -> memoryview:
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _write_shard(path: Path, items: list[tuple[str, _Tensor]], handles: dict[Path, Any], bar) -> None:
+    header, ordered = _shard_header(items)
+    with open(path, "wb") as f:
+        f.write(header)
+        for name, t in ordered:
+            tensor = handles[t.file].get_tensor(t.key)
+            data = _tensor_bytes(tensor)
+            if data.nbytes != t.nbytes:
+                raise RuntimeError(f"{t.key} in {t.file.name}: read {data.nbytes} bytes, header says {t.nbytes}")
+            f.write(data)
+            del tensor, data
+            if bar is not None:
+                bar.update(t.nbytes)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
+def upscale(
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    drop: int = 8,
+    dry_run: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> list[int]:
+    """Depth-up-scale the Hugging Face checkpoint in `base_dir` into `out_dir`; returns the layer map.
+
+    `result[new_layer] = base_layer`: base layers 0..n-drop-1, then base layers drop..n-1. With
+    `dry_run=True` everything is checked and the map is logged and returned, but nothing is written.
+    `max_shard_size` is bytes or a string like "5GB"; `progress` shows a tqdm bar (bytes written).
+
+    Raises (before writing anything): ValueError for a bad `drop`, an unsupported or inconsistent base
+    (not Llama/Mistral, weights not matching config.json, pickle-only weights); FileNotFoundError for a
+    missing base directory, config.json or weights. A non-empty `out_dir` or too little free disk space
+    is a ValueError as well.
+    """
+    base, config = _read_base(base_dir)
+    new_config, mapping = upscale_config(config, drop)
+    out = Path(out_dir)
+    _check_out_dir(out)
+    tensors = _scan_weights(base)
+    _check_weights(tensors, config)
+    max_bytes = parse_size(max_shard_size)
+
+    # Output tensors: embeddings, the new layer stack, then every other non-layer tensor in base order.
+    items: list[tuple[str, _Tensor]] = []
+    others = [k for k in tensors if not LAYER_KEY.match(k)]
+    first = [k for k in others if k == "model.embed_tokens.weight"]
+    items += [(k, tensors[k]) for k in first]
+    layer_keys: dict[int, list[tuple[str, str]]] = {}
+    for key in tensors:
+        m = LAYER_KEY.match(key)
+        if m:
+            layer_keys.setdefault(int(m.group(1)), []).append((m.group(2), key))
+    for new_i, base_i in enumerate(mapping):
+        for rest, key in layer_keys[base_i]:
+            items.append((f"model.layers.{new_i}.{rest}", tensors[key]))
+    items += [(k, tensors[k]) for k in others if k not in first]
+    total = sum(t.nbytes for _, t in items)
+
+    logger.info(
+        "upscale %s: %d layers -> %d (drop=%d), %.2f GB", base, len(layer_keys), len(mapping), drop, total / 1e9
+    )
+    for new_i, base_i in enumerate(mapping):
+        logger.info("new %d <- base %d", new_i, base_i)
+    if dry_run:
+        return mapping
+
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if total > free:
+        raise ValueError(
+            f"not enough disk space in {parent}: the result needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )
+
+    shards = _plan_shards(items, max_bytes)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        _write_all(base, tmp, new_config, config, shards, total, progress)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s (%d shard%s)", out, len(shards), "" if len(shards) == 1 else "s")
+    return mapping
+
+
+def _write_all(
+    base: Path,
+    tmp: Path,
+    new_config: dict[str, Any],
+    base_config: dict[str, Any],
+    shards: list[list[tuple[str, _Tensor]]],
+    total: int,
+    progress: bool,
+) -> None:
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    # Non-weight files first: cheap, and the config goes in the same JSON form the base used.
+    for entry in sorted(base.iterdir()):
+        if entry.name.startswith(".") or not entry.is_file() or entry.name == "config.json":
+            continue
+        if _is_weight_file(entry.name):
+            continue
+        shutil.copy2(entry, tmp / entry.name)
+        logger.info("copied %s", entry.name)
+    raw_cfg = (base / "config.json").read_text()
+    indent = _json_indent(raw_cfg)
+    (tmp / "config.json").write_text(json.dumps(new_config, indent=indent) + ("\n" if raw_cfg.endswith("\n") else ""))
+
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    files = sorted({t.file for shard in shards for _, t in shard})
+    with ExitStack() as stack, tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upscale", disable=not progress
+    ) as bar:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files}
+        for name, shard in zip(names, shards):
+            _write_shard(tmp / name, shard, handles, bar)
+    # Each shard must read back as a valid safetensors file with exactly the planned tensors.
+    for name, shard in zip(names, shards):
+        with safe_open(str(tmp / name), framework="pt", device="cpu") as f:
+            if set(f.keys()) != {k for k, _ in shard}:
+                raise RuntimeError(f"{name} does not hold the planned tensors")
+    if n > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k, _ in sorted(shard)},
+        }
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _json_indent(text: str) -> int | None:
+    """The indent a JSON document was written with (None for a one-line document)."""
+    for line in text.splitlines()[1:]:
+        stripped = line.lstrip(" ")
+        if stripped:
+            return len(line) - len(stripped) or None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line (`python -m fastsolar upscale ...`)
+# --------------------------------------------------------------------------------------------------
+
+def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
+    """The `upscale` subcommand's arguments (fastsolar.cli registers the command with these)."""
+    p.add_argument("base_dir", metavar="BASE_DIR", help="Hugging Face model directory (safetensors) of the base model")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory for the up-scaled checkpoint")
+    p.add_argument("--drop", type=int, default=8, help="layers dropped from each copy (default 8)")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the layer map; write nothing")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="shard size limit, e.g. 5GB (default)")
+
+
+def add_upscale_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `upscale` subcommand on any argparse subparsers object (runs `args.func(args)`)."""
+    p = subparsers.add_parser("upscale", help=UPSCALE_HELP, description=UPSCALE_HELP)
+    add_upscale_arguments(p)
+    p.set_defaults(func=cmd_upscale)
+    return p
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """Run `upscale` for parsed CLI args; prints the layer map, one `new i <- base j` line per new layer."""
+    mapping = upscale(
+        args.base_dir, args.out_dir, drop=args.drop, dry_run=args.dry_run, max_shard_size=args.max_shard_size
+    )
+    for new_i, base_i in enumerate(mapping):
+        print(f"new {new_i} <- base {base_i}")
+    if args.dry_run:
+        print(f"dry run: {len(mapping)} layers, nothing written")
+    else:
+        print(f"wrote {args.out_dir} ({len(mapping)} layers)")
+    return 0
+
+
+__all__ = ["upscale", "upscale_config", "layer_map", "parse_size", "add_upscale_arguments", "add_upscale_parser",
+           "cmd_upscale"]
