@@ -1,0 +1,92 @@
+"""How Hugging Face Llama/Mistral checkpoint keys map onto fastsolar's parameters (plain data, no torch).
+
+`KEY_MAP` rows are `(hf_pattern, our_pattern, part)`: `{i}` stands for the layer index; `part` is None for a
+one-to-one copy, or the index of the row block inside a fused parameter (see `fused_parts`).
+`IGNORED` lists the only checkpoint keys that are skipped on purpose; every other unknown key is an error.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+LAYER = "{i}"
+
+# (hf_name_pattern, our_param_pattern, part_index_or_None)
+KEY_MAP: tuple[tuple[str, str, int | None], ...] = (
+    ("model.embed_tokens.weight", "embed_tokens.weight", None),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm", None),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wqkv.weight", 0),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wqkv.weight", 1),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wqkv.weight", 2),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm", None),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w_gate_up.weight", 0),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w_gate_up.weight", 1),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w_down.weight", None),
+    ("model.norm.weight", "norm", None),
+    ("lm_head.weight", "lm_head.weight", None),
+)
+
+# Fused parameters: their parts in row order (names of the HF projections).
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "layers.{i}.attention.wqkv.weight": ("q_proj", "k_proj", "v_proj"),
+    "layers.{i}.feed_forward.w_gate_up.weight": ("gate_proj", "up_proj"),
+}
+
+# Keys some checkpoints carry that hold nothing we need: the rotary inverse frequencies that old
+# transformers versions saved as persistent buffers (recomputed from rope_theta). Nothing else is ignored.
+IGNORED: tuple[str, ...] = (
+    "model.layers.{i}.self_attn.rotary_emb.inv_freq",
+    "model.rotary_emb.inv_freq",
+)
+
+# The key of the output projection, absent from checkpoints with tied embeddings.
+LM_HEAD = "lm_head.weight"
+
+
+def fused_parts(config: Any) -> dict[str, tuple[int, ...]]:
+    """Row count of each part of each fused parameter pattern, from a SolarConfig."""
+    d = config.head_dim
+    return {
+        "layers.{i}.attention.wqkv.weight": (
+            config.num_attention_heads * d,
+            config.num_key_value_heads * d,
+            config.num_key_value_heads * d,
+        ),
+        "layers.{i}.feed_forward.w_gate_up.weight": (config.intermediate_size, config.intermediate_size),
+    }
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(pattern).replace(re.escape(LAYER), r"(?P<i>\d+)") + "$")
+
+
+_MAP_RE = tuple((_compile(hf), ours, part) for hf, ours, part in KEY_MAP)
+_IGNORED_RE = tuple(_compile(p) for p in IGNORED)
+
+
+def is_ignored(hf_key: str) -> bool:
+    return any(r.match(hf_key) for r in _IGNORED_RE)
+
+
+def map_key(hf_key: str) -> tuple[str, str, int | None] | None:
+    """`(our_param_name, our_pattern, part)` for a Hugging Face key, or None when it is not a known key."""
+    for regex, ours, part in _MAP_RE:
+        m = regex.match(hf_key)
+        if m:
+            name = ours.replace(LAYER, m.group("i")) if "i" in m.groupdict() else ours
+            return name, ours, part
+    return None
+
+
+def expected_keys(config: Any) -> list[str]:
+    """Every Hugging Face key a checkpoint for `config` must hold (lm_head left out when tied)."""
+    keys = []
+    for hf, _ours, _part in KEY_MAP:
+        if hf == LM_HEAD and config.tie_word_embeddings:
+            continue
+        if LAYER in hf:
+            keys.extend(hf.replace(LAYER, str(i)) for i in range(config.num_hidden_layers))
+        else:
+            keys.append(hf)
+    return keys

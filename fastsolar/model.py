@@ -1,0 +1,258 @@
+"""The SOLAR / Llama-2 decoder in plain torch.
+
+Pre-norm transformer: per layer h += attn(rms_norm(h)); h += mlp(rms_norm(h)), then a final norm and
+the lm_head. Attention is grouped-query with rotary positions in the Hugging Face half-rotation layout;
+the MLP is SwiGLU. q/k/v live in one fused weight and gate/up in another (fused at load time, so each
+token reads one matrix instead of three). All math goes through `fastsolar.ops`, the seam that picks the
+Triton kernels on CUDA and their torch references elsewhere; this file imports no triton.
+
+Three entry points share one layer stack:
+- `model(input_ids)`: full logits `[batch, seq, vocab]`, no cache (what tests compare with transformers).
+- `prefill(input_ids, seqlens)`: right-padded prompts written into the static KV cache from position 0;
+  returns the logits of each row's last real token.
+- `decode(tokens, positions)`: one token per row at per-row device positions; graph-safe (no host sync,
+  no value-dependent shapes), so it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastsolar import ops
+from fastsolar.config import SolarConfig
+
+
+@dataclass
+class KVCache:
+    """Static key/value cache for all layers: `[layers, max_batch, max_seq, n_kv_heads, head_dim]`."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def max_batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Attention(nn.Module):
+    def __init__(self, config: SolarConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        qkv_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, qkv_rows, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x `[b, s, hidden]`; positions `[b, s]`. With `cache` (this layer's `[b, max_seq, kv, d]` views):
+        s > 1 is a prefill from position 0, s == 1 a decode step at `positions[:, 0]`."""
+        b, s, _ = x.shape
+        qkv = self.wqkv(x).view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        q, k = ops.apply_rotary(q, k, positions, self.theta)
+        if cache is None:
+            o = ops.attention(q, k, v, causal=True)
+        elif s == 1:
+            k_cache, v_cache = cache
+            rows = torch.arange(b, device=x.device)
+            pos = positions[:, 0]
+            k_cache[rows, pos] = k[:, 0]
+            v_cache[rows, pos] = v[:, 0]
+            seqlens = (pos + 1).to(torch.int32)
+            o = ops.decode_attention(q[:, 0], k_cache, v_cache, seqlens).unsqueeze(1)
+        else:
+            k_cache, v_cache = cache
+            k_cache[:, :s] = k
+            v_cache[:, :s] = v
+            o = ops.attention(q, k, v, causal=True)
+        return self.wo(o.reshape(b, s, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: SolarConfig) -> None:
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
+        return self.w_down(ops.swiglu(gate, up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: SolarConfig) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.attention_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.attention = Attention(config)
+        self.ffn_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.feed_forward = FeedForward(config)
+
+    def forward(
+        self,
+        delta: torch.Tensor | None,
+        residual: torch.Tensor,
+        positions: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the previous layer's un-added output `delta` and the residual stream; returns the same pair.
+
+        Deferring each residual add into the next norm lets one fused add+RMSNorm pass do both.
+        """
+        if delta is None:
+            y = ops.rms_norm(residual, self.attention_norm, self.eps)
+        else:
+            y, residual = ops.add_rms_norm(delta, residual, self.attention_norm, self.eps)
+        delta = self.attention(y, positions, cache)
+        y, residual = ops.add_rms_norm(delta, residual, self.ffn_norm, self.eps)
+        return self.feed_forward(y), residual
+
+
+class Solar(nn.Module):
+    """SOLAR-10.7B and its Llama-2 / Mistral relatives, for inference."""
+
+    def __init__(self, config: SolarConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.cache: KVCache | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> "Solar":
+        """Load a Hugging Face checkpoint directory (sharded or single safetensors); see `fastsolar.loader`."""
+        from fastsolar.loader import load_model
+
+        return load_model(cls, model_dir, device=device, dtype=dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def _layers(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, use_cache: bool
+    ) -> torch.Tensor:
+        """Run the layer stack; returns the final-normed hidden states `[b, s, hidden]`."""
+        residual = self.embed_tokens(input_ids)
+        delta = None
+        b = input_ids.shape[0]
+        for i, layer in enumerate(self.layers):
+            cache = (self.cache.k[i, :b], self.cache.v[i, :b]) if use_cache else None
+            delta, residual = layer(delta, residual, positions, cache)
+        y, _ = ops.add_rms_norm(delta, residual, self.norm, self.config.rms_norm_eps)
+        return y
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""
+        self._check_ids(input_ids, self.config.max_position_embeddings)
+        b, s = input_ids.shape
+        positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        return self.lm_head(self._layers(input_ids, positions, use_cache=False))
+
+    def setup_cache(self, max_batch: int, max_seq: int) -> KVCache:
+        """Allocate (or keep, if large enough) the static KV cache, after checking that it fits."""
+        if max_seq > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq {max_seq} exceeds the model's context of {self.config.max_position_embeddings} tokens"
+            )
+        if self.cache is not None and self.cache.max_batch >= max_batch and self.cache.max_seq >= max_seq:
+            return self.cache
+        c = self.config
+        shape = (c.num_hidden_layers, max_batch, max_seq, c.num_key_value_heads, c.head_dim)
+        self.cache = None  # release the old cache before measuring free memory
+        _check_fits(self, 2 * torch.Size(shape).numel() * self.dtype.itemsize, shape)
+        self.cache = KVCache(
+            k=torch.empty(shape, device=self.device, dtype=self.dtype),
+            v=torch.empty(shape, device=self.device, dtype=self.dtype),
+        )
+        return self.cache
+
+    def prefill(self, input_ids: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+        """Write right-padded prompts `[b, s]` (row i real for its first seqlens[i] tokens) into the cache
+        from position 0; returns the logits `[b, vocab]` of each row's last real token."""
+        b, s = input_ids.shape
+        if self.cache is None or self.cache.max_batch < b or self.cache.max_seq < s:
+            raise RuntimeError(f"prefill of batch {b} x {s} tokens needs setup_cache(max_batch>={b}, max_seq>={s})")
+        positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        # Right padding plus causal masking leaves every real token's attention exact; padded slots
+        # land in the cache beyond seqlens, where decode never reads and later steps overwrite.
+        h = self._layers(input_ids, positions, use_cache=True)
+        last = h[torch.arange(b, device=h.device), seqlens.to(h.device).long() - 1]
+        return self.lm_head(last)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step: tokens `[b]` at cache positions `[b]` (both device tensors); returns logits `[b, vocab]`."""
+        h = self._layers(tokens[:, None], positions[:, None], use_cache=True)
+        return self.lm_head(h[:, 0])
+
+    def _check_ids(self, input_ids: torch.Tensor, limit: int) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("input_ids must be an int64 (or int32) tensor of token ids")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: at least one token is needed")
+        if input_ids.shape[1] > limit:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the context of {limit} tokens")
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Prompt plus new tokens, like transformers' `generate`; see `fastsolar.generate.generate`."""
+        from fastsolar.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs):
+        """Yield each new step's tokens `[batch]` as they come; see `fastsolar.generate.stream`."""
+        from fastsolar.generate import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)
+
+
+def _check_fits(model: nn.Module, cache_bytes: int, shape: tuple[int, ...]) -> None:
+    """Refuse a cache that would not fit next to the weights in free device memory (CUDA only)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return
+    free, _total = torch.cuda.mem_get_info(device)
+    # Activations and the logits of a prefill need room too; keep a margin rather than fail mid-run.
+    margin = 512 * 2**20
+    if cache_bytes + margin > free:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        raise MemoryError(
+            f"KV cache {tuple(shape)} needs {cache_bytes / 2**30:.2f} GiB (+0.5 GiB working margin) but only "
+            f"{free / 2**30:.2f} GiB is free on {device} (weights take {weights / 2**30:.2f} GiB); "
+            "lower the batch size or max sequence length"
+        )

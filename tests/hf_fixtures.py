@@ -1,0 +1,83 @@
+"""Small random transformers models saved as Hugging Face checkpoints, for parity and loader tests.
+
+Every builder is deterministic (seeded) and returns `(hf_model, model_dir)`. The shapes are tiny but
+awkward: GQA 2:1, an odd vocabulary, norms that are not all ones, several safetensors shards.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 997
+MAX_POS = 256
+PAD_ID = 0
+EOS_ID = 2
+
+
+def small_config_kwargs(**overrides) -> dict:
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=MAX_POS, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        attention_bias=False, mlp_bias=False,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def build_hf_model(kind: str = "llama", *, seed: int = 0, lm_head_scale: float = 8.0, **overrides):
+    """A random float32 LlamaForCausalLM (or MistralForCausalLM) with randomised norms and a scaled-up
+    lm_head so that greedy tokens are well separated (ties cannot flip a token)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**small_config_kwargs(**overrides))
+        cls = transformers.LlamaForCausalLM
+    elif kind == "mistral":
+        kw = small_config_kwargs(**overrides)
+        kw.pop("attention_bias"), kw.pop("mlp_bias")
+        cfg = transformers.MistralConfig(sliding_window=None, **kw)
+        cls = transformers.MistralForCausalLM
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = "eager"
+    model = cls(cfg).to(torch.float32).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+        if not cfg.tie_word_embeddings:
+            model.lm_head.weight.mul_(lm_head_scale)
+    return model
+
+
+def save(model, model_dir: Path, *, max_shard_size: str | int = "60KB") -> Path:
+    model_dir = Path(model_dir)
+    model.save_pretrained(model_dir, max_shard_size=max_shard_size)
+    return model_dir
+
+
+def rewrite_config_legacy(model_dir: Path) -> dict:
+    """Rewrite config.json in the form SOLAR's own checkpoint uses (transformers 4.x): top-level
+    rope_theta and torch_dtype, no head_dim, no rope_parameters, no dtype."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    rope = cfg.pop("rope_parameters", None) or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    dtype = cfg.pop("dtype", None) or cfg.get("torch_dtype") or "float32"
+    for k in ("head_dim", "rope_scaling", "rope_theta", "torch_dtype"):
+        cfg.pop(k, None)
+    cfg.update(rope_theta=theta, rope_scaling=None, torch_dtype=dtype, transformers_version="4.35.2",
+               architectures=["LlamaForCausalLM"])
+    path.write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    return sorted(Path(model_dir).glob("*.safetensors"))

@@ -1,0 +1,222 @@
+"""fastsolar.loader: strict, safetensors-only loading of Hugging Face checkpoints into fused parameters."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hf_fixtures as F
+from fastsolar import hf_keys
+from fastsolar.config import SolarConfig
+from fastsolar.loader import load_model, resolve_dtype
+from fastsolar.model import Solar
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    return F.build_hf_model(num_hidden_layers=LAYERS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(hf_llama, tmp_path_factory):
+    d = F.save(hf_llama, tmp_path_factory.mktemp("loader") / "sharded", max_shard_size="60KB")
+    assert len(F.shard_files(d)) > 3
+    return d
+
+
+@pytest.fixture
+def work_dir(sharded_dir, tmp_path):
+    """A private copy of the sharded checkpoint that a test may damage."""
+    return Path(shutil.copytree(sharded_dir, tmp_path / "ckpt"))
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _index(d: Path) -> dict:
+    return json.loads((d / INDEX).read_text())
+
+
+def edit_shard(d: Path, key: str, edit) -> Path:
+    """Rewrite the shard holding `key` after `edit(tensors_dict)`; keeps the index in step."""
+    index = _index(d)
+    shard = d / index["weight_map"][key]
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    wm = {k: v for k, v in index["weight_map"].items() if v != shard.name or k in tensors}
+    wm.update({k: shard.name for k in tensors})
+    index["weight_map"] = wm
+    (d / INDEX).write_text(json.dumps(index))
+    return shard
+
+
+def rewrite_config(d: Path, **changes) -> None:
+    path = d / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def assert_matches_hf(model: Solar, hf, dtype=torch.float32) -> None:
+    sd = {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    c = model.config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    assert torch.equal(model.embed_tokens.weight, sd["model.embed_tokens.weight"])
+    assert torch.equal(model.norm, sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        wqkv = layer.attention.wqkv.weight
+        assert torch.equal(wqkv[:q], sd[p + "self_attn.q_proj.weight"])
+        assert torch.equal(wqkv[q:q + kv], sd[p + "self_attn.k_proj.weight"])
+        assert torch.equal(wqkv[q + kv:], sd[p + "self_attn.v_proj.weight"])
+        assert torch.equal(layer.attention.wo.weight, sd[p + "self_attn.o_proj.weight"])
+        gu = layer.feed_forward.w_gate_up.weight
+        assert torch.equal(gu[:c.intermediate_size], sd[p + "mlp.gate_proj.weight"])
+        assert torch.equal(gu[c.intermediate_size:], sd[p + "mlp.up_proj.weight"])
+        assert torch.equal(layer.feed_forward.w_down.weight, sd[p + "mlp.down_proj.weight"])
+        assert torch.equal(layer.attention_norm, sd[p + "input_layernorm.weight"])
+        assert torch.equal(layer.ffn_norm, sd[p + "post_attention_layernorm.weight"])
+
+
+def test_sharded_load_exact(sharded_dir, hf_llama):
+    model = Solar.from_pretrained(sharded_dir, device="cpu")
+    assert_matches_hf(model, hf_llama)
+    assert not model.training and model.cache is None
+    params = list(model.parameters())
+    assert all(not p.requires_grad and p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert sum(p.numel() for p in params) == model.config.num_parameters()
+
+
+def test_key_map_covers_every_hf_parameter(hf_llama):
+    names = set(hf_llama.state_dict())
+    config = SolarConfig.from_hf_dict(hf_llama.config.to_dict())
+    assert set(hf_keys.expected_keys(config)) == names
+    assert all(hf_keys.map_key(n) is not None for n in names)
+
+
+def test_missing_shard(work_dir):
+    victim = F.shard_files(work_dir)[2]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 20])
+def test_truncated_shard(work_dir, keep):
+    victim = F.shard_files(work_dir)[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(ValueError, match=victim.name):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+def test_unexpected_key(work_dir):
+    extra = "model.layers.0.self_attn.q_norm.weight"
+    edit_shard(work_dir, "model.norm.weight", lambda t: t.update({extra: torch.ones(16)}))
+    with pytest.raises(ValueError, match=r"1 unexpected keys: model\.layers\.0\.self_attn\.q_norm\.weight"):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+def test_ignored_inv_freq_key(work_dir, hf_llama):
+    key = "model.layers.1.self_attn.rotary_emb.inv_freq"
+    edit_shard(work_dir, "model.norm.weight", lambda t: t.update({key: torch.ones(8)}))
+    assert_matches_hf(Solar.from_pretrained(work_dir, device="cpu"), hf_llama)
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.self_attn.k_proj.weight", "model.norm.weight", "lm_head.weight"])
+def test_missing_key(work_dir, key):
+    edit_shard(work_dir, key, lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=rf"1 missing keys: {key.replace('.', '[.]')}"):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+def test_misshaped_key(work_dir):
+    key = "model.layers.0.self_attn.v_proj.weight"
+    edit_shard(work_dir, key, lambda t: t.update({key: torch.zeros(16, 64)}))
+    with pytest.raises(ValueError, match=r"v_proj\.weight \(expected \(32, 64\), found \(16, 64\)\)"):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+def test_config_more_layers_than_weights(work_dir):
+    rewrite_config(work_dir, num_hidden_layers=4)
+    with pytest.raises(ValueError, match=r"missing keys: .*model\.layers\.2\.input_layernorm\.weight") as e:
+        Solar.from_pretrained(work_dir, device="cpu")
+    assert "model.layers.3.mlp.down_proj.weight" in str(e.value)
+
+
+def test_config_fewer_layers_than_weights(work_dir):
+    rewrite_config(work_dir, num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"unexpected keys: .*model\.layers\.1\."):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+def test_config_hidden_size_mismatch(work_dir):
+    rewrite_config(work_dir, hidden_size=128, head_dim=32)
+    with pytest.raises(ValueError, match=r"wrong shape: .*model\.embed_tokens\.weight \(expected \(997, 128\)"):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+def test_bin_only_refused(tmp_path, sharded_dir):
+    shutil.copy(sharded_dir / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ValueError, match=r"pickle.*pytorch_model\.bin.*[Cc]onvert them to safetensors"):
+        Solar.from_pretrained(tmp_path, device="cpu")
+
+
+def test_no_weights(tmp_path, sharded_dir):
+    shutil.copy(sharded_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Solar.from_pretrained(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("float16", torch.float16),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_dtype_conversion(sharded_dir, hf_llama, dtype, expected):
+    model = load_model(Solar, sharded_dir, device="cpu", dtype=dtype)
+    assert all(p.dtype == expected for p in model.parameters())
+    assert model.dtype == expected
+    assert_matches_hf(model, hf_llama, dtype=expected)
+
+
+def test_default_dtype_from_config(work_dir):
+    rewrite_config(work_dir, dtype="bfloat16")
+    assert Solar.from_pretrained(work_dir, device="cpu").dtype == torch.bfloat16
+
+
+def test_bad_dtype():
+    assert resolve_dtype("torch.float16") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_dtype(torch.int8)
+
+
+def test_single_file_checkpoint(hf_llama, tmp_path):
+    d = F.save(hf_llama, tmp_path / "single", max_shard_size="1GB")
+    assert [p.name for p in F.shard_files(d)] == ["model.safetensors"]
+    assert not (d / "model.safetensors.index.json").exists()
+    assert_matches_hf(Solar.from_pretrained(d, device="cpu"), hf_llama)
+
+
+def test_tied_embeddings(tmp_path):
+    hf = F.build_hf_model(num_hidden_layers=1, tie_word_embeddings=True, seed=5)
+    d = F.save(hf, tmp_path / "tied")
+    keys = set()
+    for f in F.shard_files(d):
+        keys |= set(load_file(f))
+    assert "lm_head.weight" not in keys
+    model = Solar.from_pretrained(d, device="cpu")
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert_matches_hf(model, hf)
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
