@@ -1,0 +1,345 @@
+"""Command line: `fastsolar <command> ...` (also `python -m fastsolar`).
+
+Commands:
+    generate MODEL_DIR --prompt TEXT   stream a completion (`--chat` wraps the prompt in the chat format)
+    chat MODEL_DIR                     interactive SOLAR-Instruct chat on stdin / stdout
+
+Adding a command is one function plus one decorator: write `def cmd_x(args) -> int` decorated with
+`@command("x", help=..., arguments=add_x_arguments)` where `add_x_arguments(parser)` adds its options.
+Errors a user can fix (a wrong path, a bad value) surface as FileNotFoundError / ValueError / TypeError
+and are printed as one line, `fastsolar: error: ...`, with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("fastsolar")
+
+PROG = "fastsolar"
+EXIT_USAGE = 2
+
+
+class CLIError(ValueError):
+    """A usage error found by argparse or by our own checks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (`fastsolar: error: ...`) raised to main instead of printed."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, *, help: str, arguments: Callable[[argparse.ArgumentParser], None],
+            description: str | None = None):
+    """Register `fn(args) -> exit status` as the subcommand `name`."""
+
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, arguments, fn, description or fn.__doc__)
+        return fn
+
+    return register
+
+
+# -- shared options ---------------------------------------------------------------------------------
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer.model)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto",
+                   help="weight dtype: auto (the checkpoint's), float16, bfloat16 or float32")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"most tokens to generate (default {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help=f"0 = greedy (default {temperature})")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K likeliest tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+_DTYPES = {"auto": None, "float16": "float16", "fp16": "float16", "half": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
+
+
+def _check_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:  # also refuses nan
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.repetition_penalty > 0:
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.dtype not in _DTYPES:
+        raise ValueError(f"--dtype must be one of auto, float16, bfloat16, float32; got {args.dtype!r}")
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_tokenizer(model_dir: str):
+    from fastsolar.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(model_dir)
+
+
+def load_model(args: argparse.Namespace):
+    """The model on `--device` in `--dtype` (tests replace this with a stub)."""
+    import torch
+
+    from fastsolar.model import Solar
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    model = Solar.from_pretrained(args.model_dir, device=device, dtype=_DTYPES[args.dtype])
+    logger.info("loaded %s on %s in %.1f s", args.model_dir, device, time.perf_counter() - t0)
+    return model
+
+
+def _context_limit(model: Any) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# -- generate ---------------------------------------------------------------------------------------
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--prompt", "-p", default=None,
+                   help="prompt text; '-' or omitted reads it from stdin")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user turn in the model's chat format and stop at its turn markers")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    _add_sampling_options(p, temperature=0.0, max_new_tokens=256)
+
+
+@command("generate", help="stream a completion of a prompt to stdout", arguments=_generate_arguments)
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream the model's continuation of a prompt to stdout (greedy unless --temperature > 0)."""
+    from fastsolar.chat import stream_text
+
+    sampling = _check_options(args)
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
+    tokenizer = load_tokenizer(args.model_dir)
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    stop_strings: tuple[str, ...] = ()
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        ids = tokenizer.encode_chat(messages)
+        stop_strings = tokenizer.chat_stop_strings
+    else:
+        ids = tokenizer.encode(prompt)
+    model = load_model(args)
+    max_new = args.max_new_tokens
+    limit = _context_limit(model)
+    if limit is not None:
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
+        if len(ids) + max_new > limit:
+            max_new = limit - len(ids)
+            logger.warning("--max-new-tokens lowered to %d to fit the %d-token context", max_new, limit)
+    logger.debug("prompt: %d tokens", len(ids))
+    t0 = time.perf_counter()
+    n_chars = 0
+    for piece in stream_text(model, tokenizer, ids, max_new, stop_strings=stop_strings, **sampling):
+        n_chars += len(piece)
+        _write(piece)
+    _write("\n")
+    logger.info("generated %d characters in %.2f s", n_chars, time.perf_counter() - t0)
+    return 0
+
+
+# -- chat -------------------------------------------------------------------------------------------
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--system", default=None, help="system message that starts the conversation")
+    _add_sampling_options(p, temperature=0.7, max_new_tokens=1024)
+
+
+_CHAT_HELP = "commands: /exit (or end of input) quits, /reset clears the conversation"
+
+
+def _fit_conversation(tokenizer: Any, messages: list[dict[str, str]], limit: int | None,
+                      max_new: int) -> tuple[list[int], int]:
+    """Encode the conversation, dropping the oldest turns (never the system message or the newest
+    user message) until prompt + reply fit the context; returns (ids, max_new_tokens)."""
+    while True:
+        ids = tokenizer.encode_chat(messages)
+        if limit is None or len(ids) + max_new <= limit:
+            return ids, max_new
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first > 1:
+            del messages[first]
+            if len(messages) - first > 1 and messages[first]["role"] == "assistant":
+                del messages[first]
+            continue
+        if len(ids) < limit:
+            return ids, limit - len(ids)
+        raise ValueError(f"the message needs {len(ids)} tokens; the model's context is {limit}")
+
+
+@command("chat", help="interactive chat with a SOLAR-Instruct model", arguments=_chat_arguments)
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with the model: each stdin line is a user message; the reply streams to stdout.
+    /exit or end of input quits, /reset clears the conversation."""
+    from fastsolar.chat import stream_text
+
+    sampling = _check_options(args)
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_model(args)
+    limit = _context_limit(model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict[str, str]] = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(_CHAT_HELP, file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write(">>> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\r\n")
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            ids, max_new = _fit_conversation(tokenizer, messages, limit, args.max_new_tokens)
+        except ValueError as e:
+            messages.pop()
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            continue
+        reply: list[str] = []
+        try:
+            for piece in stream_text(model, tokenizer, ids, max_new,
+                                     stop_strings=tokenizer.chat_stop_strings, **sampling):
+                reply.append(piece)
+                _write(piece)
+        except KeyboardInterrupt:
+            _write("\n")
+            messages.pop()  # the interrupted turn is forgotten
+            if not interactive:
+                raise
+            continue
+        _write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+# -- upscale (the code lives in fastsolar/upscale.py) ------------------------------------------------
+
+def _upscale_arguments(p: argparse.ArgumentParser) -> None:
+    from fastsolar.upscale import add_upscale_arguments
+
+    add_upscale_arguments(p)
+
+
+@command("upscale", arguments=_upscale_arguments,
+         help="depth-up-scale a Llama/Mistral checkpoint (how SOLAR-10.7B was made from Mistral-7B)")
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """Depth Up-Scaling: stack base layers 0..n-drop-1 and drop..n-1 into a deeper checkpoint; prints the map."""
+    from fastsolar.upscale import cmd_upscale as run
+
+    return run(args)
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastsolar")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="fastsolar: a lean runtime for SOLAR-10.7B")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)
+        cmd.add_arguments(p)
+        _add_common(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 usage / input error, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+        _configure_logging(args.verbose)
+        return int(args._run(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError, MemoryError) as e:
+        sys.stdout.flush()
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        more = f" (+{len(lines) - 1} more lines: rerun with -v)" if len(lines) > 1 else ""
+        print(f"{PROG}: error: {lines[0]}{more}", file=sys.stderr)
+        logger.debug("details", exc_info=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()
