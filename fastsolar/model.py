@@ -241,18 +241,26 @@ class Solar(nn.Module):
         return stream(self, input_ids, max_new_tokens, **kwargs)
 
 
-def _check_fits(model: nn.Module, cache_bytes: int, shape: tuple[int, ...]) -> None:
-    """Refuse a cache that would not fit next to the weights in free device memory (CUDA only)."""
-    device = next(model.parameters()).device
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device; None where the runtime cannot tell (CPU)."""
     if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+# Activations and a prefill's logits need room too: keep a margin rather than fail mid-run.
+CACHE_MARGIN_BYTES = 512 * 2**20
+
+
+def _check_fits(model: nn.Module, cache_bytes: int, shape: tuple[int, ...]) -> None:
+    """Refuse a cache that would not fit next to the weights in free device memory."""
+    device = next(model.parameters()).device
+    free = free_device_memory(device)
+    if free is None or cache_bytes + CACHE_MARGIN_BYTES <= free:
         return
-    free, _total = torch.cuda.mem_get_info(device)
-    # Activations and the logits of a prefill need room too; keep a margin rather than fail mid-run.
-    margin = 512 * 2**20
-    if cache_bytes + margin > free:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        raise MemoryError(
-            f"KV cache {tuple(shape)} needs {cache_bytes / 2**30:.2f} GiB (+0.5 GiB working margin) but only "
-            f"{free / 2**30:.2f} GiB is free on {device} (weights take {weights / 2**30:.2f} GiB); "
-            "lower the batch size or max sequence length"
-        )
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    raise MemoryError(
+        f"KV cache {tuple(shape)} needs {cache_bytes / 2**30:.2f} GiB (+{CACHE_MARGIN_BYTES / 2**30:.1f} GiB "
+        f"working margin) but only {free / 2**30:.2f} GiB is free on {device} (weights take "
+        f"{weights / 2**30:.2f} GiB); lower the batch size or max sequence length"
+    )

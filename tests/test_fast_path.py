@@ -1,0 +1,113 @@
+"""The model's kernel path against its torch-reference path, and the static-cache bookkeeping.
+
+On CPU the kernels run under the Triton interpreter (forced through `fastsolar.ops.force_kernels`), so
+the whole fast path of a small model is checked in CI: prefill attention, decode attention over the
+static cache, fused add+RMSNorm, rotary and SwiGLU, through the same `generate` a user calls.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastsolar.model as model_mod
+from fastsolar import Solar, SolarConfig, ops
+from helpers import DEVICE, assert_close
+
+CONFIG = SolarConfig(
+    vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=1, max_position_embeddings=128, torch_dtype="float32",
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> Solar:
+    torch.manual_seed(0)
+    m = Solar(CONFIG).to(DEVICE).eval()
+    with torch.no_grad():
+        for layer in m.layers:  # norms that are not all ones, so a kernel that ignores the weight fails
+            layer.attention_norm.uniform_(0.5, 1.5)
+            layer.ffn_norm.uniform_(0.5, 1.5)
+        m.norm.uniform_(0.5, 1.5)
+        m.lm_head.weight.mul_(4.0)  # well-separated logits: greedy tokens cannot flip on rounding
+    return m
+
+
+def left_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, CONFIG.vocab_size, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.int64)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    return (ids * mask).to(DEVICE), mask.to(DEVICE)
+
+
+def test_kernel_logits_match_reference(model: Solar) -> None:
+    ids, _ = left_padded([17, 17], seed=1)
+    with torch.inference_mode():
+        with ops.force_kernels(False):
+            ref = model(ids)
+        with ops.force_kernels(True):
+            fast = model(ids)
+    assert_close(fast, ref, atol=2e-4, rtol=1e-4, msg="kernel-path logits")
+
+
+def test_kernel_generate_matches_reference(model: Solar) -> None:
+    """Batched, left-padded, through prefill and decode_attention over the static cache."""
+    ids, mask = left_padded([5, 13, 1], seed=2)
+    kw = dict(max_new_tokens=6, attention_mask=mask, eos_token_id=[])
+    with ops.force_kernels(False):
+        ref = model.generate(ids, **kw)
+    with ops.force_kernels(True):
+        fast = model.generate(ids, **kw)
+    assert torch.equal(fast, ref), f"kernel path tokens {fast.tolist()} != reference {ref.tolist()}"
+
+
+def test_decode_logits_match_full_forward_on_kernels(model: Solar) -> None:
+    """Prefill then many decode steps on the kernels give the logits of one full forward."""
+    ids, _ = left_padded([19], seed=3)
+    n_prompt = 7
+    with torch.inference_mode(), ops.force_kernels(True):
+        full = model(ids)
+        model.setup_cache(1, 32)
+        model.cache.k.fill_(float("nan"))  # slots the decode must never read
+        model.cache.v.fill_(float("nan"))
+        steps = [model.prefill(ids[:, :n_prompt], torch.tensor([n_prompt], device=DEVICE))]
+        pos = torch.tensor([n_prompt], device=DEVICE)
+        for t in range(n_prompt, ids.shape[1]):
+            steps.append(model.decode(ids[:, t], pos))
+            pos += 1
+    got = torch.stack(steps, dim=1)
+    assert_close(got[:, :-1], full[:, n_prompt - 1:-1], atol=2e-4, rtol=1e-4, msg="decode vs full forward")
+
+
+def test_cache_bookkeeping_across_calls(model: Solar) -> None:
+    """A second generate call reuses the cache, and a stale longer prompt in it does not leak."""
+    long_ids, long_mask = left_padded([40, 33], seed=4)
+    short_ids, short_mask = left_padded([3, 8], seed=5)
+    with ops.force_kernels(True):
+        model.generate(long_ids, max_new_tokens=3, attention_mask=long_mask, eos_token_id=[])
+        cache = model.cache
+        again = model.generate(short_ids, max_new_tokens=5, attention_mask=short_mask, eos_token_id=[])
+        assert model.cache is cache, "a cache big enough for the call must be reused"
+    fresh = Solar(CONFIG).to(DEVICE).eval()
+    fresh.load_state_dict(model.state_dict())
+    with ops.force_kernels(False):
+        expected = fresh.generate(short_ids, max_new_tokens=5, attention_mask=short_mask, eos_token_id=[])
+    assert torch.equal(again, expected)
+
+
+def test_cache_too_big_is_refused(model: Solar, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_mod, "free_device_memory", lambda device: 2**20)
+    old = model.cache
+    model.cache = None
+    try:
+        with pytest.raises(MemoryError, match=r"KV cache \(2, 4, 128, 1, 32\) needs .* GiB .* only 0.00 GiB is free"):
+            model.setup_cache(4, 128)
+    finally:
+        model.cache = old
+
+
+def test_cache_longer_than_context_is_refused(model: Solar) -> None:
+    with pytest.raises(ValueError, match="max_seq 129 exceeds the model's context of 128 tokens"):
+        model.setup_cache(1, 129)
