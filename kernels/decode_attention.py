@@ -1,0 +1,334 @@
+"""Decode attention (one new query per sequence) over a padded KV cache, flash-decoding style.
+
+Math, per batch b and query head h (kv head g = h // GROUP, GROUP = n_heads // n_kv_heads),
+with n = seqlens[b] valid cache positions (the new token already written at n - 1):
+
+    t[j]   = scale * log2(e) * <q[b, h, :], k_cache[b, j, g, :]>       for 0 <= j < n
+    o[b, h, :] = sum_j exp2(t[j] - max t) * v_cache[b, j, g, :] / sum_j exp2(t[j] - max t)
+
+Pass 1 (`_decode_split_kernel`, grid (batch * n_kv_heads, NUM_SPLITS)) splits the cache's sequence
+axis into NUM_SPLITS chunks of CHUNK positions. A program handles every query head of one kv group
+(a [GROUP, BLOCK_N] score tile), so each K/V element is read from memory once per group, and
+writes, per head and split s, the partial results over its positions J_s in fp32:
+
+    m_s = max_{j in J_s} t[j],   l_s = sum_{j in J_s} exp2(t[j] - m_s),
+    acc_s = sum_{j in J_s} exp2(t[j] - m_s) * v[j]
+
+(an empty J_s -- a chunk starting at or past seqlens[b] -- gives m_s = -inf, l_s = 0, acc_s = 0).
+Pass 2 (`_decode_reduce_kernel`, grid (batch * n_heads,)) combines the splits:
+
+    M = max_s m_s,  w_s = exp2(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s
+
+NUM_SPLITS and CHUNK depend only on shapes (batch, max_seq, n_kv_heads) and the GPU's SM count,
+never on the values in seqlens, so the launch is CUDA-graph safe (no host sync, no .item()).
+Positions at or beyond seqlens[b] are never read (masked loads), so garbage/NaN there cannot leak.
+seqlens[b] == 0 is not allowed by callers; such a row gets output 0 (finite, no crash).
+seqlens[b] > max_seq is clamped to max_seq.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_same_device, check_tensor
+
+LOG2E = 1.4426950408889634
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 256
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device is at hand (interpreter, compile checks)
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _mma(a, b, acc):
+    # fp32 would default to TF32 on tensor cores; ask for exact products so fp32 matches torch.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q,  # q [B, H, D], last dim contiguous
+    K, V,  # caches [B, MAXS, Hkv, D], last dim contiguous
+    SEQLENS,  # int32 [B]: valid cache positions per row
+    M_WS, L_WS,  # fp32 workspace [B, H, NUM_SPLITS], contiguous: per-split row max / sum (log2 domain)
+    ACC_WS,  # fp32 workspace [B, H, NUM_SPLITS, D], contiguous: per-split unnormalised output
+    stride_qb, stride_qh,  # q strides (elements)
+    stride_kb, stride_ks, stride_kh,  # k_cache strides for batch, position, head
+    stride_vb, stride_vs, stride_vh,  # v_cache strides
+    max_seq,  # cache capacity MAXS; seqlens are clamped to it
+    n_kv_heads,  # Hkv; program_id(0) = b * Hkv + g
+    group,  # H // Hkv query heads per kv head (<= BLOCK_G)
+    num_splits,  # NUM_SPLITS = grid dim 1
+    chunk,  # positions per split, a multiple of BLOCK_N
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,  # true head dim D
+    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
+    BLOCK_G: tl.constexpr,  # group padded to a power of two >= 16 (tl.dot needs M >= 16)
+    BLOCK_N: tl.constexpr,  # cache positions per inner-loop step
+):
+    pid_bg = tl.program_id(0)
+    split = tl.program_id(1)
+    off_b = pid_bg // n_kv_heads
+    off_g = pid_bg % n_kv_heads
+    n_heads = n_kv_heads * group
+
+    seqlen = tl.load(SEQLENS + off_b)
+    seqlen = tl.minimum(tl.maximum(seqlen, 0), max_seq)  # never read past the cache, whatever the caller says
+    start = split * chunk
+    end = tl.minimum(start + chunk, seqlen)  # <= start for a split past seqlen: the loop does not run
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < group
+    mask_d = offs_d < HEAD_DIM
+    heads = off_g * group + offs_g  # the query heads of this kv group
+
+    # Batch/head offsets in int64: a cache of B * MAXS * Hkv * D elements can exceed 2**31.
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    # Scalar bases plus int32 tile offsets rebuilt each step: a loop-carried [BLOCK_N, BLOCK_D]
+    # tensor of 64-bit pointers would pin 2 registers per element and spill.
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_g.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_g.to(tl.int64) * stride_vh
+
+    # GROUP is 1..8 for Llama-family models, but tl.dot needs M >= 16, so the group axis is padded to
+    # BLOCK_G >= 16 with zero rows. Decode is bound by memory bandwidth (every K/V byte is used
+    # GROUP times at most), so the wasted tensor-core work is free, while the alternative --
+    # broadcast q[G, 1, D] * k[1, N, D] and sum over D -- materialises a [G, N, D] fp32 tile
+    # (4 x 64 x 128 = 128 registers/thread at 4 warps) and spills.
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + offs_n
+        valid = pos < end
+        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+        qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)) * qk_scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        # Every step has >= 1 valid position, so m_new is finite: no -inf - -inf here.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    # Workspace rows are (b * H + head) * NUM_SPLITS + split.
+    row = (off_b * n_heads + heads).to(tl.int64) * num_splits + split
+    tl.store(M_WS + row, m_i, mask=mask_g)
+    tl.store(L_WS + row, l_i, mask=mask_g)
+    tl.store(ACC_WS + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    M_WS, L_WS, ACC_WS,  # fp32 workspaces written by _decode_split_kernel
+    O,  # o [B, H, D], last dim contiguous
+    stride_ob, stride_oh,  # o strides (elements)
+    n_heads,  # H; program_id(0) = b * H + h
+    num_splits,  # NUM_SPLITS (<= BLOCK_S)
+    HEAD_DIM: tl.constexpr,  # true head dim D
+    BLOCK_D: tl.constexpr,  # D padded to a power of two
+    BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
+):
+    pid = tl.program_id(0)
+    off_b = pid // n_heads
+    off_h = pid % n_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    row = pid.to(tl.int64) * num_splits + offs_s
+    m = tl.load(M_WS + row, mask=mask_s, other=float("-inf"))
+    l = tl.load(L_WS + row, mask=mask_s, other=0.0)
+    acc = tl.load(ACC_WS + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    # Every split empty (seqlen 0): shift by 0 so the weights are exp2(-inf) = 0, not NaN.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)  # 0 for empty splits
+    l_sum = tl.sum(w * l, 0)
+    o = tl.sum(w[:, None] * acc, 0)
+    o = o / tl.where(l_sum == 0.0, 1.0, l_sum)
+    tl.store(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + offs_d,
+             o.to(O.dtype.element_ty), mask=mask_d)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def decode_attention_launch_config(
+    batch: int,
+    max_seq: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int] = (9, 0),
+    num_sms: int = DEFAULT_NUM_SMS,
+) -> dict:
+    """Launch settings for `_decode_split_kernel`, from shapes only (never from seqlens values).
+
+    Upper-case keys are the kernel's tl.constexpr parameters ({"HEAD_DIM", "BLOCK_D", "BLOCK_G",
+    "BLOCK_N"}) plus "num_warps"/"num_stages"; lower-case "num_splits" (grid dim 1) and "chunk"
+    (positions per split) are runtime launch values.
+    """
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} unsupported; decode_attention needs {MIN_HEAD_DIM} <= head_dim <= {MAX_HEAD_DIM}")
+    if n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
+    block_d = _block_d(head_dim)
+    block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
+    if dtype == torch.float32:
+        block_n = 16  # exact fp32 products run on CUDA cores with whole tiles in registers
+    elif block_d > 128:
+        block_n = 32  # keeps the d=256 K/V tiles small
+    else:
+        block_n = 64  # 64 x 128 fp16 = 16 KiB per K or V tile
+    stages = 2 if tuple(capability) < (8, 0) else 3
+    # Splits: enough programs for about one wave over the SMs when batch * n_kv_heads is small
+    # (batch 1, 8 kv heads on 132 SMs -> 16 splits = 128 programs), a power of two so chunks stay
+    # even, never more chunks than BLOCK_N-sized pieces of the cache.
+    programs = max(1, batch * n_kv_heads)
+    want = max(1, num_sms // programs)
+    splits = 1 << (want.bit_length() - 1)
+    splits = max(1, min(splits, MAX_SPLITS, triton.cdiv(max_seq, block_n)))
+    chunk = triton.cdiv(triton.cdiv(max_seq, splits), block_n) * block_n
+    splits = triton.cdiv(max_seq, chunk)  # drop splits that rounding left without positions
+    return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_G": block_g, "BLOCK_N": block_n,
+            "num_warps": 4, "num_stages": stages, "num_splits": splits, "chunk": chunk}
+
+
+def decode_attention_reduce_launch_config(num_splits: int, head_dim: int) -> dict:
+    """Launch settings for `_decode_reduce_kernel`: {"HEAD_DIM", "BLOCK_D", "BLOCK_S", "num_warps", "num_stages"}."""
+    block_s = max(2, triton.next_power_of_2(num_splits))
+    block_d = _block_d(head_dim)
+    # About 32 fp32 accumulator elements per thread; the kernel is tiny and latency bound.
+    warps = max(1, min(8, block_s * block_d // (32 * 32)))
+    return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": block_s, "num_warps": warps, "num_stages": 1}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence over the first seqlens[b] cache positions.
+
+    q [batch, n_heads, head_dim]; k_cache, v_cache [batch, max_seq, n_kv_heads, head_dim];
+    seqlens int32 [batch], each in 1..max_seq (0 gives a zero row). Returns o [batch, n_heads, head_dim]
+    in q's dtype (written into `out` when given). Strided inputs need a contiguous last dim.
+    """
+    check_tensor("q", q, ndim=3)
+    check_tensor("k_cache", k_cache, ndim=4)
+    check_tensor("v_cache", v_cache, ndim=4)
+    check_tensor("seqlens", seqlens, ndim=1, dtypes=(torch.int32,))
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    batch, n_heads, head_dim = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    cb, max_seq, n_kv_heads, cd = k_cache.shape
+    if cb != batch:
+        raise ValueError(f"k_cache batch {cb} != q batch {batch}")
+    if cd != head_dim:
+        raise ValueError(f"k_cache head_dim {cd} != q head_dim {head_dim}")
+    if seqlens.shape[0] != batch:
+        raise ValueError(f"seqlens must have shape [{batch}] (one length per batch row), got {tuple(seqlens.shape)}")
+    if batch == 0 or max_seq == 0 or n_heads == 0:
+        raise ValueError(f"empty decode attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_last_dim_contiguous(name, t)
+    if seqlens.stride(0) != 1 and batch > 1:
+        seqlens = seqlens.contiguous()
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        check_tensor("out", out, ndim=3, dtypes=(q.dtype,))
+        check_same_device(q=q, out=out)
+        if out.shape != q.shape:
+            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        _check_last_dim_contiguous("out", out)
+    if scale is None:
+        scale = head_dim ** -0.5
+
+    if q.device.type == "cuda":
+        capability, num_sms = _device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    else:
+        capability, num_sms = (9, 0), DEFAULT_NUM_SMS
+    # n_heads % n_kv_heads is checked here, so the error names the tensors' head counts.
+    cfg = decode_attention_launch_config(batch, max_seq, n_heads, n_kv_heads, head_dim, q.dtype, capability, num_sms)
+    num_splits, chunk = cfg.pop("num_splits"), cfg.pop("chunk")
+    # Fully overwritten by the split kernel (every head x split is stored), so empty() is safe.
+    m_ws = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
+    l_ws = torch.empty_like(m_ws)
+    acc_ws = torch.empty((batch, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+
+    _decode_split_kernel[(batch * n_kv_heads, num_splits)](
+        q, k_cache, v_cache, seqlens, m_ws, l_ws, acc_ws,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        max_seq, n_kv_heads, n_heads // n_kv_heads, num_splits, chunk, float(scale) * LOG2E,
+        **cfg,
+    )
+    rcfg = decode_attention_reduce_launch_config(num_splits, head_dim)
+    _decode_reduce_kernel[(batch * n_heads,)](
+        m_ws, l_ws, acc_ws, out,
+        out.stride(0), out.stride(1),
+        n_heads, num_splits,
+        **rcfg,
+    )
+    return out
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Per-row torch attention over the first seqlens[b] positions (fp32 math, fp64 for fp64 inputs)."""
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[2]
+    group = n_heads // n_kv_heads
+    if scale is None:
+        scale = head_dim ** -0.5
+    ct = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(q.shape, dtype=ct, device=q.device)
+    for b, n in enumerate(seqlens.tolist()):
+        n = min(max(int(n), 0), k_cache.shape[1])
+        if n == 0:
+            continue
+        k = k_cache[b, :n].to(ct).repeat_interleave(group, dim=1)  # [n, H, D]
+        v = v_cache[b, :n].to(ct).repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].to(ct), k) * scale
+        p = torch.softmax(s, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", p, v)
+    return out.to(q.dtype)
