@@ -140,13 +140,9 @@ def _get_sampler(model: Any, batch: int) -> Sampler:
 def _make_step(model: Any, sampler: Sampler, batch: int, cuda_graphs: bool) -> Step:
     """The decode step `step(tokens [b], positions [b]) -> next_tokens [b]` = sampler(model.decode(...))."""
     if cuda_graphs:
-        # ---- CUDA GRAPHS HOOK ------------------------------------------------------------------------
-        # fastsolar/graphs.py (graphs engineer) wires its step in here, with the same call signature:
-        #     from fastsolar.graphs import CudaGraphStep
-        #     return CudaGraphStep(model, sampler)   # (graphs.py signature; one graph per exact batch size)
-        # Until then CUDA models run the eager step below.
-        # -----------------------------------------------------------------------------------------------
-        pass
+        from fastsolar.graphs import CudaGraphStep
+
+        return CudaGraphStep(model, sampler)
 
     def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return sampler(model.decode(tokens, positions))

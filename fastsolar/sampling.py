@@ -156,7 +156,7 @@ def process_logits(
     if not params.sample:
         return scores
     scores = _div(scores, params.divisor[:, None], params.inv_divisor[:, None])
-    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    neg_inf = scores.new_full((), float("-inf"))  # a device fill: a host tensor copy would break graph capture
     if params.use_top_k:
         # The k-th largest value, per row (transformers: torch.topk(scores, k)[0][..., -1]).
         kth = scores.sort(dim=-1, descending=True).values.gather(1, (params.top_k - 1)[:, None])

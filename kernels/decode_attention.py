@@ -314,21 +314,21 @@ def decode_attention_ref(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Per-row torch attention over the first seqlens[b] positions (fp32 math, fp64 for fp64 inputs)."""
+    """Torch attention of each row's query over its first seqlens[b] cache positions (fp32 math, fp64 for
+    fp64 inputs). Vectorised with a mask, no host sync, so it is graph-safe like the kernel; slots at or
+    beyond seqlens[b] are never let into the result, even when they hold NaN."""
     batch, n_heads, head_dim = q.shape
-    n_kv_heads = k_cache.shape[2]
+    max_seq, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
     if scale is None:
         scale = head_dim ** -0.5
     ct = torch.promote_types(q.dtype, torch.float32)
-    out = torch.zeros(q.shape, dtype=ct, device=q.device)
-    for b, n in enumerate(seqlens.tolist()):
-        n = min(max(int(n), 0), k_cache.shape[1])
-        if n == 0:
-            continue
-        k = k_cache[b, :n].to(ct).repeat_interleave(group, dim=1)  # [n, H, D]
-        v = v_cache[b, :n].to(ct).repeat_interleave(group, dim=1)
-        s = torch.einsum("hd,nhd->hn", q[b].to(ct), k) * scale
-        p = torch.softmax(s, dim=-1)
-        out[b] = torch.einsum("hn,nhd->hd", p, v)
-    return out.to(q.dtype)
+    valid = torch.arange(max_seq, device=q.device)[None, :] < seqlens.to(q.device)[:, None]  # [b, S]
+    qg = q.to(ct).view(batch, n_kv_heads, group, head_dim)
+    k = torch.where(valid[:, :, None, None], k_cache.to(ct), 0.0)  # 0 * NaN would poison the sums
+    v = torch.where(valid[:, :, None, None], v_cache.to(ct), 0.0)
+    s = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with seqlens 0 gives 0, as the kernel
+    out = torch.einsum("bkgs,bskd->bkgd", p, v)
+    return out.reshape(batch, n_heads, head_dim).to(q.dtype)

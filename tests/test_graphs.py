@@ -1,0 +1,274 @@
+"""fastsolar.graphs: bucket choice, the static-buffer step (CPU, capture=False) against the eager step, recapture
+rules; on CUDA, the captured step and graphed generate against eager."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from fastsolar import graphs
+from fastsolar.config import SolarConfig
+from fastsolar.graphs import CudaGraphStep, GraphPool, StateSnapshot, choose_bucket, pad_rows
+from fastsolar.model import Solar
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+
+SMALL = SolarConfig(
+    vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, torch_dtype="float32",
+)
+
+
+class ToySampler:
+    """A small stand-in for fastsolar.sampling.Sampler with the same kinds of state: per-row device params,
+    a seen-token mask (repetition penalty) and a generator; greedy rows take argmax, others an exponential
+    race. Enough to prove that warm-up does not leak state into the real steps."""
+
+    def __init__(self, batch: int, vocab: int, device: torch.device, seed: int = 0) -> None:
+        self.temperature = torch.zeros(batch, device=device)
+        self.penalty = torch.ones(batch, device=device)
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        self.generator = torch.Generator(device=device)
+        self.reset([0.0] * batch, [1.0] * batch, seed)
+
+    def reset(self, temperature: list[float], penalty: list[float], seed: int) -> None:
+        self.temperature.copy_(torch.tensor(temperature))
+        self.penalty.copy_(torch.tensor(penalty))
+        self.seen.zero_()
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        pen = self.penalty[:, None]
+        penalised = torch.where(logits > 0, logits / pen, logits * pen)
+        logits = torch.where(self.seen, penalised, logits)
+        greedy = logits.argmax(-1)
+        probs = torch.softmax(logits / self.temperature.clamp_min(1e-5)[:, None], dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        sampled = (probs / noise).argmax(-1)
+        tokens = torch.where(self.temperature > 0, sampled, greedy)
+        self.seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+
+def make_model(device="cpu", dtype=torch.float32, seed=0) -> Solar:
+    torch.manual_seed(seed)
+    model = Solar(SMALL).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02 * 10)  # a bit larger than HF's init so greedy choices are well separated
+    return model
+
+
+def decode_run(model: Solar, step, prompts: torch.Tensor, n: int) -> torch.Tensor:
+    """What generate does around its step: prefill, then n decode steps; returns the new tokens [b, n]."""
+    b, s = prompts.shape
+    seqlens = torch.full((b,), s, dtype=torch.int32, device=prompts.device)
+    with torch.no_grad():
+        tokens = model.prefill(prompts, seqlens).argmax(-1)
+    positions = torch.full((b,), s, dtype=torch.int64, device=prompts.device)
+    out = []
+    for _ in range(n):
+        tokens = step(tokens, positions)
+        out.append(tokens)
+        positions = positions + 1
+    return torch.stack(out, 1)
+
+
+def eager_step(model, sampler):
+    @torch.no_grad()
+    def step(tokens, positions):
+        return sampler(model.decode(tokens, positions))
+
+    return step
+
+
+def prompts_for(b: int, s: int, seed: int, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, SMALL.vocab_size, (b, s), generator=g).to(device)
+
+
+def test_choose_bucket():
+    assert [choose_bucket(b, 16) for b in (1, 2, 3, 7, 16)] == [1, 2, 3, 7, 16]
+    assert [choose_bucket(b, 16, "pow2") for b in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert choose_bucket(5, 6, "pow2") == 6  # capped at the cache's rows
+    with pytest.raises(ValueError, match="max_batch"):
+        choose_bucket(9, 8)
+    with pytest.raises(ValueError):
+        choose_bucket(0, 8)
+    with pytest.raises(ValueError, match="policy"):
+        choose_bucket(2, 8, "fib")
+
+
+def test_pad_rows():
+    t = torch.tensor([5, 6, 7])
+    assert pad_rows(t, 3) is t
+    assert pad_rows(t, 4).tolist() == [5, 6, 7, 7]
+    with pytest.raises(ValueError):
+        pad_rows(t, 2)
+
+
+def test_state_snapshot_restores_tensors_and_generator():
+    s = ToySampler(2, 10, torch.device("cpu"), seed=3)
+    first = torch.empty(4).exponential_(generator=s.generator)
+    s.generator.manual_seed(3)
+    snap = StateSnapshot.take(s)
+    s(torch.randn(2, 10))
+    s.temperature.fill_(2.0)
+    assert s.seen.any()
+    snap.restore()
+    assert not s.seen.any() and (s.temperature == 0).all()
+    torch.testing.assert_close(torch.empty(4).exponential_(generator=s.generator), first)
+
+
+def test_static_path_equals_eager_across_runs_batches_and_cache_reallocation():
+    """capture=False runs the graph step's exact bookkeeping (key, warm-up with state restore, static buffers,
+    clone-out) without capture; its tokens must equal the eager step's token for token."""
+    model = make_model()
+    dev = torch.device("cpu")
+    model.setup_cache(4, 48)
+    pool = GraphPool()
+    n = 6
+
+    def both(b, seed, temps, pens, sampler_e, sampler_g, s=7):
+        p = prompts_for(b, s, seed)
+        sampler_e.reset(temps, pens, seed)
+        want = decode_run(model, eager_step(model, sampler_e), p, n)
+        sampler_g.reset(temps, pens, seed)
+        got = decode_run(model, CudaGraphStep(model, sampler_g, capture=False, pool=pool), p, n)
+        assert torch.equal(got, want), f"batch {b}: static-buffer step {got.tolist()} != eager {want.tolist()}"
+        return got
+
+    # Run 1, batch 3: greedy, sampled and penalised rows (warm-up must not leak into seen mask or RNG).
+    e3, g3 = ToySampler(3, SMALL.vocab_size, dev), ToySampler(3, SMALL.vocab_size, dev)
+    both(3, 1, [0.0, 0.8, 0.0], [1.0, 1.0, 1.3], e3, g3)
+    assert pool.captures == 1
+    # Run 2, batch 2: a second graph.
+    e2, g2 = ToySampler(2, SMALL.vocab_size, dev), ToySampler(2, SMALL.vocab_size, dev)
+    both(2, 2, [1.0, 0.0], [1.2, 1.0], e2, g2)
+    assert pool.captures == 2
+    # Run 3, batch 3 again with the same (reset in place) sampler: the recorded step is reused.
+    both(3, 3, [0.5, 0.0, 0.9], [1.0, 1.5, 1.0], e3, g3)
+    assert pool.captures == 2
+    entry = pool.lookup(next(k for k in pool.entries if k.batch == 3))
+    assert entry.replays == 2 * n
+    # Cache reallocated (bigger): everything is recorded again and stale entries are dropped.
+    old = model.cache
+    model.setup_cache(8, 64)
+    assert model.cache is not old
+    both(3, 4, [0.0, 0.0, 0.7], [1.0, 1.1, 1.0], e3, g3)
+    assert pool.captures == 3
+    assert len(pool.entries) == 1
+    # A new sampler object of the same batch size is recorded afresh (its buffers are other tensors).
+    e3b, g3b = ToySampler(3, SMALL.vocab_size, dev), ToySampler(3, SMALL.vocab_size, dev)
+    both(3, 5, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], e3b, g3b)
+    assert pool.captures == 4
+
+
+def test_outputs_are_copies_and_errors_are_clear():
+    model = make_model()
+    sampler = ToySampler(2, SMALL.vocab_size, torch.device("cpu"))
+    step = CudaGraphStep(model, sampler, capture=False)
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        step(torch.tensor([3, 4]), torch.tensor([0, 0]))
+    model.setup_cache(2, 16)
+    model.prefill(prompts_for(2, 4, 0), torch.tensor([4, 4], dtype=torch.int32))
+    a = step(torch.tensor([3, 4]), torch.tensor([4, 4]))
+    b = step(a, torch.tensor([5, 5]))
+    assert a.data_ptr() != b.data_ptr()
+    assert graphs.shared_pool(model) is step.pool  # pool attached to the model, shared by later steps
+    assert CudaGraphStep(model, sampler, capture=False).pool is step.pool
+    with pytest.raises(ValueError, match="max_batch"):
+        step(torch.tensor([1, 2, 3]), torch.tensor([4, 4, 4]))
+    with pytest.raises(ValueError, match="CUDA"):
+        CudaGraphStep(model, sampler, capture=True)
+
+
+def test_default_capture_follows_device():
+    model = make_model()
+    assert CudaGraphStep(model, ToySampler(1, SMALL.vocab_size, torch.device("cpu"))).capture is False
+
+
+def test_generate_with_static_step_equals_eager_generate(monkeypatch):
+    """fastsolar.generate with its step hook routed to CudaGraphStep(capture=False) (what the CUDA wiring does,
+    minus capture) gives eager generate's tokens: greedy, sampled with a seed, penalised, over repeated calls
+    and two batch sizes (the real Sampler, reset in place, reused)."""
+    gen_mod = pytest.importorskip("fastsolar.generate")
+    model = make_model()
+    runs = [
+        (3, dict(temperature=0.0)),
+        (3, dict(temperature=[0.0, 0.9, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9], repetition_penalty=1.3, seed=5)),
+        (2, dict(temperature=0.7, repetition_penalty=[1.0, 1.2], seed=7)),
+        (3, dict(temperature=[0.0, 0.9, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9], repetition_penalty=1.3, seed=6)),
+    ]
+    prompts = {b: prompts_for(b, 6, b) for b in (2, 3)}
+    want = [gen_mod.generate(model, prompts[b], 7, eos_token_id=[], **kw) for b, kw in runs]
+
+    pool = graphs.shared_pool(model)
+    made = []
+    original = gen_mod._make_step
+
+    def make_static_step(model_, sampler, batch, cuda_graphs):
+        made.append(batch)
+        return CudaGraphStep(model_, sampler, capture=False)
+
+    monkeypatch.setattr(gen_mod, "_make_step", make_static_step)
+    got = [gen_mod.generate(model, prompts[b], 7, eos_token_id=[], **kw) for b, kw in runs]
+    monkeypatch.setattr(gen_mod, "_make_step", original)
+    assert made == [3, 3, 2, 3]
+    for (b, kw), g, w in zip(runs, got, want):
+        assert torch.equal(g, w), f"batch {b} {kw}: {g[:, 6:].tolist()} != {w[:, 6:].tolist()}"
+    # Greedy and sampled runs differ in Sampler.mode, so they are separate recordings; the last run reuses one.
+    assert pool.captures == 3
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_captured_step_equals_eager_on_cuda(dtype):
+    dev = torch.device("cuda")
+    model = make_model(dev, dtype)
+    model.setup_cache(4, 64)
+    pool = GraphPool()
+    for b, seed in ((3, 1), (1, 2), (3, 3)):
+        p = prompts_for(b, 9, seed, dev)
+        temps = [0.0] * b
+        temps[-1] = 0.9 if b > 1 else 0.0
+        se, sg = ToySampler(b, SMALL.vocab_size, dev), ToySampler(b, SMALL.vocab_size, dev)
+        se.reset(temps, [1.2] * b, seed)
+        sg.reset(temps, [1.2] * b, seed)
+        want = decode_run(model, eager_step(model, se), p, 8)
+        got = decode_run(model, CudaGraphStep(model, sg, capture=True, pool=pool), p, 8)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), f"batch {b}: graphed {got.tolist()} != eager {want.tolist()}"
+    assert pool.captures == 3 and all(e.graph is not None for e in pool.entries.values())
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_graphed_generate_matches_eager_on_cuda():
+    if importlib.util.find_spec("fastsolar.generate") is None:
+        pytest.skip("fastsolar.generate is not there yet")
+    from fastsolar.generate import generate
+
+    model = make_model(torch.device("cuda"), torch.bfloat16)
+    pool = graphs.shared_pool(model)
+    sampled = dict(temperature=[0.8, 0.0, 1.1], top_k=[50, 0, 0], top_p=[0.9, 1.0, 1.0], repetition_penalty=1.2, seed=3)
+    for b, kw in ((1, {}), (3, {}), (3, sampled)):
+        ids = prompts_for(b, 11, b, "cuda")
+        eager = generate(model, ids, 12, cuda_graphs=False, eos_token_id=[], **kw)
+        captures = pool.captures
+        graphed = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], **kw)
+        assert pool.captures > captures, "generate(cuda_graphs=True) did not use fastsolar.graphs (see _make_step)"
+        again = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], **kw)  # graph reused across calls
+        assert pool.captures == captures + 1
+        assert torch.equal(graphed, eager), f"batch {b} {kw}: {graphed[:, 11:].tolist()} != {eager[:, 11:].tolist()}"
+        assert torch.equal(again, eager), f"batch {b} {kw}, second graphed call"
