@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one script to run on a lent GPU machine (see /work/.library/device/README.md), from the repo root:
+#
+#     bash bench/gpu_check.sh            # logs and JSON under $OUT (set by the device tool), else ./out
+#
+# Stages, each under its own `timeout`, all run even if an earlier one fails; whole run < ~9.5 minutes:
+#   0. card, date, versions (nvidia-smi; the image's python3: torch 2.11 + triton 3.6 there, no internet)
+#   1. make `fastsolar.kernels` importable: `pip install --no-deps --no-build-isolation --no-index -e .`
+#      (offline: everything the package needs is already in the image), else a symlink
+#      fastsolar/kernels -> ../kernels plus PYTHONPATH (the device gets a throw-away copy of the tree)
+#   2. the whole test suite on CUDA (compiled kernels, bf16, CUDA graphs)       -> $OUT/pytest.log
+#   3. python bench/kernels.py --json $OUT/kernels.json                         -> $OUT/kernels.log
+#   4. python bench/run.py --json $OUT/bench.json (SOLAR-10.7B shape, bf16)     -> $OUT/bench.log
+# Files back (at most 8): gpu_check.log, pytest.log, kernels.json, kernels.log, bench.json, bench.log.
+# Exit status: 0 when every stage passed, else the number of failed stages.
+# Knobs: GPU_CHECK_TOTAL_S (default 560), PYTHON (default python3), PYTEST_ARGS (e.g. "tests/test_graphs.py"),
+# GPU_CHECK_NO_INSTALL=1 (skip the pip install when fastsolar already imports).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+TOTAL_S="${GPU_CHECK_TOTAL_S:-560}"   # keep the whole script inside the 10-minute command limit
+PY="${PYTHON:-python3}"
+failed=0
+stage() { echo; echo "=== [$(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
+left() { echo $(( TOTAL_S - SECONDS )); }
+# run_stage NAME SECONDS LOGFILE CMD...: run with a time limit, record failure without stopping the script
+run_stage() {
+    local name=$1 limit=$2 logfile=$3; shift 3
+    if (( limit < 20 )); then echo "SKIPPED $name: no time left"; failed=$((failed + 1)); return; fi
+    set +e
+    timeout -k 20 "$limit" "$@" 2>&1 | tee "$logfile"
+    local rc=${PIPESTATUS[0]}
+    set -e
+    if (( rc == 0 )); then echo "PASSED $name (${SECONDS}s)";
+    elif (( rc == 124 || rc == 137 )); then echo "TIMED OUT $name after ${limit}s"; failed=$((failed + 1));
+    else echo "FAILED $name (exit $rc)"; failed=$((failed + 1)); fi
+}
+
+main() {
+set -e
+stage "0. card, date, versions"
+date -u +%Y-%m-%dT%H:%M:%SZ
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem --format=csv || true
+nvidia-smi || true
+"$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
+for name in ("triton", "transformers", "safetensors", "sentencepiece", "pytest"):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as e:
+        print(name, "MISSING", type(e).__name__, e)
+EOF
+
+stage "1. make fastsolar importable"
+if [ -n "${GPU_CHECK_NO_INSTALL:-}" ] && (cd /tmp && "$PY" -c "import fastsolar.kernels, fastsolar.model"); then
+    echo "already importable; not installing (GPU_CHECK_NO_INSTALL)"
+elif "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+   && (cd /tmp && "$PY" -c "import fastsolar.kernels, fastsolar.model"); then
+    echo "installed editable"
+else
+    echo "editable install failed; using a symlink fastsolar/kernels -> ../kernels and PYTHONPATH"
+    [ -e fastsolar/kernels ] || ln -s ../kernels fastsolar/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    (cd /tmp && "$PY" -c "import fastsolar.kernels, fastsolar.model") || { echo "fastsolar still not importable"; return 99; }
+fi
+
+stage "2. test suite on CUDA"
+run_stage pytest "$(( $(left) < 200 ? $(left) : 200 ))" "$OUT/pytest.log" \
+    "$PY" -m pytest -q -ra -p no:cacheprovider ${PYTEST_ARGS:-}
+
+stage "3. kernel microbenchmarks"
+run_stage kernels "$(( $(left) < 120 ? $(left) : 120 ))" "$OUT/kernels.log" \
+    "$PY" bench/kernels.py --json "$OUT/kernels.json"
+
+stage "4. end-to-end benchmark"
+# bench/run.py stops starting new engines at --time-budget and, on timeout's SIGTERM, still writes its JSON
+# and prints the table of what finished (hf-compile, the slowest, runs last).
+limit=$(( $(left) - 10 ))
+run_stage bench "$limit" "$OUT/bench.log" \
+    "$PY" bench/run.py --json "$OUT/bench.json" --time-budget "$(( limit > 60 ? limit - 60 : 10 ))"
+
+stage "done: $failed failed stage(s) in ${SECONDS}s; files in $OUT"
+ls -la "$OUT"
+return "$failed"
+}
+
+set +e
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,740 @@
+#!/usr/bin/env python
+"""THE benchmark: fastsolar against its own eager paths and transformers, same weights, one process, one run.
+
+    python bench/run.py                      # CUDA: SOLAR-10.7B shape in bf16, random weights; CPU: "tiny"
+    python bench/run.py --model DIR          # a real checkpoint (fastsolar's loader and transformers' own)
+    python bench/run.py --engines fastsolar,hf-eager --batch-sizes 1 --new-tokens 64 --json out.json
+
+Engines (`--engines`, comma separated, default all):
+  fastsolar        fastsolar.generate with the Triton kernels and CUDA graphs (cuda_graphs=True)
+  fastsolar-eager  the same without CUDA graphs
+  torch-ref        fastsolar's model on its torch reference ops (`ops.force_kernels(False)`), eager
+  hf-eager         transformers LlamaForCausalLM, attn_implementation="sdpa", dynamic cache, generate()
+  hf-compile       transformers with cache_implementation="static" + torch.compile(mode="reduce-overhead")
+                   (generate's own auto-compile, the gpt-fast technique); CUDA only; a failure is reported
+                   in the table, not raised
+On a CPU, `fastsolar` and `hf-compile` are reported as skipped (they need CUDA), and so is `fastsolar-eager`:
+without CUDA fastsolar runs its torch reference ops (the Triton kernels run on a CPU only under the slow
+interpreter), which is the torch-ref engine.
+
+Method, per engine and batch size b (all engines see the same random prompts of --prompt-len tokens):
+- every engine generates greedily, EOS ignored, through its public generate();
+- warm-up: one full generate (captures graphs / compiles), then --repeats timed pairs of generate() with 1
+  and with N new tokens (CUDA events around each call; host clock on a CPU); medians T1, TN;
+- prefill: tokens/s = b * prompt_len / T1 (T1 is the time to first token: prefill plus picking a token);
+- decode: ms/token = (TN - T1) / (N - 1): the steady-state cost of one decode step for the whole batch,
+  with prefill and per-call setup cancelled out; tokens/s = b / that;
+- achieved GB/s = bytes one decode step must read (every weight except the embedding table, plus the K/V
+  cache up to the step's position, averaged over the N steps) / step time; its share of the measured
+  device-to-device copy bandwidth (bytes read + written by a large copy_, like bench/kernels.py);
+- peak memory: torch.cuda.max_memory_allocated over the engine's runs, reset between engines (it includes
+  the weights every engine shares);
+- match: the fraction of generated token positions identical to the first engine's (fastsolar's) tokens.
+
+Random weights are initialised like transformers' (normal std 0.02, norms 1) and shared between the
+fastsolar and transformers models (transformers' q/k/v and gate/up are views of fastsolar's fused
+matrices), so one copy of the weights serves every engine. Progress goes to stderr; a markdown table is
+printed last; `--json` writes every number (partial results are written after each engine).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import platform
+import signal
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("bench")
+
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop, but still write the JSON and print the table of what finished."""
+
+
+ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile")
+CUDA_ONLY = {
+    "fastsolar": "CUDA graphs need a CUDA device",
+    "fastsolar-eager": "without CUDA fastsolar runs its torch reference ops: that is the torch-ref engine",
+    "hf-compile": "torch.compile(reduce-overhead) needs CUDA",
+}
+
+
+def _ensure_fastsolar() -> None:
+    """Import fastsolar (and fastsolar.kernels, which maps to ./kernels only through the installed package);
+    without an install, alias it from the source tree so `python bench/run.py` works from a checkout."""
+    try:
+        import fastsolar.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(ROOT))
+    import fastsolar
+
+    spec = importlib.util.spec_from_file_location(
+        "fastsolar.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fastsolar.kernels"] = mod
+    spec.loader.exec_module(mod)
+    fastsolar.kernels = mod
+
+
+# ------------------------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="a Hugging Face checkpoint dir (default: random weights)")
+    p.add_argument("--preset", default=None, help='config preset for random weights (default "solar-10.7b" on CUDA, "tiny" on CPU)')
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers (random weights only)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 512 on CUDA, 16 on CPU)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per generate (default 128 on CUDA, 8 on CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions, median taken (default 3 on CUDA, 2 on CPU)")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; engines and batch sizes not started by then are reported as skipped")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    on_cuda = args.device.type == "cuda"
+    if args.preset is None:
+        args.preset = "solar-10.7b" if on_cuda else "tiny"
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
+    args.prompt_len = args.prompt_len or (512 if on_cuda else 16)
+    args.new_tokens = args.new_tokens or (128 if on_cuda else 8)
+    args.repeats = args.repeats or (3 if on_cuda else 2)
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in args.engines if e not in ENGINES]
+    if unknown:
+        p.error(f"unknown engine(s) {unknown}; choose from {ENGINES}")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (decode time is the difference between N and 1 new tokens)")
+    return args
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds taken by fn() (CUDA events around it on CUDA, the host clock otherwise) and its result."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def copy_bandwidth(device: torch.device) -> tuple[float, str]:
+    """Bytes per second of a large copy, counting bytes read plus bytes written (METHOD.md's ceiling).
+    On CUDA this is bench/kernels.py's `copy_bandwidth()` (1 GiB, do_bench median); on a host, or if that
+    fails, the same measurement here with CUDA events / the host clock."""
+    if device.type == "cuda":
+        try:
+            spec = importlib.util.spec_from_file_location("_bench_kernels", ROOT / "bench" / "kernels.py")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            with torch.cuda.device(device):
+                res = mod.copy_bandwidth()
+            return float(res["gbs"]) * 1e9, f"bench/kernels.py copy_bandwidth(): {res['bytes'] / 2**30:.1f} GiB, spread {res['spread_pct']:.1f}%"
+        except Exception as e:  # fall back to the local measurement rather than lose the run
+            log.warning("bench/kernels.py copy_bandwidth() failed (%s: %s); measuring here", type(e).__name__, e)
+    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20 if device.type == "cuda" else 5):
+        t, _ = timed(lambda: dst.copy_(src), device)
+        times.append(t)
+    del src, dst
+    return 2 * nbytes / statistics.median(times), "bench/run.py copy_ (1 GiB on CUDA, 64 MiB on the host)"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception as e:
+            out[name] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+# -------------------------------------------------------------------------------------- random weights
+
+
+def random_solar(config, device: torch.device, dtype: torch.dtype, seed: int):
+    """fastsolar's model with transformers-style random weights (normal std 0.02, norms 1), built in place
+    on the device (no host copy of the weights)."""
+    from fastsolar.model import Solar
+
+    with torch.device("meta"):
+        model = Solar(config).to(dtype)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval().requires_grad_(False)
+
+
+def fit_layers(config, device: torch.device, dtype: torch.dtype, extra_bytes: int):
+    """On CUDA, fewer layers when the full model plus `extra_bytes` of working memory does not fit."""
+    if device.type != "cuda":
+        return config, None
+    free, _ = torch.cuda.mem_get_info(device)
+    size = dtype.itemsize
+    embed = config.vocab_size * config.hidden_size * size * (1 if config.tie_word_embeddings else 2)
+    per_layer = (config.num_parameters() - embed // size) // config.num_hidden_layers * size
+    need = embed + per_layer * config.num_hidden_layers + extra_bytes
+    if need <= free:
+        return config, None
+    layers = max(1, int((free - extra_bytes - embed) // per_layer))
+    note = (f"only {free / 2**30:.1f} GiB free: {config.num_hidden_layers} layers need {need / 2**30:.1f} GiB, "
+            f"so the model was cut to {layers} layers")
+    log.warning(note)
+    return config.replace(num_hidden_layers=layers), note
+
+
+def hf_config_from(config, dtype: torch.dtype):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id, eos_token_id=None, pad_token_id=0,
+        attn_implementation="sdpa", dtype=str(dtype).replace("torch.", ""),
+    )
+
+
+def hf_sharing_weights(model, dtype: torch.dtype):
+    """A transformers LlamaForCausalLM whose parameters are views of fastsolar's (no second copy)."""
+    from torch import nn
+    from transformers import LlamaForCausalLM
+
+    c = model.config
+    cfg = hf_config_from(c, dtype)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg).to(dtype)
+
+    def put(module: nn.Module, tensor: torch.Tensor) -> None:
+        module.weight = nn.Parameter(tensor, requires_grad=False)
+
+    hf.model.embed_tokens.weight = nn.Parameter(model.embed_tokens.weight, requires_grad=False)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    for ours, theirs in zip(model.layers, hf.model.layers):
+        wqkv = ours.attention.wqkv.weight
+        put(theirs.self_attn.q_proj, wqkv[:q])
+        put(theirs.self_attn.k_proj, wqkv[q:q + kv])
+        put(theirs.self_attn.v_proj, wqkv[q + kv:])
+        put(theirs.self_attn.o_proj, ours.attention.wo.weight)
+        gu = ours.feed_forward.w_gate_up.weight
+        put(theirs.mlp.gate_proj, gu[: c.intermediate_size])
+        put(theirs.mlp.up_proj, gu[c.intermediate_size:])
+        put(theirs.mlp.down_proj, ours.feed_forward.w_down.weight)
+        put(theirs.input_layernorm, ours.attention_norm)
+        put(theirs.post_attention_layernorm, ours.ffn_norm)
+    put(hf.model.norm, model.norm)
+    put(hf.lm_head, model.lm_head.weight)
+    with torch.device(model.device):  # inv_freq was computed on meta; recompute it on the device
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
+    meta = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if meta:
+        raise RuntimeError(f"transformers model still has meta tensors: {meta[:5]}")
+    return _hf_ready(hf)
+
+
+def hf_from_pretrained(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, device_map=str(device), **kw)
+    except (ImportError, ValueError) as e:  # no accelerate for device_map: load, then move
+        log.info("device_map unavailable (%s); loading then moving", e)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, **kw).to(device)
+    return _hf_ready(hf)
+
+
+def _hf_ready(hf):
+    gc_ = hf.generation_config
+    gc_.eos_token_id = None  # ignore EOS: every engine generates exactly N tokens
+    gc_.pad_token_id = 0
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if hasattr(gc_, name):
+            setattr(gc_, name, None)
+    gc_.do_sample = False
+    return hf.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+
+class Engine:
+    """An engine: `gen(ids [b, s], n) -> new tokens [b, n]`, greedy, EOS ignored."""
+
+    name = ""
+    notes: list[str]
+
+    def __init__(self, bench: "Bench") -> None:
+        self.bench = bench
+        self.notes = []
+
+    def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FastsolarEngine(Engine):
+    def __init__(self, bench: "Bench", name: str, graphs: bool, kernels: bool | None) -> None:
+        super().__init__(bench)
+        self.name, self.graphs, self.kernels = name, graphs, kernels
+        self.model = bench.fastsolar_model()
+
+    def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        from fastsolar import ops
+        from fastsolar.generate import generate
+
+        with ops.force_kernels(self.kernels):
+            out = generate(self.model, ids, n, temperature=0.0, eos_token_id=[], cuda_graphs=self.graphs)
+        return out[:, ids.shape[1]:]
+
+    def close(self) -> None:
+        if self.graphs:
+            from fastsolar.graphs import shared_pool
+
+            pool = shared_pool(self.model)
+            if pool.captures == 0:
+                self.notes.append("no CUDA graph was captured: generate's _make_step does not use fastsolar.graphs yet")
+            else:
+                self.notes.append(f"{pool.captures} graph captures")
+            pool.clear()
+        self.model = None
+
+
+class HFEngine(Engine):
+    def __init__(self, bench: "Bench", name: str, compiled: bool) -> None:
+        super().__init__(bench)
+        self.name, self.compiled = name, compiled
+        self.hf = bench.hf_model()
+        self.kwargs: dict[str, Any] = {}
+        if compiled:
+            from transformers import CompileConfig
+
+            # transformers' own auto-compile of the decode step (generate compiles the forward when the cache
+            # is static); fullgraph left at transformers' default (False) so a graph break degrades instead of
+            # failing; dynamic=False: one static compile per batch size, no symbolic-shape recompiles.
+            config = CompileConfig(dynamic=False, mode="reduce-overhead")
+            self.kwargs = dict(cache_implementation="static", compile_config=config)
+            self.notes.append(f"static cache, {config}")
+
+    def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **self.kwargs)
+        new = out[:, ids.shape[1]:]
+        if new.shape[1] != n:
+            raise RuntimeError(f"transformers generated {new.shape[1]} tokens instead of {n}")
+        return new
+
+    def close(self) -> None:
+        self.hf = None
+        if self.compiled:
+            with contextlib.suppress(Exception):
+                torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device: torch.device = args.device
+        self.on_cuda = self.device.type == "cuda"
+        self._model = None
+        self._hf = None
+        self.notes: list[str] = []
+        self.results: dict[str, dict[str, Any]] = {}
+        self.baseline: dict[int, tuple[str, torch.Tensor]] = {}
+        self.t_start = time.perf_counter()
+
+        from fastsolar.config import SolarConfig
+
+        if args.model is not None:
+            self.config = SolarConfig.from_pretrained(args.model)
+        else:
+            self.config = SolarConfig.preset(args.preset)
+            if args.layers:
+                self.config = self.config.replace(num_hidden_layers=args.layers)
+            self.config = self.config.replace(eos_token_id=None)
+            bmax = max(args.batch_sizes)
+            c = self.config
+            kv = 2 * c.num_hidden_layers * bmax * (args.prompt_len + args.new_tokens + 256) * c.num_key_value_heads * c.head_dim * args.dtype.itemsize
+            self.config, note = fit_layers(self.config, self.device, args.dtype, extra_bytes=3 * kv + (4 << 30))
+            if note:
+                self.notes.append(note)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        self.prompts = {
+            b: torch.randint(3, self.config.vocab_size, (b, args.prompt_len), generator=gen).to(self.device)
+            for b in args.batch_sizes
+        }
+
+    # -- models (built once, shared by engines)
+
+    def fastsolar_model(self):
+        if self._model is None:
+            t0 = time.perf_counter()
+            if self.args.model is not None:
+                from fastsolar.model import Solar
+
+                log.info("loading %s with fastsolar", self.args.model)
+                self._model = Solar.from_pretrained(self.args.model, device=self.device, dtype=self.args.dtype).eval()
+            else:
+                log.info("building random %s weights (%d layers) on %s in %s", self.args.preset,
+                         self.config.num_hidden_layers, self.device, self.args.dtype)
+                self._model = random_solar(self.config, self.device, self.args.dtype, self.args.seed)
+            sync(self.device)
+            log.info("fastsolar model ready in %.1f s", time.perf_counter() - t0)
+        return self._model
+
+    def hf_model(self):
+        if self._hf is None:
+            t0 = time.perf_counter()
+            if self.args.model is not None:
+                if self.on_cuda and self._model is not None:
+                    need = sum(p.numel() * p.element_size() for p in self._model.parameters()) * 1.1 + (4 << 30)
+                    if torch.cuda.mem_get_info(self.device)[0] < need:
+                        log.info("freeing the fastsolar model to make room for transformers' copy")
+                        self._model = None
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                log.info("loading %s with transformers", self.args.model)
+                self._hf = hf_from_pretrained(self.args.model, self.device, self.args.dtype)
+            else:
+                self._hf = hf_sharing_weights(self.fastsolar_model(), self.args.dtype)
+            log.info("transformers model ready in %.1f s", time.perf_counter() - t0)
+        return self._hf
+
+    # -- bytes a decode step must read
+
+    def step_bytes(self, b: int) -> dict[str, float]:
+        c, size = self.config, self.args.dtype.itemsize
+        embed_table = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+        weights = (c.num_parameters() - embed_table) * size + b * c.hidden_size * size
+        ctx = self.args.prompt_len + self.args.new_tokens / 2  # mean cached length read over the N steps
+        kv = 2 * c.num_hidden_layers * b * ctx * c.num_key_value_heads * c.head_dim * size
+        return {"weights": weights, "kv": kv, "total": weights + kv}
+
+    # -- measuring
+
+    def make_engine(self, name: str) -> Engine:
+        if name == "fastsolar":
+            return FastsolarEngine(self, name, graphs=True, kernels=None)
+        if name == "fastsolar-eager":
+            return FastsolarEngine(self, name, graphs=False, kernels=None)
+        if name == "torch-ref":
+            return FastsolarEngine(self, name, graphs=False, kernels=False)
+        if name == "hf-eager":
+            return HFEngine(self, name, compiled=False)
+        if name == "hf-compile":
+            return HFEngine(self, name, compiled=True)
+        raise ValueError(name)
+
+    def over_budget(self) -> bool:
+        budget = self.args.time_budget
+        return budget is not None and time.perf_counter() - self.t_start > budget
+
+    def run_engine(self, name: str) -> None:
+        entry: dict[str, Any] = {"status": "ok", "reason": None, "results": {}, "notes": []}
+        self.results[name] = entry
+        if self.over_budget():
+            entry.update(status="skipped", reason=f"time budget of {self.args.time_budget:.0f} s spent")
+            log.warning("[%s] skipped: %s", name, entry["reason"])
+            return
+        if not self.on_cuda and name in CUDA_ONLY:
+            entry.update(status="skipped", reason=CUDA_ONLY[name])
+            log.info("[%s] skipped: %s", name, CUDA_ONLY[name])
+            return
+        if self.on_cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        engine = None
+        t_engine = time.perf_counter()
+        try:
+            engine = self.make_engine(name)
+            for b in self.args.batch_sizes:
+                if self.over_budget():
+                    entry["notes"].append(f"batch sizes from {b} on skipped: time budget spent")
+                    break
+                entry["results"][str(b)] = self.measure(engine, b)
+        except Interrupted:
+            entry.update(status="interrupted", reason="stopped by SIGTERM (time limit)")
+            raise
+        except Exception as e:
+            entry.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            entry["traceback"] = traceback.format_exc()
+            log.error("[%s] failed: %s", name, entry["reason"])
+            log.debug("%s", entry["traceback"])
+        finally:
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    engine.close()
+                entry["notes"].extend(engine.notes)
+            entry["seconds"] = round(time.perf_counter() - t_engine, 2)
+            peak = None
+            if self.on_cuda:
+                sync(self.device)
+                peak = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            entry["peak_memory_GiB"] = peak
+            for r in entry["results"].values():
+                r["peak_memory_GiB"] = peak
+            engine = None
+
+    def measure(self, engine: Engine, b: int) -> dict[str, Any]:
+        args, dev = self.args, self.device
+        ids, n = self.prompts[b], args.new_tokens
+        log.info("[%s] batch %d: warm-up (%d new tokens)", engine.name, b, n)
+        t_warm, _ = timed(lambda: engine.gen(ids, n), dev)
+        engine.gen(ids, 1)
+        t1s, tns = [], []
+        tokens = None
+        for r in range(args.repeats):
+            t1, _ = timed(lambda: engine.gen(ids, 1), dev)
+            tn, tokens = timed(lambda: engine.gen(ids, n), dev)
+            t1s.append(t1)
+            tns.append(tn)
+        t1, tn = statistics.median(t1s), statistics.median(tns)
+        step_s = (tn - t1) / (n - 1)
+        notes = []
+        if step_s <= 0:
+            step_s = tn / n
+            notes.append("TN <= T1 (timing noise): decode estimated as TN / N")
+        nbytes = self.step_bytes(b)
+        gbps = nbytes["total"] / step_s / 1e9
+        tokens = tokens.detach().to("cpu")
+        if b not in self.baseline:  # the first engine to finish this batch size is the reference
+            self.baseline[b] = (engine.name, tokens)
+        base_engine, base = self.baseline[b]
+        same = tokens == base
+        mismatch = (~same).int()
+        first = torch.where(mismatch.any(1), mismatch.argmax(1), torch.full((b,), n)).float()
+        res = {
+            "batch": b,
+            "warmup_s": round(t_warm, 4),
+            "t1_s": [round(x, 6) for x in t1s],
+            "tn_s": [round(x, 6) for x in tns],
+            "ttft_ms": t1 * 1e3,
+            "prefill_tokens_per_s": b * args.prompt_len / t1,
+            "ms_per_token": step_s * 1e3,
+            "decode_tokens_per_s": b / step_s,
+            "bytes_per_step": nbytes,
+            "achieved_GBps": gbps,
+            "share_of_copy_bw": gbps * 1e9 / self.copy_bw if self.copy_bw else None,
+            "token_match": float(same.float().mean()),
+            "first_divergence_mean": float(first.mean()),
+            "match_baseline": base_engine,
+            "tokens_head": tokens[:, : min(n, 16)].tolist(),
+            "notes": notes,
+        }
+        log.info("[%s] batch %d: prefill %.0f tok/s, decode %.2f ms/token (%.1f tok/s, %.0f GB/s), match %.3f",
+                 engine.name, b, res["prefill_tokens_per_s"], res["ms_per_token"], res["decode_tokens_per_s"],
+                 gbps, res["token_match"])
+        return res
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        started = datetime.datetime.now(datetime.timezone.utc)
+        log.info("device %s (%s); measuring copy bandwidth", self.device, card_name(self.device))
+        self.copy_bw, self.copy_bw_method = copy_bandwidth(self.device)
+        log.info("copy bandwidth %.1f GB/s (read + write)", self.copy_bw / 1e9)
+        self.meta = {
+            "date": started.isoformat(timespec="seconds"),
+            "card": card_name(self.device),
+            "device": str(self.device),
+            "versions": versions(),
+            "model_dir": str(args.model) if args.model else None,
+            "preset": None if args.model else args.preset,
+            "config": asdict(self.config),
+            "num_parameters": self.config.num_parameters(),
+            "dtype": str(args.dtype).replace("torch.", ""),
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "batch_sizes": args.batch_sizes,
+            "repeats": args.repeats,
+            "engines": args.engines,
+            "copy_bandwidth_GBps": self.copy_bw / 1e9,
+            "copy_bandwidth_method": self.copy_bw_method,
+            "notes": self.notes,
+        }
+        for name in args.engines:
+            log.info("=== engine %s ===", name)
+            self.run_engine(name)
+            self.write_json(complete=False)
+            rest = args.engines[args.engines.index(name) + 1:]
+            if not any(e.startswith("hf-") for e in rest):
+                self._hf = None  # no later engine needs transformers' model
+        self._hf = None
+        self.meta["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
+        return self.write_json(complete=True)
+
+    def payload(self, complete: bool) -> dict[str, Any]:
+        return {"complete": complete, "meta": self.meta, "engines": self.results}
+
+    def write_json(self, complete: bool) -> dict[str, Any]:
+        data = self.payload(complete)
+        if self.args.json:
+            self.args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.args.json.with_suffix(self.args.json.suffix + ".tmp")
+            tmp.write_text(json.dumps(data, indent=1, default=str))
+            tmp.replace(self.args.json)
+        return data
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def _gbps(x: Any) -> str:
+    return _f(x, ",.0f" if x is not None and x >= 100 else ".3g")
+
+
+def _f(x: Any, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, fmt)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    m = data["meta"]
+    v = m["versions"]
+    c = m["config"]
+    on_cuda = m["device"].startswith("cuda")
+    what = m["model_dir"] or f"random weights, preset {m['preset']}"
+    lines = [
+        f"## fastsolar benchmark: {m['card']}, {m['date']}",
+        "",
+        f"{what}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {m['num_parameters'] / 1e9:.3f} B params, "
+        f"{m['dtype']}; prompt {m['prompt_len']} tokens, {m['new_tokens']} new tokens, {m['repeats']} repeats (median). "
+        f"torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}.",
+        f"Copy bandwidth ({'device' if on_cuda else 'host'}, read + write): {m['copy_bandwidth_GBps']:.0f} GB/s.",
+        "",
+        "| engine | batch | prefill tok/s | TTFT ms | decode tok/s | ms/token | GB/s | % copy BW | peak GiB | match |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in data["engines"].items():
+        if e["status"] != "ok":
+            lines.append(f"| {name} | {e['status']}: {e['reason']} | | | | | | | | |")
+            if not e["results"]:
+                continue
+        for b, r in e["results"].items():
+            share = r.get("share_of_copy_bw")
+            lines.append(
+                f"| {name} | {b} | {_f(r['prefill_tokens_per_s'], ',.0f')} | {_f(r['ttft_ms'], '.1f')} | "
+                f"{_f(r['decode_tokens_per_s'], ',.1f')} | {_f(r['ms_per_token'], '.2f')} | {_gbps(r['achieved_GBps'])} | "
+                f"{_f(share * 100 if share is not None else None, '.0f')} | {_f(r.get('peak_memory_GiB'), '.1f')} | "
+                f"{_f(r['token_match'], '.3f')} |"
+            )
+    engine_notes = [f"- {name}: {'; '.join(e['notes'])}" for name, e in data["engines"].items() if e.get("notes")]
+    lines += [
+        "",
+        "prefill tok/s = batch x prompt / TTFT (time for generate() of 1 new token); ms/token = (T(N) - T(1)) / (N - 1) "
+        "for the whole batch; decode tok/s = batch / that. GB/s = weights (all but the embedding table) + the K/V "
+        "cache read per decode step / step time" + ("" if on_cuda else " (host numbers)") + "; % copy BW = that over "
+        "the measured copy bandwidth. peak GiB = torch.cuda.max_memory_allocated during the engine, reset between "
+        "engines, shared weights included.",
+        "match = fraction of generated token positions (greedy, EOS ignored) identical to the first engine's "
+        f"({_baselines(data)}). On random weights the logits of the top tokens are close, "
+        "so kernels, matmul orders and bf16 rounding can flip a near-tie, after which the continuations differ: "
+        "match < 1 is then rounding, not a bug; a real checkpoint (--model) gives the meaningful number.",
+    ]
+    if m.get("notes"):
+        lines += [f"- note: {n}" for n in m["notes"]]
+    lines += engine_notes
+    if not data.get("complete", True):
+        lines.append("- INCOMPLETE run: some engines did not finish")
+    return "\n".join(lines)
+
+
+def _baselines(data: dict[str, Any]) -> str:
+    names = sorted({r.get("match_baseline") for e in data["engines"].values() for r in e["results"].values()} - {None})
+    return ", ".join(names) or "none ran"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    _ensure_fastsolar()
+    t0 = time.perf_counter()
+
+    def on_term(signum, frame):
+        raise Interrupted()
+
+    signal.signal(signal.SIGTERM, on_term)
+    bench = Bench(args)
+    try:
+        data = bench.run()
+    except (Interrupted, KeyboardInterrupt):
+        log.error("interrupted: writing what finished")
+        if not hasattr(bench, "meta"):
+            return 2
+        data = bench.write_json(complete=False)
+        print(markdown(data))
+        return 2
+    print(markdown(data))
+    log.info("done in %.1f s%s", time.perf_counter() - t0, f"; results in {args.json}" if args.json else "")
+    ok = [e for e in data["engines"].values() if e["status"] == "ok"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
