@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_same_device, check_tensor
-from .rms_norm import cast_rtne
+from ._rounding import cast_rtne
 
 
 @triton.jit
