@@ -9,7 +9,7 @@ bench/gpu_check.sh are the first checks to run on one.
 What it does
 ------------
 `CudaGraphStep(model, sampler)` is a drop-in for the eager decode step of the Generation contract
-(docs/CONTRACTS.md): `step(tokens [b], positions [b]) -> next_tokens [b]`, computing
+(docs/ARCHITECTURE.md): `step(tokens [b], positions [b]) -> next_tokens [b]`, computing
 `sampler(model.decode(tokens, positions))`. The first call at a new key warms the step up, captures it
 into a `torch.cuda.CUDAGraph`, then replays it; later calls copy the caller's tokens/positions into the
 graph's static input buffers, replay, and return a clone of the static output (so the next replay cannot

@@ -6,7 +6,7 @@ lays them out (q/k/v as views of the fused qkv projection, gate/up as halves of 
 Triton kernels swapped for recorders and its `*_launch_config` functions told the target's compute
 capability and SM count (A100: 8.0, 108 SMs; H100: 9.0, 132 SMs). That captures exactly the
 arguments, constexprs, warps and stages a launch on that GPU would use; every launch must use what
-a launch-config function returned (the contract in docs/CONTRACTS.md). Each captured kernel is then
+a launch-config function returned (see docs/ARCHITECTURE.md). Each captured kernel is then
 compiled for the target by a worker subprocess (compile_util.py says why a subprocess, and how).
 A compile fails the test on:
 
