@@ -1,6 +1,7 @@
 """Input checks shared by the kernel launchers, so every op reports bad input the same way."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,3 +42,39 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError("tensors must share one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError unless `t`'s last dim has stride 1 (row-strided views are fine)."""
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def output_like(ref: torch.Tensor, out: torch.Tensor | None, name: str = "out") -> torch.Tensor:
+    """A fresh output shaped like `ref`, or the caller's `out` after checking it can receive one."""
+    if out is None:
+        return torch.empty(ref.shape, dtype=ref.dtype, device=ref.device)
+    check_tensor(name, out, ndim=ref.dim(), dtypes=(ref.dtype,))
+    check_same_device(**{"input": ref, name: out})
+    if out.shape != ref.shape:
+        raise ValueError(f"{name} must have shape {tuple(ref.shape)}, got {tuple(out.shape)}")
+    check_last_dim_contiguous(name, out)
+    return out
+
+
+# H100 SXM: what launch configs assume where no CUDA device is at hand (interpreter, compile checks).
+DEFAULT_CAPABILITY = (9, 0)
+DEFAULT_NUM_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def device_properties(device: torch.device) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM count) of `device`; the H100's on a CPU (interpreter)."""
+    if device.type != "cuda":
+        return DEFAULT_CAPABILITY, DEFAULT_NUM_SMS
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())

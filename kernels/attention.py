@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor
+from ._common import check_last_dim_contiguous, check_same_device, check_tensor, device_properties, output_like
 
 LOG2E = 1.4426950408889634
 MIN_HEAD_DIM = 16  # tl.dot needs K >= 16; smaller head dims would be padded anyway, keep the limit honest
@@ -167,12 +167,6 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
-    return (9, 0)  # interpreter: the block sizes only change speed there; use the H100 choice
-
-
 def attention_launch_config(
     head_dim: int,
     dtype: torch.dtype,
@@ -213,11 +207,6 @@ def attention_launch_config(
             "num_warps": warps, "num_stages": stages}
 
 
-def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -253,19 +242,12 @@ def attention(
     if seq_q == 0 or seq_k == 0 or batch == 0 or n_heads == 0:
         raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_last_dim_contiguous(name, t)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    else:
-        check_tensor("out", out, ndim=4, dtypes=(q.dtype,))
-        check_same_device(q=q, out=out)
-        if out.shape != q.shape:
-            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-        _check_last_dim_contiguous("out", out)
+        check_last_dim_contiguous(name, t)
+    out = output_like(q, out)
     if scale is None:
         scale = head_dim ** -0.5
 
-    cfg = attention_launch_config(head_dim, q.dtype, _capability(q.device))
+    cfg = attention_launch_config(head_dim, q.dtype, device_properties(q.device)[0])
     grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * n_heads)
     _attn_fwd_kernel[grid](
         q, k, v, out,

@@ -27,28 +27,14 @@ seqlens[b] > max_seq is clamped to max_seq.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor
+from ._common import DEFAULT_NUM_SMS, check_last_dim_contiguous, check_same_device, check_tensor, device_properties, output_like
+from .attention import LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, _block_d, _mma
 
-LOG2E = 1.4426950408889634
-MIN_HEAD_DIM = 16
-MAX_HEAD_DIM = 256
-DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device is at hand (interpreter, compile checks)
 MAX_SPLITS = 64
-
-
-@triton.jit
-def _mma(a, b, acc):
-    # fp32 would default to TF32 on tensor cores; ask for exact products so fp32 matches torch.
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -161,10 +147,6 @@ def _decode_reduce_kernel(
              o.to(O.dtype.element_ty), mask=mask_d)
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def decode_attention_launch_config(
     batch: int,
     max_seq: int,
@@ -216,17 +198,6 @@ def decode_attention_reduce_launch_config(num_splits: int, head_dim: int) -> dic
     return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": block_s, "num_warps": warps, "num_stages": 1}
 
 
-@functools.lru_cache(maxsize=None)
-def _device_info(index: int) -> tuple[tuple[int, int], int]:
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count
-
-
-def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -262,24 +233,14 @@ def decode_attention(
     if batch == 0 or max_seq == 0 or n_heads == 0:
         raise ValueError(f"empty decode attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_last_dim_contiguous(name, t)
+        check_last_dim_contiguous(name, t)
     if seqlens.stride(0) != 1 and batch > 1:
         seqlens = seqlens.contiguous()
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    else:
-        check_tensor("out", out, ndim=3, dtypes=(q.dtype,))
-        check_same_device(q=q, out=out)
-        if out.shape != q.shape:
-            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-        _check_last_dim_contiguous("out", out)
+    out = output_like(q, out)
     if scale is None:
         scale = head_dim ** -0.5
 
-    if q.device.type == "cuda":
-        capability, num_sms = _device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    else:
-        capability, num_sms = (9, 0), DEFAULT_NUM_SMS
+    capability, num_sms = device_properties(q.device)
     # n_heads % n_kv_heads is checked here, so the error names the tensors' head counts.
     cfg = decode_attention_launch_config(batch, max_seq, n_heads, n_kv_heads, head_dim, q.dtype, capability, num_sms)
     num_splits, chunk = cfg.pop("num_splits"), cfg.pop("chunk")

@@ -12,6 +12,26 @@ i.e. out = x * cos + rotate_half(x) * sin with cos/sin repeated over both halves
 keeps cos/sin and the products in fp32 and rounds once to the input dtype; transformers rounds
 cos/sin to the input dtype first, so in fp16/bf16 the kernel is the more accurate of the two.
 
+cos(a)/sin(a) come from `_sincos`, plain fp32 arithmetic rather than tl.cos/tl.sin. Those lower
+to libdevice __nv_cosf/__nv_sinf, whose large-argument (Payne-Hanek) path keeps a 28-byte array
+in local memory: with the ptxas of triton <= 3.6 that is a 32 B stack frame and ~40 LDL/STL per
+kernel, which the compile check (tests/test_compile.py) rejects. `_sincos` needs no local memory
+and no libdevice, and computes the same in the interpreter as compiled (up to FMA contraction in
+the polynomials):
+
+    j   = trunc(|a| * 2/pi + 0.5)                    nearest quadrant, |a| >= 0
+    r   = |a| - j*C1 - j*C2 - j*C3 - j*C4            Cody-Waite: C1 + .. + C4 = pi/2 to ~2^-55;
+                                                     C1..C3 have <= 8 significant bits, so for
+                                                     j < 2^16 each j*Ci is exact in fp32 (with or
+                                                     without FMA) and |a| - j*C1 is exact
+    s, c = Cephes sinf / cosf minimax polynomials in r, |r| <= pi/4 (+ a rounding slack)
+    (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s) for j mod 4 = 0, 1, 2, 3; sin takes a's sign
+
+Supported angles: |a| < 2^16 (here a = p * inv_freq with inv_freq <= 1, so positions below
+65536). There the result is within ~2-3 fp32 ulps of 1 (~2e-7 absolute) of the exact sin/cos of
+the fp32 angle, as accurate as torch's fp32 sin/cos (tested against fp64 up to the bound). Past
+it the reduction loses exactness gradually (the error grows with |a|) rather than failing.
+
 Grid: (seq, q-head blocks + k-head blocks, batch). A program handles BLOCK_H heads of one token;
 programs whose head-block index is past the q blocks rotate k, so q and k share one launch and
 one position load per program.
@@ -28,6 +48,36 @@ from ._rounding import cast_rtne
 MAX_HEAD_DIM = 256
 
 _INV_FREQ_CACHE: dict[tuple[float, int, torch.device], torch.Tensor] = {}
+
+
+@triton.jit
+def _sincos(x):
+    """(sin(x), cos(x)) of fp32 x without libdevice or local memory; accurate for |x| < 2^16.
+
+    Cody-Waite reduction by pi/2 then Cephes sinf/cosf polynomials (module docstring).
+    """
+    ax = tl.abs(x)
+    # nearest multiple of pi/2 (ax >= 0, so truncation of +0.5 rounds to nearest); an off-by-one
+    # at a half-way point only leaves |r| a hair above pi/4, where the polynomials still hold
+    j = (ax * 0.6366197723675814 + 0.5).to(tl.int32)
+    jf = j.to(tl.float32)
+    # pi/2 = C1 + C2 + C3 + C4: C1 = 0x1.92p+0, C2 = 0x1.fcp-12, C3 = -0x1.58p-21 (<= 8 bits each,
+    # so jf * Ci is exact for j < 2^16) and C4 = 0x1.10b462p-30 (pi/2 - C1 - C2 - C3, rounded)
+    r = ax - jf * 1.5703125
+    r = r - jf * 4.84466552734375e-04
+    r = r + jf * 6.407499313354492e-07
+    r = r - jf * 9.92093629470503e-10
+    z = r * r
+    s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
+    c = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
+    q = j & 3
+    odd = (q & 1) != 0
+    sin = tl.where(odd, c, s)
+    cos = tl.where(odd, s, c)
+    sin = tl.where((q & 2) != 0, -sin, sin)
+    cos = tl.where(((q + 1) & 2) != 0, -cos, cos)
+    sin = tl.where(x < 0, -sin, sin)
+    return sin, cos
 
 
 @triton.jit
@@ -84,8 +134,7 @@ def _rotary_kernel(
     cols = tl.arange(0, BLOCK_HALF)
     inv_freq = tl.load(inv_freq_ptr + cols, mask=cols < HALF, other=0.0)
     angle = (pos * inv_freq)[None, :]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    sin, cos = _sincos(angle)
 
     if hb < n_q_blocks:
         _rotate_heads(
