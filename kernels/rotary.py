@@ -28,9 +28,10 @@ the polynomials):
     (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s) for j mod 4 = 0, 1, 2, 3; sin takes a's sign
 
 Supported angles: |a| < 2^16 (here a = p * inv_freq with inv_freq <= 1, so positions below
-65536). There the result is within ~2-3 fp32 ulps of 1 (~2e-7 absolute) of the exact sin/cos of
-the fp32 angle, as accurate as torch's fp32 sin/cos (tested against fp64 up to the bound). Past
-it the reduction loses exactness gradually (the error grows with |a|) rather than failing.
+65536). There sin/cos are within 1e-7 absolute (< 2 fp32 ulps of 1) of the exact sin/cos of the
+fp32 angle; torch's fp32 sin/cos are within 3.6e-8 (tested against fp64 up to the bound). The
+reduction stays exact up to |a| < 2^17 (j*C1 is a multiple of 2^-7 below 2^17); past that j*C1
+itself rounds and the error jumps to ~1e-2, so the bound keeps a 2x margin.
 
 Grid: (seq, q-head blocks + k-head blocks, batch). A program handles BLOCK_H heads of one token;
 programs whose head-block index is past the q blocks rotate k, so q and k share one launch and
@@ -203,6 +204,8 @@ def apply_rotary(
     q and k may be strided views (e.g. slices of a fused qkv projection) as long as their last dim
     is contiguous; a strided last dim is copied once. `q_out` / `k_out` optionally receive the
     results (same shape/dtype as q / k, last dim contiguous); passing q_out=q rotates in place.
+    Positions must be below 65536 (angles < 2^16, the bound of the kernel's sin/cos; not checked,
+    that would need a device sync).
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)

@@ -7,8 +7,12 @@ inputs are checked to be untouched. Same code runs under the interpreter (CPU) a
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fastsolar.kernels.rms_norm import (
     add_rms_norm,
@@ -17,7 +21,7 @@ from fastsolar.kernels.rms_norm import (
     rms_norm_launch_config,
     rms_norm_ref,
 )
-from fastsolar.kernels.rotary import apply_rotary, apply_rotary_ref, rotary_launch_config
+from fastsolar.kernels.rotary import _sincos, apply_rotary, apply_rotary_ref, rotary_inv_freq, rotary_launch_config
 from fastsolar.kernels.swiglu import swiglu, swiglu_launch_config, swiglu_ref
 from helpers import DEVICE, assert_close, poison, randn
 
@@ -176,6 +180,7 @@ ROTARY_CASES = [
     (2, 17, 4, 1, 64, [0, 513]),  # chunked prefill, rows at different offsets
     (1, 113, 4, 1, 64, [7]),
     (2, 3, 3, 2, 96, [1, 2047]),  # non-power-of-two half (48) and head counts
+    (2, 4, 2, 1, 128, [65532, 40000]),  # up to the documented angle bound (position 65535 < 2^16)
 ]
 
 
@@ -268,6 +273,52 @@ def test_apply_rotary_bad_inputs():
         apply_rotary(q, k, pos[0], THETA)
     with pytest.raises(ValueError, match=r"q_out must have shape \(1, 2, 4, 64\)"):
         apply_rotary(q, k, pos, THETA, q_out=torch.empty(1, 2, 1, 64, device=DEVICE))
+
+
+SINCOS_BOUND = 2.0**16  # kernels/rotary.py: _sincos is accurate for |angle| < 2^16
+
+
+@triton.jit
+def _sincos_test_kernel(x_ptr, sin_ptr, cos_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    sin, cos = _sincos(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    tl.store(sin_ptr + offs, sin, mask=mask)
+    tl.store(cos_ptr + offs, cos, mask=mask)
+
+
+def _sincos_angles() -> torch.Tensor:
+    """fp32 angles in (-2^16, 2^16): every RoPE angle of SOLAR (d=128) for positions 0..65535 in
+    steps of 5, a uniform sample, and the hard spots of the pi/2 reduction (fp32 neighbours of
+    k*pi/2, where the reduced angle cancels to ~0, and of k*pi/2 + pi/4, the quadrant boundary)."""
+    g = torch.Generator().manual_seed(0)
+    rope = torch.arange(0, 65536, 5, dtype=torch.float32)[:, None] * rotary_inv_freq(THETA, 128, torch.device("cpu"))
+    uniform = torch.rand(1 << 18, generator=g) * SINCOS_BOUND
+    k = torch.arange(0, math.ceil(SINCOS_BOUND / (math.pi / 2)), dtype=torch.float64) * (math.pi / 2)
+    hard = torch.cat([k, k + math.pi / 4]).float()
+    hard = torch.cat([hard, torch.nextafter(hard, torch.tensor(math.inf)), torch.nextafter(hard, torch.tensor(-math.inf))])
+    x = torch.cat([rope.flatten(), uniform, hard, -uniform[:4096], torch.tensor([0.0, -0.0, 65535.99])])
+    return x[x.abs() < SINCOS_BOUND].contiguous()
+
+
+def test_rotary_sincos_accuracy():
+    # The rotary kernel's own sin/cos (no libdevice) against fp64 sin/cos of the same fp32 angles,
+    # up to the supported bound: within ~2-3 fp32 ulps of 1 and comparable to torch's fp32 sin/cos.
+    x = _sincos_angles()
+    n = x.numel()
+    xs = x.to(DEVICE)
+    sin, cos = poison(torch.empty_like(xs)), poison(torch.empty_like(xs))
+    block = 1 << 14
+    _sincos_test_kernel[(triton.cdiv(n, block),)](xs, sin, cos, n, BLOCK=block)
+    xd = x.double()
+    for name, got, exact, torch32 in (("sin", sin, xd.sin(), x.sin()), ("cos", cos, xd.cos(), x.cos())):
+        err = (got.cpu().double() - exact).abs()
+        torch_err = (torch32.double() - exact).abs().max().item()
+        worst = int(err.argmax())
+        detail = f"{name}: max err {err.max().item():.3e} at x={x[worst].item()!r} (torch fp32 {torch_err:.3e})"
+        assert bool(torch.isfinite(err).all()), detail
+        assert err.max().item() <= 4e-7, detail
+        assert err.max().item() <= 2 * torch_err + 1e-7, detail
 
 
 def test_rotary_launch_config():
