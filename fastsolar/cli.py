@@ -268,21 +268,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- upscale (the code lives in fastsolar/upscale.py) ------------------------------------------------
+# -- upscale -----------------------------------------------------------------------------------------
 
 def _upscale_arguments(p: argparse.ArgumentParser) -> None:
-    from fastsolar.upscale import add_upscale_arguments
-
-    add_upscale_arguments(p)
+    p.add_argument("base_dir", metavar="BASE_DIR", help="Hugging Face model directory (safetensors) of the base model")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory for the up-scaled checkpoint")
+    p.add_argument("--drop", type=int, default=8, help="layers dropped from each copy (default 8)")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the layer map; write nothing")
+    p.add_argument("--max-shard-size", default="5GB", help="shard size limit, e.g. 5GB (default)")
 
 
 @command("upscale", arguments=_upscale_arguments,
          help="depth-up-scale a Llama/Mistral checkpoint (how SOLAR-10.7B was made from Mistral-7B)")
 def cmd_upscale(args: argparse.Namespace) -> int:
     """Depth Up-Scaling: stack base layers 0..n-drop-1 and drop..n-1 into a deeper checkpoint; prints the map."""
-    from fastsolar.upscale import cmd_upscale as run
+    from fastsolar.upscale import upscale
 
-    return run(args)
+    mapping = upscale(
+        args.base_dir, args.out_dir, drop=args.drop, dry_run=args.dry_run, max_shard_size=args.max_shard_size
+    )
+    for new_i, base_i in enumerate(mapping):
+        _write(f"new {new_i} <- base {base_i}\n")
+    _write(f"dry run: {len(mapping)} layers, nothing written\n" if args.dry_run
+           else f"wrote {args.out_dir} ({len(mapping)} layers)\n")
+    return 0
 
 
 # -- entry point ------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ and consistent with the config (every layer 0..n-1 present with the same tensor 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -58,7 +57,6 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 NON_LAYER_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 #: Like transformers' `save_pretrained` default ("5GB" = 5 * 10**9 bytes).
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-UPSCALE_HELP = "depth-up-scale a Llama/Mistral checkpoint (how SOLAR-10.7B was made from Mistral-7B)"
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -460,40 +458,4 @@ def _json_indent(text: str) -> int | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line (`python -m fastsolar upscale ...`)
-# --------------------------------------------------------------------------------------------------
-
-def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
-    """The `upscale` subcommand's arguments (fastsolar.cli registers the command with these)."""
-    p.add_argument("base_dir", metavar="BASE_DIR", help="Hugging Face model directory (safetensors) of the base model")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory for the up-scaled checkpoint")
-    p.add_argument("--drop", type=int, default=8, help="layers dropped from each copy (default 8)")
-    p.add_argument("--dry-run", action="store_true", help="check everything and print the layer map; write nothing")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="shard size limit, e.g. 5GB (default)")
-
-
-def add_upscale_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the `upscale` subcommand on any argparse subparsers object (runs `args.func(args)`)."""
-    p = subparsers.add_parser("upscale", help=UPSCALE_HELP, description=UPSCALE_HELP)
-    add_upscale_arguments(p)
-    p.set_defaults(func=cmd_upscale)
-    return p
-
-
-def cmd_upscale(args: argparse.Namespace) -> int:
-    """Run `upscale` for parsed CLI args; prints the layer map, one `new i <- base j` line per new layer."""
-    mapping = upscale(
-        args.base_dir, args.out_dir, drop=args.drop, dry_run=args.dry_run, max_shard_size=args.max_shard_size
-    )
-    for new_i, base_i in enumerate(mapping):
-        print(f"new {new_i} <- base {base_i}")
-    if args.dry_run:
-        print(f"dry run: {len(mapping)} layers, nothing written")
-    else:
-        print(f"wrote {args.out_dir} ({len(mapping)} layers)")
-    return 0
-
-
-__all__ = ["upscale", "upscale_config", "layer_map", "parse_size", "add_upscale_arguments", "add_upscale_parser",
-           "cmd_upscale"]
+__all__ = ["upscale", "upscale_config", "layer_map", "parse_size"]

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 
 from fastsolar.config import SolarConfig
 from fastsolar.upscale import (
-    add_upscale_parser,
     layer_map,
     parse_size,
     upscale,
@@ -249,15 +248,6 @@ def test_cli_prints_map(base, tmp_path, capsys):
     assert cli.main(["upscale", str(d), str(out), "--drop", "5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastsolar: error: drop=5 is too large") and not out.exists()
-
-
-def test_add_upscale_parser_standalone(base, tmp_path, capsys):
-    _, d = base
-    parser = argparse.ArgumentParser(prog="x")
-    add_upscale_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["upscale", str(d), str(tmp_path / "o"), "--drop", "3", "--dry-run"])
-    assert args.func(args) == 0
-    assert capsys.readouterr().out.splitlines()[:1] == ["new 0 <- base 0"]
 
 
 @pytest.mark.parametrize(
