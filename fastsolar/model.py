@@ -45,6 +45,15 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+@dataclass
+class DecodeSlots:
+    """Where a decode step writes and reads the cache: computed once per step, shared by every layer."""
+
+    rows: torch.Tensor  # [b] batch rows 0..b-1
+    pos: torch.Tensor  # [b] cache position of this step's token
+    seqlens: torch.Tensor  # [b] int32 valid cache positions after the write (pos + 1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: SolarConfig) -> None:
         super().__init__()
@@ -61,23 +70,21 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots: DecodeSlots | None = None,
     ) -> torch.Tensor:
         """x `[b, s, hidden]`; positions `[b, s]`. With `cache` (this layer's `[b, max_seq, kv, d]` views):
-        s > 1 is a prefill from position 0, s == 1 a decode step at `positions[:, 0]`."""
+        a decode step when `slots` is given, else a prefill from position 0."""
         b, s, _ = x.shape
         qkv = self.wqkv(x).view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         q, k = ops.apply_rotary(q, k, positions, self.theta)
         if cache is None:
             o = ops.attention(q, k, v, causal=True)
-        elif s == 1:
+        elif slots is not None:
             k_cache, v_cache = cache
-            rows = torch.arange(b, device=x.device)
-            pos = positions[:, 0]
-            k_cache[rows, pos] = k[:, 0]
-            v_cache[rows, pos] = v[:, 0]
-            seqlens = (pos + 1).to(torch.int32)
-            o = ops.decode_attention(q[:, 0], k_cache, v_cache, seqlens).unsqueeze(1)
+            k_cache[slots.rows, slots.pos] = k[:, 0]
+            v_cache[slots.rows, slots.pos] = v[:, 0]
+            o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens).unsqueeze(1)
         else:
             k_cache, v_cache = cache
             k_cache[:, :s] = k
@@ -113,6 +120,7 @@ class Block(nn.Module):
         residual: torch.Tensor,
         positions: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
+        slots: DecodeSlots | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous layer's un-added output `delta` and the residual stream; returns the same pair.
 
@@ -122,7 +130,7 @@ class Block(nn.Module):
             y = ops.rms_norm(residual, self.attention_norm, self.eps)
         else:
             y, residual = ops.add_rms_norm(delta, residual, self.attention_norm, self.eps)
-        delta = self.attention(y, positions, cache)
+        delta = self.attention(y, positions, cache, slots)
         y, residual = ops.add_rms_norm(delta, residual, self.ffn_norm, self.eps)
         return self.feed_forward(y), residual
 
@@ -163,7 +171,7 @@ class Solar(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def _layers(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, use_cache: bool
+        self, input_ids: torch.Tensor, positions: torch.Tensor, use_cache: bool, slots: DecodeSlots | None = None
     ) -> torch.Tensor:
         """Run the layer stack; returns the final-normed hidden states `[b, s, hidden]`."""
         residual = self.embed_tokens(input_ids)
@@ -171,7 +179,7 @@ class Solar(nn.Module):
         b = input_ids.shape[0]
         for i, layer in enumerate(self.layers):
             cache = (self.cache.k[i, :b], self.cache.v[i, :b]) if use_cache else None
-            delta, residual = layer(delta, residual, positions, cache)
+            delta, residual = layer(delta, residual, positions, cache, slots)
         y, _ = ops.add_rms_norm(delta, residual, self.norm, self.config.rms_norm_eps)
         return y
 
@@ -215,7 +223,12 @@ class Solar(nn.Module):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step: tokens `[b]` at cache positions `[b]` (both device tensors); returns logits `[b, vocab]`."""
-        h = self._layers(tokens[:, None], positions[:, None], use_cache=True)
+        slots = DecodeSlots(
+            rows=torch.arange(tokens.shape[0], device=tokens.device),
+            pos=positions,
+            seqlens=(positions + 1).to(torch.int32),
+        )
+        h = self._layers(tokens[:, None], positions[:, None], use_cache=True, slots=slots)
         return self.lm_head(h[:, 0])
 
     def _check_ids(self, input_ids: torch.Tensor, limit: int) -> None:
