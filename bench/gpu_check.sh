@@ -58,16 +58,27 @@ for name in ("triton", "transformers", "safetensors", "sentencepiece", "pytest")
 EOF
 
 stage "1. make fastsolar importable"
-if [ -n "${GPU_CHECK_NO_INSTALL:-}" ] && (cd /tmp && "$PY" -c "import fastsolar.kernels, fastsolar.model"); then
+# bench/run.py and bench/kernels.py only `import fastsolar` / `fastsolar.kernels` (no fallback of their own), so
+# this stage must leave both importable from anywhere, from this tree: checked from /tmp, with the file's path.
+importable() {
+    (cd /tmp && "$PY" - "$PWD" <<'PYEOF'
+import os, sys
+import fastsolar.kernels, fastsolar.model
+root, found = os.path.realpath(sys.argv[1]), os.path.realpath(fastsolar.kernels.__file__)
+print("fastsolar.kernels:", found)
+sys.exit(0 if found.startswith(root + os.sep) else f"fastsolar.kernels is not this tree's kernels/: {found}")
+PYEOF
+    )
+}
+if [ -n "${GPU_CHECK_NO_INSTALL:-}" ] && importable; then
     echo "already importable; not installing (GPU_CHECK_NO_INSTALL)"
-elif "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-   && (cd /tmp && "$PY" -c "import fastsolar.kernels, fastsolar.model"); then
+elif "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . && importable; then
     echo "installed editable"
 else
     echo "editable install failed; using a symlink fastsolar/kernels -> ../kernels and PYTHONPATH"
     [ -e fastsolar/kernels ] || ln -s ../kernels fastsolar/kernels
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    (cd /tmp && "$PY" -c "import fastsolar.kernels, fastsolar.model") || { echo "fastsolar still not importable"; return 99; }
+    importable || { echo "fastsolar still not importable"; return 99; }
 fi
 
 stage "2. test suite on CUDA"

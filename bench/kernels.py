@@ -25,6 +25,7 @@ eligible) and with enable_gqa=True where torch has it; the faster one is reporte
 
 Use from another script: `copy_bandwidth()`, `bench_memory_ops()`, `bench_attention()`,
 `bench_decode()`, `run()` and `markdown()` are plain functions returning dicts.
+(with bench/ on sys.path: it imports its sibling common.py, as `python bench/kernels.py` does).
 
     python bench/kernels.py                       # full run, markdown tables on stdout
     python bench/kernels.py --json out.json       # also write the numbers, card, date, versions
@@ -33,22 +34,21 @@ Use from another script: `copy_bandwidth()`, `bench_memory_ops()`, `bench_attent
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import types
+
+from common import copy_bandwidth as common_copy_bandwidth
+from common import device_info, do_bench_ms, import_fastsolar, markdown_table
 
 # SOLAR-10.7B
 HIDDEN, N_HEADS, N_KV, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336
 EPS, THETA = 1e-5, 10000.0
 MAX_SEQ = 4096  # SOLAR's context: the decode cache's size
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Only a CPU smoke test of this script's code paths (Triton interpreter) changes these two.
 DEVICE = "cuda"
 DTYPE = "bfloat16"
@@ -58,21 +58,8 @@ DTYPE = "bfloat16"
 # setup
 # ----------------------------------------------------------------------------------------------
 def _kernels() -> types.SimpleNamespace:
-    """fastsolar.kernels' submodules, also when the package is not installed (e.g. on a lent GPU
-    machine that received only the working tree): kernels/ is then loaded as fastsolar.kernels."""
-    try:
-        import fastsolar.kernels  # noqa: F401
-    except ImportError:
-        # Not installed: load kernels/ itself as fastsolar.kernels (its modules import only each
-        # other, relatively), dropping whatever a half-finished `import fastsolar` left behind.
-        for name in [m for m in sys.modules if m == "fastsolar" or m.startswith("fastsolar.")]:
-            del sys.modules[name]
-        spec = importlib.util.spec_from_file_location(
-            "fastsolar.kernels", os.path.join(REPO, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(REPO, "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["fastsolar.kernels"] = mod
-        spec.loader.exec_module(mod)
+    """fastsolar.kernels' submodules (the installed package; see common.import_fastsolar)."""
+    import_fastsolar("bench/kernels.py")
     names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention")
     return types.SimpleNamespace(**{n: importlib.import_module(f"fastsolar.kernels.{n}") for n in names})
 
@@ -83,26 +70,6 @@ def _torch():
     return torch
 
 
-def device_info() -> dict:
-    torch = _torch()
-    import triton
-
-    p = torch.cuda.get_device_properties(0)
-    return {
-        "card": torch.cuda.get_device_name(0),
-        "capability": f"{p.major}.{p.minor}",
-        "sms": p.multi_processor_count,
-        "memory_gib": round(p.total_memory / 2**30, 1),
-        "l2_mib": round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host": platform.node(),
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # timing and checking
 # ----------------------------------------------------------------------------------------------
@@ -110,18 +77,8 @@ _TIMING = {"warmup": 25, "rep": 100, "graph": False, "repeats": 2}
 
 
 def time_ms(fn) -> tuple[float, float]:
-    """(median ms, spread %) of `fn`: do_bench's median, measured `repeats` times, the fastest
-    kept; spread is (slowest - fastest) / fastest of those medians, the noise of the number."""
-    import triton.testing as tt
-
-    meds = []
-    for _ in range(_TIMING["repeats"]):
-        if _TIMING["graph"]:
-            meds.append(tt.do_bench_cudagraph(fn, rep=_TIMING["rep"], return_mode="median"))
-        else:
-            meds.append(tt.do_bench(fn, warmup=_TIMING["warmup"], rep=_TIMING["rep"], return_mode="median"))
-    best = min(meds)
-    return best, 100.0 * (max(meds) - best) / best
+    """(median ms, spread %) of `fn` under the --warmup/--rep/--repeats/--cuda-graph settings (common.do_bench_ms)."""
+    return do_bench_ms(fn, **_TIMING)
 
 
 def rel_err(out, ref) -> float:
@@ -160,16 +117,8 @@ def _check(errs: list[float]) -> str:
 # the benchmarks
 # ----------------------------------------------------------------------------------------------
 def copy_bandwidth(gib: float = 1.0) -> dict:
-    """Device-to-device copy of a `gib` GiB buffer: GB/s = (bytes read + bytes written) / time."""
-    torch = _torch()
-    n = int(gib * 2**30) // 2
-    src = _randn(n)  # not zeros
-    dst = torch.empty_like(src)
-    ms, spread = time_ms(lambda: dst.copy_(src))
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    _empty_cache()
-    return {"bytes": nbytes, "ms": ms, "spread_pct": spread, "gbs": nbytes / ms / 1e6}
+    """Device-to-device copy of a `gib` GiB buffer: GB/s = (bytes read + bytes written) / time (common.py's)."""
+    return common_copy_bandwidth(DEVICE, gib, **_TIMING)
 
 
 def _mem_cases(K, tokens: int):
@@ -316,7 +265,7 @@ def run(tokens=(1, 16, 4096), seqs=(512, 2048, 4096), batches=(1, 8), lens=(512,
     torch = _torch()
     torch.manual_seed(0)
     K = _kernels()
-    info = device_info()
+    info = device_info(DEVICE)
     copy = copy_bandwidth(copy_gib)
     return {
         "device": info,
@@ -331,12 +280,6 @@ def run(tokens=(1, 16, 4096), seqs=(512, 2048, 4096), batches=(1, 8), lens=(512,
 # ----------------------------------------------------------------------------------------------
 # output
 # ----------------------------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _pct(x):
     return "" if x is None else f"{x:.0f}%"
 
@@ -359,8 +302,8 @@ def markdown(res: dict) -> str:
                      f"{e['us']:.1f}", f"{e['gbs']:.0f}", _pct(e["pct_copy"]), f"{e['us'] / t['us']:.2f}x",
                      f"{max(t['spread_pct'], e['spread_pct']):.1f}%", t["check"]])
     out += ["Memory-bound ops (bf16; GB/s = fewest bytes / time):", "",
-            _table(["op", "tokens", "MB", "triton µs", "GB/s", "% copy", "torch µs", "GB/s", "% copy", "speedup",
-                    "spread", "check"], rows), ""]
+            markdown_table(["op", "tokens", "MB", "triton µs", "GB/s", "% copy", "torch µs", "GB/s", "% copy",
+                            "speedup", "spread", "check"], rows), ""]
     att = {}
     for r in res["attention"]:
         att.setdefault(r["seq"], []).append(r)
@@ -369,8 +312,8 @@ def markdown(res: dict) -> str:
         rows.append([s, f"{t['ms']:.3f}", f"{t['tflops']:.0f}", f"{e['ms']:.3f}", f"{e['tflops']:.0f}", e["impl"],
                      f"{e['ms'] / t['ms']:.2f}x", f"{max(t['spread_pct'], e['spread_pct']):.1f}%", t["check"]])
     out += ["Prefill attention (bf16, batch 1, 32/8 heads, d 128, causal; FLOPs 4*h*s*s*d/2):", "",
-            _table(["seq", "triton ms", "TFLOP/s", "sdpa ms", "TFLOP/s", "sdpa variant", "speedup", "spread", "check"],
-                   rows), ""]
+            markdown_table(["seq", "triton ms", "TFLOP/s", "sdpa ms", "TFLOP/s", "sdpa variant", "speedup", "spread",
+                            "check"], rows), ""]
     dec = {}
     for r in res["decode"]:
         dec.setdefault((r["batch"], r["cached"]), []).append(r)
@@ -380,8 +323,8 @@ def markdown(res: dict) -> str:
                      f"{e['gbs']:.0f}", e["impl"], f"{e['us'] / t['us']:.2f}x",
                      f"{max(t['spread_pct'], e['spread_pct']):.1f}%", t["check"]])
     out += [f"Decode attention (bf16, {MAX_SEQ}-slot cache, GB/s of K/V read):", "",
-            _table(["batch", "cached", "triton µs", "GB/s", "% copy", "sdpa µs", "GB/s", "sdpa variant", "speedup",
-                    "spread", "check"], rows)]
+            markdown_table(["batch", "cached", "triton µs", "GB/s", "% copy", "sdpa µs", "GB/s", "sdpa variant",
+                            "speedup", "spread", "check"], rows)]
     return "\n".join(out)
 
 

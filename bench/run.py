@@ -26,7 +26,8 @@ Method, per engine and batch size b (all engines see the same random prompts of 
   with prefill and per-call setup cancelled out; tokens/s = b / that;
 - achieved GB/s = bytes one decode step must read (every weight except the embedding table, plus the K/V
   cache up to the step's position, averaged over the N steps) / step time; its share of the measured
-  device-to-device copy bandwidth (bytes read + written by a large copy_, like bench/kernels.py);
+  copy bandwidth (bytes read + written by a large copy_: bench/common.py's copy_bandwidth(), the one
+  bench/kernels.py reports; 1 GiB on CUDA, 64 MiB on a host);
 - peak memory: torch.cuda.max_memory_allocated over the engine's runs, reset between engines (it includes
   the weights every engine shares);
 - match: the fraction of generated token positions identical to the first engine's (fastsolar's) tokens.
@@ -40,14 +41,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import importlib
-import importlib.util
 import json
 import logging
 import math
-import platform
 import signal
 import statistics
 import sys
@@ -59,7 +56,8 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import copy_bandwidth, device_info, import_fastsolar, markdown_table
+
 log = logging.getLogger("bench")
 
 class Interrupted(BaseException):
@@ -72,26 +70,6 @@ CUDA_ONLY = {
     "fastsolar-eager": "without CUDA fastsolar runs its torch reference ops: that is the torch-ref engine",
     "hf-compile": "torch.compile(reduce-overhead) needs CUDA",
 }
-
-
-def _ensure_fastsolar() -> None:
-    """Import fastsolar (and fastsolar.kernels, which maps to ./kernels only through the installed package);
-    without an install, alias it from the source tree so `python bench/run.py` works from a checkout."""
-    try:
-        import fastsolar.kernels  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))
-    import fastsolar
-
-    spec = importlib.util.spec_from_file_location(
-        "fastsolar.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastsolar.kernels"] = mod
-    spec.loader.exec_module(mod)
-    fastsolar.kernels = mod
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -154,49 +132,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-def copy_bandwidth(device: torch.device) -> tuple[float, str]:
-    """Bytes per second of a large copy, counting bytes read plus bytes written (METHOD.md's ceiling).
-    On CUDA this is bench/kernels.py's `copy_bandwidth()` (1 GiB, do_bench median); on a host, or if that
-    fails, the same measurement here with CUDA events / the host clock."""
-    if device.type == "cuda":
-        try:
-            spec = importlib.util.spec_from_file_location("_bench_kernels", ROOT / "bench" / "kernels.py")
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            with torch.cuda.device(device):
-                res = mod.copy_bandwidth()
-            return float(res["gbs"]) * 1e9, f"bench/kernels.py copy_bandwidth(): {res['bytes'] / 2**30:.1f} GiB, spread {res['spread_pct']:.1f}%"
-        except Exception as e:  # fall back to the local measurement rather than lose the run
-            log.warning("bench/kernels.py copy_bandwidth() failed (%s: %s); measuring here", type(e).__name__, e)
-    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(20 if device.type == "cuda" else 5):
-        t, _ = timed(lambda: dst.copy_(src), device)
-        times.append(t)
-    del src, dst
-    return 2 * nbytes / statistics.median(times), "bench/run.py copy_ (1 GiB on CUDA, 64 MiB on the host)"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "transformers"):
-        try:
-            out[name] = importlib.import_module(name).__version__
-        except Exception as e:
-            out[name] = f"unavailable ({type(e).__name__})"
-    return out
-
-
-def card_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 # -------------------------------------------------------------------------------------- random weights
@@ -593,15 +528,24 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        started = datetime.datetime.now(datetime.timezone.utc)
-        log.info("device %s (%s); measuring copy bandwidth", self.device, card_name(self.device))
-        self.copy_bw, self.copy_bw_method = copy_bandwidth(self.device)
-        log.info("copy bandwidth %.1f GB/s (read + write)", self.copy_bw / 1e9)
+        t0 = time.perf_counter()
+        info = device_info(self.device)
+        log.info("device %s (%s); measuring copy bandwidth", self.device, info["card"])
+        try:
+            copy = copy_bandwidth(self.device)
+            self.copy_bw, self.copy_bw_method = copy["gbs"] * 1e9, copy["method"]
+            log.info("copy bandwidth %.1f GB/s (read + write)", self.copy_bw / 1e9)
+        except Exception as e:  # report the run without the ceiling rather than lose it
+            self.copy_bw, self.copy_bw_method = None, f"failed: {type(e).__name__}: {e}"
+            log.warning("copy bandwidth measurement failed (%s: %s)", type(e).__name__, e)
         self.meta = {
-            "date": started.isoformat(timespec="seconds"),
-            "card": card_name(self.device),
+            "date": info["date"],
+            "card": info["card"],
+            "capability": info["capability"],
+            "sms": info["sms"],
+            "memory_gib": info["memory_gib"],
             "device": str(self.device),
-            "versions": versions(),
+            "versions": {k: info[k] for k in ("python", "torch", "triton", "transformers", "cuda")},
             "model_dir": str(args.model) if args.model else None,
             "preset": None if args.model else args.preset,
             "config": asdict(self.config),
@@ -612,7 +556,7 @@ class Bench:
             "batch_sizes": args.batch_sizes,
             "repeats": args.repeats,
             "engines": args.engines,
-            "copy_bandwidth_GBps": self.copy_bw / 1e9,
+            "copy_bandwidth_GBps": self.copy_bw / 1e9 if self.copy_bw else None,
             "copy_bandwidth_method": self.copy_bw_method,
             "notes": self.notes,
         }
@@ -624,7 +568,7 @@ class Bench:
             if not any(e.startswith("hf-") for e in rest):
                 self._hf = None  # no later engine needs transformers' model
         self._hf = None
-        self.meta["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
+        self.meta["seconds"] = round(time.perf_counter() - t0, 1)
         return self.write_json(complete=True)
 
     def payload(self, complete: bool) -> dict[str, Any]:
@@ -665,24 +609,21 @@ def markdown(data: dict[str, Any]) -> str:
         f"{what}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {m['num_parameters'] / 1e9:.3f} B params, "
         f"{m['dtype']}; prompt {m['prompt_len']} tokens, {m['new_tokens']} new tokens, {m['repeats']} repeats (median). "
         f"torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}.",
-        f"Copy bandwidth ({'device' if on_cuda else 'host'}, read + write): {m['copy_bandwidth_GBps']:.0f} GB/s.",
-        "",
-        "| engine | batch | prefill tok/s | TTFT ms | decode tok/s | ms/token | GB/s | % copy BW | peak GiB | match |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Copy bandwidth ({'device' if on_cuda else 'host'}, read + write): {_f(m['copy_bandwidth_GBps'], '.0f')} GB/s.",
     ]
+    header = ["engine", "batch", "prefill tok/s", "TTFT ms", "decode tok/s", "ms/token", "GB/s", "% copy BW", "peak GiB",
+              "match"]
+    rows = []
     for name, e in data["engines"].items():
         if e["status"] != "ok":
-            lines.append(f"| {name} | {e['status']}: {e['reason']} | | | | | | | | |")
-            if not e["results"]:
-                continue
+            rows.append([name, f"{e['status']}: {e['reason']}"] + [""] * (len(header) - 2))
         for b, r in e["results"].items():
             share = r.get("share_of_copy_bw")
-            lines.append(
-                f"| {name} | {b} | {_f(r['prefill_tokens_per_s'], ',.0f')} | {_f(r['ttft_ms'], '.1f')} | "
-                f"{_f(r['decode_tokens_per_s'], ',.1f')} | {_f(r['ms_per_token'], '.2f')} | {_gbps(r['achieved_GBps'])} | "
-                f"{_f(share * 100 if share is not None else None, '.0f')} | {_f(r.get('peak_memory_GiB'), '.1f')} | "
-                f"{_f(r['token_match'], '.3f')} |"
-            )
+            rows.append([name, b, _f(r["prefill_tokens_per_s"], ",.0f"), _f(r["ttft_ms"], ".1f"),
+                         _f(r["decode_tokens_per_s"], ",.1f"), _f(r["ms_per_token"], ".2f"), _gbps(r["achieved_GBps"]),
+                         _f(share * 100 if share is not None else None, ".0f"), _f(r.get("peak_memory_GiB"), ".1f"),
+                         _f(r["token_match"], ".3f")])
+    lines += ["", markdown_table(header, rows)]
     engine_notes = [f"- {name}: {'; '.join(e['notes'])}" for name, e in data["engines"].items() if e.get("notes")]
     lines += [
         "",
@@ -713,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = parse_args(argv)
-    _ensure_fastsolar()
+    import_fastsolar("bench/run.py")
     t0 = time.perf_counter()
 
     def on_term(signum, frame):

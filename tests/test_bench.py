@@ -22,6 +22,9 @@ ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile"
 
 
 def _load_run():
+    # run.py imports its sibling bench/common.py as `common`, as `python bench/run.py` finds it (bench/ on sys.path)
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

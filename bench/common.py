@@ -1,0 +1,126 @@
+"""What bench/run.py and bench/kernels.py share: importing fastsolar, the card and versions, the copy-bandwidth
+ceiling and the markdown table. Scripts import it as `common` (Python puts bench/ first on sys.path)."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where it is used, so that `bench/kernels.py --help` stays as quick as before.
+
+
+def import_fastsolar(script: str):
+    """`fastsolar` with its `fastsolar.kernels` (the installed package maps kernels/ there); without an
+    install, one line on stderr saying how to get one, and exit status 2."""
+    try:
+        import fastsolar
+        import fastsolar.kernels  # noqa: F401
+    except ImportError as e:
+        print(f"{script}: fastsolar is not importable ({e}); run `pip install -e .` from the repo root first",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    return fastsolar
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.import_module(name).__version__
+    except Exception as e:
+        return f"unavailable ({type(e).__name__})"
+
+
+def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """The card (or the host's CPU), its capability, SMs and memory, the date and the versions; CPU-safe
+    (capability, SMs and L2 are None there, memory is the host's)."""
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info: dict[str, Any] = {"card": None, "capability": None, "sms": None, "memory_gib": None, "l2_mib": None}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(card=torch.cuda.get_device_name(device), capability=f"{p.major}.{p.minor}",
+                    sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+                    l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+    else:
+        info["card"] = f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        try:
+            info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        except (AttributeError, ValueError, OSError):
+            pass
+    info.update(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, triton=_version("triton"), transformers=_version("transformers"),
+        cuda=torch.version.cuda, python=platform.python_version(), host=platform.node(),
+    )
+    return info
+
+
+def do_bench_ms(fn: Callable[[], Any], *, warmup: int = 25, rep: int = 100, repeats: int = 2,
+                graph: bool = False) -> tuple[float, float]:
+    """(median ms, spread %) of `fn` on CUDA: triton's do_bench median (CUDA events, L2 flushed; a CUDA-graph
+    replay when `graph`), measured `repeats` times, the fastest kept; spread = (slowest - fastest) / fastest."""
+    import triton.testing as tt
+
+    meds = []
+    for _ in range(repeats):
+        if graph:
+            meds.append(tt.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+        else:
+            meds.append(tt.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    best = min(meds)
+    return best, 100.0 * (max(meds) - best) / best
+
+
+def host_ms(fn: Callable[[], Any], *, warmup: int = 3, samples: int = 5, repeats: int = 2) -> tuple[float, float]:
+    """do_bench_ms on the host clock: the median of `samples` calls, `repeats` times, fastest kept, spread %."""
+    for _ in range(warmup):
+        fn()
+    meds = []
+    for _ in range(repeats):
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        meds.append(statistics.median(times) * 1e3)
+    best = min(meds)
+    return best, 100.0 * (max(meds) - best) / best
+
+
+def copy_bandwidth(device: torch.device | str = "cuda", gib: float | None = None, **timing) -> dict[str, Any]:
+    """The memory-bound ceiling: a copy_ of a `gib` GiB buffer on `device` (default 1 GiB on CUDA, 64 MiB on a
+    host), GB/s = (bytes read + bytes written) / median time; timed by do_bench_ms on CUDA (`timing` is passed
+    on to it), by the host clock elsewhere. Returns bytes, ms, spread_pct, gbs and a one-line method."""
+    import torch
+
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    gib = gib if gib is not None else (1.0 if on_cuda else 1 / 16)
+    src = torch.empty(int(gib * 2**30) // 4, dtype=torch.float32, device=device).normal_()  # not zeros
+    dst = torch.empty_like(src)
+    if on_cuda:
+        with torch.cuda.device(device):
+            ms, spread = do_bench_ms(lambda: dst.copy_(src), **timing)
+    else:
+        ms, spread = host_ms(lambda: dst.copy_(src))
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    if on_cuda:
+        torch.cuda.empty_cache()
+    how = "triton do_bench median" if on_cuda else "host clock median"
+    return {"bytes": nbytes, "ms": ms, "spread_pct": spread, "gbs": nbytes / ms / 1e6,
+            "method": f"bench/common.py copy_bandwidth(): copy_ of {gib:g} GiB, {how}, spread {spread:.1f}%"}
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table: the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
