@@ -6,12 +6,14 @@ static cache, fused add+RMSNorm, rotary and SwiGLU, through the same `generate` 
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import fastsolar.model as model_mod
 from fastsolar import Solar, SolarConfig, ops
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, ON_GPU, assert_close
 
 CONFIG = SolarConfig(
     vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -111,3 +113,32 @@ def test_cache_too_big_is_refused(model: Solar, monkeypatch: pytest.MonkeyPatch)
 def test_cache_longer_than_context_is_refused(model: Solar) -> None:
     with pytest.raises(ValueError, match="max_seq 129 exceeds the model's context of 128 tokens"):
         model.setup_cache(1, 129)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot cannot run under the Triton interpreter: CUDA only")
+def test_bf16_kernel_model_against_fp32_reference(model: Solar) -> None:
+    """The compiled bf16 kernel path may be at most about twice as far from the fp32 model as torch's own
+    bf16 path is, for a full forward and for prefill + decode over the cache."""
+    ids, _ = left_padded([33, 33], seed=6)
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    n = 20
+    lens = torch.full((2,), n, device=DEVICE)
+
+    def run(m: Solar) -> tuple[torch.Tensor, torch.Tensor]:
+        m.cache = None
+        m.setup_cache(2, 64)
+        steps = [m.prefill(ids[:, :n], lens)]
+        pos = lens.clone()
+        for t in range(n, ids.shape[1]):
+            steps.append(m.decode(ids[:, t], pos))
+            pos += 1
+        return m(ids).float(), torch.stack(steps, dim=1).float()
+
+    with torch.inference_mode():
+        with ops.force_kernels(False):
+            full32, dec32 = run(model)
+            full_torch16, dec_torch16 = run(m16)
+        with ops.force_kernels(True):
+            full16, dec16 = run(m16)
+    assert_close(full16, full32, baseline=full_torch16, atol=1e-2, msg="bf16 full forward")
+    assert_close(dec16, dec32, baseline=dec_torch16, atol=1e-2, msg="bf16 prefill + decode")
