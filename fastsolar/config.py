@@ -94,14 +94,7 @@ class SolarConfig:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "SolarConfig":
         """Read `config.json` as SOLAR ships it or as transformers 5 writes it."""
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json in {model_dir}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(raw)
+        return cls.from_hf_dict(read_config_json(model_dir))
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "SolarConfig":
@@ -154,6 +147,20 @@ class SolarConfig:
 
     def replace(self, **changes: Any) -> "SolarConfig":
         return dataclasses.replace(self, **changes)
+
+
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    """The raw `config.json` of a Hugging Face model directory, with clear errors for a missing or bad file."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}: not a Hugging Face model directory")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return raw
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastsolar.config import SolarConfig
+from fastsolar.config import SolarConfig, read_config_json
+from fastsolar.loader import INDEX_FILE, SINGLE_FILE, checkpoint_files
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ NON_LAYER_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.wei
 #: Like transformers' `save_pretrained` default ("5GB" = 5 * 10**9 bytes).
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # Files of a model directory that hold weights (in any format); everything else at the top level is copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 _SIZE_UNITS = {
@@ -175,33 +174,9 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path} is not a safetensors file: {e}") from None
 
 
-def _weight_files(base: Path) -> list[Path]:
-    index = base / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e!r}") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (base / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) missing from {base}: {', '.join(missing)}")
-        return [base / f for f in files]
-    if (base / SINGLE_NAME).is_file():
-        return [base / SINGLE_NAME]
-    pickles = sorted(p.name for p in base.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickles:
-        raise ValueError(
-            f"{base} holds only pickle weights ({', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''}); "
-            "fastsolar never unpickles checkpoints. Convert them to safetensors first, e.g. with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
-        )
-    raise FileNotFoundError(f"no safetensors weights in {base}: expected {SINGLE_NAME} or {INDEX_NAME}")
-
-
 def _scan_weights(base: Path) -> dict[str, _Tensor]:
     tensors: dict[str, _Tensor] = {}
-    for path in _weight_files(base):
+    for path in checkpoint_files(base)[0]:
         header = _read_header(path)
         for key, info in header.items():
             if key == "__metadata__":
@@ -246,16 +221,7 @@ def _read_base(base_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     base = Path(base_dir)
     if not base.is_dir():
         raise FileNotFoundError(f"base model directory {base} does not exist")
-    cfg_path = base / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no config.json in {base}: not a Hugging Face model directory")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path} does not hold a JSON object")
-    return base, config
+    return base, read_config_json(base)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -427,7 +393,7 @@ def _write_all(
     (tmp / "config.json").write_text(json.dumps(new_config, indent=indent) + ("\n" if raw_cfg.endswith("\n") else ""))
 
     n = len(shards)
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     files = sorted({t.file for shard in shards for _, t in shard})
     with ExitStack() as stack, tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upscale", disable=not progress
@@ -446,7 +412,7 @@ def _write_all(
             "weight_map": {k: name for name, shard in zip(names, shards) for k, _ in sorted(shard)},
         }
         index["weight_map"] = dict(sorted(index["weight_map"].items()))
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _json_indent(text: str) -> int | None:

@@ -296,7 +296,7 @@ def test_refuses_bad_base(base, tmp_path):
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_bytes((d / "config.json").read_bytes())
-    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+    with pytest.raises(FileNotFoundError, match="no model.safetensors.index.json or model.safetensors"):
         upscale(no_weights, out, drop=DROP, progress=False)
     (no_weights / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="pickle"):
