@@ -128,3 +128,15 @@ def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.hidden_size = 8  # type: ignore[misc]
     assert c.replace(num_hidden_layers=2).num_hidden_layers == 2 and c.num_hidden_layers == 48
+
+
+def test_sliding_window_caps_the_context(caplog):
+    """Mistral-7B-v0.1 attends over a 4096-token window with 32768 positions: within the window that is
+    exactly full attention, so the context is capped at the window (and said so), never silently widened."""
+    mistral = dict(SOLAR_CONFIG_JSON, model_type="mistral", max_position_embeddings=32768, sliding_window=4096)
+    with caplog.at_level("WARNING", logger="fastsolar.config"):
+        config = SolarConfig.from_hf_dict(mistral)
+    assert config.max_position_embeddings == 4096
+    assert "sliding_window 4096 < max_position_embeddings 32768: context capped at 4096 tokens" in caplog.text
+    unused = dict(mistral, use_sliding_window=False)  # Qwen2-style flag: the window is off
+    assert SolarConfig.from_hf_dict(unused).max_position_embeddings == 32768
