@@ -201,7 +201,6 @@ def _sdpa_variants(q, k, v, causal: bool):
 
 def bench_attention(seqs=(512, 2048, 4096), K=None) -> list[dict]:
     """Prefill attention TFLOP/s (causal FLOPs 4*b*h*s*s*d/2) for the kernel and the faster SDPA."""
-    torch = _torch()
     K = K or _kernels()
     rows = []
     for s in seqs:

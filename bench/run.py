@@ -32,10 +32,8 @@ Method, per engine and batch size b (all engines see the same random prompts of 
   the weights every engine shares);
 - match: the fraction of generated token positions identical to the first engine's (fastsolar's) tokens.
 
-Random weights are initialised like transformers' (normal std 0.02, norms 1) and shared between the
-fastsolar and transformers models (transformers' q/k/v and gate/up are views of fastsolar's fused
-matrices), so one copy of the weights serves every engine. Progress goes to stderr; a markdown table is
-printed last; `--json` writes every number (partial results are written after each engine).
+Random weights are shared by every engine, one copy (bench/engines.py says how). Progress goes to stderr; a
+markdown table is printed last; `--json` writes every number (partial results are written after each engine).
 """
 from __future__ import annotations
 
@@ -57,8 +55,11 @@ from typing import Any, Callable
 import torch
 
 from common import copy_bandwidth, device_info, import_fastsolar, markdown_table
+from engines import (Engine, FastsolarEngine, HFEngine, fit_layers, hf_from_pretrained, hf_sharing_weights,
+                     random_solar)
 
 log = logging.getLogger("bench")
+
 
 class Interrupted(BaseException):
     """SIGTERM (e.g. from `timeout`): stop, but still write the JSON and print the table of what finished."""
@@ -132,199 +133,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-# -------------------------------------------------------------------------------------- random weights
-
-
-def random_solar(config, device: torch.device, dtype: torch.dtype, seed: int):
-    """fastsolar's model with transformers-style random weights (normal std 0.02, norms 1), built in place
-    on the device (no host copy of the weights)."""
-    from fastsolar.model import Solar
-
-    with torch.device("meta"):
-        model = Solar(config).to(dtype)
-    model = model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    return model.eval().requires_grad_(False)
-
-
-def fit_layers(config, device: torch.device, dtype: torch.dtype, extra_bytes: int):
-    """On CUDA, fewer layers when the full model plus `extra_bytes` of working memory does not fit."""
-    if device.type != "cuda":
-        return config, None
-    free, _ = torch.cuda.mem_get_info(device)
-    size = dtype.itemsize
-    embed = config.vocab_size * config.hidden_size * size * (1 if config.tie_word_embeddings else 2)
-    per_layer = (config.num_parameters() - embed // size) // config.num_hidden_layers * size
-    need = embed + per_layer * config.num_hidden_layers + extra_bytes
-    if need <= free:
-        return config, None
-    layers = max(1, int((free - extra_bytes - embed) // per_layer))
-    note = (f"only {free / 2**30:.1f} GiB free: {config.num_hidden_layers} layers need {need / 2**30:.1f} GiB, "
-            f"so the model was cut to {layers} layers")
-    log.warning(note)
-    return config.replace(num_hidden_layers=layers), note
-
-
-def hf_config_from(config, dtype: torch.dtype):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
-        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
-        bos_token_id=config.bos_token_id, eos_token_id=None, pad_token_id=0,
-        attn_implementation="sdpa", dtype=str(dtype).replace("torch.", ""),
-    )
-
-
-def hf_sharing_weights(model, dtype: torch.dtype):
-    """A transformers LlamaForCausalLM whose parameters are views of fastsolar's (no second copy)."""
-    from torch import nn
-    from transformers import LlamaForCausalLM
-
-    c = model.config
-    cfg = hf_config_from(c, dtype)
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg).to(dtype)
-
-    def put(module: nn.Module, tensor: torch.Tensor) -> None:
-        module.weight = nn.Parameter(tensor, requires_grad=False)
-
-    hf.model.embed_tokens.weight = nn.Parameter(model.embed_tokens.weight, requires_grad=False)
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    for ours, theirs in zip(model.layers, hf.model.layers):
-        wqkv = ours.attention.wqkv.weight
-        put(theirs.self_attn.q_proj, wqkv[:q])
-        put(theirs.self_attn.k_proj, wqkv[q:q + kv])
-        put(theirs.self_attn.v_proj, wqkv[q + kv:])
-        put(theirs.self_attn.o_proj, ours.attention.wo.weight)
-        gu = ours.feed_forward.w_gate_up.weight
-        put(theirs.mlp.gate_proj, gu[: c.intermediate_size])
-        put(theirs.mlp.up_proj, gu[c.intermediate_size:])
-        put(theirs.mlp.down_proj, ours.feed_forward.w_down.weight)
-        put(theirs.input_layernorm, ours.attention_norm)
-        put(theirs.post_attention_layernorm, ours.ffn_norm)
-    put(hf.model.norm, model.norm)
-    put(hf.lm_head, model.lm_head.weight)
-    with torch.device(model.device):  # inv_freq was computed on meta; recompute it on the device
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
-    meta = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
-    if meta:
-        raise RuntimeError(f"transformers model still has meta tensors: {meta[:5]}")
-    return _hf_ready(hf)
-
-
-def hf_from_pretrained(model_dir: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    kw = dict(dtype=dtype, attn_implementation="sdpa")
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, device_map=str(device), **kw)
-    except (ImportError, ValueError) as e:  # no accelerate for device_map: load, then move
-        log.info("device_map unavailable (%s); loading then moving", e)
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, **kw).to(device)
-    return _hf_ready(hf)
-
-
-def _hf_ready(hf):
-    gc_ = hf.generation_config
-    gc_.eos_token_id = None  # ignore EOS: every engine generates exactly N tokens
-    gc_.pad_token_id = 0
-    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        if hasattr(gc_, name):
-            setattr(gc_, name, None)
-    gc_.do_sample = False
-    return hf.eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------- engines
-
-
-class Engine:
-    """An engine: `gen(ids [b, s], n) -> new tokens [b, n]`, greedy, EOS ignored."""
-
-    name = ""
-    notes: list[str]
-
-    def __init__(self, bench: "Bench") -> None:
-        self.bench = bench
-        self.notes = []
-
-    def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class FastsolarEngine(Engine):
-    def __init__(self, bench: "Bench", name: str, graphs: bool, kernels: bool | None) -> None:
-        super().__init__(bench)
-        self.name, self.graphs, self.kernels = name, graphs, kernels
-        self.model = bench.fastsolar_model()
-
-    def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
-        from fastsolar import ops
-        from fastsolar.generate import generate
-
-        with ops.force_kernels(self.kernels):
-            out = generate(self.model, ids, n, temperature=0.0, eos_token_id=[], cuda_graphs=self.graphs)
-        return out[:, ids.shape[1]:]
-
-    def close(self) -> None:
-        if self.graphs:
-            from fastsolar.graphs import shared_pool
-
-            pool = shared_pool(self.model)
-            if pool.captures == 0:
-                self.notes.append("no CUDA graph was captured: generate's _make_step does not use fastsolar.graphs yet")
-            else:
-                self.notes.append(f"{pool.captures} graph captures")
-            pool.clear()
-        self.model = None
-
-
-class HFEngine(Engine):
-    def __init__(self, bench: "Bench", name: str, compiled: bool) -> None:
-        super().__init__(bench)
-        self.name, self.compiled = name, compiled
-        self.hf = bench.hf_model()
-        self.kwargs: dict[str, Any] = {}
-        if compiled:
-            from transformers import CompileConfig
-
-            # transformers' own auto-compile of the decode step (generate compiles the forward when the cache
-            # is static); fullgraph left at transformers' default (False) so a graph break degrades instead of
-            # failing; dynamic=False: one static compile per batch size, no symbolic-shape recompiles.
-            config = CompileConfig(dynamic=False, mode="reduce-overhead")
-            self.kwargs = dict(cache_implementation="static", compile_config=config)
-            self.notes.append(f"static cache, {config}")
-
-    def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
-        out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **self.kwargs)
-        new = out[:, ids.shape[1]:]
-        if new.shape[1] != n:
-            raise RuntimeError(f"transformers generated {new.shape[1]} tokens instead of {n}")
-        return new
-
-    def close(self) -> None:
-        self.hf = None
-        if self.compiled:
-            with contextlib.suppress(Exception):
-                torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------ bench
