@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import math
@@ -243,9 +244,12 @@ class Bench:
             entry.update(status="skipped", reason=f"time budget of {self.args.time_budget:.0f} s spent")
             log.warning("[%s] skipped: %s", name, entry["reason"])
             return
-        if not self.on_cuda and name in CUDA_ONLY:
-            entry.update(status="skipped", reason=CUDA_ONLY[name])
-            log.info("[%s] skipped: %s", name, CUDA_ONLY[name])
+        reason = CUDA_ONLY.get(name) if not self.on_cuda else None
+        if reason is None and name.startswith("hf-") and importlib.util.find_spec("transformers") is None:
+            reason = "transformers is not installed (pip install -e '.[bench]')"
+        if reason is not None:
+            entry.update(status="skipped", reason=reason)
+            log.info("[%s] skipped: %s", name, reason)
             return
         if self.on_cuda:
             gc.collect()
