@@ -13,6 +13,10 @@
 #   4. python bench/run.py --json $OUT/bench.json (SOLAR-10.7B shape, bf16)     -> $OUT/bench.log
 # Files back (at most 8): gpu_check.log, pytest.log, kernels.json, kernels.log, bench.json, bench.log.
 # Exit status: 0 when every stage passed, else the number of failed stages.
+# The GPU image carries transformers 5.17, but patch_hf and the test extra pin 5.24.x. Bring that wheel along
+# (it installs with --no-deps there; the image's huggingface-hub, tokenizers and safetensors satisfy it):
+#     pip download "transformers>=5.24,<5.25" --no-deps -d .gpu-wheels     # here, once
+#     device run with carry [".gpu-wheels"]                                # stage 1 installs what it holds
 # Knobs: GPU_CHECK_TOTAL_S (default 560), PYTHON (default python3), PYTEST_ARGS (e.g. "tests/test_graphs.py"),
 # GPU_CHECK_NO_INSTALL=1 (skip the pip install when fastsolar already imports).
 set -euo pipefail
@@ -58,6 +62,9 @@ for name in ("triton", "transformers", "safetensors", "sentencepiece", "pytest")
 EOF
 
 stage "1. make fastsolar importable"
+if compgen -G ".gpu-wheels/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-deps --no-index .gpu-wheels/*.whl && echo "installed carried wheels: $(ls .gpu-wheels)"
+fi
 # bench/run.py and bench/kernels.py only `import fastsolar` / `fastsolar.kernels` (no fallback of their own), so
 # this stage must leave both importable from anywhere, from this tree: checked from /tmp, with the file's path.
 importable() {
