@@ -89,8 +89,12 @@ else
 fi
 
 stage "2. test suite on CUDA"
+# Most of the suite's time on a GPU is Triton compiling kernel variants, which parallelises over the CPU
+# cores; the image carries pytest-xdist.
+xdist=""
+"$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
 run_stage pytest "$(( $(left) < 200 ? $(left) : 200 ))" "$OUT/pytest.log" \
-    "$PY" -m pytest -q -ra -p no:cacheprovider ${PYTEST_ARGS:-}
+    "$PY" -m pytest -q -ra -p no:cacheprovider $xdist ${PYTEST_ARGS:-}
 
 stage "3. kernel microbenchmarks"
 run_stage kernels "$(( $(left) < 120 ? $(left) : 120 ))" "$OUT/kernels.log" \
