@@ -185,7 +185,7 @@ class Solar(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""
-        self._check_ids(input_ids, self.config.max_position_embeddings)
+        self._check_ids(input_ids)
         b, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         return self.lm_head(self._layers(input_ids, positions, use_cache=False))
@@ -231,15 +231,21 @@ class Solar(nn.Module):
         h = self._layers(tokens[:, None], positions[:, None], use_cache=True, slots=slots)
         return self.lm_head(h[:, 0])
 
-    def _check_ids(self, input_ids: torch.Tensor, limit: int) -> None:
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse what would otherwise fail deep inside torch (or as a device-side assert on CUDA)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError("input_ids must be an int64 (or int32) tensor of token ids")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: at least one token is needed")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): at least one token is needed")
+        limit = self.config.max_position_embeddings
         if input_ids.shape[1] > limit:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the context of {limit} tokens")
+        lo, hi = int(input_ids.min()), int(input_ids.max())  # one sync; forward is not the decode hot path
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """Prompt plus new tokens, like transformers' `generate`; see `fastsolar.generate.generate`."""

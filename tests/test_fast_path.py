@@ -99,6 +99,22 @@ def test_cache_bookkeeping_across_calls(model: Solar) -> None:
     assert torch.equal(again, expected)
 
 
+@pytest.mark.parametrize(
+    "ids, error, message",
+    [
+        (torch.zeros(1, 3), TypeError, "input_ids must be an int64"),
+        (torch.ones(3, dtype=torch.int64), ValueError, r"shape \[batch, seq\], got \(3,\)"),
+        (torch.ones(2, 0, dtype=torch.int64), ValueError, r"input_ids is empty \(shape \(2, 0\)\)"),
+        (torch.ones(1, 129, dtype=torch.int64), ValueError, "sequence of 129 tokens exceeds the context of 128"),
+        (torch.tensor([[1, 97]]), ValueError, r"token id 97 is outside the vocabulary \[0, 97\)"),
+        (torch.tensor([[-1, 2]]), ValueError, "token id -1 is outside"),
+    ],
+)
+def test_forward_refuses_bad_input(model: Solar, ids: torch.Tensor, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        model(ids.to(DEVICE))
+
+
 def test_cache_too_big_is_refused(model: Solar, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model_mod, "free_device_memory", lambda device: 2**20)
     old = model.cache
