@@ -62,6 +62,20 @@ def output_like(ref: torch.Tensor, out: torch.Tensor | None, name: str = "out") 
     return out
 
 
+def as_rows(name: str, t: torch.Tensor, n: int, *, writable: bool) -> torch.Tensor:
+    """View `t` as [rows, n] with unit column stride (row-strided views such as a slice of a fused
+    projection stay views). An input that cannot be viewed so is copied once; an output must be."""
+    try:
+        t2 = t.view(-1, n)
+    except RuntimeError:
+        t2 = None
+    if t2 is None or (t2.stride(-1) != 1 and t2.numel() > 0):
+        if writable:
+            raise ValueError(f"{name} must be viewable as [rows, {n}] with a contiguous last dim, got strides {t.stride()}")
+        t2 = t.contiguous().view(-1, n)  # a gather per element would cost more than this one copy
+    return t2
+
+
 # H100 SXM: what launch configs assume where no CUDA device is at hand (interpreter, compile checks).
 DEFAULT_CAPABILITY = (9, 0)
 DEFAULT_NUM_SMS = 132

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor
+from ._common import as_rows, check_same_device, check_tensor, output_like
 from ._rounding import cast_rtne
 
 # The largest row one program holds in registers; beyond it register spills make a
@@ -85,29 +85,6 @@ def rms_norm_launch_config(n_cols: int) -> dict[str, int]:
     return {"BLOCK": block, "num_warps": num_warps, "num_stages": 1}
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """View `t` as [rows, n] with unit column stride; copies only inputs that cannot be viewed so."""
-    t2 = t.reshape(-1, n)
-    if t2.stride(-1) != 1 and t2.shape[0] > 0:
-        # Documented copy: a strided last dim would need a gather per element.
-        t2 = t2.contiguous()
-    return t2
-
-
-def _out_rows(name: str, out: torch.Tensor, shape: torch.Size, dtype: torch.dtype, n: int) -> torch.Tensor:
-    """Check a caller-supplied output and view it as [rows, n] without copying (writes must land in it)."""
-    check_tensor(name, out, dtypes=(dtype,))
-    if out.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    try:
-        o2 = out.view(-1, n)
-    except RuntimeError:
-        o2 = None
-    if o2 is None or (o2.stride(-1) != 1 and o2.shape[0] > 0):
-        raise ValueError(f"{name} must be viewable as [rows, {n}] with a contiguous last dim, got strides {out.stride()}")
-    return o2
-
-
 def _check_common(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[int, float]:
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=1)
@@ -147,12 +124,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
     `out`, if given, receives y and must have x's shape and dtype.
     """
     n, eps = _check_common(x, weight, eps)
-    check_same_device(x=x, weight=weight, **({"out": out} if out is not None else {}))
-    x2 = _rows(x, n)
+    check_same_device(x=x, weight=weight)
+    x2 = as_rows("x", x, n, writable=False)
     w = weight.contiguous()  # n elements: the copy (if any) is negligible
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = _out_rows("out", out, x.shape, x.dtype, n)
+    out = output_like(x, out)
+    y2 = as_rows("out", out, n, writable=True)
     _launch(x2, x2, w, y2, y2, n, eps, has_residual=False)
     return out
 
@@ -178,17 +154,14 @@ def add_rms_norm(
         raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    extra = {k: v for k, v in (("out", out), ("out_h", out_h)) if v is not None}
-    check_same_device(x=x, residual=residual, weight=weight, **extra)
-    x2 = _rows(x, n)
-    r2 = _rows(residual, n)
+    check_same_device(x=x, residual=residual, weight=weight)
+    x2 = as_rows("x", x, n, writable=False)
+    r2 = as_rows("residual", residual, n, writable=False)
     w = weight.contiguous()
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out_h is None:
-        out_h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = _out_rows("out", out, x.shape, x.dtype, n)
-    h2 = _out_rows("out_h", out_h, x.shape, x.dtype, n)
+    out = output_like(x, out)
+    out_h = output_like(x, out_h, "out_h")
+    y2 = as_rows("out", out, n, writable=True)
+    h2 = as_rows("out_h", out_h, n, writable=True)
     _launch(x2, r2, w, y2, h2, n, eps, has_residual=True)
     return out, out_h
 

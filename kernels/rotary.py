@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor
+from ._common import check_same_device, check_tensor, output_like
 from ._rounding import cast_rtne
 
 MAX_HEAD_DIM = 256
@@ -182,14 +182,6 @@ def rotary_inv_freq(theta: float, head_dim: int, device: torch.device) -> torch.
     return inv
 
 
-def _check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
-    check_tensor(name, out, ndim=4, dtypes=(like.dtype,))
-    if out.shape != like.shape:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(out.shape)}")
-    if out.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dim, got strides {out.stride()}")
-
-
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,14 +225,8 @@ def apply_rotary(
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    if q_out is None:
-        q_out = torch.empty((b, s, n_heads, d), dtype=q.dtype, device=q.device)
-    else:
-        _check_out("q_out", q_out, q)
-    if k_out is None:
-        k_out = torch.empty((b, s, n_kv_heads, d), dtype=k.dtype, device=k.device)
-    else:
-        _check_out("k_out", k_out, k)
+    q_out = output_like(q, q_out, "q_out")
+    k_out = output_like(k, k_out, "k_out")
     if q.numel() == 0 and k.numel() == 0:
         return q_out, k_out
 

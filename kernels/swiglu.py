@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor
+from ._common import as_rows, check_same_device, check_tensor, output_like
 from ._rounding import cast_rtne
 
 
@@ -59,19 +59,6 @@ def swiglu_launch_config(n_elements: int) -> dict[str, int]:
     return {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 
 
-def _as_rows(name: str, t: torch.Tensor, n: int, writable: bool) -> torch.Tensor:
-    """View `t` as [rows, n] with a contiguous last dim; copy an input that cannot be, refuse an output."""
-    try:
-        t2 = t.view(-1, n)
-    except RuntimeError:
-        t2 = None
-    if t2 is None or (t2.stride(-1) != 1 and t2.numel() > 0):
-        if writable:
-            raise ValueError(f"{name} must be viewable as [rows, {n}] with a contiguous last dim, got strides {t.stride()}")
-        t2 = t.contiguous().view(-1, n)  # documented copy for awkward layouts
-    return t2
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for same-shape, same-dtype tensors of any shape; returns a new tensor (or `out`)."""
     check_tensor("gate", gate)
@@ -80,20 +67,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = N
         raise TypeError(f"up has dtype {up.dtype} but gate has {gate.dtype}; they must match")
     if up.shape != gate.shape:
         raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
-    if out is None:
-        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    else:
-        check_tensor("out", out, dtypes=(gate.dtype,))
-        if out.shape != gate.shape:
-            raise ValueError(f"out must have gate's shape {tuple(gate.shape)}, got {tuple(out.shape)}")
-    check_same_device(gate=gate, up=up, out=out)
+    check_same_device(gate=gate, up=up)
+    out = output_like(gate, out)
     n_elements = gate.numel()
     if n_elements == 0:
         return out
     n = gate.shape[-1] if gate.dim() > 0 else 1
-    g2 = _as_rows("gate", gate, n, writable=False)
-    u2 = _as_rows("up", up, n, writable=False)
-    o2 = _as_rows("out", out, n, writable=True)
+    g2 = as_rows("gate", gate, n, writable=False)
+    u2 = as_rows("up", up, n, writable=False)
+    o2 = as_rows("out", out, n, writable=True)
     rows = any(t.shape[0] > 1 and t.stride(0) != n for t in (g2, u2, o2))
     cfg = swiglu_launch_config(n_elements)
     grid = (triton.cdiv(n_elements, cfg["BLOCK"]),)
