@@ -68,7 +68,8 @@ fi
 # bench/run.py and bench/kernels.py only `import fastsolar` / `fastsolar.kernels` (no fallback of their own), so
 # this stage must leave both importable from anywhere, from this tree: checked from /tmp, with the file's path.
 importable() {
-    (cd /tmp && "$PY" - "$PWD" <<'PYEOF'
+    local root="$PWD"  # taken before the cd: "$PWD" inside the subshell would already be /tmp
+    (cd /tmp && "$PY" - "$root" <<'PYEOF'
 import os, sys
 import fastsolar.kernels, fastsolar.model
 root, found = os.path.realpath(sys.argv[1]), os.path.realpath(fastsolar.kernels.__file__)
