@@ -3,6 +3,7 @@
 Commands:
     generate MODEL_DIR --prompt TEXT   stream a completion (`--chat` wraps the prompt in the chat format)
     chat MODEL_DIR                     interactive SOLAR-Instruct chat on stdin / stdout
+    upscale BASE_DIR OUT_DIR --drop N  Depth Up-Scaling of a Llama/Mistral checkpoint (`--dry-run` prints the map)
 
 Adding a command is one function plus one decorator: write `def cmd_x(args) -> int` decorated with
 `@command("x", help=..., arguments=add_x_arguments)` where `add_x_arguments(parser)` adds its options.
@@ -17,7 +18,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs, so --help stays fast
+    from fastsolar.model import Solar
+    from fastsolar.tokenizer import Tokenizer
 
 logger = logging.getLogger("fastsolar")
 
@@ -85,10 +90,6 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
 
 
-_DTYPES = {"auto": None, "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
-
-
 def _check_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -100,28 +101,30 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.repetition_penalty > 0:
         raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of auto, float16, bfloat16, float32; got {args.dtype!r}")
+    if args.dtype != "auto":
+        from fastsolar.loader import resolve_dtype
+
+        try:
+            resolve_dtype(args.dtype)
+        except ValueError as e:
+            raise ValueError(f"--dtype: {e}") from None
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def load_tokenizer(model_dir: str):
+def load_tokenizer(model_dir: str) -> "Tokenizer":
     from fastsolar.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(model_dir)
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace) -> "Solar":
     """The model on `--device` in `--dtype` (tests replace this with a stub)."""
-    import torch
-
     from fastsolar.model import Solar
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model = Solar.from_pretrained(args.model_dir, device=device, dtype=_DTYPES[args.dtype])
-    logger.info("loaded %s on %s in %.1f s", args.model_dir, device, time.perf_counter() - t0)
+    model = Solar.from_pretrained(args.model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+    logger.info("loaded %s on %s in %.1f s", args.model_dir, model.device, time.perf_counter() - t0)
     return model
 
 

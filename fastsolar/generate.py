@@ -7,12 +7,14 @@ Finished rows (after an EOS) get pad tokens, as in transformers. Whether every r
 checked every `CHECK_EVERY` steps (a host sync); the output is then trimmed to the length transformers
 would have stopped at, so the tokens are the same.
 
+One deliberate difference: the repetition penalty counts only real prompt tokens, while transformers also
+penalises the pad ids of left-padded rows; so each row of a padded batch gets what it would get alone.
+
 `generate` and `stream` share one loop (`_token_loop`); `_make_step` is the single place where the decode
 step is built (eager here; fastsolar/graphs.py's CUDA-graph step plugs in there).
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,8 +23,6 @@ from typing import Any, Callable
 import torch
 
 from fastsolar.sampling import PerRow, Sampler, check_sampling_args
-
-logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 16  # decode steps between host checks for "every row has finished"
 CACHE_ROUND = 256  # cache lengths are rounded up to a multiple of this so later calls can reuse the cache
@@ -103,7 +103,7 @@ def _validate(
         mask = None
         lengths = [width] * b
         real = ids
-    lo, hi = int(real.min()), int(real.max())
+    lo, hi = (int(v) for v in torch.aminmax(real))
     if lo < 0 or hi >= config.vocab_size:
         raise ValueError(f"token ids must lie in [0, {config.vocab_size}); the prompt holds {lo if lo < 0 else hi}")
 

@@ -40,10 +40,6 @@ class KVCache:
     def max_seq(self) -> int:
         return self.k.shape[2]
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 @dataclass
 class DecodeSlots:
@@ -196,16 +192,21 @@ class Solar(nn.Module):
             raise ValueError(
                 f"max_seq {max_seq} exceeds the model's context of {self.config.max_position_embeddings} tokens"
             )
-        if self.cache is not None and self.cache.max_batch >= max_batch and self.cache.max_seq >= max_seq:
-            return self.cache
+        old = self.cache
+        if (old is not None and old.max_batch >= max_batch and old.max_seq >= max_seq
+                and old.k.dtype == self.dtype and old.k.device == self.device):
+            return old
         c = self.config
         shape = (c.num_hidden_layers, max_batch, max_seq, c.num_key_value_heads, c.head_dim)
-        self.cache = None  # release the old cache before measuring free memory
+        self.cache = old = None  # release the old cache before measuring free memory
         _check_fits(self, 2 * torch.Size(shape).numel() * self.dtype.itemsize, shape)
-        self.cache = KVCache(
-            k=torch.empty(shape, device=self.device, dtype=self.dtype),
-            v=torch.empty(shape, device=self.device, dtype=self.dtype),
-        )
+        # A normal tensor even when called under inference_mode (as generate does), so that prefill and
+        # decode can also be used under plain no_grad afterwards.
+        with torch.inference_mode(False):
+            self.cache = KVCache(
+                k=torch.empty(shape, device=self.device, dtype=self.dtype),
+                v=torch.empty(shape, device=self.device, dtype=self.dtype),
+            )
         return self.cache
 
     def prefill(self, input_ids: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
@@ -242,7 +243,7 @@ class Solar(nn.Module):
         limit = self.config.max_position_embeddings
         if input_ids.shape[1] > limit:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the context of {limit} tokens")
-        lo, hi = int(input_ids.min()), int(input_ids.max())  # one sync; forward is not the decode hot path
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # a host sync; forward is not the decode hot path
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
@@ -264,7 +265,10 @@ def free_device_memory(device: torch.device) -> int | None:
     """Free bytes on a CUDA device; None where the runtime cannot tell (CPU)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[0]
+    # Blocks torch's caching allocator holds but no tensor uses (a released cache, freed activations)
+    # are free for our purposes, though the driver counts them as used.
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
 
 
 # Activations and a prefill's logits need room too: keep a margin rather than fail mid-run.

@@ -267,3 +267,20 @@ def test_repeated_calls_reuse_cache(model):
     shorter = model.generate(ids[:1, :4], 3)
     assert model.cache is cache and model.cache.k is k  # big enough: reused, not reallocated
     assert torch.equal(shorter, model.generate(ids[:1, :4], 3))
+
+
+def test_cache_follows_the_model_dtype_and_grad_mode():
+    """A cache kept from before `model.to(dtype)` would no longer match the weights; one made inside
+    generate's inference_mode must still serve prefill/decode under plain no_grad."""
+    model = tiny_model(seed=3)
+    ids = prompt(1, 6, seed=7)
+    model.generate(ids, 4)
+    with torch.no_grad():  # not inference_mode: the cache must be a normal tensor
+        model.setup_cache(1, 16)
+        model.prefill(ids, torch.tensor([6], device=DEVICE))
+        model.decode(ids[:, 0], torch.tensor([6], device=DEVICE))
+    old = model.cache
+    model.to(torch.bfloat16)
+    out = model.generate(ids, 4)
+    assert model.cache is not old and model.cache.k.dtype == torch.bfloat16
+    assert out.shape == (1, 10)
