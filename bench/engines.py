@@ -19,9 +19,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedModel
+
+    from fastsolar.config import SolarConfig
+    from fastsolar.model import Solar
 
 log = logging.getLogger("bench")
 
@@ -29,7 +35,7 @@ log = logging.getLogger("bench")
 # ------------------------------------------------------------------------------------ models and weights
 
 
-def random_solar(config, device: torch.device, dtype: torch.dtype, seed: int):
+def random_solar(config: SolarConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Solar:
     """fastsolar's model with transformers-style random weights (normal std 0.02, norms 1), built in place
     on the device (no host copy of the weights)."""
     from fastsolar.model import Solar
@@ -49,7 +55,9 @@ def random_solar(config, device: torch.device, dtype: torch.dtype, seed: int):
     return model.eval().requires_grad_(False)
 
 
-def fit_layers(config, device: torch.device, dtype: torch.dtype, extra_bytes: int):
+def fit_layers(
+    config: SolarConfig, device: torch.device, dtype: torch.dtype, extra_bytes: int
+) -> tuple[SolarConfig, str | None]:
     """On CUDA, fewer layers when the full model plus `extra_bytes` of working memory does not fit."""
     if device.type != "cuda":
         return config, None
@@ -67,7 +75,7 @@ def fit_layers(config, device: torch.device, dtype: torch.dtype, extra_bytes: in
     return config.replace(num_hidden_layers=layers), note
 
 
-def hf_config_from(config, dtype: torch.dtype):
+def hf_config_from(config: SolarConfig, dtype: torch.dtype) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -82,7 +90,7 @@ def hf_config_from(config, dtype: torch.dtype):
     )
 
 
-def hf_sharing_weights(model, dtype: torch.dtype):
+def hf_sharing_weights(model: Solar, dtype: torch.dtype) -> PreTrainedModel:
     """A transformers LlamaForCausalLM whose parameters are views of fastsolar's (no second copy)."""
     from torch import nn
     from transformers import LlamaForCausalLM
@@ -119,7 +127,7 @@ def hf_sharing_weights(model, dtype: torch.dtype):
     return _hf_ready(hf)
 
 
-def hf_from_pretrained(model_dir: Path, device: torch.device, dtype: torch.dtype):
+def hf_from_pretrained(model_dir: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     kw = dict(dtype=dtype, attn_implementation="sdpa")
@@ -181,6 +189,11 @@ class FastsolarEngine(Engine):
 
         with ops.force_kernels(self.kernels):
             out = generate(self.model, ids, n, temperature=0.0, eos_token_id=[], cuda_graphs=self.graphs)
+        if self.graphs and n > 1:  # n > 1: at least one decode step ran, so a graph must have been captured
+            from fastsolar.graphs import shared_pool
+
+            if shared_pool(self.model).captures == 0:
+                raise RuntimeError("cuda_graphs=True but no CUDA graph was captured")
         return out[:, ids.shape[1]:]
 
     def close(self) -> None:
@@ -188,9 +201,7 @@ class FastsolarEngine(Engine):
             from fastsolar.graphs import shared_pool
 
             pool = shared_pool(self.model)
-            if pool.captures == 0:
-                self.notes.append("no CUDA graph was captured: generate's _make_step does not use fastsolar.graphs yet")
-            else:
+            if pool.captures:
                 self.notes.append(f"{pool.captures} graph captures")
             pool.clear()
         self.model = None

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The one script to run on a lent GPU machine (see /work/.library/device/README.md), from the repo root:
+# The one script to run on a GPU machine, from the repo root:
 #
 #     bash bench/gpu_check.sh            # logs and JSON under $OUT (set by the device tool), else ./out
+#
+# Benchmark method (bench/kernels.py): copy bandwidth measured first, as the ceiling; correctness checked
+# before anything is timed; medians of triton's do_bench with L2 flushed; repeated runs, spread reported.
 #
 # Stages, each under its own `timeout`, all run even if an earlier one fails; whole run < ~9.5 minutes:
 #   0. card, date, versions (nvidia-smi; the image's python3: torch 2.11 + triton 3.6 there, no internet)

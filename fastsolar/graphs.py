@@ -1,63 +1,40 @@
 """CUDA-graph captured decode step.
 
-UNVERIFIED ON HARDWARE as of 2026-11-27: written and CPU-tested for logic only (bucket choice, static
-buffers, state snapshot/restore around warm-up, recapture rules, token equality with the eager step via
-the `capture=False` path). Nothing here has yet been captured or replayed on a GPU by this project; the
-GPU-only test (tests/test_graphs.py::test_graphed_generate_matches_eager_on_cuda) and
-bench/gpu_check.sh are the first checks to run on one.
+UNVERIFIED ON HARDWARE: written and CPU-tested for logic only (static buffers, state snapshot/restore
+around warm-up, recapture rules, token equality with the eager step via the `capture=False` path). The
+first checks to run on a GPU are tests/test_graphs.py::test_graphed_generate_matches_eager_on_cuda and
+bench/gpu_check.sh.
 
-What it does
-------------
-`CudaGraphStep(model, sampler)` is a drop-in for the eager decode step of the Generation contract
-(docs/ARCHITECTURE.md): `step(tokens [b], positions [b]) -> next_tokens [b]`, computing
-`sampler(model.decode(tokens, positions))`. The first call at a new key warms the step up, captures it
-into a `torch.cuda.CUDAGraph`, then replays it; later calls copy the caller's tokens/positions into the
-graph's static input buffers, replay, and return a clone of the static output (so the next replay cannot
-overwrite what the caller holds).
+`CudaGraphStep(model, sampler)` is a drop-in for the eager decode step (docs/ARCHITECTURE.md):
+`step(tokens [b], positions [b]) -> next_tokens [b]` = `sampler(model.decode(tokens, positions))`. The
+first call at a new key warms the step up, captures it into a `torch.cuda.CUDAGraph` and replays it;
+later calls copy tokens/positions into the graph's static input buffers, replay, and return a clone of
+the static output (the next replay cannot overwrite what the caller holds).
 
-Batch sizes: exact, not padded buckets
---------------------------------------
-One graph is captured per *exact* batch size (`choose_bucket(..., policy="exact")`), lazily, on first
-use. Padding (a batch of 3 running the graph of 4) was rejected because:
-- the sampler is sized by its caller (one row per sequence, with a per-row seen-token mask and per-row
-  params); a padded graph would need a sampler of the bucket's size, and padding rows would draw from the
-  generator and mark tokens seen in rows that do not exist;
-- `generate` may size the KV cache to the real batch (`setup_cache(b, ...)`), and a padded row would
-  then need a cache row that is not there;
-- at batch <= 16 the step is bound by reading the weights, so padding buys no speed, only the saving of
-  a capture (about a few hundred ms and a little pool memory per distinct batch size).
-`choose_bucket(..., policy="pow2")` is kept for a caller that sizes its sampler and cache to buckets.
+Batch sizes are exact: one graph per batch size, captured lazily on first use. There is no padding to
+buckets, because the sampler (per-row params, seen-mask, generator) and possibly the KV cache are sized
+to the real batch, and at small batch the step is bound by reading the weights anyway.
 
-When a graph is reused / recaptured
------------------------------------
-Graphs live in a `GraphPool` attached to the model (`shared_pool(model)`), so they outlive one `generate`
-call. A graph is reused when all of these are unchanged (`graph_key`): batch size, token/position dtypes,
-the sampler object (the Sampler contract refills its device buffers in place with `reset`, so a graph
-that read them stays valid; a *new* Sampler object means a recapture) and its host-side `mode` flags
-(which processing stages run), the KV cache's storage (addresses,
-shape and strides of `model.cache.k`/`.v`: a reallocated cache means a recapture, and graphs that point
-at a cache that is gone are dropped), and `fastsolar.ops`' kernel/reference choice. At most
-`max_graphs` graphs are kept (least recently used dropped first).
+Reuse and recapture: graphs live in a `GraphPool` attached to the model (`shared_pool(model)`), so they
+outlive one `generate` call. A graph is reused while its `graph_key` is unchanged: batch size,
+token/position dtypes, the sampler object (a Sampler `reset` in place keeps its graphs valid; a new
+Sampler object means a recapture) and its host-side `mode` flags, the KV cache's storage (addresses,
+shapes, strides of `model.cache.k`/`.v`; graphs of a cache that is gone are dropped), and
+`fastsolar.ops`' kernel/reference choice. At most `max_graphs` graphs are kept (least recently used
+dropped first).
 
-Capture details
----------------
-- Warm-up runs (default 2) happen on a side stream before capture, as the torch docs prescribe; they
-  compile the Triton kernels and create cuBLAS handles/workspaces on the stream the capture uses. Warm-up
-  really runs the step, so the mutable state it touches is snapshotted before and restored after:
-  every tensor the sampler holds (seen-token mask, params) and the state of its generator(s). The KV
-  cache writes of a warm-up are the same values at the same positions the real step writes.
-- All graphs of one model share one memory pool (`torch.cuda.graph_pool_handle()`). That is safe here
-  because replays are sequential on one stream and each replay's output is cloned before any other
-  graph replays (the torch docs' condition for sharing).
-- RNG: the sampler's `torch.Generator` must be graph-safe. `CUDAGraph.register_generator_state(gen)`
-  registers a custom generator before capture: each replay then advances that generator's Philox
-  offset, so sampled rows get fresh randomness on every replay and the same random stream as eager for
-  the same seed. It came with pytorch#114068 (2024, torch 2.4) and is a method of `torch._C._CUDAGraph`
-  (so not in torch/cuda/graphs.py; torch 2.13's `_C/__init__.pyi` lists it); pytorch#176753 (2026-03)
-  made registration lazy and the call a deprecated no-op, so on whichever side of that the GPU machines'
-  torch 2.11 falls, calling it is right. The default CUDA generator is registered by `capture_begin`
-  itself. On a torch without the method, a sampler with a custom CUDA generator is refused with a clear
-  error (use eager, or the default generator).
+Capture:
+- Warm-up runs (default 2) happen on a side stream before capture, as the torch docs prescribe (Triton
+  compiles, cuBLAS workspaces on the capture stream). They really run the step, so every tensor the
+  sampler holds and the state of its generator(s) are snapshotted before and restored after; the KV
+  cache writes of a warm-up are the same values the real step writes.
+- All graphs of one model share one memory pool (`torch.cuda.graph_pool_handle()`): replays are
+  sequential on one stream and each output is cloned before another graph replays.
+- RNG: a custom CUDA generator held by the sampler is registered with
+  `CUDAGraph.register_generator_state(gen)` before capture, so each replay advances its Philox offset
+  (fresh randomness per replay, the eager stream for the same seed). The default CUDA generator is
+  registered by capture itself. On a torch without that method, a sampler with a custom CUDA generator
+  is refused with a clear error (use eager, or the default generator).
 """
 from __future__ import annotations
 
@@ -74,35 +51,12 @@ from fastsolar import ops
 
 logger = logging.getLogger(__name__)
 
-BUCKET_POLICIES = ("exact", "pow2")
-
-
-def choose_bucket(batch: int, max_batch: int, policy: str = "exact") -> int:
-    """The batch size a graph is captured at for a step of `batch` rows, given the cache's `max_batch`.
-
-    "exact" (what `CudaGraphStep` uses): `batch` itself. "pow2": the next power of two, capped at
-    `max_batch` (for callers whose sampler and cache are sized to buckets; rows past `batch` are padding).
-    """
+def check_batch(batch: int, max_batch: int) -> None:
+    """Refuse a step of `batch` rows that the KV cache (`max_batch` rows) cannot hold."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if batch > max_batch:
         raise ValueError(f"batch {batch} exceeds the KV cache's max_batch {max_batch}; call setup_cache first")
-    if policy == "exact":
-        return batch
-    if policy == "pow2":
-        return min(1 << (batch - 1).bit_length(), max_batch)
-    raise ValueError(f"unknown bucket policy {policy!r}; choose from {BUCKET_POLICIES}")
-
-
-def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """`t` [b, ...] extended to `rows` rows by repeating its last row (a valid token/position, so padding
-    rows compute something harmless). Used with the "pow2" policy; returns `t` when already `rows` long."""
-    b = t.shape[0]
-    if b == rows:
-        return t
-    if b > rows:
-        raise ValueError(f"cannot pad {b} rows down to {rows}")
-    return torch.cat([t, t[-1:].expand(rows - b, *t.shape[1:])])
 
 
 class GraphKey(NamedTuple):
@@ -123,7 +77,7 @@ def graph_key(model: Any, sampler: Any, tokens: torch.Tensor, positions: torch.T
     b = tokens.shape[0]
     if tokens.dim() != 1 or positions.shape != tokens.shape:
         raise ValueError(f"tokens and positions must both be [batch], got {tuple(tokens.shape)} and {tuple(positions.shape)}")
-    choose_bucket(b, cache.max_batch)  # validates b against the cache
+    check_batch(b, cache.max_batch)
     return GraphKey(
         b,
         tokens.dtype,
@@ -250,12 +204,12 @@ class GraphPool:
     def clear(self) -> None:
         self.entries.clear()
 
-    def cuda_pool(self):
+    def cuda_pool(self) -> tuple[int, int]:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
-    def side_stream(self, device: torch.device):
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
         return self._stream
@@ -280,7 +234,7 @@ def graphs_supported() -> bool:
 
 class CudaGraphStep:
     """`step(tokens [b], positions [b]) -> next_tokens [b]` = `sampler(model.decode(tokens, positions))`,
-    captured in a CUDA graph per exact batch size. Unverified on hardware as of 2026-11-27 (see module doc).
+    captured in a CUDA graph per exact batch size. Unverified on hardware (see the module docstring).
 
     capture: True captures CUDA graphs (needs the model on CUDA); False runs the very same static-buffer
     path (key, warm-up, state restore, static buffers, clone-out) eagerly, which is how the CPU tests prove

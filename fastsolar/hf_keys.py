@@ -27,12 +27,6 @@ KEY_MAP: tuple[tuple[str, str, int | None], ...] = (
     ("lm_head.weight", "lm_head.weight", None),
 )
 
-# Fused parameters: their parts in row order (names of the HF projections).
-FUSED_GROUPS: dict[str, tuple[str, ...]] = {
-    "layers.{i}.attention.wqkv.weight": ("q_proj", "k_proj", "v_proj"),
-    "layers.{i}.feed_forward.w_gate_up.weight": ("gate_proj", "up_proj"),
-}
-
 # Keys some checkpoints carry that hold nothing we need: the rotary inverse frequencies that old
 # transformers versions saved as persistent buffers (recomputed from rope_theta). Nothing else is ignored.
 IGNORED: tuple[str, ...] = (

@@ -52,12 +52,15 @@ modules whose `forward` is already overridden (e.g. accelerate offload hooks). A
 """
 from __future__ import annotations
 
+import functools
 import re
 import types
 from typing import Any
 
 import torch
 from torch import nn
+
+from fastsolar import ops
 
 #: transformers versions patch_hf accepts, as [min, max) (major, minor) bounds: 5.24.x only.
 SUPPORTED_TRANSFORMERS: tuple[tuple[int, int], tuple[int, int]] = ((5, 24), (5, 25))
@@ -72,14 +75,15 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
-# Dispatch: the Triton kernel or its torch reference, as fastsolar.ops decides
+# What the patched forwards need from transformers, looked up once (not at `import fastsolar`)
 # --------------------------------------------------------------------------------------------------
 
-def _op(name: str, like: torch.Tensor):
-    from fastsolar import kernels as K
-    from fastsolar.ops import use_kernels
+@functools.cache
+def _transformers_api() -> types.SimpleNamespace:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return getattr(K, name if use_kernels(like) else name + "_ref")
+    return types.SimpleNamespace(attention_functions=ALL_ATTENTION_FUNCTIONS, sdpa=sdpa_attention_forward)
 
 
 def _autograd(*tensors: torch.Tensor) -> bool:
@@ -96,14 +100,14 @@ def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
     if w.dtype != hidden_states.dtype or _autograd(hidden_states, w):
         # transformers promotes to the weight's dtype when they differ; the kernel rounds to x's.
         return type(self).forward(self, hidden_states)
-    return _op("rms_norm", hidden_states)(hidden_states, w, self.variance_epsilon)
+    return ops.rms_norm(hidden_states, w, self.variance_epsilon)
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if _autograd(x, self.gate_proj.weight):
         return type(self).forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(_op("swiglu", gate)(gate, up))
+    return self.down_proj(ops.swiglu(gate, up))
 
 
 def _decoder_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -116,7 +120,7 @@ def _decoder_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: 
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
     # transformers: h = residual + attn_out; y = post_attention_layernorm(h) -- one fused pass here.
-    y, hidden_states = _op("add_rms_norm", hidden_states)(hidden_states, residual, post.weight, post.variance_epsilon)
+    y, hidden_states = ops.add_rms_norm(hidden_states, residual, post.weight, post.variance_epsilon)
     return hidden_states + self.mlp(y)
 
 
@@ -145,15 +149,13 @@ def _attention_forward(
     q = self.q_proj(hidden_states).view(b, s, -1, d)
     k = self.k_proj(hidden_states).view(b, s, -1, d)
     v = self.v_proj(hidden_states).view(b, s, -1, d)
-    q, k = _op("apply_rotary", q)(q, k, position_ids.expand(b, s), self._fastsolar_rope_theta)
+    q, k = ops.apply_rotary(q, k, position_ids.expand(b, s), self._fastsolar_rope_theta)
     query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     if cache is not None:
         key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+    attention_interface = _transformers_api().attention_functions.get_interface(
         self.config._attn_implementation, self._fastsolar_eager_attention
     )
     extra = {"sliding_window": getattr(self.config, "sliding_window", None)} if self._fastsolar_mistral else {}
@@ -207,9 +209,7 @@ def fastsolar_attention(
         and not _autograd(query, key, value)
     )
     if not plain:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
+        return _transformers_api().sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [b, s, heads, d] views
@@ -219,7 +219,7 @@ def fastsolar_attention(
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    return _op("attention", q)(q, k, v, causal=True, scale=scaling), None
+    return ops.attention(q, k, v, causal=True, scale=scaling), None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,11 +330,7 @@ def _check_model(model: Any) -> dict[str, type]:
 
 
 def _check_kernels() -> None:
-    try:
-        from fastsolar import kernels as K
-    except ImportError as e:
-        raise ImportError(f"fastsolar.kernels cannot be imported: {e}") from e
-    missing = [n for n in _KERNEL_NAMES if not hasattr(K, n) or not hasattr(K, n + "_ref")]
+    missing = [n for n in _KERNEL_NAMES if not hasattr(ops.K, n) or not hasattr(ops.K, n + "_ref")]
     if missing:
         raise ImportError(f"fastsolar.kernels does not export {', '.join(missing)} (and their *_ref)")
 
@@ -361,6 +357,7 @@ def patch_hf(model: Any) -> Any:
     _check_kernels()
 
     register_attention()
+    _transformers_api()  # resolve what the patched forwards use now, not on their first call
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:

@@ -55,8 +55,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (K.swiglu if use_kernels(gate) else K.swiglu_ref)(gate, up)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True) -> torch.Tensor:
-    return (K.attention if use_kernels(q) else K.attention_ref)(q, k, v, causal=causal)
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    return (K.attention if use_kernels(q) else K.attention_ref)(q, k, v, causal=causal, scale=scale)
 
 
 def decode_attention(

@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 #: Per-layer tensor names in a Hugging Face Llama/Mistral checkpoint: `model.layers.{i}.<rest>`.
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-#: The non-layer tensors of a Llama/Mistral checkpoint, carried over unchanged (any other key is too).
-NON_LAYER_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 #: Like transformers' `save_pretrained` default ("5GB" = 5 * 10**9 bytes).
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -355,7 +353,7 @@ def upscale(
     shards = _plan_shards(items, max_bytes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     try:
-        _write_all(base, tmp, new_config, config, shards, total, progress)
+        _write_all(base, tmp, new_config, shards, total, progress)
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(tmp, out)
@@ -370,7 +368,6 @@ def _write_all(
     base: Path,
     tmp: Path,
     new_config: dict[str, Any],
-    base_config: dict[str, Any],
     shards: list[list[tuple[str, _Tensor]]],
     total: int,
     progress: bool,

@@ -1,4 +1,4 @@
-"""fastsolar.graphs: bucket choice, the static-buffer step (CPU, capture=False) against the eager step, recapture
+"""fastsolar.graphs: batch validation, the static-buffer step (CPU, capture=False) against the eager step, recapture
 rules; on CUDA, the captured step and graphed generate against eager."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from fastsolar import graphs
 from fastsolar.config import SolarConfig
-from fastsolar.graphs import CudaGraphStep, GraphPool, StateSnapshot, choose_bucket, pad_rows
+from fastsolar.graphs import CudaGraphStep, GraphPool, StateSnapshot, check_batch
 from fastsolar.model import Solar
 
 CUDA = torch.cuda.is_available()
@@ -93,24 +93,13 @@ def prompts_for(b: int, s: int, seed: int, device="cpu") -> torch.Tensor:
     return torch.randint(3, SMALL.vocab_size, (b, s), generator=g).to(device)
 
 
-def test_choose_bucket():
-    assert [choose_bucket(b, 16) for b in (1, 2, 3, 7, 16)] == [1, 2, 3, 7, 16]
-    assert [choose_bucket(b, 16, "pow2") for b in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
-    assert choose_bucket(5, 6, "pow2") == 6  # capped at the cache's rows
+def test_check_batch():
+    for b in (1, 2, 3, 7, 16):
+        check_batch(b, 16)
     with pytest.raises(ValueError, match="max_batch"):
-        choose_bucket(9, 8)
+        check_batch(9, 8)
     with pytest.raises(ValueError):
-        choose_bucket(0, 8)
-    with pytest.raises(ValueError, match="policy"):
-        choose_bucket(2, 8, "fib")
-
-
-def test_pad_rows():
-    t = torch.tensor([5, 6, 7])
-    assert pad_rows(t, 3) is t
-    assert pad_rows(t, 4).tolist() == [5, 6, 7, 7]
-    with pytest.raises(ValueError):
-        pad_rows(t, 2)
+        check_batch(0, 8)
 
 
 def test_state_snapshot_restores_tensors_and_generator():

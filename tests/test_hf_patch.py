@@ -44,7 +44,8 @@ def _ids(batch: int = 2, seq: int = SEQ, seed: int = 5) -> torch.Tensor:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls of each Triton kernel that the patched model makes."""
+    """Counts the calls of each Triton kernel that the patched model makes (through fastsolar.ops, which
+    looks each kernel up on fastsolar.kernels at call time, so the patched attributes see every call)."""
     counter: collections.Counter = collections.Counter()
     for name in KERNELS:
         fn = getattr(K, name)
