@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_DIM0 = 2**31 - 1  # CUDA's limit on gridDim.x
+MAX_GRID_DIM12 = 65535  # CUDA's limit on gridDim.y and gridDim.z
 
 
 def interpreting() -> bool:
@@ -35,6 +38,26 @@ def check_tensor(
             "(or a CPU tensor with TRITON_INTERPRET=1 set before triton is imported)"
         )
     return t
+
+
+def check_scalar(name: str, value: object, *, positive: bool = False) -> float:
+    """`value` as a float; TypeError/ValueError naming `name` unless it is a finite Python int/float
+    (> 0 with `positive`). Tensors, even 0-d ones, are refused: reading one would sync with the device
+    and break CUDA-graph capture."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python int or float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and not value > 0.0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return value
+
+
+def check_grid_dim(what: str, value: int, axis: int) -> None:
+    """ValueError unless `value` programs fit grid axis `axis` (CUDA: 2**31 - 1 on axis 0, 65535 on
+    axes 1 and 2; the interpreter has no such limit, so the check is made everywhere)."""
+    limit = MAX_GRID_DIM0 if axis == 0 else MAX_GRID_DIM12
+    if value > limit:
+        raise ValueError(f"{what} = {value} exceeds the CUDA grid limit of {limit} on grid axis {axis}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

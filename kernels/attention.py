@@ -18,6 +18,15 @@ exp(S - max) == exp2(t - max(t)); scale * log2(e) is folded into one multiply.
 
 A query row that can see no key at all (only possible when causal and seq_q > seq_k) has l == 0;
 its output is defined as 0 rather than NaN (the reference does the same).
+
+K and V must be finite at every index below seq_k, including positions the causal mask hides from
+some rows. A masked score gives p = 0, but 0 * NaN (and 0 * Inf) in p @ v is still NaN, so a NaN/Inf
+in a V row hidden from query row i reaches row i anyway: in the kernel whenever that V row lies in a
+BLOCK_N tile that row i's program loads, in attention_ref (whose p @ v spans all of seq_k) always.
+
+Grid: (cdiv(seq_q, BLOCK_M), batch * n_heads), M-blocks fastest so that programs running together
+share one (batch, head)'s K/V in L2. CUDA caps grid axis 1 at 65535, so batch * n_heads may not
+exceed it (the launcher raises ValueError; the interpreter would not notice).
 """
 from __future__ import annotations
 
@@ -27,7 +36,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_last_dim_contiguous, check_same_device, check_tensor, device_properties, output_like
+from ._common import (
+    DEFAULT_CAPABILITY,
+    check_grid_dim,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    device_properties,
+    output_like,
+)
 
 LOG2E = 1.4426950408889634
 MIN_HEAD_DIM = 16  # tl.dot needs K >= 16; smaller head dims would be padded anyway, keep the limit honest
@@ -170,7 +188,7 @@ def _block_d(head_dim: int) -> int:
 def attention_launch_config(
     head_dim: int,
     dtype: torch.dtype,
-    capability: tuple[int, int] = (9, 0),
+    capability: tuple[int, int] = DEFAULT_CAPABILITY,
 ) -> dict:
     """Block sizes and launch options for `_attn_fwd_kernel`.
 
@@ -221,7 +239,9 @@ def attention(
     q [batch, seq_q, n_heads, head_dim]; k, v [batch, seq_k, n_kv_heads, head_dim] with
     n_heads % n_kv_heads == 0. Strided views are fine as long as the last dim is contiguous.
     causal=True masks key j for query i when j > i + seq_k - seq_q (bottom-right aligned).
-    scale defaults to head_dim ** -0.5. `out` (optional) receives the result.
+    scale (a finite Python number) defaults to head_dim ** -0.5. `out` (optional) receives the result.
+    K and V must be finite below seq_k, also where the causal mask hides them (module docstring).
+    batch * n_heads must be at most 65535 (CUDA's limit on grid axis 1).
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
@@ -243,9 +263,10 @@ def attention(
         raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
+    # Grid axis 1 enumerates (batch, head); it stays axis 1 so M-blocks of one head run together.
+    check_grid_dim("batch * n_heads", batch * n_heads, axis=1)
+    scale = head_dim ** -0.5 if scale is None else check_scalar("scale", scale)
     out = output_like(q, out)
-    if scale is None:
-        scale = head_dim ** -0.5
 
     cfg = attention_launch_config(head_dim, q.dtype, device_properties(q.device)[0])
     grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * n_heads)
@@ -255,7 +276,7 @@ def attention(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq_q, seq_k, n_heads, n_heads // n_kv_heads, float(scale) * LOG2E,
+        seq_q, seq_k, n_heads, n_heads // n_kv_heads, scale * LOG2E,
         CAUSAL=bool(causal), **cfg,
     )
     return out

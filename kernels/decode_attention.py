@@ -22,8 +22,12 @@ Pass 2 (`_decode_reduce_kernel`, grid (batch * n_heads,)) combines the splits:
 NUM_SPLITS and CHUNK depend only on shapes (batch, max_seq, n_kv_heads) and the GPU's SM count,
 never on the values in seqlens, so the launch is CUDA-graph safe (no host sync, no .item()).
 Positions at or beyond seqlens[b] are never read (masked loads), so garbage/NaN there cannot leak.
-seqlens[b] == 0 is not allowed by callers; such a row gets output 0 (finite, no crash).
-seqlens[b] > max_seq is clamped to max_seq.
+seqlens[b] == 0 is not allowed by callers; such a row gets output exactly 0 (finite, no crash).
+seqlens[b] is clamped to [0, max_seq]: above max_seq acts as max_seq, below 0 as 0.
+
+Grid axes: pass 1 is (batch * n_kv_heads, NUM_SPLITS <= MAX_SPLITS), pass 2 (batch * n_heads,);
+axis 0 allows 2**31 - 1 programs and axis 1 stays far below CUDA's 65535, so no shape can
+overflow them (the launcher still checks axis 0).
 """
 from __future__ import annotations
 
@@ -31,7 +35,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DEFAULT_NUM_SMS, check_last_dim_contiguous, check_same_device, check_tensor, device_properties, output_like
+from ._common import (
+    DEFAULT_CAPABILITY,
+    DEFAULT_NUM_SMS,
+    check_grid_dim,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    device_properties,
+    output_like,
+)
 from .attention import LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, _block_d, _mma
 
 MAX_SPLITS = 64
@@ -154,7 +168,7 @@ def decode_attention_launch_config(
     n_kv_heads: int,
     head_dim: int,
     dtype: torch.dtype,
-    capability: tuple[int, int] = (9, 0),
+    capability: tuple[int, int] = DEFAULT_CAPABILITY,
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> dict:
     """Launch settings for `_decode_split_kernel`, from shapes only (never from seqlens values).
@@ -210,7 +224,8 @@ def decode_attention(
     """Attention of one query per sequence over the first seqlens[b] cache positions.
 
     q [batch, n_heads, head_dim]; k_cache, v_cache [batch, max_seq, n_kv_heads, head_dim];
-    seqlens int32 [batch], each in 1..max_seq (0 gives a zero row). Returns o [batch, n_heads, head_dim]
+    seqlens int32 [batch], each in 1..max_seq (0 gives a zero row; values are clamped to [0, max_seq]).
+    scale, when given, must be a finite Python number. Returns o [batch, n_heads, head_dim]
     in q's dtype (written into `out` when given). Strided inputs need a contiguous last dim.
     """
     check_tensor("q", q, ndim=3)
@@ -236,9 +251,9 @@ def decode_attention(
         check_last_dim_contiguous(name, t)
     if seqlens.stride(0) != 1 and batch > 1:
         seqlens = seqlens.contiguous()
+    check_grid_dim("batch * n_heads", batch * n_heads, axis=0)  # the larger axis-0 extent of the two passes
+    scale = head_dim ** -0.5 if scale is None else check_scalar("scale", scale)
     out = output_like(q, out)
-    if scale is None:
-        scale = head_dim ** -0.5
 
     capability, num_sms = device_properties(q.device)
     # n_heads % n_kv_heads is checked here, so the error names the tensors' head counts.
@@ -254,7 +269,7 @@ def decode_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        max_seq, n_kv_heads, n_heads // n_kv_heads, num_splits, chunk, float(scale) * LOG2E,
+        max_seq, n_kv_heads, n_heads // n_kv_heads, num_splits, chunk, scale * LOG2E,
         **cfg,
     )
     rcfg = decode_attention_reduce_launch_config(num_splits, head_dim)

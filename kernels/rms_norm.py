@@ -15,13 +15,11 @@ MAX_HIDDEN; SOLAR's 4096 needs BLOCK 4096 with 8 warps.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, check_same_device, check_tensor, output_like
+from ._common import as_rows, check_same_device, check_scalar, check_tensor, output_like
 from ._rounding import cast_rtne
 
 # The largest row one program holds in registers; beyond it register spills make a
@@ -67,9 +65,11 @@ def _rms_norm_kernel(
 
 
 def rms_norm_launch_config(n_cols: int) -> dict[str, int]:
-    """Block size and warp count for rows of `n_cols` elements (pure; used by the compile check)."""
+    """Block size and warp count for rows of `n_cols` elements (pure; used by the compile check).
+
+    The one check of the hidden size: the launchers rely on it (ValueError outside [1, MAX_HIDDEN])."""
     if n_cols < 1 or n_cols > MAX_HIDDEN:
-        raise ValueError(f"rms_norm: hidden size must be in [1, {MAX_HIDDEN}], got {n_cols}")
+        raise ValueError(f"rms_norm: x's last dim (hidden size) must be in [1, {MAX_HIDDEN}], got {n_cols}")
     block = triton.next_power_of_2(n_cols)
     # About 8-16 fp32 values per thread: enough bytes in flight per thread for bandwidth,
     # few enough registers that the row never spills.
@@ -85,7 +85,7 @@ def rms_norm_launch_config(n_cols: int) -> dict[str, int]:
     return {"BLOCK": block, "num_warps": num_warps, "num_stages": 1}
 
 
-def _check_common(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[int, float]:
+def _check_common(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[int, float, dict[str, int]]:
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=1)
     if x.dim() < 1:
@@ -93,19 +93,17 @@ def _check_common(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[in
     n = x.shape[-1]
     if weight.shape[0] != n:
         raise ValueError(f"weight has {weight.shape[0]} elements but x's last dim is {n}")
-    if n < 1 or n > MAX_HIDDEN:
-        raise ValueError(f"x's last dim (hidden size) must be in [1, {MAX_HIDDEN}], got {n}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0.0):
+    cfg = rms_norm_launch_config(n)  # checks the hidden size
+    eps = check_scalar("eps", eps)
+    if not eps >= 0.0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    return n, eps
+    return n, eps, cfg
 
 
-def _launch(x2, r2, w, y2, h2, n: int, eps: float, has_residual: bool) -> None:
+def _launch(x2, r2, w, y2, h2, n: int, eps: float, has_residual: bool, cfg: dict[str, int]) -> None:
     rows = x2.shape[0]
     if rows == 0:
         return
-    cfg = rms_norm_launch_config(n)
     _rms_norm_kernel[(rows,)](
         x2, r2, w, y2, h2,
         x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0),
@@ -123,13 +121,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
     product is rounded to x's dtype (torch would promote to weight's dtype if they differ).
     `out`, if given, receives y and must have x's shape and dtype.
     """
-    n, eps = _check_common(x, weight, eps)
+    n, eps, cfg = _check_common(x, weight, eps)
     check_same_device(x=x, weight=weight)
     x2 = as_rows("x", x, n, writable=False)
     w = weight.contiguous()  # n elements: the copy (if any) is negligible
     out = output_like(x, out)
     y2 = as_rows("out", out, n, writable=True)
-    _launch(x2, x2, w, y2, y2, n, eps, has_residual=False)
+    _launch(x2, x2, w, y2, y2, n, eps, False, cfg)
     return out
 
 
@@ -148,7 +146,7 @@ def add_rms_norm(
     `out_h=residual` (or x) updates the residual stream in place, which is safe because each
     program reads its whole row before writing it.
     """
-    n, eps = _check_common(x, weight, eps)
+    n, eps, cfg = _check_common(x, weight, eps)
     check_tensor("residual", residual)
     if residual.dtype != x.dtype:
         raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
@@ -162,7 +160,7 @@ def add_rms_norm(
     out_h = output_like(x, out_h, "out_h")
     y2 = as_rows("out", out, n, writable=True)
     h2 = as_rows("out_h", out_h, n, writable=True)
-    _launch(x2, r2, w, y2, h2, n, eps, has_residual=True)
+    _launch(x2, r2, w, y2, h2, n, eps, True, cfg)
     return out, out_h
 
 

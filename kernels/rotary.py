@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, output_like
+from ._common import check_grid_dim, check_same_device, check_scalar, check_tensor, output_like
 from ._rounding import cast_rtne
 
 MAX_HEAD_DIM = 256
@@ -152,7 +152,9 @@ def _rotary_kernel(
 
 
 def rotary_launch_config(n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, int]:
-    """Constexprs and warps for apply_rotary (pure; used by the compile check)."""
+    """Constexprs and warps for apply_rotary (pure; used by the compile check).
+
+    The one check of head_dim: apply_rotary relies on it (ValueError unless even and in [2, MAX_HEAD_DIM])."""
     if head_dim < 2 or head_dim % 2 or head_dim > MAX_HEAD_DIM:
         raise ValueError(f"apply_rotary: head_dim must be even and in [2, {MAX_HEAD_DIM}], got {head_dim}")
     half = head_dim // 2
@@ -209,14 +211,15 @@ def apply_rotary(
         raise ValueError(f"k must have shape [{b}, {s}, n_kv_heads, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if tuple(positions.shape) != (b, s):
         raise ValueError(f"positions must have shape [{b}, {s}] (q's batch and seq), got {tuple(positions.shape)}")
-    if d % 2 or d < 2 or d > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be even and in [2, {MAX_HEAD_DIM}], got {d}")
     n_kv_heads = k.shape[2]
-    theta = float(theta)
-    if not theta > 0.0:
-        raise ValueError(f"theta must be > 0, got {theta}")
+    cfg = rotary_launch_config(n_heads, n_kv_heads, d)  # checks head_dim
+    theta = check_scalar("theta", theta, positive=True)
     outs = {k_: v for k_, v in (("q_out", q_out), ("k_out", k_out)) if v is not None}
     check_same_device(q=q, k=k, positions=positions, **outs)
+    n_q_blocks = triton.cdiv(n_heads, cfg["BLOCK_H"])
+    n_k_blocks = triton.cdiv(n_kv_heads, cfg["BLOCK_H"])
+    check_grid_dim("seq", s, axis=0)
+    check_grid_dim("q + k head blocks", n_q_blocks + n_k_blocks, axis=1)
     if b > 65535:
         raise ValueError(f"batch must be <= 65535 (grid dim 2 limit), got {b}")
 
@@ -230,10 +233,7 @@ def apply_rotary(
     if q.numel() == 0 and k.numel() == 0:
         return q_out, k_out
 
-    cfg = rotary_launch_config(n_heads, n_kv_heads, d)
     inv_freq = rotary_inv_freq(theta, d, q.device)
-    n_q_blocks = triton.cdiv(n_heads, cfg["BLOCK_H"])
-    n_k_blocks = triton.cdiv(n_kv_heads, cfg["BLOCK_H"])
     grid = (s, n_q_blocks + n_k_blocks, b)
     _rotary_kernel[grid](
         q, k, q_out, k_out, positions, inv_freq,

@@ -1,10 +1,20 @@
 """Shared test helpers: the one `assert_close`, the test device, and seeded random inputs."""
 from __future__ import annotations
 
+import collections
+import logging
+
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+
+log = logging.getLogger("tests")
+
+# Seeds that unseeded randn() calls drew, most recent last: a failure can be replayed with
+# randn(..., seed=s). Logged at INFO (`pytest -o log_cli=true -o log_cli_level=INFO` shows them)
+# and quoted in assert_close's failure message.
+recent_seeds: collections.deque[int] = collections.deque(maxlen=16)
 
 # Absolute slack added on top of the measured torch error, per dtype.
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
@@ -42,7 +52,8 @@ def assert_close(
     With `baseline` (the same op written in torch at actual's dtype) the allowed error of every
     element is `factor * max|baseline - expected| + atol`: a kernel may be at most about twice as
     wrong as torch itself. Without it, the allowed error is `atol + rtol * |expected|`.
-    NaN or Inf in `actual` never passes unless `expected` holds the same non-finite value there.
+    Tolerances apply only where `expected` is finite: where it is NaN or +-Inf, `actual` must hold
+    the same non-finite value, and NaN or Inf in `actual` never passes anywhere else.
     `atol` defaults to the per-dtype slack in ATOL for actual's dtype.
     """
     assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -50,31 +61,50 @@ def assert_close(
         atol = ATOL.get(actual.dtype, 0.0)
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
-    tol = torch.full_like(e, atol) + rtol * e.abs()
+    finite_e = torch.isfinite(e)
+    # Tolerances exist only where expected is finite: rtol * |inf| would accept anything there.
+    tol = torch.where(finite_e, atol + rtol * e.abs(), 0.0)
     if baseline is not None:
         b = baseline.detach().double().cpu()
         base_err = (b - e).abs()
         base_err = base_err[torch.isfinite(base_err)]
         tol = tol + factor * (base_err.max() if base_err.numel() else 0.0)
     same_nonfinite = (~torch.isfinite(e)) & ((a == e) | (a.isnan() & e.isnan()))
-    ok = ((a - e).abs() <= tol) | same_nonfinite
+    ok = (finite_e & ((a - e).abs() <= tol)) | same_nonfinite
     if not bool(ok.all()):
         extra = ""
         if baseline is not None:
             extra = f"\n  torch baseline max abs err {float(factor and (tol.max() - atol) / factor):.3e} (allowed x{factor} + atol {atol:g})"
+        if recent_seeds:
+            extra += f"\n  recent unseeded randn seeds (oldest first): {list(recent_seeds)}"
         raise AssertionError(f"{msg} tensors not close:\n{_describe(a, e, ~ok)}{extra}")
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int | None = None, scale: float = 1.0) -> torch.Tensor:
-    """Fresh normal random data on the test device (never zeros)."""
+    """Fresh normal random data on the test device (never zeros). Without `seed` a fresh one is drawn
+    from OS entropy and recorded in `recent_seeds` (and logged), so any draw can be reproduced."""
     g = torch.Generator(device="cpu")
-    if seed is not None:
-        g.manual_seed(seed)
+    if seed is None:
+        seed = g.seed()  # non-deterministic, and the seed the generator now uses
+        recent_seeds.append(seed)
+        log.info("randn%s: unseeded draw used seed=%d", shape, seed)
     else:
-        g.seed()
+        g.manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float32) * scale).to(dtype=dtype, device=DEVICE)
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill a float tensor with NaN so that any element a kernel fails to write is caught."""
     return t.fill_(float("nan"))
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers-style left padding of 1-D token rows: (ids, attention_mask), int64 on the test device."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = r.to(torch.int64)
+            mask[i, width - len(r):] = 1
+    return ids.to(DEVICE), mask.to(DEVICE)

@@ -90,7 +90,7 @@ ATTN_CASES = [
     _case(1, 217, 1151, 32, 8, 128, True, gpu=True, id="solar-q217-k1151"),
     _case(2, 1151, 1151, 8, 1, 64, True, gpu=True, id="s1151-gqa8-d64"),
     _case(1, 217, 217, 4, 2, 256, True, gpu=True, id="s217-d256"),
-    _case(1, 113, 113, 4, 4, 16, False, gpu=True, id="s113-d16"),
+    _case(1, 113, 113, 4, 4, 16, False, id="s113-d16"),
 ]
 
 
@@ -197,7 +197,7 @@ DECODE_CASES = [
     _case(4096, 32, 8, 128, [1234], gpu=True, id="solar-b1-partial"),
     _case(4096, 32, 8, 128, [1, 17, 113, 4096], gpu=True, id="solar-b4"),
     _case(1151, 32, 8, 128, [1151, 1, 600, 1000, 17, 2, 1150, 333], gpu=True, id="solar-b8"),
-    _case(300, 16, 16, 256, [300, 7], gpu=True, id="mha-d256"),
+    _case(300, 16, 16, 256, [300, 7], id="mha-d256"),
     _case(4096, 32, 1, 128, [4096, 2049], gpu=True, id="mqa-group32"),
 ]
 
@@ -227,14 +227,64 @@ def test_decode_attention_strided_views(dtype):
 
 
 def test_decode_attention_zero_seqlen_row_is_finite():
-    """seqlens[b] == 0 is outside the contract, but must not crash or poison the other rows."""
+    """seqlens[b] == 0 is outside the contract, but must not crash or poison the other rows; the
+    row itself is documented to come out exactly 0."""
     q = randn(2, 4, 64)
     k, v = _make_cache(2, 40, 2, 64, torch.float32, [0, 40])
     seqlens = torch.tensor([0, 40], dtype=torch.int32, device=DEVICE)
     got = decode_attention(q, k, v, seqlens, out=poison(torch.empty_like(q)))
     assert torch.isfinite(got).all()
+    assert (got[0] == 0).all(), "a seqlens-0 row must be exactly 0"
     truth = decode_attention_ref(q.double(), k.double(), v.double(), seqlens)
     assert_close(got[1], truth[1], baseline=decode_attention_ref(q, k, v, seqlens)[1])
+
+
+def test_decode_attention_poisoned_workspaces(monkeypatch):
+    """The split kernel must store m/l/acc for every (head, split), also for splits past seqlens[b]
+    (empty chunks) and for seqlens 0: the fp32 workspaces come from torch.empty, so here they are
+    NaN-filled and any slot the split kernel skips reaches the output as NaN."""
+    batch, max_seq, n_heads, n_kv_heads, head_dim = 3, 150, 4, 1, 64
+    lens = [150, 1, 0]  # all splits full / all but the first empty / all empty
+    q = randn(batch, n_heads, head_dim)
+    k, v = _make_cache(batch, max_seq, n_kv_heads, head_dim, torch.float32, lens)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = poison(torch.empty_like(q))
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    made = []
+
+    def nan_filled(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+
+    with monkeypatch.context() as mp:  # only around the call
+        mp.setattr(torch, "empty", lambda *a, **kw: nan_filled(real_empty(*a, **kw)))
+        mp.setattr(torch, "empty_like", lambda *a, **kw: nan_filled(real_empty_like(*a, **kw)))
+        decode_attention(q, k, v, seqlens, out=out)
+    num_splits = decode_attention_launch_config(batch, max_seq, n_heads, n_kv_heads, head_dim, torch.float32)["num_splits"]
+    assert num_splits > 1, "the case must have empty splits"
+    assert sum(t.shape[:2] == (batch, n_heads) and t.dtype == torch.float32 for t in made) >= 3, \
+        "the workspaces were not allocated through torch.empty/empty_like: the test no longer poisons them"
+    assert torch.isfinite(out).all(), "a workspace slot was left unwritten"
+    assert (out[2] == 0).all()
+    assert_close(out, decode_attention_ref(q.double(), k.double(), v.double(), seqlens),
+                 baseline=decode_attention_ref(q, k, v, seqlens))
+
+
+def test_decode_attention_clamps_seqlens():
+    """Documented: seqlens are clamped to [0, max_seq], so [max_seq + 5, -3] acts as [max_seq, 0]."""
+    max_seq = 40
+    q = randn(2, 4, 64)
+    k, v = _make_cache(2, max_seq, 2, 64, torch.float32, [max_seq, 0])
+    wild = decode_attention(q, k, v, torch.tensor([max_seq + 5, -3], dtype=torch.int32, device=DEVICE),
+                            out=poison(torch.empty_like(q)))
+    clamped = torch.tensor([max_seq, 0], dtype=torch.int32, device=DEVICE)
+    tame = decode_attention(q, k, v, clamped, out=poison(torch.empty_like(q)))
+    assert torch.equal(wild, tame)
+    assert (wild[1] == 0).all()
+    assert_close(wild, decode_attention_ref(q.double(), k.double(), v.double(), clamped),
+                 baseline=decode_attention_ref(q, k, v, clamped))
 
 
 def test_decode_splits_depend_only_on_shapes(monkeypatch):
@@ -326,6 +376,20 @@ def test_attention_rejects_bad_inputs():
         attention(q, k, v, out=torch.empty(1, 4, 4, 32, device=DEVICE))
     with pytest.raises(TypeError, match="out has dtype float16"):
         attention(q, k, v, out=torch.empty_like(q, dtype=torch.float16))
+    with pytest.raises(TypeError, match="scale must be a Python int or float, got Tensor"):
+        attention(q, k, v, scale=torch.tensor(0.1, device=DEVICE))  # 0-d tensor: a host sync
+    with pytest.raises(ValueError, match="scale must be a finite number, got nan"):
+        attention(q, k, v, scale=float("nan"))
+
+
+def test_attention_rejects_grid_overflow():
+    """batch * n_heads is grid axis 1, which CUDA caps at 65535 (the interpreter does not)."""
+    q = randn(1, 1, 65536, 16)
+    kv = randn(1, 1, 1, 16)
+    with pytest.raises(ValueError, match=r"batch \* n_heads = 65536 exceeds the CUDA grid limit of 65535"):
+        attention(q, kv, kv)
+    with pytest.raises(ValueError, match=r"batch \* n_heads = 65538 exceeds"):
+        attention(randn(2, 1, 32769, 16), randn(2, 1, 1, 16), randn(2, 1, 1, 16))
 
 
 def test_decode_attention_rejects_bad_inputs():
@@ -353,3 +417,7 @@ def test_decode_attention_rejects_bad_inputs():
         decode_attention(q, k, v[:, :8], lens)
     with pytest.raises(ValueError, match="k_cache batch 1 != q batch 2"):
         decode_attention(q, k[:1], v[:1], lens)
+    with pytest.raises(TypeError, match="scale must be a Python int or float, got Tensor"):
+        decode_attention(q, k, v, lens, scale=torch.tensor(0.1, device=DEVICE))
+    with pytest.raises(ValueError, match="scale must be a finite number, got inf"):
+        decode_attention(q, k, v, lens, scale=float("inf"))

@@ -13,7 +13,7 @@ import torch
 
 import fastsolar.model as model_mod
 from fastsolar import Solar, SolarConfig, ops
-from helpers import DEVICE, ON_GPU, assert_close
+from helpers import DEVICE, ON_GPU, assert_close, left_pad
 
 CONFIG = SolarConfig(
     vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -35,13 +35,11 @@ def model() -> Solar:
 
 
 def left_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i: the last lengths[i] tokens of one seeded [rows, max(lengths)] draw, left-padded with 0."""
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
     ids = torch.randint(3, CONFIG.vocab_size, (len(lengths), width), generator=g)
-    mask = torch.zeros(len(lengths), width, dtype=torch.int64)
-    for row, n in enumerate(lengths):
-        mask[row, width - n:] = 1
-    return (ids * mask).to(DEVICE), mask.to(DEVICE)
+    return left_pad([ids[row, width - n:] for row, n in enumerate(lengths)], pad_id=0)
 
 
 def test_kernel_logits_match_reference(model: Solar) -> None:

@@ -44,7 +44,7 @@ def _weight(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [(1, 4096), (17, 3000), (2, 3, 123), (123,)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4096), (113, 4096), (17, 3000), (2, 3, 123), (123,)], ids=str)
 def test_rms_norm(shape, dtype):
     n = shape[-1]
     x = randn(*shape, dtype=dtype, scale=3.0)
@@ -55,14 +55,6 @@ def test_rms_norm(shape, dtype):
     assert y is out and y.dtype == dtype
     assert_close(y, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS), msg=f"rms_norm {shape} {dtype}")
     assert torch.equal(x, x0) and torch.equal(w, w0), "inputs modified"
-
-
-def test_rms_norm_prefill_solar_bf16():
-    x = randn(113, 4096, dtype=torch.bfloat16)
-    w = _weight(4096, torch.bfloat16)
-    y = rms_norm(x, w, EPS)
-    assert y.shape == x.shape and y.dtype == torch.bfloat16
-    assert_close(y, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -111,16 +103,20 @@ def test_add_rms_norm(shape, dtype):
 
 
 def test_add_rms_norm_in_place_residual_and_strided():
-    # The model updates its residual stream in place: out_h=residual must be safe.
+    # The documented in-place use, out_h=residual (the model itself lets add_rms_norm allocate h),
+    # must be safe: each program reads its whole row before writing it. x is a strided row view.
     wide = randn(2, 9, 1000, dtype=torch.float16)
     x = wide[..., 100:223]
     r = randn(2, 9, 123, dtype=torch.float16)
     w = _weight(123, torch.float16)
+    wide0 = wide.clone()
     y_base, h_base = add_rms_norm_ref(x, r, w, EPS)
     y_exp, _ = add_rms_norm_ref(_d(x), _d(r), _d(w), EPS)
-    y, h = add_rms_norm(x, r, w, EPS, out_h=r)
-    assert h is r and torch.equal(r, h_base)
+    out = poison(torch.empty_like(r))
+    y, h = add_rms_norm(x, r, w, EPS, out=out, out_h=r)
+    assert y is out and h is r and torch.equal(r, h_base)
     assert_close(y, y_exp, baseline=y_base)
+    assert torch.equal(wide, wide0), "x's base tensor modified"
 
 
 def test_rms_norm_bad_inputs():
@@ -138,6 +134,12 @@ def test_rms_norm_bad_inputs():
         rms_norm(randn(1, 65537), _weight(65537, torch.float32), EPS)
     with pytest.raises(ValueError, match="eps must be a finite number"):
         rms_norm(x, w, -1.0)
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        rms_norm(x, w, float("nan"))
+    with pytest.raises(TypeError, match="eps must be a Python int or float, got Tensor"):
+        rms_norm(x, w, torch.tensor(EPS, device=DEVICE))  # a 0-d tensor would sync with the device
+    with pytest.raises(TypeError, match="eps must be a Python int or float"):
+        add_rms_norm(x, x, w, torch.tensor(EPS))
     with pytest.raises(ValueError, match=r"out must have shape \(4, 64\)"):
         rms_norm(x, w, EPS, out=torch.empty(4, 65, device=DEVICE))
     with pytest.raises(TypeError, match="out has dtype float16"):
@@ -273,6 +275,15 @@ def test_apply_rotary_bad_inputs():
         apply_rotary(q, k, pos[0], THETA)
     with pytest.raises(ValueError, match=r"q_out must have shape \(1, 2, 4, 64\)"):
         apply_rotary(q, k, pos, THETA, q_out=torch.empty(1, 2, 1, 64, device=DEVICE))
+    with pytest.raises(TypeError, match="theta must be a Python int or float, got Tensor"):
+        apply_rotary(q, k, pos, torch.tensor(THETA, device=DEVICE))
+    with pytest.raises(ValueError, match="theta must be a finite number > 0, got 0.0"):
+        apply_rotary(q, k, pos, 0)
+    with pytest.raises(ValueError, match="theta must be a finite number > 0, got inf"):
+        apply_rotary(q, k, pos, float("inf"))
+    # 65535 q heads + 1 kv head in blocks of 1 head: 65536 programs on grid axis 1 (CUDA's limit 65535).
+    with pytest.raises(ValueError, match="head blocks = 65536 exceeds the CUDA grid limit of 65535"):
+        apply_rotary(randn(1, 1, 65535, 2), randn(1, 1, 1, 2), _positions(1, 1, [0], torch.int64), THETA)
 
 
 SINCOS_BOUND = 2.0**16  # kernels/rotary.py: _sincos is accurate for |angle| < 2^16
@@ -380,5 +391,5 @@ def test_swiglu_bad_inputs():
 
 
 def test_swiglu_launch_config():
-    cfg = swiglu_launch_config(14336)
+    cfg = swiglu_launch_config()
     assert set(cfg) == {"BLOCK", "num_warps", "num_stages"} and cfg["BLOCK"] % 128 == 0

@@ -6,7 +6,7 @@ import torch
 
 import hf_fixtures as F
 from fastsolar.model import Solar
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, left_pad
 
 RTOL, ATOL = 1e-5, 1e-5
 N_NEW = 32
@@ -14,8 +14,11 @@ N_NEW = 32
 
 def close(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
     """About 1e-5 relative: per element rtol plus an atol scaled by the logits' magnitude (float32 sums in
-    a different order differ by a few ulps of the largest terms, not of each small logit)."""
-    assert_close(actual, expected, rtol=RTOL, atol=ATOL * float(expected.abs().max()), msg=msg)
+    a different order differ by a few ulps of the largest terms, not of each small logit). The scale is the
+    largest finite |expected|: an Inf there would make atol infinite; non-finite elements must match exactly."""
+    finite = expected[torch.isfinite(expected)].abs()
+    scale = float(finite.max()) if finite.numel() else 0.0
+    assert_close(actual, expected, rtol=RTOL, atol=ATOL * scale, msg=msg)
 
 
 def _prompt(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -99,13 +102,8 @@ def test_prefill_then_decode_equals_full_forward(pair):
 
 
 def _left_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), F.PAD_ID, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = _prompt(1, n, seed=seed + i)[0]
-        mask[i, width - n:] = 1
-    return ids.to(DEVICE), mask.to(DEVICE)
+    """Row i: a prompt of lengths[i] tokens drawn with seed + i, left-padded with PAD_ID."""
+    return left_pad([_prompt(1, n, seed=seed + i)[0] for i, n in enumerate(lengths)], F.PAD_ID)
 
 
 def test_batched_left_padded_matches_single_and_transformers(gen_pair):
