@@ -3,16 +3,20 @@
 The model is built on the meta device, every parameter is allocated once on the target device in the
 target dtype, and each checkpoint tensor is copied into it (fused q/k/v and gate/up into their row
 slices) shard by shard, so a 10.7B model reaches a GPU without a second full copy in host memory.
-Before anything is allocated, the headers of all shards are read and checked strictly against the
-config: unknown, missing and mis-shaped keys are reported together in one ValueError.
+Before anything is allocated, the headers of all shards are read (`read_tensor_headers`, which
+`fastsolar.upscale` uses too) and checked strictly against the config: unknown, missing and mis-shaped
+keys are reported together in one ValueError.
 Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+import struct
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,6 +37,10 @@ _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
 _MAX_LISTED = 20
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+# Bytes per element of the safetensors dtypes a checkpoint may hold (others are read without a size check).
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1,
+             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1}
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -86,6 +94,85 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | Non
     raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {model_dir}")
 
 
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor of a safetensors file as its header describes it (no data is read)."""
+
+    file: Path
+    key: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        numel = math.prod(self.shape)
+        return self.nbytes // numel if numel else 1
+
+
+def _read_header(path: Path) -> list[TensorHeader]:
+    """The tensors of one safetensors file: 8-byte little-endian header length, JSON header, then the data.
+
+    Raises ValueError naming the file for a corrupt header or a file shorter than its header says.
+    """
+    def bad(why: str) -> ValueError:
+        return ValueError(f"cannot read checkpoint shard {path}: {why}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise bad(f"not a safetensors file (only {len(raw)} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise bad(f"not a safetensors file (header of {n} bytes)")
+        if 8 + n > size:
+            raise bad(f"truncated: the header needs {8 + n} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"not a safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("not a safetensors file: the header is not a JSON object")
+    tensors = []
+    data_end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"malformed header entry for {key}: {info!r}") from None
+        ints = all(isinstance(v, int) and v >= 0 for v in (*shape, start, end))
+        if not (isinstance(dtype, str) and ints and start <= end):
+            raise bad(f"malformed header entry for {key}: {info!r}")
+        if dtype in _ITEMSIZE and end - start != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise bad(f"{key} is {dtype} {list(shape)} but its data_offsets span {end - start} bytes")
+        tensors.append(TensorHeader(path, key, dtype, shape, end - start))
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise bad(f"truncated: the header declares {8 + n + data_end} bytes, the file has {size}")
+    return tensors
+
+
+def read_tensor_headers(shards: Iterable[Path]) -> dict[str, TensorHeader]:
+    """Key -> TensorHeader for every tensor in the safetensors `shards`, read from the headers alone.
+
+    ValueError naming the file for a corrupt or truncated shard, and one ValueError listing every key
+    stored in more than one shard.
+    """
+    headers: dict[str, TensorHeader] = {}
+    duplicates: list[str] = []
+    for path in shards:
+        for t in _read_header(Path(path)):
+            if t.key in headers:
+                duplicates.append(f"{t.key} (in {headers[t.key].file.name} and {t.file.name})")
+            headers[t.key] = t
+    if duplicates:
+        raise ValueError("inconsistent checkpoint: " + _listing("keys stored twice", duplicates))
+    return headers
+
+
 def _open(path: Path, device: str):
     from safetensors import safe_open
 
@@ -104,7 +191,7 @@ def _listing(title: str, items: list[str]) -> str:
 
 
 def _plan(
-    model: nn.Module, config: SolarConfig, headers: dict[str, tuple[Path, tuple[int, ...]]]
+    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader]
 ) -> dict[Path, list[tuple[str, str, slice | None]]]:
     """Per shard, the (hf_key, param_name, row_slice) copies to make; raises one ValueError for every problem."""
     params = dict(model.named_parameters())
@@ -112,7 +199,8 @@ def _plan(
     plan: dict[Path, list[tuple[str, str, slice | None]]] = {}
     unexpected: list[str] = []
     bad_shape: list[str] = []
-    for key, (path, shape) in headers.items():
+    for key, header in headers.items():
+        path, shape = header.file, header.shape
         if hf_keys.is_ignored(key):
             logger.debug("ignoring checkpoint key %s", key)
             continue
@@ -153,29 +241,14 @@ def _plan(
     return plan
 
 
-def _read_headers(shards: list[Path], weight_map: dict[str, Path] | None) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    headers: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    duplicates: list[str] = []
-    for path in shards:
-        with _open(path, "cpu") as f:
-            try:
-                for key in f.keys():
-                    if key in headers:
-                        duplicates.append(f"{key} (in {headers[key][0].name} and {path.name})")
-                    headers[key] = (path, tuple(f.get_slice(key).get_shape()))
-            except Exception as e:
-                raise ValueError(f"cannot read checkpoint shard {path}: {e}") from e
-    problems = []
-    if duplicates:
-        problems.append(_listing("keys stored twice", duplicates))
-    if weight_map is not None:
-        astray = [f"{k} (index says {p.name})" for k, p in weight_map.items() if headers.get(k, (p,))[0] != p]
-        absent = [f"{k} (index says {p.name})" for k, p in weight_map.items() if k not in headers]
-        if astray or absent:
-            problems.append(_listing("keys listed in the index but not in their shard", absent + astray))
-    if problems:
-        raise ValueError("inconsistent checkpoint: " + "; ".join(problems))
-    return headers
+def _check_index(headers: dict[str, TensorHeader], weight_map: dict[str, Path]) -> None:
+    """Every key the index lists must be in the shard the index names."""
+    astray = [f"{k} (index says {p.name})" for k, p in weight_map.items() if k in headers and headers[k].file != p]
+    absent = [f"{k} (index says {p.name})" for k, p in weight_map.items() if k not in headers]
+    if astray or absent:
+        raise ValueError(
+            "inconsistent checkpoint: " + _listing("keys listed in the index but not in their shard", absent + astray)
+        )
 
 
 def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -218,7 +291,9 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
     shards, weight_map = checkpoint_files(model_dir)
-    headers = _read_headers(shards, weight_map)
+    headers = read_tensor_headers(shards)
+    if weight_map is not None:
+        _check_index(headers, weight_map)
 
     with torch.device("meta"):
         model = cls(config)

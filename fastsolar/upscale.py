@@ -22,7 +22,8 @@ SOLAR's 48 layers: new 0..23 <- base 0..23, new 24..47 <- base 8..31.
 
 Memory stays bounded by the largest single tensor (about 0.5 GB for a 7B model): tensors are read one
 at a time with `safetensors.safe_open` and appended to the open output shard, whose header is
-computed up front from the base files' headers (shapes and dtypes are known before any data is read).
+computed up front from the base files' headers (`fastsolar.loader.read_tensor_headers`: shapes and dtypes
+are known before any data is read).
 Nothing is unpickled: a `.bin` (pickle) base is refused. The work happens in a hidden temporary
 directory next to `out_dir` that is renamed into place at the end, so a failure never leaves a
 half-written checkpoint behind.
@@ -36,19 +37,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import struct
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastsolar.config import SolarConfig, read_config_json
-from fastsolar.loader import INDEX_FILE, SINGLE_FILE, checkpoint_files
+from fastsolar.loader import INDEX_FILE, SINGLE_FILE, TensorHeader, checkpoint_files, read_tensor_headers
 
 logger = logging.getLogger(__name__)
 
@@ -141,52 +140,7 @@ def parse_size(size: int | str) -> int:
 # Reading the base
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Tensor:
-    """One tensor of the base as its safetensors header describes it."""
-
-    file: Path
-    key: str
-    dtype: str  # safetensors dtype string, e.g. "BF16"
-    shape: tuple[int, ...]
-    nbytes: int
-
-    @property
-    def itemsize(self) -> int:
-        numel = math.prod(self.shape)
-        return self.nbytes // numel if numel else 1
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise ValueError(f"{path} is not a safetensors file (header of {n} bytes)")
-        try:
-            return json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors file: {e}") from None
-
-
-def _scan_weights(base: Path) -> dict[str, _Tensor]:
-    tensors: dict[str, _Tensor] = {}
-    for path in checkpoint_files(base)[0]:
-        header = _read_header(path)
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            if key in tensors:
-                raise ValueError(f"tensor {key!r} appears in both {tensors[key].file.name} and {path.name}")
-            start, end = info["data_offsets"]
-            tensors[key] = _Tensor(path, key, info["dtype"], tuple(info["shape"]), end - start)
-    return tensors
-
-
-def _check_weights(tensors: Mapping[str, _Tensor], config: Mapping[str, Any]) -> None:
+def _check_weights(tensors: Mapping[str, TensorHeader], config: Mapping[str, Any]) -> None:
     """Refuse weights that do not match a Llama/Mistral checkpoint of `config`'s depth."""
     n = config["num_hidden_layers"]
     per_layer: dict[int, set[str]] = {}
@@ -234,9 +188,9 @@ def _check_out_dir(out: Path) -> None:
 # Writing
 # --------------------------------------------------------------------------------------------------
 
-def _plan_shards(items: list[tuple[str, _Tensor]], max_bytes: int) -> list[list[tuple[str, _Tensor]]]:
+def _plan_shards(items: list[tuple[str, TensorHeader]], max_bytes: int) -> list[list[tuple[str, TensorHeader]]]:
     """Greedy split in order, like transformers: a shard closes when the next tensor would overflow it."""
-    shards: list[list[tuple[str, _Tensor]]] = [[]]
+    shards: list[list[tuple[str, TensorHeader]]] = [[]]
     size = 0
     for item in items:
         nbytes = item[1].nbytes
@@ -248,7 +202,7 @@ def _plan_shards(items: list[tuple[str, _Tensor]], max_bytes: int) -> list[list[
     return shards
 
 
-def _shard_header(items: list[tuple[str, _Tensor]]) -> tuple[bytes, list[tuple[str, _Tensor]]]:
+def _shard_header(items: list[tuple[str, TensorHeader]]) -> tuple[bytes, list[tuple[str, TensorHeader]]]:
     """The safetensors header for `items` and the order in which their data follows it.
 
     Wider dtypes first (stable otherwise), so every tensor's data starts at a multiple of its item size.
@@ -271,7 +225,7 @@ def _tensor_bytes(tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def _write_shard(path: Path, items: list[tuple[str, _Tensor]], handles: dict[Path, Any], bar) -> None:
+def _write_shard(path: Path, items: list[tuple[str, TensorHeader]], handles: dict[Path, Any], bar) -> None:
     header, ordered = _shard_header(items)
     with open(path, "wb") as f:
         f.write(header)
@@ -314,12 +268,12 @@ def upscale(
     new_config, mapping = upscale_config(config, drop)
     out = Path(out_dir)
     _check_out_dir(out)
-    tensors = _scan_weights(base)
+    tensors = read_tensor_headers(checkpoint_files(base)[0])
     _check_weights(tensors, config)
     max_bytes = parse_size(max_shard_size)
 
     # Output tensors: embeddings, the new layer stack, then every other non-layer tensor in base order.
-    items: list[tuple[str, _Tensor]] = []
+    items: list[tuple[str, TensorHeader]] = []
     others = [k for k in tensors if not LAYER_KEY.match(k)]
     first = [k for k in others if k == "model.embed_tokens.weight"]
     items += [(k, tensors[k]) for k in first]
@@ -368,7 +322,7 @@ def _write_all(
     base: Path,
     tmp: Path,
     new_config: dict[str, Any],
-    shards: list[list[tuple[str, _Tensor]]],
+    shards: list[list[tuple[str, TensorHeader]]],
     total: int,
     progress: bool,
 ) -> None:

@@ -116,7 +116,39 @@ def test_truncated_shard(work_dir, keep):
     victim = F.shard_files(work_dir)[1]
     data = victim.read_bytes()
     victim.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
-    with pytest.raises(ValueError, match=victim.name):
+    with pytest.raises(ValueError, match=victim.name) as e:
+        Solar.from_pretrained(work_dir, device="cpu")
+    assert "truncated" in str(e.value)  # caught from the header, before any parameter is allocated
+
+
+@pytest.mark.parametrize("header", [b"{not json", b'{"w": {"dtype": "F32", "shape": [4]}}',
+                                    b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}'])
+def test_corrupt_header_names_the_shard(work_dir, header):
+    victim = F.shard_files(work_dir)[1]
+    victim.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(ValueError, match=rf"cannot read checkpoint shard .*{victim.name}"):
+        Solar.from_pretrained(work_dir, device="cpu")
+
+
+def test_keys_stored_twice_listed_together(work_dir):
+    keys = ["model.norm.weight", "model.layers.0.input_layernorm.weight"]
+    copy = work_dir / "copy.safetensors"
+    save_file({k: torch.ones(64) for k in keys}, copy, metadata={"format": "pt"})
+    index = _index(work_dir)
+    index["weight_map"]["model.extra"] = copy.name  # the copy is one of the shards
+    (work_dir / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"2 keys stored twice: ") as e:
+        Solar.from_pretrained(work_dir, device="cpu")
+    assert all(f"{k} (in copy.safetensors and model-" in str(e.value) for k in keys)
+
+
+def test_index_names_the_wrong_shard(work_dir):
+    index = _index(work_dir)
+    key = "model.norm.weight"
+    other = next(n for n in sorted(set(index["weight_map"].values())) if n != index["weight_map"][key])
+    index["weight_map"][key] = other
+    (work_dir / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"listed in the index but not in their shard: {key} \(index says {other}\)"):
         Solar.from_pretrained(work_dir, device="cpu")
 
 

@@ -316,3 +316,27 @@ def test_refuses_bad_base(base, tmp_path):
     with pytest.raises(ValueError, match=r"num_hidden_layers=10.*missing \[8, 9\]"):
         upscale(liar, out, drop=DROP, progress=False)
     assert not out.exists()
+
+
+def test_refuses_truncated_or_twice_stored_weights(base, tmp_path):
+    """Bad base shards are refused from their headers (the loader's reader), before anything is written."""
+    _, d = base
+    out = tmp_path / "out"
+    src = tmp_path / "base"
+    src.mkdir()
+    for f in d.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    victim = src / sorted(set(index["weight_map"].values()))[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{victim.name}: truncated"):
+        upscale(src, out, drop=DROP, progress=False)
+    victim.write_bytes(data)
+    save_file({"model.norm.weight": torch.ones(64)}, str(src / "extra.safetensors"), metadata={"format": "pt"})
+    index["weight_map"]["model.extra"] = "extra.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    twice = r"1 keys stored twice: model\.norm\.weight \(in extra\.safetensors and model-"
+    with pytest.raises(ValueError, match=twice):
+        upscale(src, out, drop=DROP, progress=False)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
