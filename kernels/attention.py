@@ -181,7 +181,10 @@ def _attn_fwd_kernel(
              mask=mask_m[:, None] & mask_d[None, :])
 
 
-def _block_d(head_dim: int) -> int:
+def _block_d(op: str, head_dim: int) -> int:
+    """The padded head-dim tile of `op` (a power of two, at least tl.dot's 16); refuses unsupported head dims."""
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} unsupported; {op} needs {MIN_HEAD_DIM} <= head_dim <= {MAX_HEAD_DIM}")
     return max(16, triton.next_power_of_2(head_dim))
 
 
@@ -195,9 +198,7 @@ def attention_launch_config(
     Returns {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; the launcher
     adds CAUSAL. Depends only on head_dim, dtype and the GPU's compute capability (major, minor).
     """
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} unsupported; attention needs {MIN_HEAD_DIM} <= head_dim <= {MAX_HEAD_DIM}")
-    block_d = _block_d(head_dim)
+    block_d = _block_d("attention", head_dim)
     if dtype == torch.float32:
         # fp32 runs exact (IEEE) products on CUDA cores, whose dot lowering keeps whole operand
         # tiles in registers: 32x32 tiles spill from d=128 up; 16x16 over 8 warps stays near 64

@@ -46,7 +46,7 @@ from ._common import (
     device_properties,
     output_like,
 )
-from .attention import LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, _block_d, _mma
+from .attention import LOG2E, _block_d, _mma
 
 MAX_SPLITS = 64
 
@@ -177,11 +177,9 @@ def decode_attention_launch_config(
     "BLOCK_N"}) plus "num_warps"/"num_stages"; lower-case "num_splits" (grid dim 1) and "chunk"
     (positions per split) are runtime launch values.
     """
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} unsupported; decode_attention needs {MIN_HEAD_DIM} <= head_dim <= {MAX_HEAD_DIM}")
+    block_d = _block_d("decode_attention", head_dim)
     if n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
         raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
-    block_d = _block_d(head_dim)
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
     if dtype == torch.float32:
         block_n = 16  # exact fp32 products run on CUDA cores with whole tiles in registers
@@ -206,7 +204,7 @@ def decode_attention_launch_config(
 def decode_attention_reduce_launch_config(num_splits: int, head_dim: int) -> dict:
     """Launch settings for `_decode_reduce_kernel`: {"HEAD_DIM", "BLOCK_D", "BLOCK_S", "num_warps", "num_stages"}."""
     block_s = max(2, triton.next_power_of_2(num_splits))
-    block_d = _block_d(head_dim)
+    block_d = _block_d("decode_attention", head_dim)
     # About 32 fp32 accumulator elements per thread; the kernel is tiny and latency bound.
     warps = max(1, min(8, block_s * block_d // (32 * 32)))
     return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": block_s, "num_warps": warps, "num_stages": 1}
