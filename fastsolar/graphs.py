@@ -6,10 +6,11 @@ first checks to run on a GPU are tests/test_graphs.py::test_graphed_generate_mat
 bench/gpu_check.sh.
 
 `CudaGraphStep(model, sampler)` is a drop-in for the eager decode step (docs/ARCHITECTURE.md):
-`step(tokens [b], positions [b]) -> next_tokens [b]` = `sampler(model.decode(tokens, positions))`. The
-first call at a new key warms the step up, captures it into a `torch.cuda.CUDAGraph` and replays it;
-later calls copy tokens/positions into the graph's static input buffers, replay, and return a clone of
-the static output (the next replay cannot overwrite what the caller holds).
+`step(tokens [b], positions [b], rows=None) -> next_tokens [b]` = `sampler(model.decode(tokens, positions,
+rows))`. The first call at a new key warms the step up, captures it into a `torch.cuda.CUDAGraph` and
+replays it; later calls copy tokens/positions (and the cache-row map `rows`, when given) into the graph's
+static input buffers, replay, and return a clone of the static output (the next replay cannot overwrite
+what the caller holds). A step with a row map and one without are different graphs.
 
 Batch sizes are exact: one graph per batch size, captured lazily on first use. There is no padding to
 buckets, because the sampler (per-row params, seen-mask, generator) and possibly the KV cache are sized
@@ -63,13 +64,16 @@ class GraphKey(NamedTuple):
     batch: int
     token_dtype: torch.dtype
     position_dtype: torch.dtype
+    rows_dtype: torch.dtype | None  # None: the step decodes cache rows 0..b-1
     sampler_id: int
     cache: tuple  # addresses, shapes, strides, dtypes, devices of cache.k and cache.v
     sampler_mode: Any
     kernels: bool | None  # fastsolar.ops' forced choice (kernels / references / by device)
 
 
-def graph_key(model: Any, sampler: Any, tokens: torch.Tensor, positions: torch.Tensor) -> GraphKey:
+def graph_key(
+    model: Any, sampler: Any, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None
+) -> GraphKey:
     """Everything a captured step bakes in; a graph is valid for a call only if this key is unchanged."""
     cache = getattr(model, "cache", None)
     if cache is None:
@@ -77,11 +81,15 @@ def graph_key(model: Any, sampler: Any, tokens: torch.Tensor, positions: torch.T
     b = tokens.shape[0]
     if tokens.dim() != 1 or positions.shape != tokens.shape:
         raise ValueError(f"tokens and positions must both be [batch], got {tuple(tokens.shape)} and {tuple(positions.shape)}")
-    check_batch(b, cache.max_batch)
+    if rows is None:
+        check_batch(b, cache.max_batch)
+    elif rows.shape != tokens.shape:
+        raise ValueError(f"rows must be [batch] like tokens, got {tuple(rows.shape)} and {tuple(tokens.shape)}")
     return GraphKey(
         b,
         tokens.dtype,
         positions.dtype,
+        None if rows is None else rows.dtype,
         id(sampler),
         _cache_signature(cache),
         getattr(sampler, "mode", None),  # Sampler's host flags choosing which stages run
@@ -171,6 +179,7 @@ class GraphEntry:
     key: GraphKey
     tokens: torch.Tensor  # static input buffer [b]
     positions: torch.Tensor  # static input buffer [b]
+    rows: torch.Tensor | None  # static input buffer [b] (cache-row map), None for rows 0..b-1
     sampler: Any  # held so id(sampler) in the key cannot be reused while the entry lives
     out: torch.Tensor | None = None  # static output buffer [b] (graph-owned memory when captured)
     graph: Any = None  # torch.cuda.CUDAGraph, or None for the eager static-buffer path
@@ -233,8 +242,8 @@ def graphs_supported() -> bool:
 
 
 class CudaGraphStep:
-    """`step(tokens [b], positions [b]) -> next_tokens [b]` = `sampler(model.decode(tokens, positions))`,
-    captured in a CUDA graph per exact batch size. Unverified on hardware (see the module docstring).
+    """`step(tokens [b], positions [b], rows=None) -> next_tokens [b]` =
+    `sampler(model.decode(tokens, positions, rows))`, captured in a CUDA graph per exact batch size. Unverified on hardware (see the module docstring).
 
     capture: True captures CUDA graphs (needs the model on CUDA); False runs the very same static-buffer
     path (key, warm-up, state restore, static buffers, clone-out) eagerly, which is how the CPU tests prove
@@ -259,39 +268,44 @@ class CudaGraphStep:
         self.warmup_runs = warmup_runs
         self.pool = pool if pool is not None else shared_pool(model)
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.sampler(self.model.decode(tokens, positions))
+    def _run(self, entry: GraphEntry) -> torch.Tensor:
+        return self.sampler(self.model.decode(entry.tokens, entry.positions, entry.rows))
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        key = graph_key(self.model, self.sampler, tokens, positions)
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        key = graph_key(self.model, self.sampler, tokens, positions, rows)
         entry = self.pool.lookup(key)
         if entry is None:
-            entry = self._record(key, tokens, positions)
+            entry = self._record(key, tokens, positions, rows)
             self.pool.add(entry)
         entry.tokens.copy_(tokens)
         entry.positions.copy_(positions)
+        if rows is not None:
+            entry.rows.copy_(rows)
         if entry.graph is not None:
             entry.graph.replay()
         else:
-            entry.out = self._run(entry.tokens, entry.positions)
+            entry.out = self._run(entry)
         entry.replays += 1
         return entry.out.clone()
 
-    def _record(self, key: GraphKey, tokens: torch.Tensor, positions: torch.Tensor) -> GraphEntry:
+    def _record(
+        self, key: GraphKey, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None
+    ) -> GraphEntry:
         """Warm up (state restored afterwards) and capture; the caller then replays for the real result."""
         self.pool.captures += 1
         entry = GraphEntry(
             key=key,
             tokens=torch.empty_like(tokens).copy_(tokens),
             positions=torch.empty_like(positions).copy_(positions),
+            rows=None if rows is None else torch.empty_like(rows).copy_(rows),
             sampler=self.sampler,
         )
         logger.debug("recording decode step for batch %d (capture=%s)", tokens.shape[0], self.capture)
         if not self.capture:
             snap = StateSnapshot.take(self.sampler)
             for _ in range(self.warmup_runs):
-                self._run(entry.tokens, entry.positions)
+                self._run(entry)
             snap.restore()
             return entry
         return self._capture(entry)
@@ -313,7 +327,7 @@ class CudaGraphStep:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(self.warmup_runs):
-                self._run(entry.tokens, entry.positions)
+                self._run(entry)
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         snap.restore()
@@ -325,7 +339,7 @@ class CudaGraphStep:
             for g in custom:
                 graph.register_generator_state(g)
         with torch.cuda.graph(graph, pool=self.pool.cuda_pool(), stream=stream):
-            out = self._run(entry.tokens, entry.positions)
+            out = self._run(entry)
         entry.graph = graph
         entry.out = out
         return entry

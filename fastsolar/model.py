@@ -8,10 +8,12 @@ Triton kernels on CUDA and their torch references elsewhere; this file imports n
 
 Three entry points share one layer stack:
 - `model(input_ids)`: full logits `[batch, seq, vocab]`, no cache (what tests compare with transformers).
-- `prefill(input_ids, seqlens)`: right-padded prompts written into the static KV cache from position 0;
-  returns the logits of each row's last real token.
-- `decode(tokens, positions)`: one token per row at per-row device positions; graph-safe (no host sync,
-  no value-dependent shapes), so it can be captured in a CUDA graph.
+- `prefill(input_ids, seqlens, rows=None)`: right-padded prompts written into the static KV cache from
+  position 0; returns the logits of each row's last real token.
+- `decode(tokens, positions, rows=None)`: one token per row at per-row device positions; graph-safe (no
+  host sync, no value-dependent shapes), so it can be captured in a CUDA graph.
+Both use cache rows 0..b-1 by default; `rows` maps batch row i onto cache row rows[i] instead, so a
+serving engine can keep each request in its own row of one static cache while requests come and go.
 """
 from __future__ import annotations
 
@@ -45,9 +47,10 @@ class KVCache:
 class DecodeSlots:
     """Where a decode step writes and reads the cache: computed once per step, shared by every layer."""
 
-    rows: torch.Tensor  # [b] batch rows 0..b-1
+    rows: torch.Tensor  # [b] cache row of each batch row
     pos: torch.Tensor  # [b] cache position of this step's token
     seqlens: torch.Tensor  # [b] int32 valid cache positions after the write (pos + 1)
+    mapped: bool  # rows is a caller's map; False: rows are 0..b-1, so attention reads cache[:b] directly
 
 
 class Attention(nn.Module):
@@ -67,9 +70,11 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         slots: DecodeSlots | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x `[b, s, hidden]`; positions `[b, s]`. With `cache` (this layer's `[b, max_seq, kv, d]` views):
-        a decode step when `slots` is given, else a prefill from position 0."""
+        """x `[b, s, hidden]`; positions `[b, s]`. With `cache` (this layer's `[max_batch, max_seq, kv, d]`
+        views): a decode step when `slots` is given, else a prefill from position 0 into cache rows `rows`
+        (default 0..b-1)."""
         b, s, _ = x.shape
         qkv = self.wqkv(x).view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
@@ -80,11 +85,19 @@ class Attention(nn.Module):
             k_cache, v_cache = cache
             k_cache[slots.rows, slots.pos] = k[:, 0]
             v_cache[slots.rows, slots.pos] = v[:, 0]
-            o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens).unsqueeze(1)
+            if slots.mapped:
+                o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens, rows=slots.rows)
+            else:
+                o = ops.decode_attention(q[:, 0], k_cache[:b], v_cache[:b], slots.seqlens)
+            o = o.unsqueeze(1)
         else:
             k_cache, v_cache = cache
-            k_cache[:, :s] = k
-            v_cache[:, :s] = v
+            if rows is None:
+                k_cache[:b, :s] = k
+                v_cache[:b, :s] = v
+            else:
+                k_cache[rows, :s] = k
+                v_cache[rows, :s] = v
             o = ops.attention(q, k, v, causal=True)
         return self.wo(o.reshape(b, s, self.n_heads * self.head_dim))
 
@@ -117,6 +130,7 @@ class Block(nn.Module):
         positions: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
         slots: DecodeSlots | None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous layer's un-added output `delta` and the residual stream; returns the same pair.
 
@@ -126,7 +140,7 @@ class Block(nn.Module):
             y = ops.rms_norm(residual, self.attention_norm, self.eps)
         else:
             y, residual = ops.add_rms_norm(delta, residual, self.attention_norm, self.eps)
-        delta = self.attention(y, positions, cache, slots)
+        delta = self.attention(y, positions, cache, slots, rows)
         y, residual = ops.add_rms_norm(delta, residual, self.ffn_norm, self.eps)
         return self.feed_forward(y), residual
 
@@ -167,15 +181,19 @@ class Solar(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def _layers(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, use_cache: bool, slots: DecodeSlots | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        use_cache: bool,
+        slots: DecodeSlots | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the layer stack; returns the final-normed hidden states `[b, s, hidden]`."""
         residual = self.embed_tokens(input_ids)
         delta = None
-        b = input_ids.shape[0]
         for i, layer in enumerate(self.layers):
-            cache = (self.cache.k[i, :b], self.cache.v[i, :b]) if use_cache else None
-            delta, residual = layer(delta, residual, positions, cache, slots)
+            cache = (self.cache.k[i], self.cache.v[i]) if use_cache else None
+            delta, residual = layer(delta, residual, positions, cache, slots, rows)
         y, _ = ops.add_rms_norm(delta, residual, self.norm, self.config.rms_norm_eps)
         return y
 
@@ -209,28 +227,53 @@ class Solar(nn.Module):
             )
         return self.cache
 
-    def prefill(self, input_ids: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Write right-padded prompts `[b, s]` (row i real for its first seqlens[i] tokens) into the cache
-        from position 0; returns the logits `[b, vocab]` of each row's last real token."""
+        from position 0, into cache rows `rows` [b] (distinct; default 0..b-1); returns the logits
+        `[b, vocab]` of each row's last real token. Other cache rows are left as they are."""
         b, s = input_ids.shape
-        if self.cache is None or self.cache.max_batch < b or self.cache.max_seq < s:
+        if self.cache is None or self.cache.max_seq < s or (rows is None and self.cache.max_batch < b):
             raise RuntimeError(f"prefill of batch {b} x {s} tokens needs setup_cache(max_batch>={b}, max_seq>={s})")
+        if rows is not None:
+            rows = self._check_rows(rows, b)
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         # Right padding plus causal masking leaves every real token's attention exact; padded slots
         # land in the cache beyond seqlens, where decode never reads and later steps overwrite.
-        h = self._layers(input_ids, positions, use_cache=True)
+        h = self._layers(input_ids, positions, use_cache=True, rows=rows)
         last = h[torch.arange(b, device=h.device), seqlens.to(h.device).long() - 1]
         return self.lm_head(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One step: tokens `[b]` at cache positions `[b]` (both device tensors); returns logits `[b, vocab]`."""
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One step: tokens `[b]` at cache positions `[b]` (device tensors) in cache rows `rows` [b] (a device
+        tensor of distinct rows, default 0..b-1; not checked, that would sync); returns logits `[b, vocab]`."""
+        b = tokens.shape[0]
+        if rows is not None and tuple(rows.shape) != (b,):
+            raise ValueError(f"rows must have shape [{b}] (one cache row per token), got {tuple(rows.shape)}")
         slots = DecodeSlots(
-            rows=torch.arange(tokens.shape[0], device=tokens.device),
+            rows=torch.arange(b, device=tokens.device) if rows is None else rows,
             pos=positions,
             seqlens=(positions + 1).to(torch.int32),
+            mapped=rows is not None,
         )
         h = self._layers(tokens[:, None], positions[:, None], use_cache=True, slots=slots)
         return self.lm_head(h[:, 0])
+
+    def _check_rows(self, rows: torch.Tensor, b: int) -> torch.Tensor:
+        """`rows` as int64 on the model's device after checking it names b distinct cache rows (a host
+        sync: prefill is not captured in a graph)."""
+        if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int32, torch.int64):
+            raise TypeError("rows must be an int64 (or int32) tensor of cache row indices")
+        if tuple(rows.shape) != (b,):
+            raise ValueError(f"rows must have shape [{b}] (one cache row per prompt), got {tuple(rows.shape)}")
+        values = rows.tolist()
+        bad = [r for r in values if not 0 <= r < self.cache.max_batch]
+        if bad or len(set(values)) != b:
+            raise ValueError(f"rows {values} must be distinct cache rows in [0, {self.cache.max_batch})")
+        return rows.to(self.device, torch.int64)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         """Refuse what would otherwise fail deep inside torch (or as a device-side assert on CUDA)."""

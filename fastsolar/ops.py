@@ -62,6 +62,12 @@ def attention(
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return (K.decode_attention if use_kernels(q) else K.decode_attention_ref)(q, k_cache, v_cache, seqlens)
+    fn = K.decode_attention if use_kernels(q) else K.decode_attention_ref
+    return fn(q, k_cache, v_cache, seqlens, rows=rows)

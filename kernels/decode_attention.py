@@ -25,6 +25,12 @@ Positions at or beyond seqlens[b] are never read (masked loads), so garbage/NaN 
 seqlens[b] == 0 is not allowed by callers; such a row gets output exactly 0 (finite, no crash).
 seqlens[b] is clamped to [0, max_seq]: above max_seq acts as max_seq, below 0 as 0.
 
+Cache rows: by default query row b reads cache row b. With `rows` (a serving engine whose requests
+occupy arbitrary rows of one static cache), query row b reads cache row rows[b] of a cache with at
+least that many rows; the indirection is one scalar load per program, so it costs nothing, and the
+map is a device tensor, so a captured graph replays correctly whatever rows hold. Values outside
+[0, cache rows) are clamped into range (a bad map reads the wrong row, never out of bounds).
+
 Grid axes: pass 1 is (batch * n_kv_heads, NUM_SPLITS <= MAX_SPLITS), pass 2 (batch * n_heads,);
 axis 0 allows 2**31 - 1 programs and axis 1 stays far below CUDA's 65535, so no shape can
 overflow them (the launcher still checks axis 0).
@@ -56,12 +62,14 @@ def _decode_split_kernel(
     Q,  # q [B, H, D], last dim contiguous
     K, V,  # caches [B, MAXS, Hkv, D], last dim contiguous
     SEQLENS,  # int32 [B]: valid cache positions per row
+    ROWS,  # int32/int64 [B]: cache row of each query row (only read when HAS_ROWS)
     M_WS, L_WS,  # fp32 workspace [B, H, NUM_SPLITS], contiguous: per-split row max / sum (log2 domain)
     ACC_WS,  # fp32 workspace [B, H, NUM_SPLITS, D], contiguous: per-split unnormalised output
     stride_qb, stride_qh,  # q strides (elements)
     stride_kb, stride_ks, stride_kh,  # k_cache strides for batch, position, head
     stride_vb, stride_vs, stride_vh,  # v_cache strides
     max_seq,  # cache capacity MAXS; seqlens are clamped to it
+    cache_rows,  # rows in the cache (>= B with HAS_ROWS); the row map is clamped to it
     n_kv_heads,  # Hkv; program_id(0) = b * Hkv + g
     group,  # H // Hkv query heads per kv head (<= BLOCK_G)
     num_splits,  # NUM_SPLITS = grid dim 1
@@ -71,12 +79,18 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
     BLOCK_G: tl.constexpr,  # group padded to a power of two >= 16 (tl.dot needs M >= 16)
     BLOCK_N: tl.constexpr,  # cache positions per inner-loop step
+    HAS_ROWS: tl.constexpr,  # read cache row ROWS[b] instead of row b
 ):
     pid_bg = tl.program_id(0)
     split = tl.program_id(1)
     off_b = pid_bg // n_kv_heads
     off_g = pid_bg % n_kv_heads
     n_heads = n_kv_heads * group
+    if HAS_ROWS:
+        cache_b = tl.load(ROWS + off_b).to(tl.int64)
+        cache_b = tl.minimum(tl.maximum(cache_b, 0), cache_rows - 1)
+    else:
+        cache_b = off_b.to(tl.int64)
 
     seqlen = tl.load(SEQLENS + off_b)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), max_seq)  # never read past the cache, whatever the caller says
@@ -95,8 +109,8 @@ def _decode_split_kernel(
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     # Scalar bases plus int32 tile offsets rebuilt each step: a loop-carried [BLOCK_N, BLOCK_D]
     # tensor of 64-bit pointers would pin 2 registers per element and spill.
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_g.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_g.to(tl.int64) * stride_vh
+    k_base = K + cache_b * stride_kb + off_g.to(tl.int64) * stride_kh
+    v_base = V + cache_b * stride_vb + off_g.to(tl.int64) * stride_vh
 
     # GROUP is 1..8 for Llama-family models, but tl.dot needs M >= 16, so the group axis is padded to
     # BLOCK_G >= 16 with zero rows. Decode is bound by memory bandwidth (every K/V byte is used
@@ -216,6 +230,7 @@ def decode_attention(
     v_cache: torch.Tensor,
     seqlens: torch.Tensor,
     *,
+    rows: torch.Tensor | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -223,6 +238,8 @@ def decode_attention(
 
     q [batch, n_heads, head_dim]; k_cache, v_cache [batch, max_seq, n_kv_heads, head_dim];
     seqlens int32 [batch], each in 1..max_seq (0 gives a zero row; values are clamped to [0, max_seq]).
+    rows (optional, int32/int64 [batch]): query row b attends over cache row rows[b]; the caches may
+    then hold any number of rows (values are clamped into range, not checked: that would sync).
     scale, when given, must be a finite Python number. Returns o [batch, n_heads, head_dim]
     in q's dtype (written into `out` when given). Strided inputs need a contiguous last dim.
     """
@@ -237,8 +254,15 @@ def decode_attention(
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     cb, max_seq, n_kv_heads, cd = k_cache.shape
-    if cb != batch:
-        raise ValueError(f"k_cache batch {cb} != q batch {batch}")
+    if rows is None and cb != batch:
+        raise ValueError(f"k_cache batch {cb} != q batch {batch} (pass rows= to map query rows onto cache rows)")
+    if rows is not None:
+        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
+        check_same_device(q=q, rows=rows)
+        if rows.shape[0] != batch:
+            raise ValueError(f"rows must have shape [{batch}] (one cache row per query row), got {tuple(rows.shape)}")
+        if cb == 0:
+            raise ValueError(f"empty decode attention: k_cache {tuple(k_cache.shape)} has no rows")
     if cd != head_dim:
         raise ValueError(f"k_cache head_dim {cd} != q head_dim {head_dim}")
     if seqlens.shape[0] != batch:
@@ -249,6 +273,8 @@ def decode_attention(
         check_last_dim_contiguous(name, t)
     if seqlens.stride(0) != 1 and batch > 1:
         seqlens = seqlens.contiguous()
+    if rows is not None and rows.stride(0) != 1 and batch > 1:
+        rows = rows.contiguous()
     check_grid_dim("batch * n_heads", batch * n_heads, axis=0)  # the larger axis-0 extent of the two passes
     scale = head_dim ** -0.5 if scale is None else check_scalar("scale", scale)
     out = output_like(q, out)
@@ -263,12 +289,12 @@ def decode_attention(
     acc_ws = torch.empty((batch, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
 
     _decode_split_kernel[(batch * n_kv_heads, num_splits)](
-        q, k_cache, v_cache, seqlens, m_ws, l_ws, acc_ws,
+        q, k_cache, v_cache, seqlens, rows if rows is not None else seqlens, m_ws, l_ws, acc_ws,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        max_seq, n_kv_heads, n_heads // n_kv_heads, num_splits, chunk, scale * LOG2E,
-        **cfg,
+        max_seq, cb, n_kv_heads, n_heads // n_kv_heads, num_splits, chunk, scale * LOG2E,
+        HAS_ROWS=rows is not None, **cfg,
     )
     rcfg = decode_attention_reduce_launch_config(num_splits, head_dim)
     _decode_reduce_kernel[(batch * n_heads,)](
@@ -286,11 +312,16 @@ def decode_attention_ref(
     v_cache: torch.Tensor,
     seqlens: torch.Tensor,
     *,
+    rows: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Torch attention of each row's query over its first seqlens[b] cache positions (fp32 math, fp64 for
     fp64 inputs). Vectorised with a mask, no host sync, so it is graph-safe like the kernel; slots at or
-    beyond seqlens[b] are never let into the result, even when they hold NaN."""
+    beyond seqlens[b] are never let into the result, even when they hold NaN. With `rows`, query row b
+    reads cache row rows[b] (gathered, clamped into range as the kernel does)."""
+    if rows is not None:
+        rows = rows.to(k_cache.device).long().clamp(0, k_cache.shape[0] - 1)
+        k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
     batch, n_heads, head_dim = q.shape
     max_seq, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads

@@ -287,6 +287,37 @@ def test_decode_attention_clamps_seqlens():
                  baseline=decode_attention_ref(q, k, v, clamped))
 
 
+@pytest.mark.parametrize("rows_dtype", [torch.int32, torch.int64])
+def test_decode_attention_row_map(rows_dtype):
+    """rows=: query row b reads cache row rows[b] of a larger cache (a serving engine's free-row reuse);
+    rows that no query maps to hold NaN everywhere, so reading one poisons the output."""
+    cache_rows, max_seq, n_heads, n_kv_heads, head_dim = 5, 67, 4, 2, 32
+    lens = [67, 0, 9, 1, 0]  # rows 1 and 4 are unused: all NaN
+    k, v = _make_cache(cache_rows, max_seq, n_kv_heads, head_dim, torch.float32, lens)
+    rows = torch.tensor([3, 0, 2], dtype=rows_dtype, device=DEVICE)  # not sorted, not 0..b-1
+    seqlens = torch.tensor([lens[r] for r in rows.tolist()], dtype=torch.int32, device=DEVICE)
+    q = randn(3, n_heads, head_dim)
+    saved = [t.clone() for t in (q, k, v, rows)]
+    got = decode_attention(q, k, v, seqlens, rows=rows, out=poison(torch.empty_like(q)))
+    for before, after in zip(saved, (q, k, v, rows)):
+        assert torch.equal(before.nan_to_num(7.0), after.nan_to_num(7.0)), "an input was modified"
+    gathered = rows.long()
+    expected = decode_attention_ref(q.double(), k[gathered].double(), v[gathered].double(), seqlens)
+    assert_close(got, expected, baseline=decode_attention_ref(q, k[gathered], v[gathered], seqlens))
+    assert_close(decode_attention_ref(q.double(), k.double(), v.double(), seqlens, rows=rows), expected, atol=1e-12)
+
+
+def test_decode_attention_row_map_checks():
+    k, v = _make_cache(4, 16, 1, 32, torch.float32, [16] * 4)
+    q, seqlens = randn(2, 2, 32), torch.full((2,), 16, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="pass rows="):
+        decode_attention(q, k, v, seqlens)
+    with pytest.raises(ValueError, match=r"rows must have shape \[2\]"):
+        decode_attention(q, k, v, seqlens, rows=torch.zeros(3, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError, match="rows has dtype float32"):
+        decode_attention(q, k, v, seqlens, rows=torch.zeros(2, device=DEVICE))
+
+
 def test_decode_splits_depend_only_on_shapes(monkeypatch):
     params = inspect.signature(decode_attention_launch_config).parameters
     assert "seqlens" not in params

@@ -81,6 +81,56 @@ def test_decode_logits_match_full_forward_on_kernels(model: Solar) -> None:
     assert_close(got[:, :-1], full[:, n_prompt - 1:-1], atol=2e-4, rtol=1e-4, msg="decode vs full forward")
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_row_map_prefill_and_decode(model: Solar, kernels: bool) -> None:
+    """Prompts prefilled into chosen rows of a larger cache, at different times, then decoded together
+    through a row map, give the logits of one full forward per prompt: what a serving engine does when
+    requests join a running batch in whatever rows are free. Unused rows and slots hold NaN."""
+    a, _ = left_padded([15], seed=21)
+    b, _ = left_padded([9], seed=22)
+    with torch.inference_mode(), ops.force_kernels(kernels):
+        full_a, full_b = model(a), model(b)
+        model.cache = None
+        model.setup_cache(4, 32)
+        model.cache.k.fill_(float("nan"))
+        model.cache.v.fill_(float("nan"))
+        n_a, n_b = 6, 4
+        # a goes into row 2 first and decodes alone for two steps; then b is prefilled into row 0.
+        first = model.prefill(a[:, :n_a], torch.tensor([n_a], device=DEVICE), rows=torch.tensor([2], device=DEVICE))
+        pos_a = torch.tensor([n_a], device=DEVICE)
+        steps_a = [first]
+        for t in range(n_a, n_a + 2):
+            steps_a.append(model.decode(a[:, t], pos_a, rows=torch.tensor([2], device=DEVICE)))
+            pos_a += 1
+        steps_b = [model.prefill(b[:, :n_b], torch.tensor([n_b], device=DEVICE), rows=torch.tensor([0], device=DEVICE))]
+        rows = torch.tensor([0, 2], device=DEVICE)  # batch row 0 -> cache row 0 (b), 1 -> 2 (a)
+        pos = torch.tensor([n_b, n_a + 2], device=DEVICE)
+        for _ in range(4):
+            tokens = torch.stack([b[0, pos[0]], a[0, pos[1]]])
+            logits = model.decode(tokens, pos, rows=rows)
+            steps_b.append(logits[0:1])
+            steps_a.append(logits[1:2])
+            pos += 1
+        assert torch.isnan(model.cache.k[:, [1, 3]]).all(), "rows no request maps to were written"
+    got_a, got_b = torch.stack(steps_a, dim=1), torch.stack(steps_b, dim=1)
+    assert_close(got_a, full_a[:, n_a - 1:n_a + 6], atol=2e-4, rtol=1e-4, msg="row 2 (joined first)")
+    assert_close(got_b, full_b[:, n_b - 1:n_b + 4], atol=2e-4, rtol=1e-4, msg="row 0 (joined later)")
+
+
+def test_row_map_is_checked(model: Solar) -> None:
+    ids, _ = left_padded([5, 5], seed=23)
+    lens = torch.tensor([5, 5], device=DEVICE)
+    model.cache = None
+    model.setup_cache(3, 16)
+    for rows, message in (([0, 0], "must be distinct"), ([1, 3], r"in \[0, 3\)"), ([1], r"shape \[2\]")):
+        with pytest.raises(ValueError, match=message):
+            model.prefill(ids, lens, rows=torch.tensor(rows, device=DEVICE))
+    with pytest.raises(TypeError, match="rows must be an int64"):
+        model.prefill(ids, lens, rows=torch.tensor([0.0, 1.0], device=DEVICE))
+    with pytest.raises(ValueError, match=r"rows must have shape \[2\]"):
+        model.decode(ids[:, 0], lens, rows=torch.tensor([0], device=DEVICE))
+
+
 def test_cache_bookkeeping_across_calls(model: Solar) -> None:
     """A second generate call reuses the cache, and a stale longer prompt in it does not leak."""
     long_ids, long_mask = left_padded([40, 33], seed=4)

@@ -178,6 +178,37 @@ def test_outputs_are_copies_and_errors_are_clear():
         CudaGraphStep(model, sampler, capture=True)
 
 
+def test_static_path_with_row_map_equals_eager():
+    """A step with a cache-row map (a serving engine's batch over free rows): the static-buffer path copies the
+    map into its own buffer each call, so one recording serves any map, and tokens equal the eager step's."""
+    model = make_model()
+    model.setup_cache(4, 32)
+    dev = torch.device("cpu")
+    prompts = prompts_for(2, 5, 11)
+    sampler_e, sampler_g = ToySampler(2, SMALL.vocab_size, dev), ToySampler(2, SMALL.vocab_size, dev)
+    pool = GraphPool()
+    step_g = CudaGraphStep(model, sampler_g, capture=False, pool=pool)
+    for rows in ([3, 1], [0, 2]):
+        rows_t = torch.tensor(rows)
+        outs = []
+        for sampler, step in ((sampler_e, lambda t, p: sampler_e(model.decode(t, p, rows_t))),
+                              (sampler_g, lambda t, p: step_g(t, p, rows_t))):
+            sampler.reset([0.0, 0.8], [1.0, 1.2], 3)
+            with torch.no_grad():
+                tokens = model.prefill(prompts, torch.tensor([5, 5], dtype=torch.int32), rows=rows_t).argmax(-1)
+            positions = torch.tensor([5, 5])
+            seq = []
+            for _ in range(4):
+                tokens = step(tokens, positions)
+                seq.append(tokens)
+                positions = positions + 1
+            outs.append(torch.stack(seq, 1))
+        assert torch.equal(outs[1], outs[0]), f"rows {rows}: {outs[1].tolist()} != {outs[0].tolist()}"
+    assert pool.captures == 1, "a new row map must reuse the recorded step"
+    entry = next(iter(pool.entries.values()))
+    assert entry.key.rows_dtype == torch.int64 and entry.rows is not None
+
+
 def test_default_capture_follows_device():
     model = make_model()
     assert CudaGraphStep(model, ToySampler(1, SMALL.vocab_size, torch.device("cpu"))).capture is False
