@@ -12,7 +12,8 @@ cache must include `mode` in its key. Calling the sampler never syncs with the h
 
 `min_new_tokens` (transformers' MinNewTokensLengthLogitsProcessor): the EOS ids are banned (-inf) while
 fewer than that many tokens have been chosen. The count is a device-side step counter the sampler
-advances on every call (the prefill's pick is step 0), so the ban lifts inside a captured graph too.
+advances on every call while the ban is on (the prefill's pick is step 0), so the ban lifts inside a
+captured graph too, without a host sync.
 """
 from __future__ import annotations
 
@@ -260,5 +261,6 @@ class Sampler:
             tokens = torch.where(self.params.temperature > 0, sampled, tokens)
         if self.params.penalize:
             self.seen.scatter_(1, tokens[:, None], True)
-        self.step.add_(1)
+        if self.suppress_eos:  # only the EOS ban reads the counter; without it the step stays as it was
+            self.step.add_(1)
         return tokens
