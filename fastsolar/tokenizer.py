@@ -29,9 +29,12 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastsolar.chat import SOLAR_CHAT_TEMPLATE, render_chat_template, stop_strings_for
+
+if TYPE_CHECKING:
+    from fastsolar.hf_compat import BatchEncoding
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +293,7 @@ class Tokenizer:
 
     # -- transformers' call -------------------------------------------------------------------
 
-    def __call__(self, text: str | list[str], **kwargs: Any) -> Any:
+    def __call__(self, text: str | list[str], **kwargs: Any) -> "BatchEncoding":
         """transformers' `tokenizer(text or texts, return_tensors=..., padding=..., ...)`: a BatchEncoding of
         input_ids and attention_mask; see `fastsolar.hf_compat.call_tokenizer`."""
         from fastsolar.hf_compat import call_tokenizer
