@@ -153,19 +153,29 @@ def resolve_device_map(device_map: Any) -> torch.device | None:
     raise ValueError(f"device_map={device_map!r} is not a device")
 
 
+def _same_device(a: torch.device, b: torch.device | None) -> bool:
+    # "cuda" names the current CUDA device, so it matches any "cuda:i"; None ("auto") matches nothing given.
+    return b is not None and a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def load_kwargs(
     *, device: Any = None, dtype: Any = None, torch_dtype: Any = None, device_map: Any = None, **kwargs: Any
 ) -> dict[str, Any]:
     """Native `device` / `dtype` for `load_model` from native and transformers-style `from_pretrained` args."""
+    from fastsolar.loader import resolve_dtype
+
+    def canonical(value: Any) -> Any:
+        return "auto" if isinstance(value, str) and value == "auto" else resolve_dtype(value)
+
     if torch_dtype is not None:
-        if dtype is not None and dtype != torch_dtype:
+        if dtype is not None and canonical(dtype) != canonical(torch_dtype):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
         dtype = torch_dtype
     if dtype == "auto":
         dtype = None  # the checkpoint's torch_dtype
     if device_map is not None:
         mapped = resolve_device_map(device_map)
-        if device is not None and (mapped is None or torch.device(device) != mapped):
+        if device is not None and not _same_device(torch.device(device), mapped):
             raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
         device = mapped
     for name in [k for k in kwargs if k in _LOAD_ACCEPTED]:

@@ -378,6 +378,8 @@ def test_from_pretrained_aliases(card, model):
     for a, b in zip(half.state_dict().values(), via_alias.state_dict().values()):
         assert torch.equal(a, b)
     assert AutoModelForCausalLM.from_pretrained(d, torch_dtype="auto", device_map="auto").dtype == model.dtype
+    same = Solar.from_pretrained(d, device="cpu", device_map="cpu", dtype="float16", torch_dtype=torch.float16)
+    assert same.dtype == torch.float16  # both spellings given, agreeing
     for device_map in ("cpu", torch.device("cpu"), {"": "cpu"}, {"model.embed_tokens": "cpu", "lm_head": "cpu"}):
         m = Solar.from_pretrained(d, device_map=device_map, dtype="float32", low_cpu_mem_usage=True,
                                   trust_remote_code=False)
