@@ -13,7 +13,8 @@ cache must include `mode` in its key. Calling the sampler never syncs with the h
 `min_new_tokens` (transformers' MinNewTokensLengthLogitsProcessor): the EOS ids are banned (-inf) while
 fewer than that many tokens have been chosen. The count is a device-side step counter the sampler
 advances on every call while the ban is on (the prefill's pick is step 0), so the ban lifts inside a
-captured graph too, without a host sync.
+captured graph too, without a host sync (CPU-tested through graphs.py's static-buffer path; capture
+itself is unverified on hardware, as all of fastsolar/graphs.py).
 """
 from __future__ import annotations
 
