@@ -11,6 +11,10 @@
   loop over run-time bounds fails there (`interpreter_numpy_conflict`). Compiled kernels on a GPU are not
   affected. Read from package metadata, so that asking does not import triton (the test suite must set
   TRITON_INTERPRET before the first import).
+- pytest-timeout: `--session-timeout` (bench/gpu_check.py ends a pytest phase cleanly before its time limit)
+  exists from 2.3.
+
+This module imports nothing of fastsolar, torch or triton, so bench/gpu_check.py loads it on its own.
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ _INTERPRETER_TRITON_BAD = SpecifierSet("<3.7")
 _INTERPRETER_NUMPY_BAD = SpecifierSet(">=2.4")
 #: The error that conflict raises, as the interpreter reports it (tests/conftest.py matches failures on it).
 INTERPRETER_NUMPY_ERROR = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+_PYTEST_SESSION_TIMEOUT = SpecifierSet(">=2.3")
 
 
 def installed_version(name: str) -> Version | None:
@@ -89,3 +96,9 @@ def interpreter_numpy_conflict() -> str | None:
             'use numpy<2.4 (pip install "numpy<2.4") or triton >= 3.7, or run on a GPU'
         )
     return None
+
+
+def pytest_session_timeout_supported() -> bool:
+    """Whether the installed pytest-timeout has `--session-timeout`."""
+    version = installed_version("pytest-timeout")
+    return version is not None and _PYTEST_SESSION_TIMEOUT.contains(version)
