@@ -186,7 +186,7 @@ class Log:
     """Everything printed goes to stdout and to $OUT/gpu_check.log."""
 
     def __init__(self, path: Path) -> None:
-        self.file = open(path, "a", encoding="utf-8", errors="replace")
+        self.file = open(path, "w", encoding="utf-8", errors="replace")
         self.lock = threading.Lock()
 
     def __call__(self, text: str = "") -> None:
@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = (args.out or Path(os.environ.get("OUT") or ROOT / "out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for phase in phases:  # a rerun into the same folder must not mix stale results with fresh ones
+        for name in phase.files:
+            (out / name).unlink(missing_ok=True)
     log = Log(out / "gpu_check.log")
     run = Run(out, args.rehearse, budget, phases, log)
     py = sys.executable
