@@ -16,8 +16,8 @@ Markers (registered in pyproject.toml). Every test file follows this convention,
 - Neither: the test runs on the test device (`helpers.DEVICE`): compiled kernels on CUDA, the interpreter
   on a CPU. Such tests build their tensors and models on `helpers.DEVICE`.
 
-Shared fixtures: `mistral_tokenizer_model` (the real Mistral-7B / SOLAR tokenizer.model, from the
-mistral-common package; tests/tokenizer_fixtures.py), besides the helpers in helpers.py and hf_fixtures.py.
+Shared helpers: helpers.py (`assert_close`, `randn`, `DEVICE`) and hf_fixtures.py (small random transformers
+checkpoints; `real_tokenizer_path()`, the real Mistral-7B / SOLAR tokenizer.model from the mistral-common package).
 
 Guard: Triton's interpreter up to 3.6 cannot run loop kernels with numpy >= 2.4 (fastsolar.compat). In that
 environment such tests are reported as skipped with the reason, instead of failing with numpy's
@@ -58,14 +58,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if _INTERPRETER_CONFLICT:
         lines.append(f"fastsolar: WARNING {_INTERPRETER_CONFLICT}; tests hitting it are reported as skipped")
     return lines
-
-
-@pytest.fixture(scope="session")
-def mistral_tokenizer_model():
-    """Path of Mistral-7B's real sentencepiece tokenizer.model (SOLAR's); see tests/tokenizer_fixtures.py."""
-    from tokenizer_fixtures import mistral_tokenizer_model
-
-    return mistral_tokenizer_model()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

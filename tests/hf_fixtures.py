@@ -81,3 +81,29 @@ def rewrite_config_legacy(model_dir: Path) -> dict:
 
 def shard_files(model_dir: Path) -> list[Path]:
     return sorted(Path(model_dir).glob("*.safetensors"))
+
+
+# -- the real SOLAR / Mistral tokenizer ----------------------------------------------------------------
+
+REAL_TOKENIZER_SHA256_PREFIX = "dadfd56d"
+
+
+def real_tokenizer_path() -> Path:
+    """Mistral-7B's real `tokenizer.model` (the one SOLAR inherits: 32000 pieces), as the mistral-common wheel
+    ships it (`mistral_common/data/tokenizer.model.v1`). Skips the calling test when mistral-common is not
+    installed; raises when the file is not the expected one (sha256 prefix)."""
+    import hashlib
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("mistral_common")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral-common is not installed (pip install -e '.[test]'): it ships the real tokenizer.model")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise FileNotFoundError(f"mistral-common has no {path}; the tests expect tokenizer.model.v1 there")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(REAL_TOKENIZER_SHA256_PREFIX):
+        raise RuntimeError(f"{path} has sha256 {digest}, not the Mistral/SOLAR tokenizer ({REAL_TOKENIZER_SHA256_PREFIX}...)")
+    return path
