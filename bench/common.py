@@ -1,9 +1,11 @@
-"""What bench/run.py and bench/kernels.py share: importing fastsolar, the card and versions, the copy-bandwidth
-ceiling and the markdown table. Scripts import it as `common` (Python puts bench/ first on sys.path)."""
+"""What the bench/ scripts share: importing fastsolar, the card and versions, timing, the copy-bandwidth
+ceiling, JSON written as results come, and the markdown table. Scripts import it as `common` (Python puts
+bench/ first on sys.path)."""
 from __future__ import annotations
 
 import datetime
 import importlib
+import json
 import os
 import platform
 import statistics
@@ -117,6 +119,27 @@ def copy_bandwidth(device: torch.device | str = "cuda", gib: float | None = None
     how = "triton do_bench median" if on_cuda else "host clock median"
     return {"bytes": nbytes, "ms": ms, "spread_pct": spread, "gbs": nbytes / ms / 1e6,
             "method": f"bench/common.py copy_bandwidth(): copy_ of {gib:g} GiB, {how}, spread {spread:.1f}%"}
+
+
+def decode_step_bytes(config: Any, itemsize: int, batch: int, context: float) -> dict[str, float]:
+    """Bytes one decode step must read: every weight except the embedding table (one row of it per token), and
+    the K/V cache of `context` positions per row. `config` is a fastsolar SolarConfig."""
+    c = config
+    embed_table = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    weights = (c.num_parameters() - embed_table) * itemsize + batch * c.hidden_size * itemsize
+    kv = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * itemsize
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as JSON to `path` atomically (a temporary file beside it, then a rename), so that a run
+    killed at any moment leaves the previous complete file, never half of one."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

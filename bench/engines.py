@@ -130,7 +130,8 @@ def hf_sharing_weights(model: Solar, dtype: torch.dtype) -> PreTrainedModel:
 def hf_from_pretrained(model_dir: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    # use_kernels=False: transformers >= 5.25 would otherwise swap in Hub kernels (a download, and not the baseline).
+    kw = dict(dtype=dtype, attn_implementation="sdpa", use_kernels=False)
     try:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, device_map=str(device), **kw)
     except (ImportError, ValueError) as e:  # no accelerate for device_map: load, then move

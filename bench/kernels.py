@@ -4,109 +4,134 @@ What it measures (all bf16, batch 1 unless said, inputs laid out as fastsolar/mo
 
 * the card's copy bandwidth: a device-to-device copy of a large buffer, GB/s counting bytes read
   plus bytes written. It is the ceiling the memory-bound ops are compared with ("% copy");
-* rms_norm, add_rms_norm, apply_rotary, swiglu at 1, 16 and 4096 tokens: time, GB/s (the fewest
-  bytes the op must move: each input read once, each output written once) and % of copy, for the
-  Triton kernel and for torch eager (the op's *_ref at bf16);
+* memory_ops: rms_norm, add_rms_norm, apply_rotary, swiglu at 1, 16 and 4096 tokens: time, GB/s (the
+  fewest bytes the op must move: each input read once, each output written once) and % of copy, for
+  the Triton kernel and for torch eager (the op's *_ref at bf16);
 * attention (prefill, causal, 32/8 heads, head_dim 128) at 512, 2048 and 4096 tokens: TFLOP/s
   counting causal FLOPs as 4*b*h*s*s*d/2, against torch's scaled_dot_product_attention;
-* decode_attention at batch 1 and 8 with 512..4096 cached tokens in a 4096-slot cache: µs and
+* decode: decode_attention at batch 1 and 8 with 512..4096 cached tokens in a 4096-slot cache: µs and
   GB/s of K/V read, against SDPA over the cache's first L slots (the padded cache cut to the
   longest row: all rows hold L tokens here).
 
 How: the copy bandwidth is measured first, as the ceiling the memory-bound ops are held against.
-Every op is checked for correctness before it is timed: against its torch reference in fp32
+Every case is checked for correctness before it is timed: against its torch reference in fp32
 (relative L2 error, NaN-poisoned outputs where the op takes `out=`), on fresh random data; then
 timed with triton.testing.do_bench (CUDA events, warm-up excluded, L2 flushed before every call,
 median of the repeats), twice, keeping the faster median and reporting the spread of the two.
 Times include the Python launch path (argument checks, allocation) unless --cuda-graph is given,
-which replays a CUDA graph instead (do_bench_cudagraph: no launch gaps, but no L2 flush either).
+which replays a CUDA graph instead (do_bench_cudagraph: no launch gaps, but no L2 flush either, so
+cases whose bytes fit in the L2 cache are marked "L2": they read from L2, not from memory). A case
+that raises is recorded with its error and the run goes on.
 
 The SDPA baseline runs two ways, K/V expanded to 32 heads beforehand (so the flash backend is
 eligible) and with enable_gqa=True where torch has it; the faster one is reported and named.
 
-Use from another script: `copy_bandwidth()`, `bench_memory_ops()`, `bench_attention()`,
-`bench_decode()`, `run()` and `markdown()` are plain functions returning dicts.
-(with bench/ on sys.path: it imports its sibling common.py, as `python bench/kernels.py` does).
+Results come as they are measured: each row is printed as one line and the JSON (--json) is rewritten
+after every row; each section's markdown table is printed when the section ends, and all tables again
+at the end. A section is a generator in SECTIONS (`fn(bench) -> rows`); a new kernel's benchmark is one
+more generator there, with an optional table in TABLES (otherwise a generic table shows its rows).
 
     python bench/kernels.py                       # full run, markdown tables on stdout
-    python bench/kernels.py --json out.json       # also write the numbers, card, date, versions
+    python bench/kernels.py --cuda-graph --json out.json   # what bench/gpu_check.sh runs
     python bench/kernels.py --quick               # fewer sizes, shorter timing (smoke test)
+    python bench/kernels.py --rehearse            # CPU, Triton interpreter, tiny shapes: the code paths only
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import sys
+import time
+import traceback
 import types
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
-from common import copy_bandwidth as common_copy_bandwidth
-from common import device_info, do_bench_ms, import_fastsolar, markdown_table
+from common import copy_bandwidth, device_info, do_bench_ms, host_ms, import_fastsolar, markdown_table, write_json
 
-# SOLAR-10.7B
-HIDDEN, N_HEADS, N_KV, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336
 EPS, THETA = 1e-5, 10000.0
-MAX_SEQ = 4096  # SOLAR's context: the decode cache's size
+BF16_TOL = 1e-2  # relative L2 error of bf16 operands against an fp32 reference: 1e-3 .. 1e-2
 
-# Only a CPU smoke test of this script's code paths (Triton interpreter) changes these two.
-DEVICE = "cuda"
-DTYPE = "bfloat16"
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model dimensions and the case lists of each section."""
+
+    hidden: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    inter: int
+    max_seq: int  # the decode cache's slots
+    tokens: tuple[int, ...]  # memory_ops
+    seqs: tuple[int, ...]  # attention (prefill)
+    batches: tuple[int, ...]  # decode
+    cached: tuple[int, ...]  # decode
+
+
+SOLAR = Sizes(4096, 32, 8, 128, 14336, 4096, tokens=(1, 16, 4096), seqs=(512, 2048, 4096), batches=(1, 8),
+              cached=(512, 1024, 2048, 4096))
+QUICK = replace(SOLAR, tokens=(16,), seqs=(512,), batches=(1,), cached=(1024,))
+# The CPU rehearsal: odd, tiny shapes the Triton interpreter runs in seconds (same code paths as on a GPU).
+REHEARSAL = Sizes(96, 4, 2, 16, 80, 48, tokens=(5,), seqs=(17,), batches=(2,), cached=(33,))
 
 
 # ----------------------------------------------------------------------------------------------
-# setup
+# setup, timing and checking
 # ----------------------------------------------------------------------------------------------
-def _kernels() -> types.SimpleNamespace:
-    """fastsolar.kernels' submodules (the installed package; see common.import_fastsolar)."""
-    import_fastsolar("bench/kernels.py")
-    names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention")
-    return types.SimpleNamespace(**{n: importlib.import_module(f"fastsolar.kernels.{n}") for n in names})
+class Bench:
+    """Where and how the sections run: sizes, device, dtype, timing settings, the kernels, the copy ceiling."""
 
+    def __init__(self, sizes: Sizes, device: str, dtype: str, timing: dict[str, Any], l2_bytes: int | None) -> None:
+        import torch
 
-def _torch():
-    import torch
+        self.torch = torch
+        self.S = sizes
+        self.device = device
+        self.dtype = getattr(torch, dtype)
+        self.timing = timing
+        self.l2_bytes = l2_bytes
+        self.copy_gbs: float | None = None
+        import_fastsolar("bench/kernels.py")
+        names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention")
+        self.K = types.SimpleNamespace(**{n: importlib.import_module(f"fastsolar.kernels.{n}") for n in names})
 
-    return torch
+    def time_ms(self, fn: Callable[[], Any]) -> tuple[float, float]:
+        """(median ms, spread %) of fn: do_bench (or CUDA-graph replay) on CUDA, the host clock elsewhere."""
+        if self.device == "cuda":
+            return do_bench_ms(fn, **self.timing)
+        return host_ms(fn, warmup=1, samples=self.timing.get("samples", 3), repeats=self.timing["repeats"])
 
+    def randn(self, *shape: int, dtype=None, scale: float = 1.0):
+        torch = self.torch
+        return (torch.randn(*shape, device=self.device, dtype=torch.float32) * scale).to(dtype or self.dtype)
 
-# ----------------------------------------------------------------------------------------------
-# timing and checking
-# ----------------------------------------------------------------------------------------------
-_TIMING = {"warmup": 25, "rep": 100, "graph": False, "repeats": 2}
+    def poisoned(self, t):
+        return self.torch.full_like(t, float("nan"))
 
+    def empty_cache(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()
 
-def time_ms(fn) -> tuple[float, float]:
-    """(median ms, spread %) of `fn` under the --warmup/--rep/--repeats/--cuda-graph settings (common.do_bench_ms)."""
-    return do_bench_ms(fn, **_TIMING)
+    def pct_copy(self, gbs: float) -> float | None:
+        return 100 * gbs / self.copy_gbs if self.copy_gbs else None
+
+    def cache_note(self, nbytes: int) -> str:
+        """'L2' when a CUDA-graph-timed case's bytes fit in L2 (then it is timed from L2, not from memory)."""
+        return "L2" if self.timing.get("graph") and self.l2_bytes and nbytes <= self.l2_bytes else ""
 
 
 def rel_err(out, ref) -> float:
     """||out - ref|| / ||ref|| in float64; NaN/Inf anywhere in out gives inf."""
-    torch = _torch()
+    import torch
+
     o, r = out.double(), ref.double()
     if not torch.isfinite(o).all():
         return math.inf
     return float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r).clamp_min(1e-30))
-
-
-def _empty_cache():
-    torch = _torch()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _randn(*shape, dtype=None, scale=1.0):
-    torch = _torch()
-    return (torch.randn(*shape, device=DEVICE, dtype=torch.float32) * scale).to(dtype or getattr(torch, DTYPE))
-
-
-def _poisoned(t):
-    return _torch().full_like(t, float("nan"))
-
-
-BF16_TOL = 1e-2  # relative L2 error of bf16 operands against an fp32 reference: 1e-3 .. 1e-2
 
 
 def _check(errs: list[float]) -> str:
@@ -114,78 +139,92 @@ def _check(errs: list[float]) -> str:
     return "ok" if worst <= BF16_TOL else f"BAD ({worst:.1e})"
 
 
-# ----------------------------------------------------------------------------------------------
-# the benchmarks
-# ----------------------------------------------------------------------------------------------
-def copy_bandwidth(gib: float = 1.0) -> dict:
-    """Device-to-device copy of a `gib` GiB buffer: GB/s = (bytes read + bytes written) / time (common.py's)."""
-    return common_copy_bandwidth(DEVICE, gib, **_TIMING)
+def _error(e: BaseException) -> str:
+    return f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def _mem_cases(K, tokens: int):
+def _best_of(b: Bench, variants: dict[str, Callable[[], Any]]) -> tuple[str, float, float]:
+    """(name, ms, spread) of the fastest variant."""
+    best = None
+    for name, f in variants.items():
+        t, sp = b.time_ms(f)
+        if best is None or t < best[1]:
+            best = (name, t, sp)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# the sections: generators of result rows
+# ----------------------------------------------------------------------------------------------
+def _mem_cases(b: Bench, tokens: int):
     """(op, kernel fn, reference fn, fp32 check fn, bytes moved) for one token count."""
-    torch = _torch()
-    T = tokens
-    x, res = _randn(T, HIDDEN), _randn(T, HIDDEN)
-    w = _randn(HIDDEN, scale=0.1) + 1.0
-    qkv = _randn(1, T, N_HEADS + 2 * N_KV, HEAD_DIM)
-    q, k, _ = qkv.split([N_HEADS, N_KV, N_KV], dim=2)
-    pos = torch.arange(T, device=DEVICE)[None] + 7
-    gate, up = _randn(T, 2 * INTER).split(INTER, dim=-1)
-    e = x.element_size()  # 2: bf16
+    torch, K, S, T = b.torch, b.K, b.S, tokens
+    x, res = b.randn(T, S.hidden), b.randn(T, S.hidden)
+    w = b.randn(S.hidden, scale=0.1) + 1.0
+    qkv = b.randn(1, T, S.n_heads + 2 * S.n_kv, S.head_dim)
+    q, k, _ = qkv.split([S.n_heads, S.n_kv, S.n_kv], dim=2)
+    pos = torch.arange(T, device=b.device)[None] + 7
+    gate, up = b.randn(T, 2 * S.inter).split(S.inter, dim=-1)
+    e = x.element_size()
 
     def check_rms():
-        out = K.rms_norm.rms_norm(x, w, EPS, out=_poisoned(x))
+        out = K.rms_norm.rms_norm(x, w, EPS, out=b.poisoned(x))
         return [rel_err(out, K.rms_norm.rms_norm_ref(x.float(), w.float(), EPS))]
 
     def check_add():
-        y, h = K.rms_norm.add_rms_norm(x, res, w, EPS, out=_poisoned(x), out_h=_poisoned(x))
+        y, h = K.rms_norm.add_rms_norm(x, res, w, EPS, out=b.poisoned(x), out_h=b.poisoned(x))
         y_ref, h_ref = K.rms_norm.add_rms_norm_ref(x.float(), res.float(), w.float(), EPS)
         return [rel_err(y, y_ref), rel_err(h, h_ref)]
 
     def check_rot():
-        qo, ko = K.rotary.apply_rotary(q, k, pos, THETA, q_out=_poisoned(q.contiguous()), k_out=_poisoned(k.contiguous()))
+        qo, ko = K.rotary.apply_rotary(q, k, pos, THETA, q_out=b.poisoned(q.contiguous()),
+                                       k_out=b.poisoned(k.contiguous()))
         qr, kr = K.rotary.apply_rotary_ref(q.float(), k.float(), pos, THETA)
         return [rel_err(qo, qr), rel_err(ko, kr)]
 
     def check_swiglu():
-        out = K.swiglu.swiglu(gate, up, out=_poisoned(gate.contiguous()))
+        out = K.swiglu.swiglu(gate, up, out=b.poisoned(gate.contiguous()))
         return [rel_err(out, K.swiglu.swiglu_ref(gate.float(), up.float()))]
 
-    qk_elems = T * (N_HEADS + N_KV) * HEAD_DIM
+    qk_elems = T * (S.n_heads + S.n_kv) * S.head_dim
     return [
         ("rms_norm", lambda: K.rms_norm.rms_norm(x, w, EPS), lambda: K.rms_norm.rms_norm_ref(x, w, EPS),
-         check_rms, (2 * T * HIDDEN + HIDDEN) * e),
+         check_rms, (2 * T * S.hidden + S.hidden) * e),
         ("add_rms_norm", lambda: K.rms_norm.add_rms_norm(x, res, w, EPS),
-         lambda: K.rms_norm.add_rms_norm_ref(x, res, w, EPS), check_add, (4 * T * HIDDEN + HIDDEN) * e),
+         lambda: K.rms_norm.add_rms_norm_ref(x, res, w, EPS), check_add, (4 * T * S.hidden + S.hidden) * e),
         ("apply_rotary", lambda: K.rotary.apply_rotary(q, k, pos, THETA),
          lambda: K.rotary.apply_rotary_ref(q, k, pos, THETA), check_rot,
-         2 * qk_elems * e + T * pos.element_size() + HEAD_DIM // 2 * 4),
+         2 * qk_elems * e + T * pos.element_size() + S.head_dim // 2 * 4),
         ("swiglu", lambda: K.swiglu.swiglu(gate, up), lambda: K.swiglu.swiglu_ref(gate, up),
-         check_swiglu, 3 * T * INTER * e),
+         check_swiglu, 3 * T * S.inter * e),
     ]
 
 
-def bench_memory_ops(tokens=(1, 16, 4096), copy_gbs: float | None = None, K=None) -> list[dict]:
-    """GB/s of the memory-bound ops (kernel and torch eager) per token count; % of `copy_gbs`."""
-    K = K or _kernels()
-    rows = []
-    for T in tokens:
-        for op, fn, ref, check, nbytes in _mem_cases(K, T):
-            status = _check(check())
+def memory_ops(b: Bench) -> Iterator[dict]:
+    """GB/s of the memory-bound ops (kernel and torch eager) per token count; % of the copy bandwidth."""
+    for T in b.S.tokens:
+        for op, fn, ref, check, nbytes in _mem_cases(b, T):
+            try:
+                status = _check(check())
+            except Exception as e:  # noqa: BLE001 - recorded in the row; the other cases still run
+                yield {"op": op, "tokens": T, "impl": "triton", "bytes": nbytes, "check": _error(e)}
+                continue
             for impl, f in (("triton", fn), ("torch", ref)):
-                ms, spread = time_ms(f)
+                try:
+                    ms, spread = b.time_ms(f)
+                except Exception as e:  # noqa: BLE001
+                    yield {"op": op, "tokens": T, "impl": impl, "bytes": nbytes, "check": _error(e)}
+                    continue
                 gbs = nbytes / ms / 1e6
-                rows.append({"op": op, "tokens": T, "impl": impl, "bytes": nbytes, "us": ms * 1e3,
-                             "spread_pct": spread, "gbs": gbs,
-                             "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None,
-                             "check": status if impl == "triton" else ""})
-    return rows
+                yield {"op": op, "tokens": T, "impl": impl, "bytes": nbytes, "us": ms * 1e3, "spread_pct": spread,
+                       "gbs": gbs, "pct_copy": b.pct_copy(gbs), "cache": b.cache_note(nbytes),
+                       "check": status if impl == "triton" else ""}
 
 
-def _sdpa_variants(q, k, v, causal: bool):
+def _sdpa_variants(q, k, v, causal: bool) -> dict[str, Callable[[], Any]]:
     """SDPA callables over [b, s, h, d] tensors: expanded K/V, and enable_gqa where available."""
-    torch = _torch()
+    import torch
+
     F = torch.nn.functional
     group = q.shape[2] // k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -200,132 +239,208 @@ def _sdpa_variants(q, k, v, causal: bool):
     return out
 
 
-def bench_attention(seqs=(512, 2048, 4096), K=None) -> list[dict]:
+def attention(b: Bench) -> Iterator[dict]:
     """Prefill attention TFLOP/s (causal FLOPs 4*b*h*s*s*d/2) for the kernel and the faster SDPA."""
-    K = K or _kernels()
-    rows = []
-    for s in seqs:
-        qkv = _randn(1, s, N_HEADS + 2 * N_KV, HEAD_DIM)
-        q, k, v = qkv.split([N_HEADS, N_KV, N_KV], dim=2)
+    K, S = b.K, b.S
+    for s in S.seqs:
+        qkv = b.randn(1, s, S.n_heads + 2 * S.n_kv, S.head_dim)
+        q, k, v = qkv.split([S.n_heads, S.n_kv, S.n_kv], dim=2)
         q, k = q.contiguous(), k.contiguous()  # as apply_rotary hands them over; v stays a qkv view
-        flops = 4 * 1 * N_HEADS * s * s * HEAD_DIM / 2
-        out = K.attention.attention(q, k, v, causal=True, out=_poisoned(q))
-        status = _check([rel_err(out, K.attention.attention_ref(q.float(), k.float(), v.float(), causal=True))])
-        ms, spread = time_ms(lambda: K.attention.attention(q, k, v, causal=True))
-        rows.append({"op": "attention", "seq": s, "impl": "triton", "ms": ms, "spread_pct": spread,
-                     "tflops": flops / ms / 1e9, "check": status})
-        best = None
-        for name, f in _sdpa_variants(q, k, v, causal=True).items():
-            t, sp = time_ms(f)
-            if best is None or t < best[1]:
-                best = (name, t, sp)
-        rows.append({"op": "attention", "seq": s, "impl": best[0], "ms": best[1], "spread_pct": best[2],
-                     "tflops": flops / best[1] / 1e9, "check": ""})
-        del qkv, q, k, v, out
-        _empty_cache()
-    return rows
+        flops = 4 * 1 * S.n_heads * s * s * S.head_dim / 2
+        try:
+            out = K.attention.attention(q, k, v, causal=True, out=b.poisoned(q))
+            status = _check([rel_err(out, K.attention.attention_ref(q.float(), k.float(), v.float(), causal=True))])
+            ms, spread = b.time_ms(lambda: K.attention.attention(q, k, v, causal=True))
+            yield {"op": "attention", "seq": s, "impl": "triton", "ms": ms, "spread_pct": spread,
+                   "tflops": flops / ms / 1e9, "check": status}
+        except Exception as e:  # noqa: BLE001
+            yield {"op": "attention", "seq": s, "impl": "triton", "check": _error(e)}
+        name, ms, spread = _best_of(b, _sdpa_variants(q, k, v, causal=True))
+        yield {"op": "attention", "seq": s, "impl": name, "ms": ms, "spread_pct": spread,
+               "tflops": flops / ms / 1e9, "check": ""}
+        del qkv, q, k, v
+        b.empty_cache()
 
 
-def bench_decode(batches=(1, 8), lens=(512, 1024, 2048, 4096), copy_gbs: float | None = None, K=None) -> list[dict]:
-    """decode_attention µs (one query token per row, L cached tokens in a MAX_SEQ-slot cache) vs SDPA
-    over the first L cache slots; GB/s counts the K/V bytes read (b * L * kv * d * 2 tensors * 2 B)."""
-    torch = _torch()
-    K = K or _kernels()
-    rows = []
-    for b in batches:
-        kc = _randn(b, MAX_SEQ, N_KV, HEAD_DIM)
-        vc = _randn(b, MAX_SEQ, N_KV, HEAD_DIM)
-        for L in lens:
-            q = _randn(b, N_HEADS, HEAD_DIM)
-            seqlens = torch.full((b,), L, dtype=torch.int32, device=DEVICE)
-            nbytes = 2 * b * L * N_KV * HEAD_DIM * 2 + 2 * b * N_HEADS * HEAD_DIM * 2
-            out = K.decode_attention.decode_attention(q, kc, vc, seqlens, out=_poisoned(q))
-            ref = K.decode_attention.decode_attention_ref(q.float(), kc.float(), vc.float(), seqlens)
-            status = _check([rel_err(out, ref)])
-            ms, spread = time_ms(lambda: K.decode_attention.decode_attention(q, kc, vc, seqlens))
-            rows.append({"op": "decode_attention", "batch": b, "cached": L, "impl": "triton", "us": ms * 1e3,
-                         "spread_pct": spread, "gbs": nbytes / ms / 1e6,
-                         "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbs if copy_gbs else None, "check": status})
-            best = None
-            for name, f in _sdpa_variants(q[:, None], kc[:, :L], vc[:, :L], causal=False).items():
-                t, sp = time_ms(f)
-                if best is None or t < best[1]:
-                    best = (name, t, sp)
-            rows.append({"op": "decode_attention", "batch": b, "cached": L, "impl": best[0], "us": best[1] * 1e3,
-                         "spread_pct": best[2], "gbs": nbytes / best[1] / 1e6,
-                         "pct_copy": 100 * nbytes / best[1] / 1e6 / copy_gbs if copy_gbs else None, "check": ""})
+def decode(b: Bench) -> Iterator[dict]:
+    """decode_attention µs (one query token per row, L cached tokens in a max_seq-slot cache) vs SDPA over the
+    first L cache slots; GB/s counts the K/V bytes read (b * L * kv * d * 2 tensors * element size)."""
+    torch, K, S = b.torch, b.K, b.S
+    e = torch.empty((), dtype=b.dtype).element_size()
+    for bs in S.batches:
+        kc = b.randn(bs, S.max_seq, S.n_kv, S.head_dim)
+        vc = b.randn(bs, S.max_seq, S.n_kv, S.head_dim)
+        for L in S.cached:
+            q = b.randn(bs, S.n_heads, S.head_dim)
+            seqlens = torch.full((bs,), L, dtype=torch.int32, device=b.device)
+            nbytes = 2 * bs * L * S.n_kv * S.head_dim * e + 2 * bs * S.n_heads * S.head_dim * e
+            row = {"op": "decode_attention", "batch": bs, "cached": L, "bytes": nbytes}
+            try:
+                out = K.decode_attention.decode_attention(q, kc, vc, seqlens, out=b.poisoned(q))
+                ref = K.decode_attention.decode_attention_ref(q.float(), kc.float(), vc.float(), seqlens)
+                status = _check([rel_err(out, ref)])
+                ms, spread = b.time_ms(lambda: K.decode_attention.decode_attention(q, kc, vc, seqlens))
+                gbs = nbytes / ms / 1e6
+                yield {**row, "impl": "triton", "us": ms * 1e3, "spread_pct": spread, "gbs": gbs,
+                       "pct_copy": b.pct_copy(gbs), "cache": b.cache_note(nbytes), "check": status}
+            except Exception as e:  # noqa: BLE001
+                yield {**row, "impl": "triton", "check": _error(e)}
+            name, ms, spread = _best_of(b, _sdpa_variants(q[:, None], kc[:, :L], vc[:, :L], causal=False))
+            gbs = nbytes / ms / 1e6
+            yield {**row, "impl": name, "us": ms * 1e3, "spread_pct": spread, "gbs": gbs,
+                   "pct_copy": b.pct_copy(gbs), "cache": b.cache_note(nbytes), "check": ""}
         del kc, vc
-        _empty_cache()
-    return rows
+        b.empty_cache()
 
 
-def run(tokens=(1, 16, 4096), seqs=(512, 2048, 4096), batches=(1, 8), lens=(512, 1024, 2048, 4096),
-        copy_gib: float = 1.0) -> dict:
-    """Everything, in one dict (what --json writes)."""
-    torch = _torch()
+#: The benchmark sections, in run order: name -> generator of row dicts. Add a kernel's benchmark here.
+SECTIONS: dict[str, Callable[[Bench], Iterator[dict]]] = {"memory_ops": memory_ops, "attention": attention,
+                                                           "decode": decode}
+
+
+def run(sizes: Sizes, *, device: str = "cuda", dtype: str = "bfloat16", timing: dict[str, Any] | None = None,
+        copy_gib: float = 1.0, sections: list[str] | None = None,
+        on_row: Callable[[dict, str, dict], None] | None = None) -> dict:
+    """Everything, in one dict (what --json writes); `on_row(result, section, row)` after every row."""
+    import torch
+
     torch.manual_seed(0)
-    K = _kernels()
-    info = device_info(DEVICE)
-    copy = copy_bandwidth(copy_gib)
-    return {
-        "device": info,
-        "timing": dict(_TIMING),
-        "copy": copy,
-        "memory_ops": bench_memory_ops(tokens, copy["gbs"], K),
-        "attention": bench_attention(seqs, K),
-        "decode": bench_decode(batches, lens, copy["gbs"], K),
-    }
+    timing = dict(timing or {"warmup": 25, "rep": 100, "graph": False, "repeats": 2})
+    info = device_info(device)
+    l2 = int(info["l2_mib"] * 2**20) if info.get("l2_mib") else None
+    b = Bench(sizes, device, dtype, timing, l2)
+    res: dict[str, Any] = {"complete": False, "device": info, "dtype": dtype, "sizes": asdict(sizes),
+                           "timing": timing, "copy": None}
+    copy_kw = timing if device == "cuda" else {}
+    res["copy"] = copy_bandwidth(device, copy_gib, **copy_kw)
+    b.copy_gbs = res["copy"]["gbs"]
+    for name in sections or list(SECTIONS):
+        res[name] = []
+        for row in SECTIONS[name](b):
+            res[name].append(row)
+            if on_row:
+                on_row(res, name, row)
+    res["complete"] = True
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
 # output
 # ----------------------------------------------------------------------------------------------
-def _pct(x):
+def _f(x: Any, fmt: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _pct(x: Any) -> str:
     return "" if x is None else f"{x:.0f}%"
 
 
+def _pairs(rows: list[dict], key: Callable[[dict], tuple]) -> dict[tuple, tuple[dict, dict]]:
+    """Rows grouped by `key` as (triton row, baseline row); a missing side is an empty dict."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        pair = out.setdefault(key(r), [{}, {}])
+        pair[0 if r.get("impl") == "triton" else 1] = r
+    return {k: (t, e) for k, (t, e) in out.items()}
+
+
+def _speedup(t: dict, e: dict, field: str) -> str:
+    return f"{e[field] / t[field]:.2f}x" if t.get(field) and e.get(field) else "n/a"
+
+
+def _spread(t: dict, e: dict) -> str:
+    vals = [r["spread_pct"] for r in (t, e) if r.get("spread_pct") is not None]
+    return f"{max(vals):.1f}%" if vals else "n/a"
+
+
+def _memory_table(rows: list[dict], res: dict) -> str:
+    table = []
+    for (op, T), (t, e) in _pairs(rows, lambda r: (r["op"], r["tokens"])).items():
+        nbytes = (t or e).get("bytes")
+        table.append([op, T, _f(nbytes / 1e6 if nbytes else None, ".2f"), _f(t.get("us"), ".1f"),
+                      _f(t.get("gbs"), ".0f"), _pct(t.get("pct_copy")), _f(e.get("us"), ".1f"), _f(e.get("gbs"), ".0f"),
+                      _pct(e.get("pct_copy")), _speedup(t, e, "us"), _spread(t, e), t.get("cache") or e.get("cache", ""),
+                      t.get("check", "")])
+    return ("Memory-bound ops (GB/s = fewest bytes / time):\n\n"
+            + markdown_table(["op", "tokens", "MB", "triton µs", "GB/s", "% copy", "torch µs", "GB/s", "% copy",
+                              "speedup", "spread", "cache", "check"], table))
+
+
+def _attention_table(rows: list[dict], res: dict) -> str:
+    S = res["sizes"]
+    table = []
+    for (s,), (t, e) in _pairs(rows, lambda r: (r["seq"],)).items():
+        table.append([s, _f(t.get("ms"), ".3f"), _f(t.get("tflops"), ".0f"), _f(e.get("ms"), ".3f"),
+                      _f(e.get("tflops"), ".0f"), e.get("impl", ""), _speedup(t, e, "ms"), _spread(t, e),
+                      t.get("check", "")])
+    return (f"Prefill attention (batch 1, {S['n_heads']}/{S['n_kv']} heads, d {S['head_dim']}, causal; "
+            "FLOPs 4*h*s*s*d/2):\n\n"
+            + markdown_table(["seq", "triton ms", "TFLOP/s", "sdpa ms", "TFLOP/s", "sdpa variant", "speedup", "spread",
+                              "check"], table))
+
+
+def _decode_table(rows: list[dict], res: dict) -> str:
+    table = []
+    for (bs, L), (t, e) in _pairs(rows, lambda r: (r["batch"], r["cached"])).items():
+        table.append([bs, L, _f(t.get("us"), ".1f"), _f(t.get("gbs"), ".0f"), _pct(t.get("pct_copy")),
+                      _f(e.get("us"), ".1f"), _f(e.get("gbs"), ".0f"), e.get("impl", ""), _speedup(t, e, "us"),
+                      _spread(t, e), t.get("cache") or e.get("cache", ""), t.get("check", "")])
+    return (f"Decode attention ({res['sizes']['max_seq']}-slot cache, GB/s of K/V read):\n\n"
+            + markdown_table(["batch", "cached", "triton µs", "GB/s", "% copy", "sdpa µs", "GB/s", "sdpa variant",
+                              "speedup", "spread", "cache", "check"], table))
+
+
+def _generic_table(rows: list[dict], res: dict) -> str:
+    """Any section without its own table: one column per key, in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    cells = [[_f(r.get(k), ".4g") if isinstance(r.get(k), float) else r.get(k, "") for k in keys] for r in rows]
+    return markdown_table(keys, cells)
+
+
+#: Markdown for each section (sections not listed get _generic_table).
+TABLES: dict[str, Callable[[list[dict], dict], str]] = {"memory_ops": _memory_table, "attention": _attention_table,
+                                                         "decode": _decode_table}
+
+
+def header(res: dict) -> str:
+    d, c = res["device"], res.get("copy")
+    arch = f"sm_{d['capability'].replace('.', '')}, {d['sms']} SMs, " if d.get("capability") else ""
+    if res["timing"].get("graph"):
+        mode = "CUDA-graph replay (no launch gaps; no L2 flush: 'L2' rows fit in L2)"
+    elif d.get("capability"):
+        mode = "do_bench, L2 flushed, launch path included"
+    else:
+        mode = "host clock (CPU: code paths only, not speed)"
+    lines = [f"**{d['card']}** ({arch}{d['memory_gib']} GiB), {res['dtype']}, torch {d['torch']}, triton {d['triton']}, "
+             f"CUDA {d['cuda']}, {d['date']}; {mode}; medians."]
+    if c:
+        lines += ["", f"Copy bandwidth: **{c['gbs']:.0f} GB/s** (read+write of {c['bytes'] / 2**30:.2f} GiB in "
+                  f"{c['ms']:.3f} ms, spread {c['spread_pct']:.1f}%)"]
+    return "\n".join(lines)
+
+
 def markdown(res: dict) -> str:
-    d, c = res["device"], res["copy"]
-    mode = "CUDA-graph replay" if res["timing"]["graph"] else "do_bench, L2 flushed, launch path included"
-    out = [f"**{d['card']}** (sm_{d['capability'].replace('.', '')}, {d['sms']} SMs, {d['memory_gib']} GiB), "
-           f"torch {d['torch']}, triton {d['triton']}, CUDA {d['cuda']}, {d['date']}; {mode}; medians.",
-           "", f"Copy bandwidth: **{c['gbs']:.0f} GB/s** (read+write of {c['bytes'] / 2**30:.1f} GiB in "
-           f"{c['ms']:.3f} ms, spread {c['spread_pct']:.1f}%)", ""]
-    # memory ops: one row per (op, tokens), triton and torch side by side
-    by = {}
-    for r in res["memory_ops"]:
-        by.setdefault((r["op"], r["tokens"]), {})[r["impl"]] = r
-    rows = []
-    for (op, T), m in by.items():
-        t, e = m["triton"], m["torch"]
-        rows.append([op, T, f"{t['bytes'] / 1e6:.2f}", f"{t['us']:.1f}", f"{t['gbs']:.0f}", _pct(t["pct_copy"]),
-                     f"{e['us']:.1f}", f"{e['gbs']:.0f}", _pct(e["pct_copy"]), f"{e['us'] / t['us']:.2f}x",
-                     f"{max(t['spread_pct'], e['spread_pct']):.1f}%", t["check"]])
-    out += ["Memory-bound ops (bf16; GB/s = fewest bytes / time):", "",
-            markdown_table(["op", "tokens", "MB", "triton µs", "GB/s", "% copy", "torch µs", "GB/s", "% copy",
-                            "speedup", "spread", "check"], rows), ""]
-    att = {}
-    for r in res["attention"]:
-        att.setdefault(r["seq"], []).append(r)
-    rows = []
-    for s, (t, e) in att.items():
-        rows.append([s, f"{t['ms']:.3f}", f"{t['tflops']:.0f}", f"{e['ms']:.3f}", f"{e['tflops']:.0f}", e["impl"],
-                     f"{e['ms'] / t['ms']:.2f}x", f"{max(t['spread_pct'], e['spread_pct']):.1f}%", t["check"]])
-    out += ["Prefill attention (bf16, batch 1, 32/8 heads, d 128, causal; FLOPs 4*h*s*s*d/2):", "",
-            markdown_table(["seq", "triton ms", "TFLOP/s", "sdpa ms", "TFLOP/s", "sdpa variant", "speedup", "spread",
-                            "check"], rows), ""]
-    dec = {}
-    for r in res["decode"]:
-        dec.setdefault((r["batch"], r["cached"]), []).append(r)
-    rows = []
-    for (b, L), (t, e) in dec.items():
-        rows.append([b, L, f"{t['us']:.1f}", f"{t['gbs']:.0f}", _pct(t["pct_copy"]), f"{e['us']:.1f}",
-                     f"{e['gbs']:.0f}", e["impl"], f"{e['us'] / t['us']:.2f}x",
-                     f"{max(t['spread_pct'], e['spread_pct']):.1f}%", t["check"]])
-    out += [f"Decode attention (bf16, {MAX_SEQ}-slot cache, GB/s of K/V read):", "",
-            markdown_table(["batch", "cached", "triton µs", "GB/s", "% copy", "sdpa µs", "GB/s", "sdpa variant",
-                            "speedup", "spread", "check"], rows)]
+    """The header and a table per section present (partial results too)."""
+    out = [header(res)]
+    for name in [n for n in SECTIONS if n in res] + [n for n in res if n not in SECTIONS and isinstance(res[n], list)]:
+        if res[name]:
+            out += ["", TABLES.get(name, _generic_table)(res[name], res)]
+    if not res.get("complete", True):
+        out += ["", "INCOMPLETE: the run stopped before every section finished."]
     return "\n".join(out)
+
+
+def _row_line(section: str, row: dict) -> str:
+    keys = [k for k in ("op", "tokens", "seq", "batch", "cached", "impl") if k in row]
+    vals = [f"{k}={row[k]}" for k in keys]
+    for k, fmt in (("us", ".1f"), ("ms", ".3f"), ("gbs", ".0f"), ("tflops", ".1f"), ("pct_copy", ".0f")):
+        if row.get(k) is not None:
+            vals.append(f"{k}={row[k]:{fmt}}")
+    if row.get("check"):
+        vals.append(row["check"])
+    return f"[{section}] " + " ".join(vals)
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -335,38 +450,72 @@ def _ints(s: str) -> tuple[int, ...]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Needs one CUDA GPU; exits with status 2 without one.")
-    ap.add_argument("--json", metavar="PATH", help="also write all numbers, card, date and versions as JSON")
-    ap.add_argument("--tokens", type=_ints, default=(1, 16, 4096), help="token counts for the memory-bound ops (default 1,16,4096)")
-    ap.add_argument("--seqs", type=_ints, default=(512, 2048, 4096), help="prefill lengths for attention (default 512,2048,4096)")
-    ap.add_argument("--batches", type=_ints, default=(1, 8), help="decode batch sizes (default 1,8)")
-    ap.add_argument("--cached", type=_ints, default=(512, 1024, 2048, 4096), help="decode cached tokens (default 512,1024,2048,4096)")
+                                 epilog="Needs one CUDA GPU (exit status 2 without one), except with --rehearse.")
+    ap.add_argument("--json", metavar="PATH", help="write all numbers, card, date and versions as JSON (after every row)")
+    ap.add_argument("--tokens", type=_ints, help="token counts for the memory-bound ops (default 1,16,4096)")
+    ap.add_argument("--seqs", type=_ints, help="prefill lengths for attention (default 512,2048,4096)")
+    ap.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,8)")
+    ap.add_argument("--cached", type=_ints, help="decode cached tokens (default 512,1024,2048,4096)")
+    ap.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default all)")
     ap.add_argument("--copy-gib", type=float, default=1.0, help="size of the copy-bandwidth buffer in GiB (default 1)")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repeat time, ms (default 100)")
     ap.add_argument("--repeats", type=int, default=2, help="time each case this many times; the spread is the noise (default 2)")
     ap.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (no launch gaps, no L2 flush)")
     ap.add_argument("--quick", action="store_true", help="smoke test: one size each, short timing")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="run on the CPU under the Triton interpreter at tiny shapes in float32: checks this script's "
+                         "code paths (no GPU needed), measures nothing meaningful")
     args = ap.parse_args(argv)
 
-    torch = _torch()
-    if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA GPU visible (torch.cuda.is_available() is False); "
-              "these benchmarks need one. `--help` lists the options.", file=sys.stderr)
-        return 2
-    _TIMING.update(warmup=args.warmup, rep=args.rep, graph=args.cuda_graph, repeats=max(1, args.repeats))
-    if args.quick:
-        args.tokens, args.seqs, args.batches, args.cached = (16,), (512,), (1,), (1024,)
-        _TIMING.update(warmup=5, rep=20, repeats=1)
-    res = run(args.tokens, args.seqs, args.batches, args.cached, args.copy_gib)
-    print(markdown(res))
+    if args.rehearse:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastsolar (and so triton) is imported
+        sizes, device, dtype = REHEARSAL, "cpu", "float32"  # bf16 tl.dot is garbage under the interpreter
+        timing = {"warmup": 1, "rep": 1, "graph": False, "repeats": 1, "samples": 1}
+        args.copy_gib = min(args.copy_gib, 1 / 64)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench/kernels.py: no CUDA GPU visible (torch.cuda.is_available() is False); these benchmarks "
+                  "need one (--rehearse runs the code paths on a CPU). `--help` lists the options.", file=sys.stderr)
+            return 2
+        sizes, device, dtype = (QUICK if args.quick else SOLAR), "cuda", "bfloat16"
+        timing = {"warmup": args.warmup, "rep": args.rep, "graph": args.cuda_graph, "repeats": max(1, args.repeats)}
+        if args.quick:
+            timing.update(warmup=5, rep=20, repeats=1)
+    overrides = {k: getattr(args, k) for k in ("tokens", "seqs", "batches", "cached") if getattr(args, k)}
+    sizes = replace(sizes, **overrides)
+    sections = [s for s in (args.sections or "").split(",") if s] or None
+    unknown = [s for s in sections or [] if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+
+    t0 = time.perf_counter()
+    last_section: list[str] = []
+
+    def on_row(res: dict, section: str, row: dict) -> None:
+        if last_section and last_section[-1] != section:
+            print("\n" + TABLES.get(last_section[-1], _generic_table)(res[last_section[-1]], res) + "\n", flush=True)
+        if not last_section or last_section[-1] != section:
+            last_section.append(section)
+        print(f"{time.perf_counter() - t0:7.1f}s {_row_line(section, row)}", flush=True)
+        if args.json:
+            write_json(args.json, res)
+
+    try:
+        res = run(sizes, device=device, dtype=dtype, timing=timing, copy_gib=args.copy_gib, sections=sections,
+                  on_row=on_row)
+    except Exception:
+        traceback.print_exc()
+        return 1
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    bad = [r for part in ("memory_ops", "attention", "decode") for r in res[part] if r["check"].startswith("BAD")]
+        write_json(args.json, res)
+    print("\n" + markdown(res), flush=True)
+    bad = [r for name in SECTIONS if name in res for r in res[name]
+           if str(r.get("check", "")).startswith(("BAD", "ERROR"))]
     if bad:
-        print(f"\n{len(bad)} case(s) failed the correctness check (relative L2 error > {BF16_TOL}): "
+        print(f"\n{len(bad)} case(s) failed (relative L2 error > {BF16_TOL}, or an error): "
               + ", ".join(f"{r['op']}" for r in bad), file=sys.stderr)
         return 1
     return 0

@@ -5,7 +5,7 @@
     python bench/run.py --model DIR          # a real checkpoint (fastsolar's loader and transformers' own)
     python bench/run.py --engines fastsolar,hf-eager --batch-sizes 1 --new-tokens 64 --json out.json
 
-Engines (`--engines`, comma separated, default all):
+Engines (`--engines`, comma separated, default all; `--exclude` leaves some out):
   fastsolar        fastsolar.generate with the Triton kernels and CUDA graphs (cuda_graphs=True)
   fastsolar-eager  the same without CUDA graphs
   torch-ref        fastsolar's model on its torch reference ops (`ops.force_kernels(False)`), eager
@@ -34,6 +34,8 @@ Method, per engine and batch size b (all engines see the same random prompts of 
 
 Random weights are shared by every engine, one copy (bench/engines.py says how). Progress goes to stderr; a
 markdown table is printed last; `--json` writes every number (partial results are written after each engine).
+Exit status: 1 when an engine failed (the table says why), 2 when interrupted, else 0 (skipped engines, e.g. the
+CUDA-only ones on a CPU, are reported with their reason).
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ import argparse
 import contextlib
 import gc
 import importlib.util
-import json
 import logging
 import math
 import signal
@@ -55,7 +56,7 @@ from typing import Any, Callable
 
 import torch
 
-from common import copy_bandwidth, device_info, import_fastsolar, markdown_table
+from common import copy_bandwidth, decode_step_bytes, device_info, import_fastsolar, markdown_table, write_json
 from engines import (Engine, FastsolarEngine, HFEngine, fit_layers, hf_from_pretrained, hf_sharing_weights,
                      random_solar)
 
@@ -91,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per generate (default 128 on CUDA, 8 on CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions, median taken (default 3 on CUDA, 2 on CPU)")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--exclude", default="", help="comma-separated engines to leave out of --engines "
+                   "(bench/gpu_check.sh: every engine but hf-compile, whatever engines exist)")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None,
@@ -105,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (128 if on_cuda else 8)
     args.repeats = args.repeats or (3 if on_cuda else 2)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = [e for e in args.engines if e not in ENGINES]
+    excluded = [e.strip() for e in args.exclude.split(",") if e.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip() and e.strip() not in excluded]
+    unknown = [e for e in args.engines + excluded if e not in ENGINES]
     if unknown:
         p.error(f"unknown engine(s) {unknown}; choose from {ENGINES}")
     if args.new_tokens < 2:
@@ -211,12 +215,8 @@ class Bench:
     # -- bytes a decode step must read
 
     def step_bytes(self, b: int) -> dict[str, float]:
-        c, size = self.config, self.args.dtype.itemsize
-        embed_table = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
-        weights = (c.num_parameters() - embed_table) * size + b * c.hidden_size * size
         ctx = self.args.prompt_len + self.args.new_tokens / 2  # mean cached length read over the N steps
-        kv = 2 * c.num_hidden_layers * b * ctx * c.num_key_value_heads * c.head_dim * size
-        return {"weights": weights, "kv": kv, "total": weights + kv}
+        return decode_step_bytes(self.config, self.args.dtype.itemsize, b, ctx)
 
     # -- measuring
 
@@ -389,10 +389,7 @@ class Bench:
     def write_json(self, complete: bool) -> dict[str, Any]:
         data = self.payload(complete)
         if self.args.json:
-            self.args.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.args.json.with_suffix(self.args.json.suffix + ".tmp")
-            tmp.write_text(json.dumps(data, indent=1, default=str))
-            tmp.replace(self.args.json)
+            write_json(self.args.json, data)
         return data
 
 
@@ -485,8 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(data))
     log.info("done in %.1f s%s", time.perf_counter() - t0, f"; results in {args.json}" if args.json else "")
-    ok = [e for e in data["engines"].values() if e["status"] == "ok"]
-    return 0 if ok else 1
+    failed = [name for name, e in data["engines"].items() if e["status"] == "failed"]
+    if failed:
+        log.error("failed engine(s): %s", ", ".join(failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 `patch_hf(model)` makes a loaded `LlamaForCausalLM` or `MistralForCausalLM` (SOLAR loads as Llama) run
 fastsolar's kernels, in place, and returns it. Everything else (weights, cache, `generate`, sampling,
-output capture) stays transformers'. Supported transformers versions: 5.24.x (`SUPPORTED_TRANSFORMERS`),
-the version whose decoder/attention code the patched forwards mirror and that tests/test_hf_patch.py
-checks. Another version is refused rather than patched on trust: bump the constant after running that
-test file against it.
+output capture) stays transformers'. Supported transformers versions: `SUPPORTED_TRANSFORMERS`
+(fastsolar/compat.py, where every version gate lives): 5.17 through 5.25, whose decoder/attention code the
+patched forwards mirror and which CI checks with tests/test_hf_patch.py at both ends. Another version is
+refused rather than patched on trust: widen the range after running that test file against it. Within the
+range the attention forward's cache argument was renamed (`past_key_values` before 5.24, `cache` since,
+when it also started handing its kwargs to `cache.update`); the patched forward accepts either name and
+calls transformers' own forward and `cache.update` the way the installed version does.
 
 The hooks, per decoder layer (instance attributes only: other models of the same class are untouched):
 - RMSNorm modules (`input_layernorm`, the final `model.norm`): `forward` -> `rms_norm`.
@@ -53,17 +56,14 @@ modules whose `forward` is already overridden (e.g. accelerate offload hooks). A
 from __future__ import annotations
 
 import functools
-import re
 import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastsolar import ops
-
-#: transformers versions patch_hf accepts, as [min, max) (major, minor) bounds: 5.24.x only.
-SUPPORTED_TRANSFORMERS: tuple[tuple[int, int], tuple[int, int]] = ((5, 24), (5, 25))
+from fastsolar import compat, ops
+from fastsolar.compat import SUPPORTED_TRANSFORMERS
 #: The name under which the attention function (and its mask function) is registered in transformers.
 ATTN_IMPLEMENTATION = "fastsolar"
 #: Attribute set on a patched model.
@@ -83,7 +83,8 @@ def _transformers_api() -> types.SimpleNamespace:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return types.SimpleNamespace(attention_functions=ALL_ATTENTION_FUNCTIONS, sdpa=sdpa_attention_forward)
+    return types.SimpleNamespace(attention_functions=ALL_ATTENTION_FUNCTIONS, sdpa=sdpa_attention_forward,
+                                 cache=compat.transformers_cache_api())
 
 
 def _autograd(*tensors: torch.Tensor) -> bool:
@@ -132,8 +133,10 @@ def _attention_forward(
     cache: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # The decoder layer passes the KV cache as `cache` (transformers >= 5.24) or `past_key_values` (before).
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
+    api = _transformers_api()
     position_ids = kwargs.get("position_ids")
     b, s = hidden_states.shape[:2]
     if (
@@ -143,7 +146,9 @@ def _attention_forward(
         or position_ids.shape[0] not in (1, b)
         or _autograd(hidden_states, self.q_proj.weight)
     ):
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+        return type(self).forward(
+            self, hidden_states, position_embeddings, attention_mask, **{api.cache.name: cache}, **kwargs
+        )
 
     d = self.head_dim
     q = self.q_proj(hidden_states).view(b, s, -1, d)
@@ -153,9 +158,10 @@ def _attention_forward(
     query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     if cache is not None:
-        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        extra = {"kwargs": kwargs} if api.cache.update_kwargs else {}
+        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, **extra)
 
-    attention_interface = _transformers_api().attention_functions.get_interface(
+    attention_interface = api.attention_functions.get_interface(
         self.config._attn_implementation, self._fastsolar_eager_attention
     )
     extra = {"sliding_window": getattr(self.config, "sliding_window", None)} if self._fastsolar_mistral else {}
@@ -226,26 +232,10 @@ def fastsolar_attention(
 # Checks and the patch itself
 # --------------------------------------------------------------------------------------------------
 
-def _transformers_version() -> tuple[int, int]:
-    import transformers
-
-    m = re.match(r"(\d+)\.(\d+)", transformers.__version__)
-    if not m:
-        raise ValueError(f"cannot read the transformers version {transformers.__version__!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
 def _check_transformers() -> None:
     import transformers
 
-    lo, hi = SUPPORTED_TRANSFORMERS
-    version = _transformers_version()
-    if not lo <= version < hi:
-        raise ValueError(
-            f"patch_hf supports transformers >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}; this is {transformers.__version__}. "
-            "The patched forwards mirror that version's Llama/Mistral code; after checking a new version with "
-            "tests/test_hf_patch.py, widen fastsolar.hf_patch.SUPPORTED_TRANSFORMERS"
-        )
+    compat.check_transformers()
     try:
         from transformers import AttentionInterface  # noqa: F401
         from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401

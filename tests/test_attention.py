@@ -21,18 +21,16 @@ from fastsolar.kernels.decode_attention import (
     decode_attention_reduce_launch_config,
     decode_attention_ref,
 )
-from helpers import DEVICE, ON_GPU, assert_close, poison, randn
+from helpers import DEVICE, assert_close, poison, randn
 
 # fastsolar.kernels re-exports the functions `attention` and `decode_attention`, which shadow the
 # submodules of the same name as package attributes; import_module returns the module itself.
 decode_mod = importlib.import_module("fastsolar.kernels.decode_attention")
 
-BF16_SKIP = pytest.mark.skipif(
-    not ON_GPU, reason="bf16 tl.dot gives garbage under the Triton interpreter; bf16 is checked on CUDA only"
-)
-GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="large shape: too slow for the Triton interpreter, CUDA only")
+BF16_GPU = pytest.mark.gpu("bf16 tl.dot gives garbage under the Triton interpreter; bf16 is checked on CUDA only")
+GPU_ONLY = pytest.mark.gpu("large shape: too slow for the Triton interpreter")
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float16, id="float16"),
-          pytest.param(torch.bfloat16, marks=BF16_SKIP, id="bfloat16")]
+          pytest.param(torch.bfloat16, marks=BF16_GPU, id="bfloat16")]
 
 
 def _case(*args, gpu: bool = False, id: str | None = None):  # noqa: A002 - pytest's name
@@ -351,7 +349,7 @@ def test_decode_splits_depend_only_on_shapes(monkeypatch):
     assert len(seen) == 2 and seen[0] == seen[1] and seen[0]["num_splits"] > 1
 
 
-@GPU_ONLY
+@pytest.mark.gpu("CUDA graph capture")
 def test_decode_attention_cuda_graph_replay():
     """Captured once, replayed with new seqlens values written in place: needs no host sync."""
     batch, max_seq, n_heads, n_kv_heads, head_dim = 2, 1024, 32, 8, 128

@@ -45,6 +45,7 @@ def _run_bench(tmp_path: Path, *extra: str) -> tuple[dict, str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only
 def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     data, stdout, seconds = _run_bench(tmp_path, "--device", "cpu")
     assert data["complete"] is True
@@ -71,6 +72,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     print(f"bench on CPU took {seconds:.1f} s")
 
 
+@pytest.mark.cpu_only
 def test_hf_model_shares_weights_and_matches_logits():
     pytest.importorskip("transformers")
     run = _load_run()
@@ -90,6 +92,7 @@ def test_hf_model_shares_weights_and_matches_logits():
     assert ours.std() > 0.05  # random weights give non-degenerate logits
 
 
+@pytest.mark.cpu_only
 def test_step_bytes_and_table():
     run = _load_run()
     args = run.parse_args(["--preset", "solar-10.7b", "--device", "cpu", "--prompt-len", "512", "--new-tokens", "128",
@@ -126,8 +129,7 @@ def test_step_bytes_and_table():
     assert "INCOMPLETE" in table
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA engines need a CUDA device")
+@pytest.mark.gpu("the CUDA engines need a CUDA device")
 def test_bench_cuda_engines_small(tmp_path):
     data, _, _ = _run_bench(tmp_path, "--engines", "fastsolar,fastsolar-eager,torch-ref,hf-eager", "--batch-sizes", "1,3")
     for name in ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager"):

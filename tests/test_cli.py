@@ -17,6 +17,9 @@ import torch
 from fastsolar import cli
 from fastsolar.tokenizer import Tokenizer
 
+# Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
+pytestmark = pytest.mark.cpu_only
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 

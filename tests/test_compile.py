@@ -45,7 +45,10 @@ HIDDEN, N_HEADS, N_KV, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336
 EPS, THETA = 1e-5, 10000.0
 
 _SKIP = cu.missing_tools()
-pytestmark = pytest.mark.skipif(_SKIP is not None, reason=f"AOT compile check needs the CUDA tools: {_SKIP}")
+pytestmark = [
+    pytest.mark.skipif(_SKIP is not None, reason=f"AOT compile check needs the CUDA tools: {_SKIP}"),
+    pytest.mark.cpu_only,  # compiles ahead of time, runs nothing on a device: bench/gpu_check.sh deselects it
+]
 
 _HOST = "cuda" if torch.cuda.is_available() else "cpu"
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")

@@ -8,6 +8,9 @@ import pytest
 
 from fastsolar.config import SolarConfig
 
+# Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
+pytestmark = pytest.mark.cpu_only
+
 # upstage/SOLAR-10.7B-v1.0 config.json as published (transformers 4.35 form).
 SOLAR_CONFIG_JSON = {
     "_name_or_path": "upstage/SOLAR-10.7B-v1.0",

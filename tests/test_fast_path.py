@@ -13,7 +13,7 @@ import torch
 
 import fastsolar.model as model_mod
 from fastsolar import Solar, SolarConfig, ops
-from helpers import DEVICE, ON_GPU, assert_close, left_pad
+from helpers import DEVICE, assert_close, left_pad
 
 CONFIG = SolarConfig(
     vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -179,7 +179,7 @@ def test_cache_longer_than_context_is_refused(model: Solar) -> None:
         model.setup_cache(1, 129)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot cannot run under the Triton interpreter: CUDA only")
+@pytest.mark.gpu("bf16 tl.dot cannot run under the Triton interpreter")
 def test_bf16_kernel_model_against_fp32_reference(model: Solar) -> None:
     """The compiled bf16 kernel path may be at most about twice as far from the fp32 model as torch's own
     bf16 path is, for a full forward and for prefill + decode over the cache."""

@@ -201,7 +201,7 @@ def test_sampler_reset_in_place():
     assert sampler.mode == (True, True, True, True, False)  # no min_new_tokens: no EOS ban
 
 
-@pytest.mark.skipif(not ON_GPU, reason="host-sync detection needs CUDA")
+@pytest.mark.gpu("host-sync detection needs CUDA")
 def test_sampler_never_syncs():
     sampler = Sampler(3, 997, DEVICE)
     sampler.reset(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=0,

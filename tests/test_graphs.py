@@ -12,8 +12,6 @@ from fastsolar.config import SolarConfig
 from fastsolar.graphs import CudaGraphStep, GraphPool, StateSnapshot, check_batch
 from fastsolar.model import Solar
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 
 SMALL = SolarConfig(
     vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -250,8 +248,7 @@ def test_generate_with_static_step_equals_eager_generate(monkeypatch):
 # ------------------------------------------------------------------------------------------------ GPU
 
 
-@needs_cuda
-@pytest.mark.gpu
+@pytest.mark.gpu("CUDA graph capture")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_captured_step_equals_eager_on_cuda(dtype):
     dev = torch.device("cuda")
@@ -272,8 +269,7 @@ def test_captured_step_equals_eager_on_cuda(dtype):
     assert pool.captures == 3 and all(e.graph is not None for e in pool.entries.values())
 
 
-@needs_cuda
-@pytest.mark.gpu
+@pytest.mark.gpu("CUDA graph capture")
 def test_graphed_generate_matches_eager_on_cuda():
     if importlib.util.find_spec("fastsolar.generate") is None:
         pytest.skip("fastsolar.generate is not there yet")

@@ -1,24 +1,29 @@
-"""fastsolar.patch_hf: a transformers Llama/Mistral running fastsolar's kernels (Triton interpreter on CPU)."""
+"""fastsolar.patch_hf: a transformers Llama/Mistral running fastsolar's kernels, on the test device
+(compiled kernels on CUDA, the Triton interpreter on a CPU), for every transformers version in
+fastsolar.compat.SUPPORTED_TRANSFORMERS (CI runs this file at both ends of the range)."""
 from __future__ import annotations
 
 import collections
 
 import pytest
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 transformers = pytest.importorskip("transformers")
 
 from fastsolar import kernels as K  # noqa: E402
 from fastsolar.hf_patch import ATTN_IMPLEMENTATION, PATCHED_ATTR, patch_hf, unpatch_hf  # noqa: E402
 from fastsolar.ops import force_kernels  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import DEVICE, assert_close  # noqa: E402
 
 KERNELS = ("rms_norm", "add_rms_norm", "apply_rotary", "swiglu", "attention")
 SEQ = 9
 
 
 def _tiny(kind: str = "llama", seed: int = 0, attn: str = "eager", **overrides):
-    """A random float32 model with non-trivial norms and a scaled-up lm_head (well-separated greedy tokens)."""
+    """A random float32 model on the test device with non-trivial norms and a scaled-up lm_head
+    (well-separated greedy tokens)."""
     torch.manual_seed(seed)
     kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -35,11 +40,11 @@ def _tiny(kind: str = "llama", seed: int = 0, attn: str = "eager", **overrides):
             scale, shift = (0.3, 1.0) if name.endswith("norm.weight") else (0.1, 0.0)
             p.copy_(shift + scale * torch.randn(p.shape, generator=g))
         model.lm_head.weight.mul_(8.0)
-    return model
+    return model.to(DEVICE)
 
 
 def _ids(batch: int = 2, seq: int = SEQ, seed: int = 5) -> torch.Tensor:
-    return torch.randint(3, 101, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, 101, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.fixture
@@ -166,7 +171,26 @@ def test_refuses_unsupported_models(monkeypatch):
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2))
     _refused(bare, TypeError, "got LlamaModel")
-    import fastsolar.hf_patch as hp
+    import fastsolar.compat
 
-    monkeypatch.setattr(hp, "SUPPORTED_TRANSFORMERS", ((4, 40), (4, 41)))
-    _refused(_tiny("llama"), ValueError, r"supports transformers >=4.40,<4.41; this is")
+    monkeypatch.setattr(fastsolar.compat, "SUPPORTED_TRANSFORMERS", SpecifierSet(">=4.40,<4.41"))
+    _refused(_tiny("llama"), ValueError, r"supports transformers >=4.40,<4.41 \(tested at both ends\); this is 5\.")
+
+
+def test_version_gate_and_cache_api():
+    """The supported range holds its two tested ends and nothing outside; the cache argument follows the version."""
+    from fastsolar.compat import SUPPORTED_TRANSFORMERS, check_transformers, transformers_cache_api
+
+    for v in ("5.17.0", "5.24.0", "5.25.0", "5.25.1"):
+        assert Version(v) in SUPPORTED_TRANSFORMERS, v
+    for v in ("4.57.6", "5.16.1", "5.26.0", "6.0.0"):
+        assert Version(v) not in SUPPORTED_TRANSFORMERS, v
+    assert check_transformers() == Version(transformers.__version__)  # the installed one is supported
+    assert vars(transformers_cache_api(Version("5.17.0"))) == {"name": "past_key_values", "update_kwargs": False}
+    assert vars(transformers_cache_api(Version("5.23.0"))) == {"name": "past_key_values", "update_kwargs": False}
+    assert vars(transformers_cache_api(Version("5.24.0"))) == {"name": "cache", "update_kwargs": True}
+    # The installed transformers' attention forward really takes the argument the patch will pass.
+    import inspect
+
+    params = inspect.signature(transformers.models.llama.modeling_llama.LlamaAttention.forward).parameters
+    assert transformers_cache_api().name in params

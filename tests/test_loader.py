@@ -15,6 +15,9 @@ from fastsolar.config import SolarConfig
 from fastsolar.loader import load_model, resolve_dtype
 from fastsolar.model import Solar
 
+# Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
+pytestmark = pytest.mark.cpu_only
+
 LAYERS = 2
 
 

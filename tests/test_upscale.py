@@ -20,6 +20,9 @@ from fastsolar.upscale import (
     upscale_config,
 )
 
+# Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
+pytestmark = pytest.mark.cpu_only
+
 N_BASE, DROP = 8, 2
 EXTRA_FILES = {
     "tokenizer.model": b"\x00\x01sentencepiece-ish\xff",
