@@ -47,10 +47,8 @@ class KVCache:
 class DecodeSlots:
     """Where a decode step writes and reads the cache: computed once per step, shared by every layer."""
 
-    rows: torch.Tensor  # [b] cache row of each batch row
-    pos: torch.Tensor  # [b] cache position of this step's token
+    rows: torch.Tensor | None  # [b] cache row of each batch row (a caller's map); None: rows 0..b-1
     seqlens: torch.Tensor  # [b] int32 valid cache positions after the write (pos + 1)
-    mapped: bool  # rows is a caller's map; False: rows are 0..b-1, so attention reads cache[:b] directly
 
 
 class Attention(nn.Module):
@@ -78,27 +76,23 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         qkv = self.wqkv(x).view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        q, k = ops.apply_rotary(q, k, positions, self.theta)
         if cache is None:
+            q, k = ops.apply_rotary(q, k, positions, self.theta)
             o = ops.attention(q, k, v, causal=True)
-        elif slots is not None:
-            k_cache, v_cache = cache
-            k_cache[slots.rows, slots.pos] = k[:, 0]
-            v_cache[slots.rows, slots.pos] = v[:, 0]
-            if slots.mapped:
-                o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens, rows=slots.rows)
-            else:
-                o = ops.decode_attention(q[:, 0], k_cache[:b], v_cache[:b], slots.seqlens)
-            o = o.unsqueeze(1)
         else:
+            # One launch rotates q and k and writes k, v into their cache slots; attention then reads the
+            # keys from the cache (a decode step its whole history, a prefill just its own prompt).
             k_cache, v_cache = cache
-            if rows is None:
-                k_cache[:b, :s] = k
-                v_cache[:b, :s] = v
+            rows = slots.rows if slots is not None else rows
+            q = ops.rotary_cache_write(q, k, v, positions, self.theta, k_cache, v_cache, rows=rows)
+            if slots is not None:
+                if rows is None:
+                    k_cache, v_cache = k_cache[:b], v_cache[:b]
+                o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens, rows=rows).unsqueeze(1)
+            elif rows is None:
+                o = ops.attention(q, k_cache[:b, :s], v_cache[:b, :s], causal=True)
             else:
-                k_cache[rows, :s] = k
-                v_cache[rows, :s] = v
-            o = ops.attention(q, k, v, causal=True)
+                o = ops.attention(q, k_cache[:, :s], v_cache[:, :s], causal=True, rows=rows)
         return self.wo(o.reshape(b, s, self.n_heads * self.head_dim))
 
 
@@ -253,12 +247,7 @@ class Solar(nn.Module):
         b = tokens.shape[0]
         if rows is not None and tuple(rows.shape) != (b,):
             raise ValueError(f"rows must have shape [{b}] (one cache row per token), got {tuple(rows.shape)}")
-        slots = DecodeSlots(
-            rows=torch.arange(b, device=tokens.device) if rows is None else rows,
-            pos=positions,
-            seqlens=(positions + 1).to(torch.int32),
-            mapped=rows is not None,
-        )
+        slots = DecodeSlots(rows=rows, seqlens=(positions + 1).to(torch.int32))
         h = self._layers(tokens[:, None], positions[:, None], use_cache=True, slots=slots)
         return self.lm_head(h[:, 0])
 

@@ -51,14 +51,36 @@ def apply_rotary(
     return (K.apply_rotary if use_kernels(q) else K.apply_rotary_ref)(q, k, positions, theta)
 
 
+def rotary_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotated q; rotated k and v written into their cache slots (rows[i], positions[i, t])."""
+    fn = K.rotary_cache_write if use_kernels(q) else K.rotary_cache_write_ref
+    return fn(q, k, v, positions, theta, k_cache, v_cache, rows=rows)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (K.swiglu if use_kernels(gate) else K.swiglu_ref)(gate, up)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return (K.attention if use_kernels(q) else K.attention_ref)(q, k, v, causal=causal, scale=scale)
+    return (K.attention if use_kernels(q) else K.attention_ref)(q, k, v, causal=causal, scale=scale, rows=rows)
 
 
 def decode_attention(

@@ -112,7 +112,8 @@ def _attn_fwd_block(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O,  # q [B, Sq, H, D], k/v [B, Sk, Hkv, D], o [B, Sq, H, D]; last dim contiguous
+    Q, K, V, O,  # q [B, Sq, H, D], k/v [B or kv_rows, Sk, Hkv, D], o [B, Sq, H, D]; last dim contiguous
+    ROWS,  # int32/int64 [B]: the k/v row of each batch row (only read when HAS_ROWS)
     stride_qb, stride_qs, stride_qh,  # q strides (elements) for batch, sequence, head
     stride_kb, stride_ks, stride_kh,  # k strides
     stride_vb, stride_vs, stride_vh,  # v strides
@@ -121,21 +122,28 @@ def _attn_fwd_kernel(
     n_heads,  # query heads H; program_id(1) = b * H + h
     group,  # H // Hkv: query heads sharing one kv head
     qk_scale,  # softmax scale * log2(e)
+    kv_rows,  # rows of k/v; the row map is clamped to [0, kv_rows)
     HEAD_DIM: tl.constexpr,  # true head dim D
     BLOCK_D: tl.constexpr,  # D padded to a power of two (>= 16) for tl.arange/tl.dot
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner-loop step
     CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
+    HAS_ROWS: tl.constexpr,  # read k/v row ROWS[b] instead of row b
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_g = off_h // group
+    if HAS_ROWS:
+        kv_b = tl.load(ROWS + off_b).to(tl.int64)
+        kv_b = tl.minimum(tl.maximum(kv_b, 0), kv_rows - 1)
+    else:
+        kv_b = off_b.to(tl.int64)
     # Batch/head offsets in int64: a KV cache of B * S * Hkv * D elements can pass 2**31.
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_g.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_g.to(tl.int64) * stride_vh
+    k_base = K + kv_b * stride_kb + off_g.to(tl.int64) * stride_kh
+    v_base = V + kv_b * stride_vb + off_g.to(tl.int64) * stride_vh
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -233,6 +241,7 @@ def attention(
     *,
     causal: bool = True,
     scale: float | None = None,
+    rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q over k/v with grouped-query heads; returns o shaped like q.
@@ -241,6 +250,9 @@ def attention(
     n_heads % n_kv_heads == 0. Strided views are fine as long as the last dim is contiguous.
     causal=True masks key j for query i when j > i + seq_k - seq_q (bottom-right aligned).
     scale (a finite Python number) defaults to head_dim ** -0.5. `out` (optional) receives the result.
+    rows (optional, int32/int64 [batch]): batch row b attends over row rows[b] of k/v, which may then
+    hold any number of rows (a prefill reading its keys straight out of a KV cache through a serving
+    engine's row map); values are clamped into range, not checked (that would sync).
     K and V must be finite below seq_k, also where the causal mask hides them (module docstring).
     batch * n_heads must be at most 65535 (CUDA's limit on grid axis 1).
     """
@@ -254,8 +266,17 @@ def attention(
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     kb, seq_k, n_kv_heads, kd = k.shape
-    if kb != batch:
-        raise ValueError(f"k batch {kb} != q batch {batch}")
+    if rows is None and kb != batch:
+        raise ValueError(f"k batch {kb} != q batch {batch} (pass rows= to map batch rows onto k/v rows)")
+    if rows is not None:
+        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
+        check_same_device(q=q, rows=rows)
+        if rows.shape[0] != batch:
+            raise ValueError(f"rows must have shape [{batch}] (one k/v row per batch row), got {tuple(rows.shape)}")
+        if kb == 0:
+            raise ValueError(f"empty attention: k {tuple(k.shape)} has no rows")
+        if rows.stride(0) != 1 and batch > 1:
+            rows = rows.contiguous()
     if kd != head_dim:
         raise ValueError(f"k head_dim {kd} != q head_dim {head_dim}")
     if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
@@ -272,13 +293,13 @@ def attention(
     cfg = attention_launch_config(head_dim, q.dtype, device_properties(q.device)[0])
     grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * n_heads)
     _attn_fwd_kernel[grid](
-        q, k, v, out,
+        q, k, v, out, rows if rows is not None else q,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq_q, seq_k, n_heads, n_heads // n_kv_heads, scale * LOG2E,
-        CAUSAL=bool(causal), **cfg,
+        seq_q, seq_k, n_heads, n_heads // n_kv_heads, scale * LOG2E, kb,
+        CAUSAL=bool(causal), HAS_ROWS=rows is not None, **cfg,
     )
     return out
 
@@ -290,11 +311,16 @@ def attention_ref(
     *,
     causal: bool = True,
     scale: float | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain torch attention: repeated K/V, explicit scores in fp32 (fp64 for fp64 inputs).
 
-    Bottom-right causal mask; rows that see no key give 0. Output in q's dtype.
+    Bottom-right causal mask; rows that see no key give 0. Output in q's dtype. With `rows`, batch row b
+    reads k/v row rows[b] (gathered, clamped into range as the kernel does).
     """
+    if rows is not None:
+        rows = rows.to(k.device).long().clamp(0, k.shape[0] - 1)
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
     batch, seq_q, n_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     if scale is None:

@@ -160,19 +160,31 @@ def _run_rotary(K, dtype):
     K.apply_rotary(q, k, pos, THETA)
 
 
+def _run_rotary_cache(batch, seq, mapped):
+    def run(K, dtype):
+        q, k, v = _qkv(batch, seq, dtype)
+        kc, vc = _t(16, 4096, N_KV, HEAD_DIM, dtype=dtype), _t(16, 4096, N_KV, HEAD_DIM, dtype=dtype)
+        pos = torch.zeros(batch, seq, device=_HOST, dtype=torch.int64)
+        rows = torch.arange(batch, device=_HOST) if mapped else None
+        K.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows)
+
+    return run
+
+
 def _run_attention(K, dtype):
     _, _, v = _qkv(1, 4096, dtype)  # q, k come out of apply_rotary contiguous; v is a qkv view
     q, k = _t(1, 4096, N_HEADS, HEAD_DIM, dtype=dtype), _t(1, 4096, N_KV, HEAD_DIM, dtype=dtype)
     K.attention(q, k, v, causal=True)
 
 
-def _run_decode(batch):
+def _run_decode(batch, mapped=False):
     def run(K, dtype):
         max_seq = 4096
         q = _t(batch, N_HEADS, HEAD_DIM, dtype=dtype)
-        kc, vc = _t(batch, max_seq, N_KV, HEAD_DIM, dtype=dtype), _t(batch, max_seq, N_KV, HEAD_DIM, dtype=dtype)
+        cache_rows = 16 if mapped else batch
+        kc, vc = (_t(cache_rows, max_seq, N_KV, HEAD_DIM, dtype=dtype) for _ in range(2))
         seqlens = torch.full((batch,), max_seq, dtype=torch.int32, device=_HOST)
-        K.decode_attention(q, kc, vc, seqlens)
+        K.decode_attention(q, kc, vc, seqlens, rows=torch.arange(batch, device=_HOST) if mapped else None)
 
     return run
 
@@ -191,9 +203,13 @@ CASES = [
     Case("swiglu_fused", "swiglu", _run_swiglu_fused),
     Case("swiglu_flat", "swiglu", _run_swiglu_flat),
     Case("rotary", "rotary", _run_rotary),
+    Case("rotary_cache_b1", "rotary", _run_rotary_cache(1, 1, False)),
+    Case("rotary_cache_b8_rows", "rotary", _run_rotary_cache(8, 1, True)),
+    Case("rotary_cache_prefill", "rotary", _run_rotary_cache(1, 512, False)),
     Case("attention", "attention", _run_attention, wgmma_on_90=True),
     Case("decode_b1", "decode_attention", _run_decode(1)),
     Case("decode_b8", "decode_attention", _run_decode(8)),
+    Case("decode_b4_rows", "decode_attention", _run_decode(4, mapped=True)),
 ]
 
 
