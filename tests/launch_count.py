@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # aten ops that launch no kernel on CUDA: views, metadata, allocation.
 _NO_KERNEL = {
     "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "slice", "select", "split", "split_with_sizes",
-    "unsqueeze", "squeeze", "t", "transpose", "permute", "as_strided", "alias", "detach", "unbind", "lift_fresh",
+    "unsqueeze", "squeeze", "chunk", "t", "transpose", "permute", "as_strided", "alias", "detach", "unbind", "lift_fresh",
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "view_as",
     "diagonal", "narrow", "unfold", "movedim", "expand_as",
 }

@@ -189,6 +189,27 @@ def _run_decode(batch, mapped=False):
     return run
 
 
+def _run_gemv(m, n, k, prologue="plain", residual=False, wdtype=None):
+    def run(K, dtype):
+        wdt = wdtype or dtype
+        kw = {}
+        if prologue == "norm":
+            kw.update(norm_weight=_t(k, dtype=dtype), eps=EPS)
+        elif prologue == "swiglu":
+            kw["swiglu"] = True
+        if residual:
+            kw["residual"] = _t(m, 1, n, dtype=dtype)
+        if wdt in (torch.int8, torch.float8_e4m3fn):
+            kw["scale"] = _t(n, dtype=torch.float32)
+        x = _t(m, 1, 2 * k if prologue == "swiglu" else k, dtype=dtype)
+        K.gemv(x, _t(n, k, dtype=wdt), **kw)
+
+    return run
+
+
+QKV = (N_HEADS + 2 * N_KV) * HEAD_DIM
+
+
 @dataclasses.dataclass
 class Case:
     op: str
@@ -210,6 +231,15 @@ CASES = [
     Case("decode_b1", "decode_attention", _run_decode(1)),
     Case("decode_b8", "decode_attention", _run_decode(8)),
     Case("decode_b4_rows", "decode_attention", _run_decode(4, mapped=True)),
+    # The decode GEMVs of a SOLAR layer and its head, batch 1 and 8, and 8-bit weights (issue 10's path).
+    Case("gemv_qkv_norm_m1", "gemv", _run_gemv(1, QKV, HIDDEN, "norm")),
+    Case("gemv_o_res_m1", "gemv", _run_gemv(1, HIDDEN, N_HEADS * HEAD_DIM, residual=True)),
+    Case("gemv_gate_up_norm_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm")),
+    Case("gemv_down_swiglu_res_m1", "gemv", _run_gemv(1, HIDDEN, INTER, "swiglu", residual=True)),
+    Case("gemv_qkv_norm_m8", "gemv", _run_gemv(8, QKV, HIDDEN, "norm")),
+    Case("gemv_down_swiglu_res_m8", "gemv", _run_gemv(8, HIDDEN, INTER, "swiglu", residual=True)),
+    Case("gemv_gate_up_int8_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm", wdtype=torch.int8)),
+    Case("gemv_o_fp8_res_m4", "gemv", _run_gemv(4, HIDDEN, HIDDEN, residual=True, wdtype=torch.float8_e4m3fn)),
 ]
 
 
