@@ -157,12 +157,20 @@ def process_logits(
         return scores
     scores = _div(scores, params.divisor[:, None], params.inv_divisor[:, None])
     neg_inf = scores.new_full((), float("-inf"))  # a device fill: a host tensor copy would break graph capture
+    if not (params.use_top_k or params.use_top_p):
+        return scores
+    # One descending sort serves both warpers: top-k reads its k-th value from it, and top-p's ascending
+    # order (transformers sorts again) is the same sort reversed, with top-k's cut applied to the values.
+    # Only the order among exactly equal values can differ from a second sort, which changes nothing:
+    # equal scores get equal probabilities, and -inf ones are removed either way.
+    sorted_desc, idx_desc = scores.sort(dim=-1, descending=True)
     if params.use_top_k:
         # The k-th largest value, per row (transformers: torch.topk(scores, k)[0][..., -1]).
-        kth = scores.sort(dim=-1, descending=True).values.gather(1, (params.top_k - 1)[:, None])
+        kth = sorted_desc.gather(1, (params.top_k - 1)[:, None])
         scores = torch.where(scores < kth, neg_inf, scores)
+        sorted_desc = torch.where(sorted_desc < kth, neg_inf, sorted_desc)
     if params.use_top_p:
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        sorted_logits, sorted_idx = sorted_desc.flip(-1), idx_desc.flip(-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= params.top_p_threshold[:, None]
         remove[:, -1] = False

@@ -70,12 +70,11 @@ def test_kernel_generate_matches_reference(model: Solar, gemv: str) -> None:
     assert torch.equal(fast, ref), f"kernel path tokens {fast.tolist()} != reference {ref.tolist()}"
 
 
-@GEMV
-def test_decode_logits_match_full_forward_on_kernels(model: Solar, gemv: str) -> None:
+def test_decode_logits_match_full_forward_on_kernels(model: Solar) -> None:
     """Prefill then many decode steps on the kernels give the logits of one full forward."""
     ids, _ = left_padded([19], seed=3)
     n_prompt = 7
-    with torch.inference_mode(), ops.force_kernels(True), force_gemv(gemv):
+    with torch.inference_mode(), ops.force_kernels(True):
         full = model(ids)
         model.setup_cache(1, 32)
         model.cache.k.fill_(float("nan"))  # slots the decode must never read
