@@ -9,6 +9,10 @@ as in transformers' greedy search (their warper parameters are neutral by constr
 refills them in place on `reset`, so a CUDA graph that captured `sampler(logits)` stays valid across
 generate calls as long as `Sampler.mode` (host flags choosing which stages run) is unchanged: a graph
 cache must include `mode` in its key. Calling the sampler never syncs with the host.
+
+Its device state is explicit: `state_tensors()` (the parameter buffers and the seen mask) and `generator`;
+`snapshot()` / `restore(snap)` copy them out and back (a graph step's warm-up runs the sampler for real and
+must leave no trace), and `generators()` names the generator a CUDA graph must register.
 """
 from __future__ import annotations
 
@@ -195,6 +199,27 @@ class Sampler:
     def mode(self) -> tuple[bool, bool, bool, bool]:
         """Host flags fixing which stages `__call__` runs; part of any captured graph's identity."""
         return self.params.mode
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every device tensor the sampler reads or writes when called."""
+        p = self.params
+        return (p.temperature, p.divisor, p.inv_divisor, p.top_k, p.top_p_threshold, p.penalty, p.inv_penalty,
+                self.seen)
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.generator]
+
+    def snapshot(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Copies of the device state and the generator's state, for `restore`."""
+        return tuple(t.clone() for t in self.state_tensors()), self.generator.get_state()
+
+    def restore(self, snapshot: tuple[tuple[torch.Tensor, ...], torch.Tensor]) -> None:
+        """Put back what `snapshot` copied, in place (captured graphs keep reading the same buffers)."""
+        tensors, generator_state = snapshot
+        with torch.inference_mode():  # in-place writes allowed on normal and inference tensors alike
+            for live, saved in zip(self.state_tensors(), tensors):
+                live.copy_(saved)
+        self.generator.set_state(generator_state)
 
     def reset(
         self,
