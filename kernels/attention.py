@@ -24,9 +24,16 @@ some rows. A masked score gives p = 0, but 0 * NaN (and 0 * Inf) in p @ v is sti
 in a V row hidden from query row i reaches row i anyway: in the kernel whenever that V row lies in a
 BLOCK_N tile that row i's program loads, in attention_ref (whose p @ v spans all of seq_k) always.
 
-Grid: (cdiv(seq_q, BLOCK_M), batch * n_heads), M-blocks fastest so that programs running together
-share one (batch, head)'s K/V in L2. CUDA caps grid axis 1 at 65535, so batch * n_heads may not
-exceed it (the launcher raises ValueError; the interpreter would not notice).
+Grid: (batch * n_heads, cdiv(seq_q, BLOCK_M)), heads fastest. Programs are launched in that order, so
+(a) the query heads of one GQA group (adjacent h) run side by side over the same K/V tiles, which they
+then share through L2 instead of each pulling them from memory, and (b) with a causal mask the M-blocks
+are walked last-first: the heaviest blocks (the ones that see the most keys) start first and the light
+ones fill the tail of the wave. CUDA caps grid axis 1 at 65535 M-blocks (the launcher raises ValueError
+past it; the interpreter would not notice).
+
+Tiles (attention_launch_config): on sm_90 (H100/H200, 227 KiB of shared memory per block) d <= 128 runs
+BLOCK_M = BLOCK_N = 128 with 3 stages: Q 32 KiB + 3 x (K 32 KiB + V 32 KiB) = 224 KiB, no spills
+(tests/test_compile.py checks); sm_80 keeps BLOCK_N = 64, 3 stages (128 KiB of its 164 KiB).
 """
 from __future__ import annotations
 
@@ -119,7 +126,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vs, stride_vh,  # v strides
     stride_ob, stride_os, stride_oh,  # o strides
     seq_q, seq_k,  # sequence lengths; any value >= 1
-    n_heads,  # query heads H; program_id(1) = b * H + h
+    n_heads,  # query heads H; program_id(0) = b * H + h
     group,  # H // Hkv: query heads sharing one kv head
     qk_scale,  # softmax scale * log2(e)
     kv_rows,  # rows of k/v; the row map is clamped to [0, kv_rows)
@@ -130,8 +137,10 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
     HAS_ROWS: tl.constexpr,  # read k/v row ROWS[b] instead of row b
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m  # heaviest (latest) query blocks first
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_g = off_h // group
@@ -217,11 +226,15 @@ def attention_launch_config(
             block_m, block_n, warps, stages = 16, 16, 8, 2
         else:
             block_m, block_n, warps, stages = 16, 16, 4, 2
+    elif block_d <= 128 and tuple(capability) >= (9, 0):
+        # sm_90: 128-key tiles halve the loop trips and feed wgmma a 128-wide N; Q 32 KiB + 3 stages of
+        # K and V (32 KiB each) = 224 KiB of the 227 KiB a block may have.
+        block_m, block_n, warps, stages = 128, 128, 8, 3
     elif block_d <= 128:
         # d=128: the 128x128 fp32 accumulator over 8 warps is 64 registers/thread (~180 in all on
         # sm_90, no spills); Q 32 KiB + 3 stages of K and V (16 KiB each) = 128 KiB shared memory:
-        # fits sm_80 (164 KiB) and sm_90 (227 KiB). d<=64 keeps 8 warps too: at 4 warps the
-        # 128x64 score tile plus accumulator reach 255 registers and spill on sm_80.
+        # fits sm_80 (164 KiB). d<=64 keeps 8 warps too: at 4 warps the 128x64 score tile plus
+        # accumulator reach 255 registers and spill on sm_80.
         block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
         # d=256: a 64x256 accumulator over 8 warps is again 64 registers/thread; 32-key tiles keep
@@ -286,12 +299,13 @@ def attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
     # Grid axis 1 enumerates (batch, head); it stays axis 1 so M-blocks of one head run together.
-    check_grid_dim("batch * n_heads", batch * n_heads, axis=1)
+    check_grid_dim("batch * n_heads", batch * n_heads, axis=0)
     scale = head_dim ** -0.5 if scale is None else check_scalar("scale", scale)
     out = output_like(q, out)
 
     cfg = attention_launch_config(head_dim, q.dtype, device_properties(q.device)[0])
-    grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * n_heads)
+    check_grid_dim(f"query blocks of {cfg['BLOCK_M']} rows", triton.cdiv(seq_q, cfg["BLOCK_M"]), axis=1)
+    grid = (batch * n_heads, triton.cdiv(seq_q, cfg["BLOCK_M"]))
     _attn_fwd_kernel[grid](
         q, k, v, out, rows if rows is not None else q,
         q.stride(0), q.stride(1), q.stride(2),

@@ -156,7 +156,10 @@ def test_attention_launch_config_fits_hardware():
                 size = dtype.itemsize
                 need = size * cfg["BLOCK_D"] * (cfg["BLOCK_M"] + 2 * cfg["BLOCK_N"] * cfg["num_stages"])
                 assert need <= smem, (cap, dtype, d, cfg, need)
+    # sm_90: 128-key tiles, 3 stages = 224 KiB; sm_80 keeps 64-key tiles.
     assert attention_launch_config(128, torch.float16, (9, 0)) == {
+        "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    assert attention_launch_config(128, torch.bfloat16, (8, 0)) == {
         "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
@@ -432,13 +435,22 @@ def test_attention_rejects_bad_inputs():
 
 
 def test_attention_rejects_grid_overflow():
-    """batch * n_heads is grid axis 1, which CUDA caps at 65535 (the interpreter does not)."""
-    q = randn(1, 1, 65536, 16)
-    kv = randn(1, 1, 1, 16)
-    with pytest.raises(ValueError, match=r"batch \* n_heads = 65536 exceeds the CUDA grid limit of 65535"):
-        attention(q, kv, kv)
-    with pytest.raises(ValueError, match=r"batch \* n_heads = 65538 exceeds"):
-        attention(randn(2, 1, 32769, 16), randn(2, 1, 1, 16), randn(2, 1, 1, 16))
+    """Query blocks are grid axis 1, which CUDA caps at 65535 (the interpreter does not); batch * n_heads is
+    axis 0 (2**31 - 1). Stride-0 views: the check must fire before anything is read or allocated."""
+    block_m = attention_launch_config(16, torch.float32)["BLOCK_M"]
+    seq = 65535 * block_m + 1
+    q = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(1, seq, 1, 16)
+    with pytest.raises(ValueError, match=rf"query blocks of {block_m} rows = 65536 exceeds the CUDA grid limit of 65535"):
+        attention(q, q[:, :1], q[:, :1], out=torch.empty(1, 1, 1, 16, device=DEVICE).expand(1, seq, 1, 16))
+
+
+def test_attention_causal_reversed_blocks_cover_every_row():
+    """Causal programs take their query blocks last-first (heaviest first) with heads on grid axis 0: every
+    block of a ragged multi-block, multi-batch GQA case is still written (poisoned output) and right."""
+    assert attention_launch_config(32, torch.float32)["BLOCK_M"] < 70
+    q, k, v = randn(2, 70, 4, 32), randn(2, 75, 2, 32), randn(2, 75, 2, 32)
+    got = attention(q, k, v, out=poison(torch.empty_like(q)))
+    assert_close(got, attention_ref(q.double(), k.double(), v.double()), baseline=attention_ref(q, k, v))
 
 
 def test_decode_attention_rejects_bad_inputs():

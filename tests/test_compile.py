@@ -210,6 +210,12 @@ def _run_gemv(m, n, k, prologue="plain", residual=False, wdtype=None):
 QKV = (N_HEADS + 2 * N_KV) * HEAD_DIM
 
 
+def _run_attention_rows(K, dtype):  # prefill reading its keys out of mapped cache rows
+    q = _t(2, 2048, N_HEADS, HEAD_DIM, dtype=dtype)
+    kc, vc = _t(8, 4096, N_KV, HEAD_DIM, dtype=dtype), _t(8, 4096, N_KV, HEAD_DIM, dtype=dtype)
+    K.attention(q, kc[:, :2048], vc[:, :2048], causal=True, rows=torch.tensor([5, 2], device=_HOST))
+
+
 @dataclasses.dataclass
 class Case:
     op: str
@@ -228,6 +234,7 @@ CASES = [
     Case("rotary_cache_b8_rows", "rotary", _run_rotary_cache(8, 1, True)),
     Case("rotary_cache_prefill", "rotary", _run_rotary_cache(1, 512, False)),
     Case("attention", "attention", _run_attention, wgmma_on_90=True),
+    Case("attention_rows", "attention", _run_attention_rows, wgmma_on_90=True),
     Case("decode_b1", "decode_attention", _run_decode(1)),
     Case("decode_b8", "decode_attention", _run_decode(8)),
     Case("decode_b4_rows", "decode_attention", _run_decode(4, mapped=True)),
