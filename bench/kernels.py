@@ -374,3 +374,174 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 9 (appended, self-contained): the decode GEMVs against cuBLAS and what the self-selection picks,
+# the fused rotary + KV-cache write against the separate launches it replaced. decode_attention above
+# already times the one-launch kernel (it is the only one now).
+# ----------------------------------------------------------------------------------------------
+QKV_ROWS = (N_HEADS + 2 * N_KV) * HEAD_DIM
+VOCAB = 32000
+# name: (N, K, prologue, residual): every decode product of a SOLAR layer, and the head
+GEMV_SHAPES = {
+    "qkv (rmsnorm)": (QKV_ROWS, HIDDEN, "norm", False),
+    "o (+residual)": (HIDDEN, N_HEADS * HEAD_DIM, "plain", True),
+    "gate_up (rmsnorm)": (2 * INTER, HIDDEN, "norm", False),
+    "down (swiglu, +residual)": (HIDDEN, INTER, "swiglu", True),
+    "lm_head (rmsnorm)": (VOCAB, HIDDEN, "norm", False),
+}
+
+
+def _gemv_case(torch, name: str, m: int, wdtype: str):
+    """x, weight and gemv keyword arguments for one product at batch m (8-bit weights: per-channel scale)."""
+    n, k, prologue, residual = GEMV_SHAPES[name]
+    x = _randn(m, 1, 2 * k if prologue == "swiglu" else k)
+    w = _randn(n, k, scale=k ** -0.5, dtype=torch.float32)
+    scale = None
+    if wdtype in ("int8", "float8_e4m3fn"):
+        scale = w.abs().amax(1) / (127.0 if wdtype == "int8" else 448.0)
+        q = w / scale[:, None]
+        w = q.round().clamp(-127, 127).to(torch.int8) if wdtype == "int8" else q.to(torch.float8_e4m3fn)
+    else:
+        w = w.to(getattr(torch, wdtype))
+    kw = {"scale": scale}
+    if prologue == "norm":
+        kw.update(norm_weight=_randn(k, scale=0.1) + 1.0, eps=EPS)
+    elif prologue == "swiglu":
+        kw["swiglu"] = True
+    if residual:
+        kw["residual"] = _randn(m, 1, n)
+    return x, w, kw
+
+
+def _gemv_unfused(K, ops, x, w, kw):
+    """What fastsolar.ops runs instead of the fused kernel: cuBLAS plus the separate small kernels."""
+    scale, res = kw["scale"], kw.get("residual")
+    if "norm_weight" in kw:
+        return ops._matmul(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, scale)
+    a = K.swiglu.swiglu(*x.chunk(2, dim=-1)) if kw.get("swiglu") else x
+    y = ops._matmul(a, w, scale)
+    return y if res is None else res + y
+
+
+def _gemv_pick(ops, choice, x, w, kw) -> str:
+    """Run the self-selection for real on these inputs (a fresh choice cache, restored afterwards)."""
+    saved = dict(choice._choices)
+    choice._choices.clear()
+    try:
+        with choice.force_gemv(None), ops.force_kernels(True):
+            scale, res = kw["scale"], kw.get("residual")
+            if "norm_weight" in kw:
+                ops.norm_linear(x, kw["norm_weight"], EPS, w, scale=scale)
+            elif kw.get("swiglu"):
+                ops.swiglu_linear(x, w, residual=res, scale=scale)
+            else:
+                ops.linear(x, w, residual=res, scale=scale)
+        picked = list(choice.choices().values())
+    finally:
+        choice._choices.clear()
+        choice._choices.update(saved)
+    return picked[0] if picked else "untimed"
+
+
+def bench_gemv(batches=(1, 8), copy_gbs: float | None = None, weight_dtypes=("bfloat16",), shapes=None) -> list[dict]:
+    """Each decode GEMV of SOLAR fused in Triton (one launch) and as cuBLAS + the separate small kernels (what
+    fastsolar.ops runs otherwise), µs and GB/s of the fewest bytes (weights once, x, y, residual) against
+    `copy_gbs`; then the self-selection run for real on the same inputs (fastsolar.gemv_choice) and its
+    pick. `weight_dtypes` may add "int8" / "float8_e4m3fn" (issue 10's weights, per-channel fp32 scale)."""
+    torch = _torch()
+    K = _kernels()
+    gemv_mod = importlib.import_module("fastsolar.kernels.gemv")
+    ops = importlib.import_module("fastsolar.ops")
+    choice = importlib.import_module("fastsolar.gemv_choice")
+    rows = []
+    for name in shapes or GEMV_SHAPES:
+        n, k, _, residual = GEMV_SHAPES[name]
+        for wdtype in weight_dtypes:
+            for m in batches:
+                x, w, kw = _gemv_case(torch, name, m, wdtype)
+                y = gemv_mod.gemv(x, w, out=_poisoned(torch.empty(m, 1, n, dtype=x.dtype, device=DEVICE)), **kw)
+                kw32 = {a: (b.float() if isinstance(b, torch.Tensor) and a != "scale" else b) for a, b in kw.items()}
+                status = _check([rel_err(y, gemv_mod.gemv_ref(x.float(), w, **kw32))])
+                nbytes = (w.numel() * w.element_size() + x.numel() * x.element_size()
+                          + m * n * x.element_size() * (2 if residual else 1))
+                picked = _gemv_pick(ops, choice, x, w, kw)
+                for impl, fn in (("triton", lambda: gemv_mod.gemv(x, w, **kw)),
+                                 ("cublas", lambda: _gemv_unfused(K, ops, x, w, kw))):
+                    ms, spread = time_ms(fn)
+                    rows.append({"op": "gemv", "shape": name, "batch": m, "weight": wdtype, "N": n, "K": k,
+                                 "impl": impl, "us": ms * 1e3, "spread_pct": spread, "gbs": nbytes / ms / 1e6,
+                                 "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbs if copy_gbs else None,
+                                 "picked": picked, "check": status if impl == "triton" else ""})
+                del x, w, kw
+        _empty_cache()
+    return rows
+
+
+def bench_rotary_cache(batches=(1, 8), copy_gbs: float | None = None) -> list[dict]:
+    """One decode step's rotary + KV-cache write for one layer: the fused kernel (one launch) against what it
+    replaced (apply_rotary, then two indexed copies into the cache), at per-row positions through a row map.
+    GB/s counts q, k, v read, rotated q and the k/v slots written."""
+    torch = _torch()
+    K = _kernels()
+    rows = []
+    for b in batches:
+        qkv = _randn(b, 1, N_HEADS + 2 * N_KV, HEAD_DIM)
+        q, k, v = qkv.split([N_HEADS, N_KV, N_KV], dim=2)
+        kc, vc = _randn(b + 3, MAX_SEQ, N_KV, HEAD_DIM), _randn(b + 3, MAX_SEQ, N_KV, HEAD_DIM)
+        rows_map = torch.arange(b, device=DEVICE).flip(0) + 2
+        pos = torch.randint(0, MAX_SEQ, (b, 1), device=DEVICE)
+        qo = K.rotary.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows_map, q_out=_poisoned(q.contiguous()))
+        kc_ref, vc_ref = kc.float(), vc.float()
+        q_ref = K.rotary.rotary_cache_write_ref(q.float(), k.float(), v.float(), pos, THETA, kc_ref, vc_ref, rows=rows_map)
+        r = rows_map.long()
+        status = _check([rel_err(qo, q_ref), rel_err(kc[r, pos[:, 0]], kc_ref[r, pos[:, 0]]),
+                         rel_err(vc[r, pos[:, 0]], vc_ref[r, pos[:, 0]])])
+        e = q.element_size()
+        nbytes = b * (2 * N_HEADS + 4 * N_KV) * HEAD_DIM * e
+
+        def separate():
+            qr, kr = K.rotary.apply_rotary(q, k, pos, THETA)
+            kc[r, pos[:, 0]] = kr[:, 0]
+            vc[r, pos[:, 0]] = v[:, 0]
+            return qr
+
+        for impl, fn in (("fused (1 launch)", lambda: K.rotary.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows_map)),
+                         ("rotary + 2 index_put (3 launches)", separate)):
+            ms, spread = time_ms(fn)
+            rows.append({"op": "rotary_cache_write", "batch": b, "impl": impl, "us": ms * 1e3, "spread_pct": spread,
+                         "gbs": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbs if copy_gbs else None,
+                         "check": status if impl.startswith("fused") else ""})
+        del qkv, kc, vc
+        _empty_cache()
+    return rows
+
+
+def markdown_issue9(res: dict) -> str:
+    """Tables for res["gemv"] and res["rotary_cache"] (either may be missing)."""
+    out = []
+    if res.get("gemv"):
+        by = {}
+        for r in res["gemv"]:
+            by.setdefault((r["shape"], r["batch"], r["weight"]), {})[r["impl"]] = r
+        rows = []
+        for (shape, m, wdt), d in by.items():
+            t, c = d["triton"], d["cublas"]
+            rows.append([shape, m, wdt, f"{t['us']:.1f}", f"{t['gbs']:.0f}", _pct(t["pct_copy"]), f"{c['us']:.1f}",
+                         f"{c['gbs']:.0f}", _pct(c["pct_copy"]), f"{c['us'] / t['us']:.2f}x", t["picked"],
+                         f"{max(t['spread_pct'], c['spread_pct']):.1f}%", t["check"]])
+        out += ["Decode GEMVs (one launch, norm/SwiGLU/residual fused) vs cuBLAS + separate kernels; GB/s = weights once + "
+                "activations / time; `picked` = what fastsolar.gemv_choice chose when timing the same inputs:", "",
+                markdown_table(["product", "batch", "weights", "triton µs", "GB/s", "% copy", "cublas µs", "GB/s",
+                                "% copy", "speedup", "picked", "spread", "check"], rows), ""]
+    if res.get("rotary_cache"):
+        rows = [[r["batch"], r["impl"], f"{r['us']:.1f}", f"{r['gbs']:.0f}", _pct(r["pct_copy"]),
+                 f"{r['spread_pct']:.1f}%", r["check"]] for r in res["rotary_cache"]]
+        out += ["Rotary + KV-cache write of one decode step, one layer (row map, per-row positions):", "",
+                markdown_table(["batch", "impl", "µs", "GB/s", "% copy", "spread", "check"], rows), ""]
+    return "\n".join(out)
+
+
+# Registration for the main/JSON/markdown flow (wired by the lead): res[key] = fn(batches, copy_gbs).
+ISSUE9_BENCHES = {"gemv": bench_gemv, "rotary_cache": bench_rotary_cache}
