@@ -474,7 +474,6 @@ def bench_gemv(batches=(1, 8), copy_gbs: float | None = None, weight_dtypes=("bf
                                  "impl": impl, "us": ms * 1e3, "spread_pct": spread, "gbs": nbytes / ms / 1e6,
                                  "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbs if copy_gbs else None,
                                  "picked": picked, "check": status if impl == "triton" else ""})
-                del x, w, kw
         _empty_cache()
     return rows
 
@@ -513,7 +512,6 @@ def bench_rotary_cache(batches=(1, 8), copy_gbs: float | None = None) -> list[di
             rows.append({"op": "rotary_cache_write", "batch": b, "impl": impl, "us": ms * 1e3, "spread_pct": spread,
                          "gbs": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbs if copy_gbs else None,
                          "check": status if impl.startswith("fused") else ""})
-        del qkv, kc, vc
         _empty_cache()
     return rows
 

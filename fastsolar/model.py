@@ -105,7 +105,6 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: SolarConfig) -> None:
         super().__init__()
-        self.intermediate = config.intermediate_size
         self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 

@@ -37,8 +37,6 @@ BLOCK_M = BLOCK_N = 128 with 3 stages: Q 32 KiB + 3 x (K 32 KiB + V 32 KiB) = 22
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl

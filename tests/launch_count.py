@@ -15,7 +15,6 @@ import collections
 import contextlib
 from typing import Any, Callable
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten ops that launch no kernel on CUDA: views, metadata, allocation.

@@ -4,7 +4,6 @@ the GPU run takes, and the correctness checks inside it, work before a GPU is le
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest

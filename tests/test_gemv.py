@@ -75,7 +75,8 @@ CASES = [
     pytest.param(5, 17, 300, torch.float16, torch.int8, "plain", False, id="m5-int8-fp16"),
     pytest.param(7, 33, 3000, torch.float16, torch.float8_e4m3fn, "plain", True, id="m7-fp8-res-k3000-splitk"),
     pytest.param(8, 64, 1500, torch.float16, torch.float16, "plain", True, id="m8-res-k1500-splitk"),
-    pytest.param(4, 31, 200, torch.bfloat16, torch.bfloat16, "norm", True, marks=BF16_DOT, id="m4-norm-bf16"),
+    pytest.param(4, 31, 200, torch.bfloat16, torch.bfloat16, "norm", True, marks=[BF16_DOT, pytest.mark.gpu],
+                 id="m4-norm-bf16"),
 ]
 
 
@@ -83,6 +84,18 @@ CASES = [
 def test_gemv_matches_reference(m, n, k, dtype, wdtype, prologue, residual):
     x, w, kw = _inputs(m, n, k, dtype, wdtype, prologue, residual)
     _check(x, w, kw, f"m{m} n{n} k{k} {dtype} {wdtype} {prologue} res={residual}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="SOLAR-sized products: CUDA only")
+@pytest.mark.parametrize("m", [1, 4, 8])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn], ids=["bf16", "int8", "fp8"])
+def test_gemv_solar_shapes_on_cuda(m, wdtype):
+    """Every decode product of a SOLAR layer at its real size, compiled, bf16 activations."""
+    for n, k, prologue, residual in ((6144, 4096, "norm", False), (4096, 4096, "plain", True),
+                                     (28672, 4096, "norm", False), (4096, 14336, "swiglu", True)):
+        x, w, kw = _inputs(m, n, k, torch.bfloat16, wdtype, prologue, residual)
+        _check(x, w, kw, f"SOLAR m{m} {n}x{k} {prologue} {wdtype}")
 
 
 def test_gemv_fp8_bit_decode_before_sm89(monkeypatch):
