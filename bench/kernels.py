@@ -493,7 +493,8 @@ def bench_rotary_cache(batches=(1, 8), copy_gbs: float | None = None) -> list[di
         pos = torch.randint(0, MAX_SEQ, (b, 1), device=DEVICE)
         qo = K.rotary.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows_map, q_out=_poisoned(q.contiguous()))
         kc_ref, vc_ref = kc.float(), vc.float()
-        q_ref = K.rotary.rotary_cache_write_ref(q.float(), k.float(), v.float(), pos, THETA, kc_ref, vc_ref, rows=rows_map)
+        q_ref = K.rotary.rotary_cache_write_ref(q.float(), k.float(), v.float(), pos, THETA, kc_ref, vc_ref,
+                                                rows=rows_map)
         r = rows_map.long()
         status = _check([rel_err(qo, q_ref), rel_err(kc[r, pos[:, 0]], kc_ref[r, pos[:, 0]]),
                          rel_err(vc[r, pos[:, 0]], vc_ref[r, pos[:, 0]])])
@@ -506,8 +507,10 @@ def bench_rotary_cache(batches=(1, 8), copy_gbs: float | None = None) -> list[di
             vc[r, pos[:, 0]] = v[:, 0]
             return qr
 
-        for impl, fn in (("fused (1 launch)", lambda: K.rotary.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows_map)),
-                         ("rotary + 2 index_put (3 launches)", separate)):
+        def fused():
+            return K.rotary.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows_map)
+
+        for impl, fn in (("fused (1 launch)", fused), ("rotary + 2 index_put (3 launches)", separate)):
             ms, spread = time_ms(fn)
             rows.append({"op": "rotary_cache_write", "batch": b, "impl": impl, "us": ms * 1e3, "spread_pct": spread,
                          "gbs": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbs if copy_gbs else None,
@@ -529,8 +532,8 @@ def markdown_issue9(res: dict) -> str:
             rows.append([shape, m, wdt, f"{t['us']:.1f}", f"{t['gbs']:.0f}", _pct(t["pct_copy"]), f"{c['us']:.1f}",
                          f"{c['gbs']:.0f}", _pct(c["pct_copy"]), f"{c['us'] / t['us']:.2f}x", t["picked"],
                          f"{max(t['spread_pct'], c['spread_pct']):.1f}%", t["check"]])
-        out += ["Decode GEMVs (one launch, norm/SwiGLU/residual fused) vs cuBLAS + separate kernels; GB/s = weights once + "
-                "activations / time; `picked` = what fastsolar.gemv_choice chose when timing the same inputs:", "",
+        out += ["Decode GEMVs (one launch, norm/SwiGLU/residual fused) vs cuBLAS + separate kernels; GB/s = weights "
+                "once + activations / time; `picked` = what fastsolar.gemv_choice chose timing the same inputs:", "",
                 markdown_table(["product", "batch", "weights", "triton µs", "GB/s", "% copy", "cublas µs", "GB/s",
                                 "% copy", "speedup", "picked", "spread", "check"], rows), ""]
     if res.get("rotary_cache"):

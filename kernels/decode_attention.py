@@ -155,7 +155,8 @@ def _decode_kernel(
         o_rows = O + off_b.to(tl.int64) * stride_ob + heads.to(tl.int64) * stride_oh
         if n_splits == 1:
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # seqlen 0: l = 0, acc = 0 -> o = 0
-            tl.store(o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+            tl.store(o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty),
+                     mask=mask_g[:, None] & mask_d[None, :])
         else:
             # Workspace rows are (b * H + head) * MAX_SPLITS + split.
             ws_heads = (off_b * n_heads + heads).to(tl.int64) * max_splits

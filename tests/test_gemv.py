@@ -149,7 +149,8 @@ def test_gemv_launch_config():
             for wdt in (torch.bfloat16, torch.int8, torch.float8_e4m3fn, torch.float32):
                 c = gemv_launch_config(m, n, k, wdt, (9, 0), 132)
                 assert c["BLOCK_M"] == (1 if m == 1 else 16)
-                assert c["SPLIT_K"] >= 1 and (c["SPLIT_K"] - 1) * c["k_per_split"] < k <= c["SPLIT_K"] * c["k_per_split"]
+                split, per = c["SPLIT_K"], c["k_per_split"]
+                assert split >= 1 and (split - 1) * per < k <= split * per
                 assert c["k_per_split"] % c["BLOCK_K"] == 0
     # SOLAR's o-proj at batch 1 (N = 4096): 128 output blocks for 132 SMs, so K is split.
     assert gemv_launch_config(1, 4096, 4096, torch.bfloat16, (9, 0), 132)["SPLIT_K"] > 1

@@ -275,7 +275,8 @@ def test_rotary_cache_write(case, dtype):
     got_q = rotary_cache_write(q, k, v, pos, THETA, k_cache, v_cache, rows=rows_t, q_out=q_out)
     assert got_q is q_out and torch.equal(qkv, qkv0), "inputs modified"
 
-    k_exp, v_exp = poison(torch.empty_like(k_cache, dtype=torch.float64)), poison(torch.empty_like(v_cache, dtype=torch.float64))
+    k_exp = poison(torch.empty_like(k_cache, dtype=torch.float64))
+    v_exp = poison(torch.empty_like(v_cache, dtype=torch.float64))
     q_exp = rotary_cache_write_ref(_d(q), _d(k), _d(v), pos, THETA, k_exp, v_exp, rows=rows_t)
     k_base, v_base = poison(torch.empty_like(k_cache)), poison(torch.empty_like(v_cache))
     q_base = rotary_cache_write_ref(q, k, v, pos, THETA, k_base, v_base, rows=rows_t)
