@@ -9,9 +9,15 @@ What it measures (all bf16, batch 1 unless said, inputs laid out as fastsolar/mo
   the Triton kernel and for torch eager (the op's *_ref at bf16);
 * attention (prefill, causal, 32/8 heads, head_dim 128) at 512, 2048 and 4096 tokens: TFLOP/s
   counting causal FLOPs as 4*b*h*s*s*d/2, against torch's scaled_dot_product_attention;
-* decode: decode_attention at batch 1 and 8 with 512..4096 cached tokens in a 4096-slot cache: µs and
-  GB/s of K/V read, against SDPA over the cache's first L slots (the padded cache cut to the
-  longest row: all rows hold L tokens here).
+* decode: decode_attention (one launch) at batch 1 and 8 with 512..4096 cached tokens in a 4096-slot
+  cache: µs and GB/s of K/V read, against SDPA over the cache's first L slots (the padded cache cut
+  to the longest row: all rows hold L tokens here);
+* gemv: every decode product of a SOLAR layer and the lm_head at batch 1 and 8, fused in Triton
+  (norm / SwiGLU prologue, residual epilogue, one launch) against cuBLAS plus the separate small
+  kernels fastsolar runs otherwise, for bf16, int8 and (sm_89+) FP8 weights; GB/s of the fewest bytes
+  (weights once, activations) and the pick fastsolar.gemv_choice makes timing the same inputs;
+* rotary_cache: one decode step's fused rotary + KV-cache write (through a row map) against
+  apply_rotary plus two indexed copies, the three launches it replaced.
 
 How: the copy bandwidth is measured first, as the ceiling the memory-bound ops are held against.
 Every case is checked for correctness before it is timed: against its torch reference in fp32
@@ -68,15 +74,16 @@ class Sizes:
     max_seq: int  # the decode cache's slots
     tokens: tuple[int, ...]  # memory_ops
     seqs: tuple[int, ...]  # attention (prefill)
-    batches: tuple[int, ...]  # decode
+    batches: tuple[int, ...]  # decode, and the rows of the decode GEMVs and the rotary + cache write
     cached: tuple[int, ...]  # decode
+    vocab: int = 32000  # the lm_head GEMV
 
 
 SOLAR = Sizes(4096, 32, 8, 128, 14336, 4096, tokens=(1, 16, 4096), seqs=(512, 2048, 4096), batches=(1, 8),
               cached=(512, 1024, 2048, 4096))
 QUICK = replace(SOLAR, tokens=(16,), seqs=(512,), batches=(1,), cached=(1024,))
 # The CPU rehearsal: odd, tiny shapes the Triton interpreter runs in seconds (same code paths as on a GPU).
-REHEARSAL = Sizes(96, 4, 2, 16, 80, 48, tokens=(5,), seqs=(17,), batches=(2,), cached=(33,))
+REHEARSAL = Sizes(96, 4, 2, 16, 80, 48, tokens=(5,), seqs=(17,), batches=(2,), cached=(33,), vocab=97)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +103,7 @@ class Bench:
         self.l2_bytes = l2_bytes
         self.copy_gbs: float | None = None
         import_fastsolar("bench/kernels.py")
-        names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention")
+        names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention", "gemv")
         self.K = types.SimpleNamespace(**{n: importlib.import_module(f"fastsolar.kernels.{n}") for n in names})
 
     def time_ms(self, fn: Callable[[], Any]) -> tuple[float, float]:
@@ -293,9 +300,159 @@ def decode(b: Bench) -> Iterator[dict]:
         b.empty_cache()
 
 
+def _gemv_shapes(S: Sizes) -> dict[str, tuple[int, int, str, bool]]:
+    """name: (N, K, prologue, residual) for every decode product of a layer, and the lm_head."""
+    return {
+        "qkv (rmsnorm)": ((S.n_heads + 2 * S.n_kv) * S.head_dim, S.hidden, "norm", False),
+        "o (+residual)": (S.hidden, S.n_heads * S.head_dim, "plain", True),
+        "gate_up (rmsnorm)": (2 * S.inter, S.hidden, "norm", False),
+        "down (swiglu, +residual)": (S.hidden, S.inter, "swiglu", True),
+        "lm_head (rmsnorm)": (S.vocab, S.hidden, "norm", False),
+    }
+
+
+def _gemv_weight_dtypes(b: Bench) -> list[str]:
+    """The activation dtype's weights, int8, and FP8 where the card converts it (sm_89+; any CPU)."""
+    out = [str(b.dtype).replace("torch.", ""), "int8"]
+    if b.device != "cuda" or b.torch.cuda.get_device_capability() >= (8, 9):
+        out.append("float8_e4m3fn")
+    return out
+
+
+def _gemv_case(b: Bench, n: int, k: int, prologue: str, residual: bool, m: int, wdtype: str):
+    """x, weight and gemv keyword arguments for one product at m rows (8-bit weights: per-channel absmax scale)."""
+    torch = b.torch
+    x = b.randn(m, 1, 2 * k if prologue == "swiglu" else k)
+    w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
+    kw: dict[str, Any] = {"scale": None}
+    if wdtype in ("int8", "float8_e4m3fn"):
+        scale = w.abs().amax(1).clamp_min(1e-12) / (127.0 if wdtype == "int8" else 448.0)
+        q = w / scale[:, None]
+        w = q.round().clamp(-127, 127).to(torch.int8) if wdtype == "int8" else q.to(torch.float8_e4m3fn)
+        kw["scale"] = scale
+    else:
+        w = w.to(getattr(torch, wdtype))
+    if prologue == "norm":
+        kw.update(norm_weight=b.randn(k, scale=0.1) + 1.0, eps=EPS)
+    elif prologue == "swiglu":
+        kw["swiglu"] = True
+    if residual:
+        kw["residual"] = b.randn(m, 1, n)
+    return x, w, kw
+
+
+def _gemv_unfused(b: Bench, ops, x, w, kw):
+    """What fastsolar.ops runs instead of the fused kernel: cuBLAS plus the separate small kernels."""
+    K, scale, res = b.K, kw["scale"], kw.get("residual")
+    if "norm_weight" in kw:
+        return ops._matmul(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, scale)
+    a = K.swiglu.swiglu(*x.chunk(2, dim=-1)) if kw.get("swiglu") else x
+    y = ops._matmul(a, w, scale)
+    return y if res is None else res + y
+
+
+def _gemv_pick(ops, choice, x, w, kw) -> str:
+    """The self-selection run for real on these inputs (a fresh choice cache, restored afterwards)."""
+    saved = dict(choice._choices)
+    choice._choices.clear()
+    try:
+        with choice.force_gemv(None), ops.force_kernels(True):
+            scale, res = kw["scale"], kw.get("residual")
+            if "norm_weight" in kw:
+                ops.norm_linear(x, kw["norm_weight"], EPS, w, scale=scale)
+            elif kw.get("swiglu"):
+                ops.swiglu_linear(x, w, residual=res, scale=scale)
+            else:
+                ops.linear(x, w, residual=res, scale=scale)
+        picked = list(choice.choices().values())
+    finally:
+        choice._choices.clear()
+        choice._choices.update(saved)
+    return picked[0] if picked else "untimed"
+
+
+def gemv(b: Bench) -> Iterator[dict]:
+    """Each decode GEMV fused in Triton (one launch) and as cuBLAS + the separate small kernels, µs and GB/s
+    of the fewest bytes (weights once, x, y, residual); then fastsolar.gemv_choice's pick on the same inputs
+    ("untimed" on a CPU, where nothing is timed and cuBLAS/the reference is the default)."""
+    torch, G = b.torch, b.K.gemv
+    ops = importlib.import_module("fastsolar.ops")
+    choice = importlib.import_module("fastsolar.gemv_choice")
+    for name, (n, k, prologue, residual) in _gemv_shapes(b.S).items():
+        for wdtype in _gemv_weight_dtypes(b):
+            for m in b.S.batches:
+                row = {"op": "gemv", "shape": name, "batch": m, "weight": wdtype, "N": n, "K": k}
+                try:
+                    x, w, kw = _gemv_case(b, n, k, prologue, residual, m, wdtype)
+                    y = G.gemv(x, w, out=b.poisoned(torch.empty(m, 1, n, dtype=x.dtype, device=b.device)), **kw)
+                    kw32 = {a: (v.float() if isinstance(v, torch.Tensor) and a != "scale" else v) for a, v in kw.items()}
+                    status = _check([rel_err(y, G.gemv_ref(x.float(), w, **kw32))])
+                    nbytes = (w.numel() * w.element_size() + x.numel() * x.element_size()
+                              + m * n * x.element_size() * (2 if residual else 1))
+                    picked = _gemv_pick(ops, choice, x, w, kw)
+                except Exception as e:  # noqa: BLE001 - recorded in the row; the other cases still run
+                    yield {**row, "impl": "triton", "check": _error(e)}
+                    continue
+                for impl, fn in (("triton", lambda: G.gemv(x, w, **kw)), ("cublas", lambda: _gemv_unfused(b, ops, x, w, kw))):
+                    try:
+                        ms, spread = b.time_ms(fn)
+                    except Exception as e:  # noqa: BLE001
+                        yield {**row, "impl": impl, "check": _error(e)}
+                        continue
+                    gbs = nbytes / ms / 1e6
+                    yield {**row, "impl": impl, "bytes": nbytes, "us": ms * 1e3, "spread_pct": spread, "gbs": gbs,
+                           "pct_copy": b.pct_copy(gbs), "cache": b.cache_note(nbytes), "picked": picked,
+                           "check": status if impl == "triton" else ""}
+            b.empty_cache()
+
+
+def rotary_cache(b: Bench) -> Iterator[dict]:
+    """One decode step's rotary + KV-cache write for one layer: the fused kernel (one launch) against what it
+    replaced (apply_rotary, then two indexed copies into the cache), at per-row positions through a row map.
+    GB/s counts q, k, v read, rotated q and the k/v slots written."""
+    torch, K, S = b.torch, b.K, b.S
+    for bs in S.batches:
+        row = {"op": "rotary_cache_write", "batch": bs}
+        qkv = b.randn(bs, 1, S.n_heads + 2 * S.n_kv, S.head_dim)
+        q, k, v = qkv.split([S.n_heads, S.n_kv, S.n_kv], dim=2)
+        kc, vc = b.randn(bs + 3, S.max_seq, S.n_kv, S.head_dim), b.randn(bs + 3, S.max_seq, S.n_kv, S.head_dim)
+        rows_map = torch.arange(bs, device=b.device).flip(0) + 2
+        pos = torch.randint(0, S.max_seq, (bs, 1), device=b.device)
+        r = rows_map.long()
+        nbytes = bs * (2 * S.n_heads + 4 * S.n_kv) * S.head_dim * q.element_size()
+        try:
+            qo = K.rotary.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows_map, q_out=b.poisoned(q.contiguous()))
+            kc_ref, vc_ref = kc.float(), vc.float()
+            q_ref = K.rotary.rotary_cache_write_ref(q.float(), k.float(), v.float(), pos, THETA, kc_ref, vc_ref,
+                                                    rows=rows_map)
+            status = _check([rel_err(qo, q_ref), rel_err(kc[r, pos[:, 0]], kc_ref[r, pos[:, 0]]),
+                             rel_err(vc[r, pos[:, 0]], vc_ref[r, pos[:, 0]])])
+        except Exception as e:  # noqa: BLE001
+            yield {**row, "impl": "fused (1 launch)", "check": _error(e)}
+            continue
+
+        def separate():
+            qr, kr = K.rotary.apply_rotary(q, k, pos, THETA)
+            kc[r, pos[:, 0]] = kr[:, 0]
+            vc[r, pos[:, 0]] = v[:, 0]
+            return qr
+
+        def fused():
+            return K.rotary.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows_map)
+
+        for impl, fn in (("fused (1 launch)", fused), ("rotary + 2 index_put (3 launches)", separate)):
+            ms, spread = b.time_ms(fn)
+            gbs = nbytes / ms / 1e6
+            yield {**row, "impl": impl, "bytes": nbytes, "us": ms * 1e3, "spread_pct": spread, "gbs": gbs,
+                   "pct_copy": b.pct_copy(gbs), "cache": b.cache_note(nbytes),
+                   "check": status if impl.startswith("fused") else ""}
+        b.empty_cache()
+
+
 #: The benchmark sections, in run order: name -> generator of row dicts. Add a kernel's benchmark here.
 SECTIONS: dict[str, Callable[[Bench], Iterator[dict]]] = {"memory_ops": memory_ops, "attention": attention,
-                                                           "decode": decode}
+                                                           "decode": decode, "gemv": gemv,
+                                                           "rotary_cache": rotary_cache}
 
 
 def run(sizes: Sizes, *, device: str = "cuda", dtype: str = "bfloat16", timing: dict[str, Any] | None = None,
@@ -399,9 +556,33 @@ def _generic_table(rows: list[dict], res: dict) -> str:
     return markdown_table(keys, cells)
 
 
+def _gemv_table(rows: list[dict], res: dict) -> str:
+    by: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["batch"], r["weight"]), {})[r["impl"]] = r
+    table = []
+    for (shape, m, wdt), d in by.items():
+        t, c = d.get("triton", {}), d.get("cublas", {})
+        table.append([shape, m, wdt, _f(t.get("us"), ".1f"), _f(t.get("gbs"), ".0f"), _pct(t.get("pct_copy")),
+                      _f(c.get("us"), ".1f"), _f(c.get("gbs"), ".0f"), _pct(c.get("pct_copy")), _speedup(t, c, "us"),
+                      t.get("picked", ""), _spread(t, c), t.get("cache") or c.get("cache", ""), t.get("check", "")])
+    return ("Decode GEMVs (one launch, norm/SwiGLU/residual fused) vs cuBLAS + separate kernels; GB/s = weights "
+            "once + activations / time; `picked` = what fastsolar.gemv_choice chose timing the same inputs:\n\n"
+            + markdown_table(["product", "batch", "weights", "triton µs", "GB/s", "% copy", "cublas µs", "GB/s",
+                              "% copy", "speedup", "picked", "spread", "cache", "check"], table))
+
+
+def _rotary_cache_table(rows: list[dict], res: dict) -> str:
+    table = [[r["batch"], r["impl"], _f(r.get("us"), ".1f"), _f(r.get("gbs"), ".0f"), _pct(r.get("pct_copy")),
+              _f(r.get("spread_pct"), ".1f"), r.get("cache", ""), r.get("check", "")] for r in rows]
+    return ("Rotary + KV-cache write of one decode step, one layer (row map, per-row positions):\n\n"
+            + markdown_table(["batch", "impl", "µs", "GB/s", "% copy", "spread %", "cache", "check"], table))
+
+
 #: Markdown for each section (sections not listed get _generic_table).
 TABLES: dict[str, Callable[[list[dict], dict], str]] = {"memory_ops": _memory_table, "attention": _attention_table,
-                                                         "decode": _decode_table}
+                                                         "decode": _decode_table, "gemv": _gemv_table,
+                                                         "rotary_cache": _rotary_cache_table}
 
 
 def header(res: dict) -> str:
@@ -433,7 +614,7 @@ def markdown(res: dict) -> str:
 
 
 def _row_line(section: str, row: dict) -> str:
-    keys = [k for k in ("op", "tokens", "seq", "batch", "cached", "impl") if k in row]
+    keys = [k for k in ("op", "shape", "weight", "tokens", "seq", "batch", "cached", "impl", "picked") if k in row]
     vals = [f"{k}={row[k]}" for k in keys]
     for k, fmt in (("us", ".1f"), ("ms", ".3f"), ("gbs", ".0f"), ("tflops", ".1f"), ("pct_copy", ".0f")):
         if row.get(k) is not None:
@@ -523,3 +704,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -2,16 +2,20 @@
 
 Left-padded prompts (with `attention_mask`) are turned into right-padded ones so that every row's real
 tokens sit at positions 0..len-1 of the static KV cache; after one prefill, each step decodes one token
-per row at per-row device positions (incremented in place) and picks the next tokens on the device.
-Finished rows (after an EOS) get pad tokens, as in transformers. Whether every row has finished is only
-checked every `CHECK_EVERY` steps (a host sync); the output is then trimmed to the length transformers
-would have stopped at, so the tokens are the same.
+per row at per-row device positions and picks the next tokens on the device. Everything a step does lives
+in one `DecodeLoop` of device buffers (`advance`: decode, sample, positions += 1, EOS bookkeeping, the
+token into the loop's history and back in as the next input), so on CUDA a step is one graph replay
+(fastsolar/graphs.py's CudaGraphLoop) with no eager launch and no copy around it.
+Finished rows (after an EOS) get pad tokens, as in transformers. Whether every row has finished is asked
+every `CHECK_EVERY` steps (`stream`: every step) without stalling the device: the answer as of step t - 1
+is copied to the host behind step t - 1 and read once step t is queued (`_DoneProbe`); the output is then
+trimmed to the length transformers would have stopped at, so the tokens are the same.
 
 One deliberate difference: the repetition penalty counts only real prompt tokens, while transformers also
 penalises the pad ids of left-padded rows; so each row of a padded batch gets what it would get alone.
 
-`generate` and `stream` share one loop (`_token_loop`); `_make_step` is the single place where the decode
-step is built (eager here; fastsolar/graphs.py's CUDA-graph step plugs in there).
+`generate` and `stream` share one loop (`_token_loop`); `_make_advance` is the single place where the
+per-token step is built (eager `loop.advance`, or the captured CudaGraphLoop).
 """
 from __future__ import annotations
 
@@ -26,11 +30,106 @@ from fastsolar.sampling import PerRow, Sampler, check_sampling_args
 
 CHECK_EVERY = 16  # decode steps between host checks for "every row has finished"
 CACHE_ROUND = 256  # cache lengths are rounded up to a multiple of this so later calls can reuse the cache
+EOS_SLOTS = 8  # EOS ids a DecodeLoop holds without being remade (more: a new loop, so a new graph)
 
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-# One Sampler per (model, batch size): its buffers persist so captured graphs that read them stay valid.
+# One Sampler and one DecodeLoop per (model, batch size): their buffers persist, so captured graphs that read
+# them stay valid across calls.
 _samplers: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Sampler]]" = weakref.WeakKeyDictionary()
+_loops: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, DecodeLoop]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class DecodeLoop:
+    """The per-token state of a generate call as device buffers, refilled in place by `start`.
+
+    `advance(model, sampler)` is one whole step and touches nothing else (what CudaGraphLoop captures):
+    next = sampler(model.decode(tokens, positions)); positions += 1; `record(next)`. `record` applies the
+    EOS rules (finished rows get `pad`; a row's first EOS sets finished_at to the step index), writes the
+    step's tokens into column `step` of `history` and into `tokens` (the next step's input), and counts
+    `step` up. Like a Sampler it has `snapshot()` / `restore()` / `generators()` for graph warm-up.
+    """
+
+    tokens: torch.Tensor  # [b] int64: the last step's tokens, the next step's input
+    positions: torch.Tensor  # [b] int64: cache position of the next step's input token
+    finished: torch.Tensor  # [b] bool: the row has produced an EOS
+    finished_at: torch.Tensor  # [b] int64: step of the row's first EOS (the call's max_new_tokens if none)
+    step: torch.Tensor  # [1] int64: index of the next token in history
+    history: torch.Tensor  # [b, capacity] int64: the tokens of step t in column t
+    eos: torch.Tensor  # [EOS_SLOTS] int64: EOS ids, padded with -1 (never a token)
+    pad: torch.Tensor  # [] int64: the token finished rows get
+
+    @classmethod
+    def empty(cls, batch: int, capacity: int, eos_slots: int, device: torch.device) -> "DecodeLoop":
+        i64 = dict(dtype=torch.int64, device=device)
+        return cls(tokens=torch.zeros(batch, **i64), positions=torch.zeros(batch, **i64),
+                   finished=torch.zeros(batch, dtype=torch.bool, device=device),
+                   finished_at=torch.zeros(batch, **i64), step=torch.zeros(1, **i64),
+                   history=torch.zeros(batch, capacity, **i64), eos=torch.full((eos_slots,), -1, **i64),
+                   pad=torch.zeros((), **i64))
+
+    def start(self, positions: torch.Tensor, eos: tuple[int, ...], pad: int, max_new_tokens: int) -> None:
+        """Refill every buffer in place for a new call (history needs no clearing: column t is written
+        before anything reads it)."""
+        self.positions.copy_(positions)
+        self.finished.zero_()
+        self.finished_at.fill_(max_new_tokens)
+        self.step.zero_()
+        self.eos.copy_(torch.tensor(list(eos) + [-1] * (self.eos.shape[0] - len(eos)), dtype=torch.int64))
+        self.pad.fill_(pad)
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """One step's sampled tokens through the EOS rules into history and the next input (no host sync)."""
+        tokens = torch.where(self.finished, self.pad, tokens)
+        newly = (tokens[:, None] == self.eos[None, :]).any(-1) & ~self.finished
+        self.finished_at.copy_(torch.where(newly, self.step, self.finished_at))
+        self.finished |= newly
+        self.history.index_copy_(1, self.step, tokens[:, None])
+        self.tokens.copy_(tokens)
+        self.step += 1
+
+    def advance(self, model: Any, sampler: Sampler) -> None:
+        self.record(sampler(model.decode(self.tokens, self.positions)))
+        self.positions += 1
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.tokens, self.positions, self.finished, self.finished_at, self.step
+
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        # history is left out: a warm-up writes only columns the real steps overwrite before reading.
+        return tuple(t.clone() for t in self.state_tensors())
+
+    def restore(self, snapshot: tuple[torch.Tensor, ...]) -> None:
+        with torch.inference_mode():
+            for live, saved in zip(self.state_tensors(), snapshot):
+                live.copy_(saved)
+
+    def generators(self) -> list[torch.Generator]:
+        return []
+
+
+class _DoneProbe:
+    """"Had every row finished by step t?" read on the host without stalling the device: `post(t)` right
+    after step t is queued copies max(finished_at) to (pinned) host memory behind it; `all_done()` called
+    once step t + 1 is queued waits for step t and that copy only, while the device works on step t + 1.
+    finished_at entries only ever fall from max_new_tokens to a step index, so the answer stays exact."""
+
+    def __init__(self, loop: DecodeLoop) -> None:
+        self.loop = loop
+        cuda = loop.finished_at.is_cuda
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.step = -1
+
+    def post(self, step: int) -> None:
+        self.host.copy_(self.loop.finished_at.amax(), non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.step = step
+
+    def all_done(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host) <= self.step
 
 
 @dataclass
@@ -147,17 +246,22 @@ def _get_sampler(model: Any, batch: int) -> Sampler:
     return per_model[key]
 
 
-def _make_step(model: Any, sampler: Sampler, batch: int, cuda_graphs: bool) -> Step:
-    """The decode step `step(tokens [b], positions [b]) -> next_tokens [b]` = sampler(model.decode(...))."""
+def _get_loop(model: Any, batch: int, capacity: int, n_eos: int) -> DecodeLoop:
+    per_model = _loops.setdefault(model, {})
+    key = (batch, model.device)
+    loop = per_model.get(key)
+    if loop is None or loop.history.shape[1] < capacity or loop.eos.shape[0] < n_eos:
+        loop = per_model[key] = DecodeLoop.empty(batch, capacity, max(EOS_SLOTS, n_eos), model.device)
+    return loop
+
+
+def _make_advance(model: Any, sampler: Sampler, loop: DecodeLoop, cuda_graphs: bool) -> Callable[[], None]:
+    """One whole step on the loop's buffers: `loop.advance(model, sampler)`, eager or captured in a graph."""
     if cuda_graphs:
-        from fastsolar.graphs import CudaGraphStep
+        from fastsolar.graphs import CudaGraphLoop
 
-        return CudaGraphStep(model, sampler)
-
-    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return sampler(model.decode(tokens, positions))
-
-    return step
+        return CudaGraphLoop(model, sampler, loop)
+    return lambda: loop.advance(model, sampler)
 
 
 def _right_pad(req: _Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,10 +279,10 @@ def _right_pad(req: _Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.inference_mode()
-def _token_loop(model: Any, req: _Request, check_every: int, done_at: list) -> Iterator[torch.Tensor]:
-    """Yield each step's tokens `[b]` (finished rows padded). Stops after max_new_tokens steps or at the
-    first check (every `check_every` steps) that finds every row finished. Appends the per-row step at
-    which each row finished (a device tensor, max_new_tokens when never) to `done_at` when done."""
+def _token_loop(model: Any, req: _Request, check_every: int, out: list) -> Iterator[int]:
+    """Run the decode loop, yielding the index t of each step once its tokens are queued into the loop's
+    history (finished rows padded). Stops after max_new_tokens steps or at the first check (every
+    `check_every` steps) that finds every row finished; appends the DecodeLoop to `out` first."""
     b = req.input_ids.shape[0]
     n_new = req.max_new_tokens
     right, valid, lens = _right_pad(req)
@@ -187,30 +291,21 @@ def _token_loop(model: Any, req: _Request, check_every: int, done_at: list) -> I
     sampler = _get_sampler(model, b)
     sampler.reset(**req.sampling, seed=req.seed, prompt_ids=right, prompt_mask=valid,
                   min_new_tokens=req.min_new_tokens, eos_token_ids=req.eos)
-    step = _make_step(model, sampler, b, req.cuda_graphs)
-
-    device = right.device
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    finished_at = torch.full((b,), n_new, dtype=torch.int64, device=device)
-    eos = torch.tensor(req.eos, dtype=torch.int64, device=device) if req.eos else None
-    pad = torch.tensor(req.pad, dtype=torch.int64, device=device)
-    positions = lens.clone()
-    try:
-        tokens = sampler(model.prefill(right, lens))
-        for t in range(n_new):
-            if t > 0:
-                tokens = step(tokens, positions)
-                positions += 1
-            if eos is not None:
-                tokens = torch.where(finished, pad, tokens)
-                newly = torch.isin(tokens, eos) & ~finished
-                finished_at.masked_fill_(newly, t)
-                finished |= newly
-            yield tokens
-            if eos is not None and t + 1 < n_new and (t + 1) % check_every == 0 and bool(finished.all()):
-                break
-    finally:
-        done_at.append(finished_at)
+    loop = _get_loop(model, b, model.cache.max_seq, len(req.eos))
+    loop.start(lens, req.eos, req.pad, n_new)
+    out.append(loop)
+    loop.record(sampler(model.prefill(right, lens)))
+    advance = _make_advance(model, sampler, loop, req.cuda_graphs) if n_new > 1 else None
+    probe = _DoneProbe(loop) if req.eos else None
+    yield 0
+    for t in range(1, n_new):
+        check = probe is not None and t % check_every == 0
+        if check:
+            probe.post(t - 1)
+        advance()
+        if check and probe.all_done():
+            return  # every row finished by step t - 1 (step t ran in vain and is dropped)
+        yield t
 
 
 def generate(
@@ -242,13 +337,13 @@ def generate(
         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, attention_mask=attention_mask,
         seed=seed, cuda_graphs=cuda_graphs, min_new_tokens=min_new_tokens, pad_token_id=pad_token_id,
     )
-    done_at: list[torch.Tensor] = []
-    steps = list(_token_loop(model, req, CHECK_EVERY, done_at))
+    out: list[DecodeLoop] = []
+    steps = sum(1 for _ in _token_loop(model, req, CHECK_EVERY, out))
+    loop = out[0]
     with torch.inference_mode():
-        new = torch.stack(steps, dim=1)
         # transformers stops right after the step at which the last row finished.
-        n = min(len(steps), int(done_at[0].max()) + 1)
-        return torch.cat([req.input_ids, new[:, :n]], dim=1)
+        n = min(steps, int(loop.finished_at.max()) + 1)
+        return torch.cat([req.input_ids, loop.history[:, :n]], dim=1)
 
 
 def stream(
@@ -263,7 +358,15 @@ def stream(
     Arguments are validated at the call; the work starts at the first `next()`.
     """
     req = _validate(model, input_ids, max_new_tokens, **_with_defaults(kwargs))
-    return _token_loop(model, req, 1, [])
+    return _stream(model, req)
+
+
+def _stream(model: Any, req: _Request) -> Iterator[torch.Tensor]:
+    out: list[DecodeLoop] = []
+    for t in _token_loop(model, req, 1, out):
+        # A copy: the loop's history is reused by the next call, the caller's tensors must not change.
+        with torch.inference_mode():
+            yield out[0].history[:, t].clone()
 
 
 def _with_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:

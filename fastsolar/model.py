@@ -1,7 +1,10 @@
 """The SOLAR / Llama-2 decoder in plain torch.
 
 Pre-norm transformer: per layer h += attn(rms_norm(h)); h += mlp(rms_norm(h)), then a final norm and
-the lm_head. Attention is grouped-query with rotary positions in the Hugging Face half-rotation layout;
+the lm_head. Each norm is fused into the matrix product after it and each residual add into the product
+before it (`ops.norm_linear`, `ops.linear(..., residual=)`, `ops.swiglu_linear(..., residual=)`), so a
+decode step of one layer is six launches on the kernel path: qkv, rotary + cache write, attention, o,
+gate_up, down. Attention is grouped-query with rotary positions in the Hugging Face half-rotation layout;
 the MLP is SwiGLU. q/k/v live in one fused weight and gate/up in another (fused at load time, so each
 token reads one matrix instead of three). All math goes through `fastsolar.ops`, the seam that picks the
 Triton kernels on CUDA and their torch references elsewhere; this file imports no triton.
@@ -47,10 +50,8 @@ class KVCache:
 class DecodeSlots:
     """Where a decode step writes and reads the cache: computed once per step, shared by every layer."""
 
-    rows: torch.Tensor  # [b] cache row of each batch row
-    pos: torch.Tensor  # [b] cache position of this step's token
+    rows: torch.Tensor | None  # [b] cache row of each batch row (a caller's map); None: rows 0..b-1
     seqlens: torch.Tensor  # [b] int32 valid cache positions after the write (pos + 1)
-    mapped: bool  # rows is a caller's map; False: rows are 0..b-1, so attention reads cache[:b] directly
 
 
 class Attention(nn.Module):
@@ -66,52 +67,51 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        h: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
         positions: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         slots: DecodeSlots | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x `[b, s, hidden]`; positions `[b, s]`. With `cache` (this layer's `[max_batch, max_seq, kv, d]`
-        views): a decode step when `slots` is given, else a prefill from position 0 into cache rows `rows`
-        (default 0..b-1)."""
-        b, s, _ = x.shape
-        qkv = self.wqkv(x).view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        q, k = ops.apply_rotary(q, k, positions, self.theta)
+        """h + attention(rms_norm(h)) for the residual stream h `[b, s, hidden]`; positions `[b, s]`. With
+        `cache` (this layer's `[max_batch, max_seq, kv, d]` views): a decode step when `slots` is given,
+        else a prefill from position 0 into cache rows `rows` (default 0..b-1)."""
+        b, s, _ = h.shape
+        qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight)
+        q, k, v = qkv.view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         if cache is None:
+            q, k = ops.apply_rotary(q, k, positions, self.theta)
             o = ops.attention(q, k, v, causal=True)
-        elif slots is not None:
-            k_cache, v_cache = cache
-            k_cache[slots.rows, slots.pos] = k[:, 0]
-            v_cache[slots.rows, slots.pos] = v[:, 0]
-            if slots.mapped:
-                o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens, rows=slots.rows)
-            else:
-                o = ops.decode_attention(q[:, 0], k_cache[:b], v_cache[:b], slots.seqlens)
-            o = o.unsqueeze(1)
         else:
+            # One launch rotates q and k and writes k, v into their cache slots; attention then reads the
+            # keys from the cache (a decode step its whole history, a prefill just its own prompt).
             k_cache, v_cache = cache
-            if rows is None:
-                k_cache[:b, :s] = k
-                v_cache[:b, :s] = v
+            rows = slots.rows if slots is not None else rows
+            q = ops.rotary_cache_write(q, k, v, positions, self.theta, k_cache, v_cache, rows=rows)
+            if slots is not None:
+                if rows is None:
+                    k_cache, v_cache = k_cache[:b], v_cache[:b]
+                o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens, rows=rows).unsqueeze(1)
+            elif rows is None:
+                o = ops.attention(q, k_cache[:b, :s], v_cache[:b, :s], causal=True)
             else:
-                k_cache[rows, :s] = k
-                v_cache[rows, :s] = v
-            o = ops.attention(q, k, v, causal=True)
-        return self.wo(o.reshape(b, s, self.n_heads * self.head_dim))
+                o = ops.attention(q, k_cache[:, :s], v_cache[:, :s], causal=True, rows=rows)
+        return ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight, residual=h)
 
 
 class FeedForward(nn.Module):
     def __init__(self, config: SolarConfig) -> None:
         super().__init__()
-        self.intermediate = config.intermediate_size
         self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
-        return self.w_down(ops.swiglu(gate, up))
+    def forward(self, h: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """h + mlp(rms_norm(h)) for the residual stream h."""
+        gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight)
+        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h)
 
 
 class Block(nn.Module):
@@ -125,24 +125,15 @@ class Block(nn.Module):
 
     def forward(
         self,
-        delta: torch.Tensor | None,
-        residual: torch.Tensor,
+        h: torch.Tensor,
         positions: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
         slots: DecodeSlots | None,
         rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Takes the previous layer's un-added output `delta` and the residual stream; returns the same pair.
-
-        Deferring each residual add into the next norm lets one fused add+RMSNorm pass do both.
-        """
-        if delta is None:
-            y = ops.rms_norm(residual, self.attention_norm, self.eps)
-        else:
-            y, residual = ops.add_rms_norm(delta, residual, self.attention_norm, self.eps)
-        delta = self.attention(y, positions, cache, slots, rows)
-        y, residual = ops.add_rms_norm(delta, residual, self.ffn_norm, self.eps)
-        return self.feed_forward(y), residual
+    ) -> torch.Tensor:
+        """The residual stream after this layer."""
+        h = self.attention(h, self.attention_norm, self.eps, positions, cache, slots, rows)
+        return self.feed_forward(h, self.ffn_norm, self.eps)
 
 
 class Solar(nn.Module):
@@ -191,21 +182,23 @@ class Solar(nn.Module):
         slots: DecodeSlots | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the layer stack; returns the final-normed hidden states `[b, s, hidden]`."""
-        residual = self.embed_tokens(input_ids)
-        delta = None
+        """Run the layer stack; returns the residual stream `[b, s, hidden]` (before the final norm)."""
+        h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             cache = (self.cache.k[i], self.cache.v[i]) if use_cache else None
-            delta, residual = layer(delta, residual, positions, cache, slots, rows)
-        y, _ = ops.add_rms_norm(delta, residual, self.norm, self.config.rms_norm_eps)
-        return y
+            h = layer(h, positions, cache, slots, rows)
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm fused with the lm_head."""
+        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""
         self._check_ids(input_ids)
         b, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        return self.lm_head(self._layers(input_ids, positions, use_cache=False))
+        return self._logits(self._layers(input_ids, positions, use_cache=False))
 
     def setup_cache(self, max_batch: int, max_seq: int) -> KVCache:
         """Allocate (or keep, if large enough) the static KV cache, after checking that it fits."""
@@ -246,7 +239,7 @@ class Solar(nn.Module):
         # land in the cache beyond seqlens, where decode never reads and later steps overwrite.
         h = self._layers(input_ids, positions, use_cache=True, rows=rows)
         last = h[torch.arange(b, device=h.device), seqlens.to(h.device).long() - 1]
-        return self.lm_head(last)
+        return self._logits(last)
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None
@@ -256,14 +249,9 @@ class Solar(nn.Module):
         b = tokens.shape[0]
         if rows is not None and tuple(rows.shape) != (b,):
             raise ValueError(f"rows must have shape [{b}] (one cache row per token), got {tuple(rows.shape)}")
-        slots = DecodeSlots(
-            rows=torch.arange(b, device=tokens.device) if rows is None else rows,
-            pos=positions,
-            seqlens=(positions + 1).to(torch.int32),
-            mapped=rows is not None,
-        )
+        slots = DecodeSlots(rows=rows, seqlens=(positions + 1).to(torch.int32))
         h = self._layers(tokens[:, None], positions[:, None], use_cache=True, slots=slots)
-        return self.lm_head(h[:, 0])
+        return self._logits(h[:, 0])
 
     def _check_rows(self, rows: torch.Tensor, b: int) -> torch.Tensor:
         """`rows` as int64 on the model's device after checking it names b distinct cache rows (a host

@@ -5,15 +5,22 @@ it runs their torch references (`*_ref`, written beside each kernel), so the sam
 `force_kernels(True)` (or `FASTSOLAR_KERNELS=1`) sends CPU tensors to the kernels as well, which is how
 the test suite runs the whole kernel path of a tiny model under the Triton interpreter;
 `force_kernels(False)` keeps a CUDA model on the torch references (the benchmark's reference engine).
+
+The matrix products come with their neighbours: `norm_linear` (RMSNorm then x @ W.T), `swiglu_linear`
+(SwiGLU of a fused gate|up row then x @ W.T, plus a residual) and `linear` (x @ W.T plus a residual). On the
+kernel path, up to `K.GEMV_MAX_M` rows (decode) run either the fused Triton GEMV (one launch) or cuBLAS
+with the separate small kernels, whichever fastsolar.gemv_choice found faster for the shape; more rows
+(prefill) always take cuBLAS. `scale` (fp32 [N]) is the per-output-channel scale of an int8/fp8 weight.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from fastsolar import gemv_choice
 from fastsolar import kernels as K
 
 _forced: bool | None = {"1": True, "0": False}.get(os.environ.get("FASTSOLAR_KERNELS", ""))
@@ -35,6 +42,12 @@ def use_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda if _forced is None else _forced
 
 
+def mode() -> tuple:
+    """Every host-side switch of this seam (kernels forced or not, GEMV forced or not): what a captured
+    CUDA graph bakes in, so part of its key."""
+    return (_forced, gemv_choice.forced())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (K.rms_norm if use_kernels(x) else K.rms_norm_ref)(x, weight, eps)
 
@@ -51,14 +64,36 @@ def apply_rotary(
     return (K.apply_rotary if use_kernels(q) else K.apply_rotary_ref)(q, k, positions, theta)
 
 
+def rotary_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotated q; rotated k and v written into their cache slots (rows[i], positions[i, t])."""
+    fn = K.rotary_cache_write if use_kernels(q) else K.rotary_cache_write_ref
+    return fn(q, k, v, positions, theta, k_cache, v_cache, rows=rows)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (K.swiglu if use_kernels(gate) else K.swiglu_ref)(gate, up)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return (K.attention if use_kernels(q) else K.attention_ref)(q, k, v, causal=causal, scale=scale)
+    return (K.attention if use_kernels(q) else K.attention_ref)(q, k, v, causal=causal, scale=scale, rows=rows)
 
 
 def decode_attention(
@@ -71,3 +106,77 @@ def decode_attention(
 ) -> torch.Tensor:
     fn = K.decode_attention if use_kernels(q) else K.decode_attention_ref
     return fn(q, k_cache, v_cache, seqlens, rows=rows)
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """cuBLAS x @ weight.T (an 8-bit weight widened to x's dtype first, then scaled per output channel)."""
+    if scale is None:
+        return torch.nn.functional.linear(x, weight)
+    return (torch.nn.functional.linear(x, weight.to(x.dtype)) * scale).to(x.dtype)
+
+
+def _fused(
+    kind: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    triton_fn: Callable[[], torch.Tensor],
+    cublas_fn: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if rows > K.GEMV_MAX_M:
+        return cublas_fn()
+    key = (kind, str(x.device), x.dtype, weight.dtype, rows, *weight.shape)
+    pick = gemv_choice.choose(key, x.device, {"triton": triton_fn, "cublas": cublas_fn})
+    return triton_fn() if pick == "triton" else cublas_fn()
+
+
+def norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, *, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """rms_norm(x, norm_weight, eps) @ weight.T (the qkv, gate_up and lm_head products)."""
+    if not use_kernels(x):
+        return K.gemv_ref(x, weight, scale=scale, norm_weight=norm_weight, eps=eps)
+    return _fused(
+        "norm", x, weight,
+        lambda: K.gemv(x, weight, scale=scale, norm_weight=norm_weight, eps=eps),
+        lambda: _matmul(K.rms_norm(x, norm_weight, eps), weight, scale),
+    )
+
+
+def swiglu_linear(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """silu(gate) * up @ weight.T (+ residual), gate and up the two halves of `gate_up`'s last dim (down)."""
+    if not use_kernels(gate_up):
+        return K.gemv_ref(gate_up, weight, scale=scale, swiglu=True, residual=residual)
+
+    def cublas() -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = _matmul(K.swiglu(gate, up), weight, scale)
+        return y if residual is None else residual + y
+
+    return _fused("swiglu" if residual is None else "swiglu+res", gate_up, weight,
+                  lambda: K.gemv(gate_up, weight, scale=scale, swiglu=True, residual=residual), cublas)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ weight.T (+ residual) (the o projection)."""
+    if not use_kernels(x):
+        return K.gemv_ref(x, weight, scale=scale, residual=residual)
+
+    def cublas() -> torch.Tensor:
+        y = _matmul(x, weight, scale)
+        return y if residual is None else residual + y
+
+    return _fused("plain" if residual is None else "plain+res", x, weight,
+                  lambda: K.gemv(x, weight, scale=scale, residual=residual), cublas)

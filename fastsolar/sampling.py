@@ -15,6 +15,11 @@ fewer than that many tokens have been chosen. The count is a device-side step co
 advances on every call while the ban is on (the prefill's pick is step 0), so the ban lifts inside a
 captured graph too, without a host sync (CPU-tested through graphs.py's static-buffer path; capture
 itself is unverified on hardware, as all of fastsolar/graphs.py).
+
+Its device state is explicit: `state_tensors()` (the parameter buffers, the seen mask and the EOS-ban
+state) and `generator`; `snapshot()` / `restore(snap)` copy them out and back (a graph step's warm-up runs
+the sampler for real and must leave no trace), and `generators()` names the generator a CUDA graph must
+register.
 """
 from __future__ import annotations
 
@@ -172,12 +177,20 @@ def process_logits(
         return scores
     scores = _div(scores, params.divisor[:, None], params.inv_divisor[:, None])
     neg_inf = scores.new_full((), float("-inf"))  # a device fill: a host tensor copy would break graph capture
+    if not (params.use_top_k or params.use_top_p):
+        return scores
+    # One descending sort serves both warpers: top-k reads its k-th value from it, and top-p's ascending
+    # order (transformers sorts again) is the same sort reversed, with top-k's cut applied to the values.
+    # Only the order among exactly equal values can differ from a second sort, which changes nothing:
+    # equal scores get equal probabilities, and -inf ones are removed either way.
+    sorted_desc, idx_desc = scores.sort(dim=-1, descending=True)
     if params.use_top_k:
         # The k-th largest value, per row (transformers: torch.topk(scores, k)[0][..., -1]).
-        kth = scores.sort(dim=-1, descending=True).values.gather(1, (params.top_k - 1)[:, None])
+        kth = sorted_desc.gather(1, (params.top_k - 1)[:, None])
         scores = torch.where(scores < kth, neg_inf, scores)
+        sorted_desc = torch.where(sorted_desc < kth, neg_inf, sorted_desc)
     if params.use_top_p:
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        sorted_logits, sorted_idx = sorted_desc.flip(-1), idx_desc.flip(-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= params.top_p_threshold[:, None]
         remove[:, -1] = False
@@ -207,6 +220,27 @@ class Sampler:
     def mode(self) -> tuple[bool, ...]:
         """Host flags fixing which stages `__call__` runs; part of any captured graph's identity."""
         return (*self.params.mode, self.suppress_eos)
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every device tensor the sampler reads or writes when called."""
+        p = self.params
+        return (p.temperature, p.divisor, p.inv_divisor, p.top_k, p.top_p_threshold, p.penalty, p.inv_penalty,
+                self.seen, self.eos_mask, self.min_new_tokens, self.step)
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.generator]
+
+    def snapshot(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Copies of the device state and the generator's state, for `restore`."""
+        return tuple(t.clone() for t in self.state_tensors()), self.generator.get_state()
+
+    def restore(self, snapshot: tuple[tuple[torch.Tensor, ...], torch.Tensor]) -> None:
+        """Put back what `snapshot` copied, in place (captured graphs keep reading the same buffers)."""
+        tensors, generator_state = snapshot
+        with torch.inference_mode():  # in-place writes allowed on normal and inference tensors alike
+            for live, saved in zip(self.state_tensors(), tensors):
+                live.copy_(saved)
+        self.generator.set_state(generator_state)
 
     def reset(
         self,

@@ -2,17 +2,23 @@
 
     rms_norm(x, weight, eps) -> y                     add_rms_norm(x, residual, weight, eps) -> (y, h)
     apply_rotary(q, k, positions, theta) -> (q, k)    swiglu(gate, up) -> silu(gate) * up
-    attention(q, k, v, *, causal=True, scale=None)    decode_attention(q, k_cache, v_cache, seqlens, *, scale=None)
+    rotary_cache_write(q, k, v, positions, theta, k_cache, v_cache, *, rows=None) -> q rotated (k, v into the cache)
+    attention(q, k, v, *, causal=True, scale=None, rows=None)
+    decode_attention(q, k_cache, v_cache, seqlens, *, rows=None, scale=None)
+    gemv(x, weight, *, scale=None, norm_weight=None, eps=1e-6, swiglu=False, residual=None) -> y  (1..8 rows)
 
 Every op has a `*_ref` torch twin that the tests and benchmarks compare against.
 """
 from .attention import attention, attention_ref
 from .decode_attention import decode_attention, decode_attention_ref
+from .gemv import MAX_M as GEMV_MAX_M
+from .gemv import gemv, gemv_ref
 from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
-from .rotary import apply_rotary, apply_rotary_ref
+from .rotary import apply_rotary, apply_rotary_ref, rotary_cache_write, rotary_cache_write_ref
 from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
-    "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "attention", "attention_ref",
-    "decode_attention", "decode_attention_ref", "rms_norm", "rms_norm_ref", "swiglu", "swiglu_ref",
+    "GEMV_MAX_M", "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "attention", "attention_ref",
+    "decode_attention", "decode_attention_ref", "gemv", "gemv_ref", "rms_norm", "rms_norm_ref", "rotary_cache_write",
+    "rotary_cache_write_ref", "swiglu", "swiglu_ref",
 ]

@@ -24,13 +24,18 @@ some rows. A masked score gives p = 0, but 0 * NaN (and 0 * Inf) in p @ v is sti
 in a V row hidden from query row i reaches row i anyway: in the kernel whenever that V row lies in a
 BLOCK_N tile that row i's program loads, in attention_ref (whose p @ v spans all of seq_k) always.
 
-Grid: (cdiv(seq_q, BLOCK_M), batch * n_heads), M-blocks fastest so that programs running together
-share one (batch, head)'s K/V in L2. CUDA caps grid axis 1 at 65535, so batch * n_heads may not
-exceed it (the launcher raises ValueError; the interpreter would not notice).
+Grid: (batch * n_heads, cdiv(seq_q, BLOCK_M)), heads fastest. Programs are launched in that order, so
+(a) the query heads of one GQA group (adjacent h) run side by side over the same K/V tiles, which they
+then share through L2 instead of each pulling them from memory, and (b) with a causal mask the M-blocks
+are walked last-first: the heaviest blocks (the ones that see the most keys) start first and the light
+ones fill the tail of the wave. CUDA caps grid axis 1 at 65535 M-blocks (the launcher raises ValueError
+past it; the interpreter would not notice).
+
+Tiles (attention_launch_config): on sm_90 (H100/H200, 227 KiB of shared memory per block) d <= 128 runs
+BLOCK_M = BLOCK_N = 128 with 3 stages: Q 32 KiB + 3 x (K 32 KiB + V 32 KiB) = 224 KiB, no spills
+(tests/test_compile.py checks); sm_80 keeps BLOCK_N = 64, 3 stages (128 KiB of its 164 KiB).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -112,30 +117,40 @@ def _attn_fwd_block(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O,  # q [B, Sq, H, D], k/v [B, Sk, Hkv, D], o [B, Sq, H, D]; last dim contiguous
+    Q, K, V, O,  # q [B, Sq, H, D], k/v [B or kv_rows, Sk, Hkv, D], o [B, Sq, H, D]; last dim contiguous
+    ROWS,  # int32/int64 [B]: the k/v row of each batch row (only read when HAS_ROWS)
     stride_qb, stride_qs, stride_qh,  # q strides (elements) for batch, sequence, head
     stride_kb, stride_ks, stride_kh,  # k strides
     stride_vb, stride_vs, stride_vh,  # v strides
     stride_ob, stride_os, stride_oh,  # o strides
     seq_q, seq_k,  # sequence lengths; any value >= 1
-    n_heads,  # query heads H; program_id(1) = b * H + h
+    n_heads,  # query heads H; program_id(0) = b * H + h
     group,  # H // Hkv: query heads sharing one kv head
     qk_scale,  # softmax scale * log2(e)
+    kv_rows,  # rows of k/v; the row map is clamped to [0, kv_rows)
     HEAD_DIM: tl.constexpr,  # true head dim D
     BLOCK_D: tl.constexpr,  # D padded to a power of two (>= 16) for tl.arange/tl.dot
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner-loop step
     CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
+    HAS_ROWS: tl.constexpr,  # read k/v row ROWS[b] instead of row b
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m  # heaviest (latest) query blocks first
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_g = off_h // group
+    if HAS_ROWS:
+        kv_b = tl.load(ROWS + off_b).to(tl.int64)
+        kv_b = tl.minimum(tl.maximum(kv_b, 0), kv_rows - 1)
+    else:
+        kv_b = off_b.to(tl.int64)
     # Batch/head offsets in int64: a KV cache of B * S * Hkv * D elements can pass 2**31.
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_g.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_g.to(tl.int64) * stride_vh
+    k_base = K + kv_b * stride_kb + off_g.to(tl.int64) * stride_kh
+    v_base = V + kv_b * stride_vb + off_g.to(tl.int64) * stride_vh
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -209,11 +224,15 @@ def attention_launch_config(
             block_m, block_n, warps, stages = 16, 16, 8, 2
         else:
             block_m, block_n, warps, stages = 16, 16, 4, 2
+    elif block_d <= 128 and tuple(capability) >= (9, 0):
+        # sm_90: 128-key tiles halve the loop trips and feed wgmma a 128-wide N; Q 32 KiB + 3 stages of
+        # K and V (32 KiB each) = 224 KiB of the 227 KiB a block may have.
+        block_m, block_n, warps, stages = 128, 128, 8, 3
     elif block_d <= 128:
         # d=128: the 128x128 fp32 accumulator over 8 warps is 64 registers/thread (~180 in all on
         # sm_90, no spills); Q 32 KiB + 3 stages of K and V (16 KiB each) = 128 KiB shared memory:
-        # fits sm_80 (164 KiB) and sm_90 (227 KiB). d<=64 keeps 8 warps too: at 4 warps the
-        # 128x64 score tile plus accumulator reach 255 registers and spill on sm_80.
+        # fits sm_80 (164 KiB). d<=64 keeps 8 warps too: at 4 warps the 128x64 score tile plus
+        # accumulator reach 255 registers and spill on sm_80.
         block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
         # d=256: a 64x256 accumulator over 8 warps is again 64 registers/thread; 32-key tiles keep
@@ -233,6 +252,7 @@ def attention(
     *,
     causal: bool = True,
     scale: float | None = None,
+    rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q over k/v with grouped-query heads; returns o shaped like q.
@@ -241,6 +261,9 @@ def attention(
     n_heads % n_kv_heads == 0. Strided views are fine as long as the last dim is contiguous.
     causal=True masks key j for query i when j > i + seq_k - seq_q (bottom-right aligned).
     scale (a finite Python number) defaults to head_dim ** -0.5. `out` (optional) receives the result.
+    rows (optional, int32/int64 [batch]): batch row b attends over row rows[b] of k/v, which may then
+    hold any number of rows (a prefill reading its keys straight out of a KV cache through a serving
+    engine's row map); values are clamped into range, not checked (that would sync).
     K and V must be finite below seq_k, also where the causal mask hides them (module docstring).
     batch * n_heads must be at most 65535 (CUDA's limit on grid axis 1).
     """
@@ -254,8 +277,17 @@ def attention(
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     kb, seq_k, n_kv_heads, kd = k.shape
-    if kb != batch:
-        raise ValueError(f"k batch {kb} != q batch {batch}")
+    if rows is None and kb != batch:
+        raise ValueError(f"k batch {kb} != q batch {batch} (pass rows= to map batch rows onto k/v rows)")
+    if rows is not None:
+        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
+        check_same_device(q=q, rows=rows)
+        if rows.shape[0] != batch:
+            raise ValueError(f"rows must have shape [{batch}] (one k/v row per batch row), got {tuple(rows.shape)}")
+        if kb == 0:
+            raise ValueError(f"empty attention: k {tuple(k.shape)} has no rows")
+        if rows.stride(0) != 1 and batch > 1:
+            rows = rows.contiguous()
     if kd != head_dim:
         raise ValueError(f"k head_dim {kd} != q head_dim {head_dim}")
     if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
@@ -265,20 +297,21 @@ def attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
     # Grid axis 1 enumerates (batch, head); it stays axis 1 so M-blocks of one head run together.
-    check_grid_dim("batch * n_heads", batch * n_heads, axis=1)
+    check_grid_dim("batch * n_heads", batch * n_heads, axis=0)
     scale = head_dim ** -0.5 if scale is None else check_scalar("scale", scale)
     out = output_like(q, out)
 
     cfg = attention_launch_config(head_dim, q.dtype, device_properties(q.device)[0])
-    grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * n_heads)
+    check_grid_dim(f"query blocks of {cfg['BLOCK_M']} rows", triton.cdiv(seq_q, cfg["BLOCK_M"]), axis=1)
+    grid = (batch * n_heads, triton.cdiv(seq_q, cfg["BLOCK_M"]))
     _attn_fwd_kernel[grid](
-        q, k, v, out,
+        q, k, v, out, rows if rows is not None else q,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq_q, seq_k, n_heads, n_heads // n_kv_heads, scale * LOG2E,
-        CAUSAL=bool(causal), **cfg,
+        seq_q, seq_k, n_heads, n_heads // n_kv_heads, scale * LOG2E, kb,
+        CAUSAL=bool(causal), HAS_ROWS=rows is not None, **cfg,
     )
     return out
 
@@ -290,11 +323,16 @@ def attention_ref(
     *,
     causal: bool = True,
     scale: float | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain torch attention: repeated K/V, explicit scores in fp32 (fp64 for fp64 inputs).
 
-    Bottom-right causal mask; rows that see no key give 0. Output in q's dtype.
+    Bottom-right causal mask; rows that see no key give 0. Output in q's dtype. With `rows`, batch row b
+    reads k/v row rows[b] (gathered, clamped into range as the kernel does).
     """
+    if rows is not None:
+        rows = rows.to(k.device).long().clamp(0, k.shape[0] - 1)
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
     batch, seq_q, n_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     if scale is None:

@@ -1,4 +1,4 @@
-"""Decode attention (one new query per sequence) over a padded KV cache, flash-decoding style.
+"""Decode attention (one new query per sequence) over a padded KV cache, flash-decoding in one launch.
 
 Math, per batch b and query head h (kv head g = h // GROUP, GROUP = n_heads // n_kv_heads),
 with n = seqlens[b] valid cache positions (the new token already written at n - 1):
@@ -6,24 +6,30 @@ with n = seqlens[b] valid cache positions (the new token already written at n - 
     t[j]   = scale * log2(e) * <q[b, h, :], k_cache[b, j, g, :]>       for 0 <= j < n
     o[b, h, :] = sum_j exp2(t[j] - max t) * v_cache[b, j, g, :] / sum_j exp2(t[j] - max t)
 
-Pass 1 (`_decode_split_kernel`, grid (batch * n_kv_heads, NUM_SPLITS)) splits the cache's sequence
-axis into NUM_SPLITS chunks of CHUNK positions. A program handles every query head of one kv group
-(a [GROUP, BLOCK_N] score tile), so each K/V element is read from memory once per group, and
-writes, per head and split s, the partial results over its positions J_s in fp32:
+Grid (batch * n_kv_heads, MAX_SPLITS). A program handles every query head of one kv group (a [GROUP,
+BLOCK_N] score tile), so each K/V element is read from memory once per group. The sequence axis of row
+b is cut at run time, on the device, from the row's own length: its n positions make cdiv(n, BLOCK_N)
+blocks, dealt to S = min(MAX_SPLITS, blocks) splits of the same number of blocks (empty trailing splits
+dropped); programs with a split index >= S exit at once. So a 512-token row in a 4096-slot cache keeps all
+its splits busy, and nothing about the launch depends on the values in seqlens (CUDA-graph safe).
+
+With S == 1 the program normalises and writes o directly. Otherwise split s writes its partials over its
+positions J_s in fp32,
 
     m_s = max_{j in J_s} t[j],   l_s = sum_{j in J_s} exp2(t[j] - m_s),
     acc_s = sum_{j in J_s} exp2(t[j] - m_s) * v[j]
 
-(an empty J_s -- a chunk starting at or past seqlens[b] -- gives m_s = -inf, l_s = 0, acc_s = 0).
-Pass 2 (`_decode_reduce_kernel`, grid (batch * n_heads,)) combines the splits:
+and takes a ticket from the (b, g) counter of a preallocated workspace (kernels/_workspace.py); the S-th
+arrival combines, per head of the group,
 
     M = max_s m_s,  w_s = exp2(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s
 
-NUM_SPLITS and CHUNK depend only on shapes (batch, max_seq, n_kv_heads) and the GPU's SM count,
-never on the values in seqlens, so the launch is CUDA-graph safe (no host sync, no .item()).
-Positions at or beyond seqlens[b] are never read (masked loads), so garbage/NaN there cannot leak.
-seqlens[b] == 0 is not allowed by callers; such a row gets output exactly 0 (finite, no crash).
-seqlens[b] is clamped to [0, max_seq]: above max_seq acts as max_seq, below 0 as 0.
+and resets the counter, so there is no second launch and nothing to allocate per call.
+
+MAX_SPLITS depends only on shapes (batch, max_seq, n_kv_heads) and the GPU's SM count: about one wave of
+programs when the row is long. Positions at or beyond seqlens[b] are never read (masked loads), so
+garbage/NaN there cannot leak. seqlens[b] == 0 is not allowed by callers; such a row gets output exactly 0
+(finite, no crash). seqlens[b] is clamped to [0, max_seq].
 
 Cache rows: by default query row b reads cache row b. With `rows` (a serving engine whose requests
 occupy arbitrary rows of one static cache), query row b reads cache row rows[b] of a cache with at
@@ -31,9 +37,8 @@ least that many rows; the indirection is one scalar load per program, so it cost
 map is a device tensor, so a captured graph replays correctly whatever rows hold. Values outside
 [0, cache rows) are clamped into range (a bad map reads the wrong row, never out of bounds).
 
-Grid axes: pass 1 is (batch * n_kv_heads, NUM_SPLITS <= MAX_SPLITS), pass 2 (batch * n_heads,);
-axis 0 allows 2**31 - 1 programs and axis 1 stays far below CUDA's 65535, so no shape can
-overflow them (the launcher still checks axis 0).
+Grid axes: axis 0 allows 2**31 - 1 programs and axis 1 (<= MAX_SPLITS) stays far below CUDA's 65535
+(the launcher still checks axis 0).
 """
 from __future__ import annotations
 
@@ -52,33 +57,37 @@ from ._common import (
     device_properties,
     output_like,
 )
+from ._workspace import arrive_last, workspace
 from .attention import LOG2E, _block_d, _mma
 
 MAX_SPLITS = 64
 
 
 @triton.jit
-def _decode_split_kernel(
+def _decode_kernel(
     Q,  # q [B, H, D], last dim contiguous
-    K, V,  # caches [B, MAXS, Hkv, D], last dim contiguous
+    K, V,  # caches [rows, MAXS, Hkv, D], last dim contiguous
+    O,  # o [B, H, D], last dim contiguous
     SEQLENS,  # int32 [B]: valid cache positions per row
     ROWS,  # int32/int64 [B]: cache row of each query row (only read when HAS_ROWS)
-    M_WS, L_WS,  # fp32 workspace [B, H, NUM_SPLITS], contiguous: per-split row max / sum (log2 domain)
-    ACC_WS,  # fp32 workspace [B, H, NUM_SPLITS, D], contiguous: per-split unnormalised output
+    M_WS, L_WS,  # fp32 workspace [B, H, MAX_SPLITS], contiguous: per-split row max / sum (log2 domain)
+    ACC_WS,  # fp32 workspace [B, H, MAX_SPLITS, D], contiguous: per-split unnormalised output
+    COUNTERS,  # int32 [B * Hkv], zero between launches: arrivals per (row, kv head)
     stride_qb, stride_qh,  # q strides (elements)
-    stride_kb, stride_ks, stride_kh,  # k_cache strides for batch, position, head
+    stride_kb, stride_ks, stride_kh,  # k_cache strides for row, position, head
     stride_vb, stride_vs, stride_vh,  # v_cache strides
+    stride_ob, stride_oh,  # o strides
     max_seq,  # cache capacity MAXS; seqlens are clamped to it
-    cache_rows,  # rows in the cache (>= B with HAS_ROWS); the row map is clamped to it
+    cache_rows,  # rows in the cache (>= B without HAS_ROWS); the row map is clamped to it
     n_kv_heads,  # Hkv; program_id(0) = b * Hkv + g
     group,  # H // Hkv query heads per kv head (<= BLOCK_G)
-    num_splits,  # NUM_SPLITS = grid dim 1
-    chunk,  # positions per split, a multiple of BLOCK_N
+    max_splits,  # MAX_SPLITS = grid dim 1
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,  # true head dim D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
     BLOCK_G: tl.constexpr,  # group padded to a power of two >= 16 (tl.dot needs M >= 16)
     BLOCK_N: tl.constexpr,  # cache positions per inner-loop step
+    BLOCK_S: tl.constexpr,  # MAX_SPLITS padded to a power of two: the combine's tile
     HAS_ROWS: tl.constexpr,  # read cache row ROWS[b] instead of row b
 ):
     pid_bg = tl.program_id(0)
@@ -86,93 +95,90 @@ def _decode_split_kernel(
     off_b = pid_bg // n_kv_heads
     off_g = pid_bg % n_kv_heads
     n_heads = n_kv_heads * group
-    if HAS_ROWS:
-        cache_b = tl.load(ROWS + off_b).to(tl.int64)
-        cache_b = tl.minimum(tl.maximum(cache_b, 0), cache_rows - 1)
-    else:
-        cache_b = off_b.to(tl.int64)
 
     seqlen = tl.load(SEQLENS + off_b)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), max_seq)  # never read past the cache, whatever the caller says
-    start = split * chunk
-    end = tl.minimum(start + chunk, seqlen)  # <= start for a split past seqlen: the loop does not run
+    # This row's split of its own length (module docstring): every program computes the same numbers.
+    n_blocks = tl.cdiv(seqlen, BLOCK_N)
+    n_splits = tl.maximum(tl.minimum(max_splits, n_blocks), 1)
+    per_split = tl.maximum(tl.cdiv(n_blocks, n_splits), 1)
+    n_splits = tl.maximum(tl.cdiv(n_blocks, per_split), 1)  # drop splits that rounding left empty
+    if split < n_splits:
+        if HAS_ROWS:
+            cache_b = tl.load(ROWS + off_b).to(tl.int64)
+            cache_b = tl.minimum(tl.maximum(cache_b, 0), cache_rows - 1)
+        else:
+            cache_b = off_b.to(tl.int64)
+        start = split * per_split * BLOCK_N
+        end = tl.minimum(start + per_split * BLOCK_N, seqlen)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < group
-    mask_d = offs_d < HEAD_DIM
-    heads = off_g * group + offs_g  # the query heads of this kv group
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < group
+        mask_d = offs_d < HEAD_DIM
+        heads = off_g * group + offs_g  # the query heads of this kv group
 
-    # Batch/head offsets in int64: a cache of B * MAXS * Hkv * D elements can exceed 2**31.
-    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-    # Scalar bases plus int32 tile offsets rebuilt each step: a loop-carried [BLOCK_N, BLOCK_D]
-    # tensor of 64-bit pointers would pin 2 registers per element and spill.
-    k_base = K + cache_b * stride_kb + off_g.to(tl.int64) * stride_kh
-    v_base = V + cache_b * stride_vb + off_g.to(tl.int64) * stride_vh
+        # Batch/head offsets in int64: a cache of B * MAXS * Hkv * D elements can exceed 2**31.
+        q = tl.load(Q + off_b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
+                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+        # Scalar bases plus int32 tile offsets rebuilt each step: a loop-carried [BLOCK_N, BLOCK_D]
+        # tensor of 64-bit pointers would pin 2 registers per element and spill.
+        k_base = K + cache_b * stride_kb + off_g.to(tl.int64) * stride_kh
+        v_base = V + cache_b * stride_vb + off_g.to(tl.int64) * stride_vh
 
-    # GROUP is 1..8 for Llama-family models, but tl.dot needs M >= 16, so the group axis is padded to
-    # BLOCK_G >= 16 with zero rows. Decode is bound by memory bandwidth (every K/V byte is used
-    # GROUP times at most), so the wasted tensor-core work is free, while the alternative --
-    # broadcast q[G, 1, D] * k[1, N, D] and sum over D -- materialises a [G, N, D] fp32 tile
-    # (4 x 64 x 128 = 128 registers/thread at 4 warps) and spills.
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        pos = start_n + offs_n
-        valid = pos < end
-        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-        qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)) * qk_scale
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        # Every step has >= 1 valid position, so m_new is finite: no -inf - -inf here.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        # GROUP is 1..8 for Llama-family models, but tl.dot needs M >= 16, so the group axis is padded to
+        # BLOCK_G >= 16 with zero rows. Decode is bound by memory bandwidth (every K/V byte is used
+        # GROUP times at most), so the wasted tensor-core work is free, while the alternative --
+        # broadcast q[G, 1, D] * k[1, N, D] and sum over D -- materialises a [G, N, D] fp32 tile
+        # (4 x 64 x 128 = 128 registers/thread at 4 warps) and spills.
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for start_n in range(start, end, BLOCK_N):
+            pos = start_n + offs_n
+            valid = pos < end
+            k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
+                        other=0.0)
+            qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)) * qk_scale
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+            # Every step has >= 1 valid position, so m_new is finite: no -inf - -inf here.
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
+                        other=0.0)
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
 
-    # Workspace rows are (b * H + head) * NUM_SPLITS + split.
-    row = (off_b * n_heads + heads).to(tl.int64) * num_splits + split
-    tl.store(M_WS + row, m_i, mask=mask_g)
-    tl.store(L_WS + row, l_i, mask=mask_g)
-    tl.store(ACC_WS + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    M_WS, L_WS, ACC_WS,  # fp32 workspaces written by _decode_split_kernel
-    O,  # o [B, H, D], last dim contiguous
-    stride_ob, stride_oh,  # o strides (elements)
-    n_heads,  # H; program_id(0) = b * H + h
-    num_splits,  # NUM_SPLITS (<= BLOCK_S)
-    HEAD_DIM: tl.constexpr,  # true head dim D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two
-    BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
-):
-    pid = tl.program_id(0)
-    off_b = pid // n_heads
-    off_h = pid % n_heads
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_splits
-    mask_d = offs_d < HEAD_DIM
-    row = pid.to(tl.int64) * num_splits + offs_s
-    m = tl.load(M_WS + row, mask=mask_s, other=float("-inf"))
-    l = tl.load(L_WS + row, mask=mask_s, other=0.0)
-    acc = tl.load(ACC_WS + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    m_max = tl.max(m, 0)
-    # Every split empty (seqlen 0): shift by 0 so the weights are exp2(-inf) = 0, not NaN.
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_max)  # 0 for empty splits
-    l_sum = tl.sum(w * l, 0)
-    o = tl.sum(w[:, None] * acc, 0)
-    o = o / tl.where(l_sum == 0.0, 1.0, l_sum)
-    tl.store(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + offs_d,
-             o.to(O.dtype.element_ty), mask=mask_d)
+        o_rows = O + off_b.to(tl.int64) * stride_ob + heads.to(tl.int64) * stride_oh
+        if n_splits == 1:
+            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # seqlen 0: l = 0, acc = 0 -> o = 0
+            tl.store(o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty),
+                     mask=mask_g[:, None] & mask_d[None, :])
+        else:
+            # Workspace rows are (b * H + head) * MAX_SPLITS + split.
+            ws_heads = (off_b * n_heads + heads).to(tl.int64) * max_splits
+            tl.store(M_WS + ws_heads + split, m_i, mask=mask_g)
+            tl.store(L_WS + ws_heads + split, l_i, mask=mask_g)
+            tl.store(ACC_WS + (ws_heads + split)[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                     mask=mask_g[:, None] & mask_d[None, :])
+            if arrive_last(COUNTERS + pid_bg, n_splits):
+                offs_s = tl.arange(0, BLOCK_S)
+                mask_s = offs_s < n_splits
+                for i in range(0, group):  # one [splits, D] tile per head of the group
+                    head = off_g * group + i
+                    ws = (off_b * n_heads + head).to(tl.int64) * max_splits + offs_s
+                    m = tl.load(M_WS + ws, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+                    l = tl.load(L_WS + ws, mask=mask_s, other=0.0, cache_modifier=".cg")
+                    part = tl.load(ACC_WS + ws[:, None] * HEAD_DIM + offs_d[None, :],
+                                   mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+                    m_max = tl.max(m, 0)  # finite: split 0 holds >= 1 position when n_splits > 1
+                    w = tl.math.exp2(m - m_max)  # 0 for the masked splits
+                    o = tl.sum(w[:, None] * part, 0) / tl.sum(w * l, 0)
+                    tl.store(O + off_b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_d,
+                             o.to(O.dtype.element_ty), mask=mask_d)
 
 
 def decode_attention_launch_config(
@@ -185,11 +191,11 @@ def decode_attention_launch_config(
     capability: tuple[int, int] = DEFAULT_CAPABILITY,
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> dict:
-    """Launch settings for `_decode_split_kernel`, from shapes only (never from seqlens values).
+    """Launch settings for `_decode_kernel`, from shapes only (never from seqlens values).
 
-    Upper-case keys are the kernel's tl.constexpr parameters ({"HEAD_DIM", "BLOCK_D", "BLOCK_G",
-    "BLOCK_N"}) plus "num_warps"/"num_stages"; lower-case "num_splits" (grid dim 1) and "chunk"
-    (positions per split) are runtime launch values.
+    Upper-case keys are the kernel's tl.constexpr parameters ({"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N",
+    "BLOCK_S"}) plus "num_warps"/"num_stages"; lower-case "max_splits" (grid dim 1, the most splits a row of
+    max_seq positions is cut into; the kernel cuts each row by its own length) is a runtime launch value.
     """
     block_d = _block_d("decode_attention", head_dim)
     if n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
@@ -203,25 +209,15 @@ def decode_attention_launch_config(
         block_n = 64  # 64 x 128 fp16 = 16 KiB per K or V tile
     stages = 2 if tuple(capability) < (8, 0) else 3
     # Splits: enough programs for about one wave over the SMs when batch * n_kv_heads is small
-    # (batch 1, 8 kv heads on 132 SMs -> 16 splits = 128 programs), a power of two so chunks stay
-    # even, never more chunks than BLOCK_N-sized pieces of the cache.
+    # (batch 1, 8 kv heads on 132 SMs -> 16 splits = 128 programs), a power of two, never more splits
+    # than BLOCK_N-sized pieces of the cache.
     programs = max(1, batch * n_kv_heads)
     want = max(1, num_sms // programs)
     splits = 1 << (want.bit_length() - 1)
     splits = max(1, min(splits, MAX_SPLITS, triton.cdiv(max_seq, block_n)))
-    chunk = triton.cdiv(triton.cdiv(max_seq, splits), block_n) * block_n
-    splits = triton.cdiv(max_seq, chunk)  # drop splits that rounding left without positions
-    return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_G": block_g, "BLOCK_N": block_n,
-            "num_warps": 4, "num_stages": stages, "num_splits": splits, "chunk": chunk}
-
-
-def decode_attention_reduce_launch_config(num_splits: int, head_dim: int) -> dict:
-    """Launch settings for `_decode_reduce_kernel`: {"HEAD_DIM", "BLOCK_D", "BLOCK_S", "num_warps", "num_stages"}."""
-    block_s = max(2, triton.next_power_of_2(num_splits))
-    block_d = _block_d("decode_attention", head_dim)
-    # About 32 fp32 accumulator elements per thread; the kernel is tiny and latency bound.
-    warps = max(1, min(8, block_s * block_d // (32 * 32)))
-    return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": block_s, "num_warps": warps, "num_stages": 1}
+    block_s = max(2, triton.next_power_of_2(splits))
+    return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_S": block_s,
+            "num_warps": 4, "num_stages": stages, "max_splits": splits}
 
 
 def decode_attention(
@@ -275,33 +271,29 @@ def decode_attention(
         seqlens = seqlens.contiguous()
     if rows is not None and rows.stride(0) != 1 and batch > 1:
         rows = rows.contiguous()
-    check_grid_dim("batch * n_heads", batch * n_heads, axis=0)  # the larger axis-0 extent of the two passes
+    check_grid_dim("batch * n_kv_heads", batch * n_kv_heads, axis=0)
     scale = head_dim ** -0.5 if scale is None else check_scalar("scale", scale)
     out = output_like(q, out)
 
     capability, num_sms = device_properties(q.device)
     # n_heads % n_kv_heads is checked here, so the error names the tensors' head counts.
     cfg = decode_attention_launch_config(batch, max_seq, n_heads, n_kv_heads, head_dim, q.dtype, capability, num_sms)
-    num_splits, chunk = cfg.pop("num_splits"), cfg.pop("chunk")
-    # Fully overwritten by the split kernel (every head x split is stored), so empty() is safe.
-    m_ws = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
-    l_ws = torch.empty_like(m_ws)
-    acc_ws = torch.empty((batch, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    max_splits = cfg.pop("max_splits")
+    # Made once per shape and device (kernels/_workspace.py): partials are written before they are read,
+    # the counters are zero between launches.
+    m_ws = workspace("decode_attention.m", (batch, n_heads, max_splits), torch.float32, q.device)
+    l_ws = workspace("decode_attention.l", (batch, n_heads, max_splits), torch.float32, q.device)
+    acc_ws = workspace("decode_attention.acc", (batch, n_heads, max_splits, head_dim), torch.float32, q.device)
+    counters = workspace("decode_attention.counters", (batch * n_kv_heads,), torch.int32, q.device)
 
-    _decode_split_kernel[(batch * n_kv_heads, num_splits)](
-        q, k_cache, v_cache, seqlens, rows if rows is not None else seqlens, m_ws, l_ws, acc_ws,
+    _decode_kernel[(batch * n_kv_heads, max_splits)](
+        q, k_cache, v_cache, out, seqlens, rows if rows is not None else seqlens, m_ws, l_ws, acc_ws, counters,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        max_seq, cb, n_kv_heads, n_heads // n_kv_heads, num_splits, chunk, scale * LOG2E,
-        HAS_ROWS=rows is not None, **cfg,
-    )
-    rcfg = decode_attention_reduce_launch_config(num_splits, head_dim)
-    _decode_reduce_kernel[(batch * n_heads,)](
-        m_ws, l_ws, acc_ws, out,
         out.stride(0), out.stride(1),
-        n_heads, num_splits,
-        **rcfg,
+        max_seq, cb, n_kv_heads, n_heads // n_kv_heads, max_splits, scale * LOG2E,
+        HAS_ROWS=rows is not None, **cfg,
     )
     return out
 

@@ -36,6 +36,19 @@ itself rounds and the error jumps to ~1e-2, so the bound keeps a 2x margin.
 Grid: (seq, q-head blocks + k-head blocks, batch). A program handles BLOCK_H heads of one token;
 programs whose head-block index is past the q blocks rotate k, so q and k share one launch and
 one position load per program.
+
+`rotary_cache_write` fuses the KV-cache write into the same launch (decode and prefill): the k-block
+programs rotate k and store it, together with the matching heads of v, straight into the cache slot
+of their token, and the q-block programs write rotated q to its own output:
+
+    q_out[b, t]                       = rotate(q[b, t], positions[b, t])
+    k_cache[rows[b], positions[b, t]] = rotate(k[b, t], positions[b, t])
+    v_cache[rows[b], positions[b, t]] = v[b, t]
+
+rows (a device tensor, default b) is the serving engine's cache-row map. A token whose position lies
+outside [0, max_seq), or whose row lies outside the cache, writes nothing to the cache (a bad map or
+position never writes out of bounds, and never into another row): nothing is checked on the host,
+since that would sync and break CUDA-graph capture.
 """
 from __future__ import annotations
 
@@ -43,7 +56,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_grid_dim, check_same_device, check_scalar, check_tensor, output_like
+from ._common import (
+    check_grid_dim,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    output_like,
+)
 from ._rounding import cast_rtne
 
 MAX_HEAD_DIM = 256
@@ -151,6 +171,74 @@ def _rotary_kernel(
         )
 
 
+@triton.jit
+def _rotary_cache_kernel(
+    q_ptr,  # *T, q [b, s, n_heads, d], last dim contiguous (a view into fused qkv)
+    k_ptr,  # *T, k [b, s, n_kv_heads, d], last dim contiguous
+    v_ptr,  # *T, v [b, s, n_kv_heads, d], last dim contiguous
+    qo_ptr,  # *T, rotated q output [b, s, n_heads, d]
+    kc_ptr,  # *T, k cache [cache_rows, max_seq, n_kv_heads, d], last dim contiguous
+    vc_ptr,  # *T, v cache, same shape
+    pos_ptr,  # *int32|int64, positions [b, s]: the rotation angle and the cache slot
+    rows_ptr,  # *int32|int64, [b] cache row of each batch row (only read when HAS_ROWS)
+    inv_freq_ptr,  # *fp32, [HALF] inverse frequencies computed by torch
+    stride_qb, stride_qs, stride_qh,  # q strides (elements) for batch, seq, head
+    stride_kb, stride_ks, stride_kh,  # k strides
+    stride_vb, stride_vs, stride_vh,  # v strides
+    stride_qob, stride_qos, stride_qoh,  # q output strides
+    stride_kcb, stride_kcs, stride_kch,  # k cache strides for row, position, head
+    stride_vcb, stride_vcs, stride_vch,  # v cache strides
+    stride_pb, stride_ps,  # positions strides
+    n_heads,  # q heads
+    n_kv_heads,  # k / v heads
+    n_q_blocks,  # cdiv(n_heads, BLOCK_H): head-block index where k starts
+    cache_rows,  # rows in the cache
+    max_seq,  # cache positions per row
+    HALF: tl.constexpr,  # head_dim // 2
+    BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
+    BLOCK_H: tl.constexpr,  # heads per program
+    HAS_ROWS: tl.constexpr,  # map batch row b onto cache row ROWS[b]
+):
+    s = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    pos_i = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
+    cols = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(inv_freq_ptr + cols, mask=cols < HALF, other=0.0)
+    angle = (pos_i.to(tl.float32) * inv_freq)[None, :]
+    sin, cos = _sincos(angle)
+
+    if hb < n_q_blocks:
+        _rotate_heads(
+            q_ptr + b * stride_qb + s * stride_qs, qo_ptr + b * stride_qob + s * stride_qos,
+            stride_qh, stride_qoh, hb * BLOCK_H, n_heads, cos, sin,
+            HALF, BLOCK_HALF, BLOCK_H,
+        )
+    else:
+        if HAS_ROWS:
+            row = tl.load(rows_ptr + b).to(tl.int64)
+        else:
+            row = b
+        slot = pos_i.to(tl.int64)
+        # Out-of-range slots write nothing: the store mask is all false (one scalar test per program).
+        n_valid = tl.where((row >= 0) & (row < cache_rows) & (slot >= 0) & (slot < max_seq), n_kv_heads, 0)
+        row = tl.minimum(tl.maximum(row, 0), cache_rows - 1)  # keep even masked addresses in bounds
+        slot = tl.minimum(tl.maximum(slot, 0), max_seq - 1)
+        head0 = (hb - n_q_blocks) * BLOCK_H
+        _rotate_heads(
+            k_ptr + b * stride_kb + s * stride_ks, kc_ptr + row * stride_kcb + slot * stride_kcs,
+            stride_kh, stride_kch, head0, n_valid, cos, sin,
+            HALF, BLOCK_HALF, BLOCK_H,
+        )
+        # v is copied unrotated: the same heads, the same slot.
+        heads = head0 + tl.arange(0, BLOCK_H)[:, None]
+        full = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (heads < n_valid) & (full < 2 * HALF)
+        v = tl.load(v_ptr + b * stride_vb + s * stride_vs + heads * stride_vh + full, mask=mask)
+        tl.store(vc_ptr + row * stride_vcb + slot * stride_vcs + heads * stride_vch + full, v, mask=mask)
+
+
 def rotary_launch_config(n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, int]:
     """Constexprs and warps for apply_rotary (pure; used by the compile check).
 
@@ -249,6 +337,89 @@ def apply_rotary(
     return q_out, k_out
 
 
+def rotary_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotate q and k by `positions` and write rotated k and v into the cache, in one launch; returns rotated q.
+
+    q [b, s, n_heads, d], k and v [b, s, n_kv_heads, d] (views of a fused qkv projection are fine, last dim
+    contiguous), positions int32/int64 [b, s]; k_cache / v_cache [cache_rows, max_seq, n_kv_heads, d] (one
+    layer's cache, last dim contiguous). Token (i, t) goes to cache slot (rows[i], positions[i, t]); rows
+    (int32/int64 [b], default 0..b-1, which then needs cache_rows >= b) is not checked on the host: a row or
+    position out of range writes nothing (module docstring). `q_out` optionally receives rotated q.
+    """
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    check_tensor("k_cache", k_cache, ndim=4)
+    check_tensor("v_cache", v_cache, ndim=4)
+    check_tensor("positions", positions, ndim=2, dtypes=(torch.int32, torch.int64))
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    b, s, n_heads, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
+        raise ValueError(f"k and v must both have shape [{b}, {s}, n_kv_heads, {d}] to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    n_kv_heads = k.shape[2]
+    if k_cache.shape != v_cache.shape or k_cache.shape[2] != n_kv_heads or k_cache.shape[3] != d:
+        raise ValueError(f"k_cache and v_cache must both have shape [rows, max_seq, {n_kv_heads}, {d}], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    cache_rows, max_seq = k_cache.shape[0], k_cache.shape[1]
+    if tuple(positions.shape) != (b, s):
+        raise ValueError(f"positions must have shape [{b}, {s}] (q's batch and seq), got {tuple(positions.shape)}")
+    if rows is None:
+        if cache_rows < b:
+            raise ValueError(f"the cache has {cache_rows} rows, fewer than the batch of {b} (pass rows= to map rows)")
+    else:
+        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
+        if rows.shape[0] != b:
+            raise ValueError(f"rows must have shape [{b}] (one cache row per batch row), got {tuple(rows.shape)}")
+    if cache_rows == 0 or max_seq == 0:
+        raise ValueError(f"empty cache: k_cache has shape {tuple(k_cache.shape)}")
+    cfg = rotary_launch_config(n_heads, n_kv_heads, d)  # checks head_dim
+    theta = check_scalar("theta", theta, positive=True)
+    extra = {"rows": rows} if rows is not None else {}
+    check_same_device(q=q, k=k, v=v, positions=positions, k_cache=k_cache, v_cache=v_cache, **extra)
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_last_dim_contiguous(name, t)
+    n_q_blocks = triton.cdiv(n_heads, cfg["BLOCK_H"])
+    n_k_blocks = triton.cdiv(n_kv_heads, cfg["BLOCK_H"])
+    check_grid_dim("seq", s, axis=0)
+    check_grid_dim("q + k head blocks", n_q_blocks + n_k_blocks, axis=1)
+    check_grid_dim("batch", b, axis=2)
+    q_out = output_like(q, q_out, "q_out")
+    if q.numel() == 0:
+        return q_out
+    if rows is not None and rows.stride(0) != 1 and b > 1:
+        rows = rows.contiguous()
+
+    inv_freq = rotary_inv_freq(theta, d, q.device)
+    _rotary_cache_kernel[(s, n_q_blocks + n_k_blocks, b)](
+        q, k, v, q_out, k_cache, v_cache, positions, rows if rows is not None else positions, inv_freq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        positions.stride(0), positions.stride(1),
+        n_heads, n_kv_heads, n_q_blocks, cache_rows, max_seq,
+        HALF=cfg["HALF"], BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_H=cfg["BLOCK_H"], HAS_ROWS=rows is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return q_out
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1 = x[..., : x.shape[-1] // 2]
     x2 = x[..., x.shape[-1] // 2 :]
@@ -275,4 +446,29 @@ def apply_rotary_ref(
     return q_embed, k_embed
 
 
-__all__ = ["apply_rotary", "apply_rotary_ref", "rotary_launch_config", "rotary_inv_freq"]
+def rotary_cache_write_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference for rotary_cache_write: apply_rotary_ref, then an indexed write of k and v into cache
+    slots (rows[i], positions[i, t]), graph-safe like the kernel (no host sync). Rows and positions must be in
+    range here (index_put raises on a CPU, asserts on a GPU); the kernel's skipping of bad slots is tested
+    against an explicit expectation instead."""
+    q_rot, k_rot = apply_rotary_ref(q, k, positions, theta)
+    b, s = positions.shape
+    row = torch.arange(b, device=q.device) if rows is None else rows.to(q.device).long()
+    slot = positions.to(q.device).long()
+    k_cache[row[:, None].expand(b, s), slot] = k_rot.to(k_cache.dtype)
+    v_cache[row[:, None].expand(b, s), slot] = v.to(v_cache.dtype)
+    return q_rot
+
+
+__all__ = ["apply_rotary", "apply_rotary_ref", "rotary_cache_write", "rotary_cache_write_ref", "rotary_launch_config",
+           "rotary_inv_freq"]

@@ -18,9 +18,9 @@ from fastsolar.kernels.attention import attention, attention_launch_config, atte
 from fastsolar.kernels.decode_attention import (
     decode_attention,
     decode_attention_launch_config,
-    decode_attention_reduce_launch_config,
     decode_attention_ref,
 )
+from fastsolar.kernels._workspace import workspace
 from helpers import DEVICE, assert_close, poison, randn
 
 # fastsolar.kernels re-exports the functions `attention` and `decode_attention`, which shadow the
@@ -154,7 +154,10 @@ def test_attention_launch_config_fits_hardware():
                 size = dtype.itemsize
                 need = size * cfg["BLOCK_D"] * (cfg["BLOCK_M"] + 2 * cfg["BLOCK_N"] * cfg["num_stages"])
                 assert need <= smem, (cap, dtype, d, cfg, need)
+    # sm_90: 128-key tiles, 3 stages = 224 KiB; sm_80 keeps 64-key tiles.
     assert attention_launch_config(128, torch.float16, (9, 0)) == {
+        "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    assert attention_launch_config(128, torch.bfloat16, (8, 0)) == {
         "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
@@ -237,37 +240,42 @@ def test_decode_attention_zero_seqlen_row_is_finite():
     assert_close(got[1], truth[1], baseline=decode_attention_ref(q, k, v, seqlens)[1])
 
 
-def test_decode_attention_poisoned_workspaces(monkeypatch):
-    """The split kernel must store m/l/acc for every (head, split), also for splits past seqlens[b]
-    (empty chunks) and for seqlens 0: the fp32 workspaces come from torch.empty, so here they are
-    NaN-filled and any slot the split kernel skips reaches the output as NaN."""
-    batch, max_seq, n_heads, n_kv_heads, head_dim = 3, 150, 4, 1, 64
-    lens = [150, 1, 0]  # all splits full / all but the first empty / all empty
+def _decode_workspaces(batch, n_heads, n_kv_heads, head_dim, max_splits):
+    """The preallocated workspaces decode_attention uses for this shape (kernels/_workspace.py)."""
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    return (workspace("decode_attention.m", (batch, n_heads, max_splits), **f32),
+            workspace("decode_attention.l", (batch, n_heads, max_splits), **f32),
+            workspace("decode_attention.acc", (batch, n_heads, max_splits, head_dim), **f32),
+            workspace("decode_attention.counters", (batch * n_kv_heads,), dtype=torch.int32, device=DEVICE))
+
+
+def test_decode_attention_one_launch_splits_by_row_length():
+    """One launch; each row is split by its own length, not the cache's: in a 4096-slot cache a 100-token row
+    fills 7 splits of 16 positions (fp32 tiles), a 1-token row one split that writes o directly. The partial
+    workspaces are NaN-poisoned, so a split the combine reads without it being written shows; the counters
+    are back to 0 after the call (the next launch, or graph replay, starts clean) and a second call over the
+    same workspace gives the same result."""
+    batch, max_seq, n_heads, n_kv_heads, head_dim = 2, 4096, 2, 1, 16
+    lens = [100, 1]
+    cfg = decode_attention_launch_config(batch, max_seq, n_heads, n_kv_heads, head_dim, torch.float32)
+    assert cfg["max_splits"] == 64 and cfg["BLOCK_N"] == 16
+    m_ws, l_ws, acc_ws, counters = _decode_workspaces(batch, n_heads, n_kv_heads, head_dim, cfg["max_splits"])
+    for t in (m_ws, l_ws, acc_ws):
+        poison(t)
     q = randn(batch, n_heads, head_dim)
-    k, v = _make_cache(batch, max_seq, n_kv_heads, head_dim, torch.float32, lens)
+    k, v = _make_cache(batch, 128, n_kv_heads, head_dim, torch.float32, lens)
+    k = torch.cat([k, torch.full((batch, max_seq - 128, n_kv_heads, head_dim), float("nan"), device=DEVICE)], 1)
+    v = torch.cat([v, torch.full_like(k[:, 128:], float("nan"))], 1)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    out = poison(torch.empty_like(q))
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    made = []
-
-    def nan_filled(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-            made.append(t)
-        return t
-
-    with monkeypatch.context() as mp:  # only around the call
-        mp.setattr(torch, "empty", lambda *a, **kw: nan_filled(real_empty(*a, **kw)))
-        mp.setattr(torch, "empty_like", lambda *a, **kw: nan_filled(real_empty_like(*a, **kw)))
-        decode_attention(q, k, v, seqlens, out=out)
-    num_splits = decode_attention_launch_config(batch, max_seq, n_heads, n_kv_heads, head_dim, torch.float32)["num_splits"]
-    assert num_splits > 1, "the case must have empty splits"
-    assert sum(t.shape[:2] == (batch, n_heads) and t.dtype == torch.float32 for t in made) >= 3, \
-        "the workspaces were not allocated through torch.empty/empty_like: the test no longer poisons them"
-    assert torch.isfinite(out).all(), "a workspace slot was left unwritten"
-    assert (out[2] == 0).all()
-    assert_close(out, decode_attention_ref(q.double(), k.double(), v.double(), seqlens),
-                 baseline=decode_attention_ref(q, k, v, seqlens))
+    expected = decode_attention_ref(q.double(), k.double(), v.double(), seqlens)
+    baseline = decode_attention_ref(q, k, v, seqlens)
+    for _ in range(2):
+        got = decode_attention(q, k, v, seqlens, out=poison(torch.empty_like(q)))
+        assert_close(got, expected, baseline=baseline)
+        assert (counters == 0).all(), "the last program must reset its counter"
+    written = torch.isfinite(m_ws).sum(-1)  # [batch, heads]: splits that stored partials
+    assert written[0].tolist() == [7, 7], "row 0: 100 positions = 7 blocks of 16, one split each"
+    assert written[1].tolist() == [0, 0], "row 1: one split, no partials (o written directly)"
 
 
 def test_decode_attention_clamps_seqlens():
@@ -305,6 +313,21 @@ def test_decode_attention_row_map(rows_dtype):
     assert_close(decode_attention_ref(q.double(), k.double(), v.double(), seqlens, rows=rows), expected, atol=1e-12)
 
 
+def test_attention_row_map():
+    """rows=: a prefill reads its keys out of chosen rows of a larger cache (padded past seq_k with NaN)."""
+    q = randn(2, 17, 4, 32)
+    kv = randn(2, 4, 24, 2, 32)  # k and v of a 4-row, 24-slot cache
+    kv[:, :, 17:] = float("nan")  # slots past the prompt: a cut at seq_k must keep them out
+    k, v = kv[0, :, :17], kv[1, :, :17]
+    rows = torch.tensor([3, 1], device=DEVICE)
+    got = attention(q, k, v, rows=rows, out=poison(torch.empty_like(q)))
+    kg, vg = k[rows], v[rows]
+    assert_close(got, attention_ref(q.double(), kg.double(), vg.double()), baseline=attention_ref(q, kg, vg))
+    assert torch.equal(attention_ref(q, k, v, rows=rows), attention_ref(q, kg, vg))
+    with pytest.raises(ValueError, match="pass rows="):
+        attention(q, k, v)
+
+
 def test_decode_attention_row_map_checks():
     k, v = _make_cache(4, 16, 1, 32, torch.float32, [16] * 4)
     q, seqlens = randn(2, 2, 32), torch.full((2,), 16, dtype=torch.int32, device=DEVICE)
@@ -321,13 +344,11 @@ def test_decode_splits_depend_only_on_shapes(monkeypatch):
     assert "seqlens" not in params
     # SOLAR at batch 1, 4096-token cache: 8 kv heads x 16 splits = 128 programs for 132 SMs.
     cfg = decode_attention_launch_config(1, 4096, 32, 8, 128, torch.float16, (9, 0), 132)
-    assert cfg["num_splits"] == 16 and cfg["chunk"] == 256
-    assert cfg["BLOCK_G"] >= 16 and cfg["chunk"] % cfg["BLOCK_N"] == 0
+    assert cfg["max_splits"] == 16 and cfg["BLOCK_S"] == 16 and cfg["BLOCK_G"] >= 16
     for batch in (1, 2, 3, 8, 64):
         for max_seq in (1, 17, 100, 4096):
             c = decode_attention_launch_config(batch, max_seq, 32, 8, 128, torch.float16)
-            assert 1 <= c["num_splits"] and (c["num_splits"] - 1) * c["chunk"] < max_seq <= c["num_splits"] * c["chunk"]
-            assert decode_attention_reduce_launch_config(c["num_splits"], 128)["BLOCK_S"] >= c["num_splits"]
+            assert 1 <= c["max_splits"] <= c["BLOCK_S"] and (c["max_splits"] - 1) * c["BLOCK_N"] < max_seq
 
     # The launcher itself: the same shapes with different seqlens values give the same launch.
     seen = []
@@ -341,12 +362,12 @@ def test_decode_splits_depend_only_on_shapes(monkeypatch):
     monkeypatch.setattr(decode_mod, "decode_attention_launch_config", spy)
     q = randn(2, 4, 64)
     k, v = _make_cache(2, 150, 1, 64, torch.float32, [150, 150])
-    for lens in ([150, 1], [3, 150]):
+    for lens in ([150, 1], [3, 150], [17, 33]):
         seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
         got = decode_attention(q, k, v, seqlens, out=poison(torch.empty_like(q)))
         assert_close(got, decode_attention_ref(q.double(), k.double(), v.double(), seqlens),
                      baseline=decode_attention_ref(q, k, v, seqlens))
-    assert len(seen) == 2 and seen[0] == seen[1] and seen[0]["num_splits"] > 1
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2] and seen[0]["max_splits"] > 1
 
 
 @pytest.mark.gpu("CUDA graph capture")
@@ -412,13 +433,22 @@ def test_attention_rejects_bad_inputs():
 
 
 def test_attention_rejects_grid_overflow():
-    """batch * n_heads is grid axis 1, which CUDA caps at 65535 (the interpreter does not)."""
-    q = randn(1, 1, 65536, 16)
-    kv = randn(1, 1, 1, 16)
-    with pytest.raises(ValueError, match=r"batch \* n_heads = 65536 exceeds the CUDA grid limit of 65535"):
-        attention(q, kv, kv)
-    with pytest.raises(ValueError, match=r"batch \* n_heads = 65538 exceeds"):
-        attention(randn(2, 1, 32769, 16), randn(2, 1, 1, 16), randn(2, 1, 1, 16))
+    """Query blocks are grid axis 1, which CUDA caps at 65535 (the interpreter does not); batch * n_heads is
+    axis 0 (2**31 - 1). Stride-0 views: the check must fire before anything is read or allocated."""
+    block_m = attention_launch_config(16, torch.float32)["BLOCK_M"]
+    seq = 65535 * block_m + 1
+    q = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(1, seq, 1, 16)
+    with pytest.raises(ValueError, match=rf"query blocks of {block_m} rows = 65536 exceeds the CUDA grid limit of 65535"):
+        attention(q, q[:, :1], q[:, :1], out=torch.empty(1, 1, 1, 16, device=DEVICE).expand(1, seq, 1, 16))
+
+
+def test_attention_causal_reversed_blocks_cover_every_row():
+    """Causal programs take their query blocks last-first (heaviest first) with heads on grid axis 0: every
+    block of a ragged multi-block, multi-batch GQA case is still written (poisoned output) and right."""
+    assert attention_launch_config(32, torch.float32)["BLOCK_M"] < 70
+    q, k, v = randn(2, 70, 4, 32), randn(2, 75, 2, 32), randn(2, 75, 2, 32)
+    got = attention(q, k, v, out=poison(torch.empty_like(q)))
+    assert_close(got, attention_ref(q.double(), k.double(), v.double()), baseline=attention_ref(q, k, v))
 
 
 def test_decode_attention_rejects_bad_inputs():

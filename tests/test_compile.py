@@ -163,21 +163,61 @@ def _run_rotary(K, dtype):
     K.apply_rotary(q, k, pos, THETA)
 
 
+def _run_rotary_cache(batch, seq, mapped):
+    def run(K, dtype):
+        q, k, v = _qkv(batch, seq, dtype)
+        kc, vc = _t(16, 4096, N_KV, HEAD_DIM, dtype=dtype), _t(16, 4096, N_KV, HEAD_DIM, dtype=dtype)
+        pos = torch.zeros(batch, seq, device=_HOST, dtype=torch.int64)
+        rows = torch.arange(batch, device=_HOST) if mapped else None
+        K.rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=rows)
+
+    return run
+
+
 def _run_attention(K, dtype):
     _, _, v = _qkv(1, 4096, dtype)  # q, k come out of apply_rotary contiguous; v is a qkv view
     q, k = _t(1, 4096, N_HEADS, HEAD_DIM, dtype=dtype), _t(1, 4096, N_KV, HEAD_DIM, dtype=dtype)
     K.attention(q, k, v, causal=True)
 
 
-def _run_decode(batch):
+def _run_decode(batch, mapped=False):
     def run(K, dtype):
         max_seq = 4096
         q = _t(batch, N_HEADS, HEAD_DIM, dtype=dtype)
-        kc, vc = _t(batch, max_seq, N_KV, HEAD_DIM, dtype=dtype), _t(batch, max_seq, N_KV, HEAD_DIM, dtype=dtype)
+        cache_rows = 16 if mapped else batch
+        kc, vc = (_t(cache_rows, max_seq, N_KV, HEAD_DIM, dtype=dtype) for _ in range(2))
         seqlens = torch.full((batch,), max_seq, dtype=torch.int32, device=_HOST)
-        K.decode_attention(q, kc, vc, seqlens)
+        K.decode_attention(q, kc, vc, seqlens, rows=torch.arange(batch, device=_HOST) if mapped else None)
 
     return run
+
+
+def _run_gemv(m, n, k, prologue="plain", residual=False, wdtype=None):
+    def run(K, dtype):
+        wdt = wdtype or dtype
+        kw = {}
+        if prologue == "norm":
+            kw.update(norm_weight=_t(k, dtype=dtype), eps=EPS)
+        elif prologue == "swiglu":
+            kw["swiglu"] = True
+        if residual:
+            kw["residual"] = _t(m, 1, n, dtype=dtype)
+        if wdt in (torch.int8, torch.float8_e4m3fn):
+            kw["scale"] = _t(n, dtype=torch.float32)
+        x = _t(m, 1, 2 * k if prologue == "swiglu" else k, dtype=dtype)
+        K.gemv(x, _t(n, k, dtype=wdt), **kw)
+
+    return run
+
+
+QKV = (N_HEADS + 2 * N_KV) * HEAD_DIM
+BF16_ONLY = ("bf16",)  # variants whose fp16 build is the same code: one dtype keeps the check fast
+
+
+def _run_attention_rows(K, dtype):  # prefill reading its keys out of mapped cache rows
+    q = _t(2, 2048, N_HEADS, HEAD_DIM, dtype=dtype)
+    kc, vc = _t(8, 4096, N_KV, HEAD_DIM, dtype=dtype), _t(8, 4096, N_KV, HEAD_DIM, dtype=dtype)
+    K.attention(q, kc[:, :2048], vc[:, :2048], causal=True, rows=torch.tensor([5, 2], device=_HOST))
 
 
 @dataclasses.dataclass
@@ -186,6 +226,7 @@ class Case:
     module: str  # under fastsolar.kernels
     run: Callable  # (module, dtype) -> None: calls the launcher once
     wgmma_on_90: bool = False
+    dtypes: tuple[str, ...] = tuple(DTYPES)  # one is enough where fp16 and bf16 compile to the same code
 
 
 CASES = [
@@ -194,9 +235,23 @@ CASES = [
     Case("swiglu_fused", "swiglu", _run_swiglu_fused),
     Case("swiglu_flat", "swiglu", _run_swiglu_flat),
     Case("rotary", "rotary", _run_rotary),
+    Case("rotary_cache_b8_rows", "rotary", _run_rotary_cache(8, 1, True), dtypes=BF16_ONLY),
+    Case("rotary_cache_prefill", "rotary", _run_rotary_cache(1, 512, False), dtypes=BF16_ONLY),
     Case("attention", "attention", _run_attention, wgmma_on_90=True),
+    Case("attention_rows", "attention", _run_attention_rows, wgmma_on_90=True, dtypes=BF16_ONLY),
     Case("decode_b1", "decode_attention", _run_decode(1)),
     Case("decode_b8", "decode_attention", _run_decode(8)),
+    Case("decode_b4_rows", "decode_attention", _run_decode(4, mapped=True), dtypes=BF16_ONLY),
+    # The decode GEMVs of a SOLAR layer and its head, batch 1 and 8, and 8-bit weights (issue 10's path).
+    Case("gemv_qkv_norm_m1", "gemv", _run_gemv(1, QKV, HIDDEN, "norm"), dtypes=BF16_ONLY),
+    Case("gemv_o_res_m1", "gemv", _run_gemv(1, HIDDEN, N_HEADS * HEAD_DIM, residual=True), dtypes=BF16_ONLY),
+    Case("gemv_gate_up_norm_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm"), dtypes=BF16_ONLY),
+    Case("gemv_down_swiglu_res_m1", "gemv", _run_gemv(1, HIDDEN, INTER, "swiglu", residual=True), dtypes=BF16_ONLY),
+    Case("gemv_qkv_norm_m8", "gemv", _run_gemv(8, QKV, HIDDEN, "norm"), dtypes=BF16_ONLY),
+    Case("gemv_down_swiglu_res_m8", "gemv", _run_gemv(8, HIDDEN, INTER, "swiglu", residual=True), dtypes=BF16_ONLY),
+    Case("gemv_gate_up_int8_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm", wdtype=torch.int8), dtypes=BF16_ONLY),
+    Case("gemv_o_fp8_res_m4", "gemv", _run_gemv(4, HIDDEN, HIDDEN, residual=True, wdtype=torch.float8_e4m3fn),
+         dtypes=BF16_ONLY),
 ]
 
 
@@ -344,9 +399,9 @@ def test_parsers():
 # ----------------------------------------------------------------------------------------------
 # the real kernels
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
+@pytest.mark.parametrize("case, dtype_name", [(c, d) for c in CASES for d in c.dtypes],
+                         ids=lambda v: v.op if isinstance(v, Case) else v)
 def test_kernel_compiles_clean(worker, case, arch, dtype_name):
     failures = []
     for req in _requests(case, dtype_name, arch):

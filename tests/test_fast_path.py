@@ -2,7 +2,9 @@
 
 On CPU the kernels run under the Triton interpreter (forced through `fastsolar.ops.force_kernels`), so
 the whole fast path of a small model is checked in CI: prefill attention, decode attention over the
-static cache, fused add+RMSNorm, rotary and SwiGLU, through the same `generate` a user calls.
+static cache, rotary fused with the cache write, RMSNorm and SwiGLU, through the same `generate` a user
+calls; the decode-sized products run both ways the GEMV choice can go (the fused Triton GEMVs, forced
+with `force_gemv("triton")`, and cuBLAS with the separate small kernels).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 import fastsolar.model as model_mod
 from fastsolar import Solar, SolarConfig, ops
+from fastsolar.gemv_choice import force_gemv
 from helpers import DEVICE, assert_close, left_pad
 
 CONFIG = SolarConfig(
@@ -52,13 +55,17 @@ def test_kernel_logits_match_reference(model: Solar) -> None:
     assert_close(fast, ref, atol=2e-4, rtol=1e-4, msg="kernel-path logits")
 
 
-def test_kernel_generate_matches_reference(model: Solar) -> None:
+GEMV = pytest.mark.parametrize("gemv", ["cublas", "triton"])
+
+
+@GEMV
+def test_kernel_generate_matches_reference(model: Solar, gemv: str) -> None:
     """Batched, left-padded, through prefill and decode_attention over the static cache."""
     ids, mask = left_padded([5, 13, 1], seed=2)
     kw = dict(max_new_tokens=6, attention_mask=mask, eos_token_id=[])
     with ops.force_kernels(False):
         ref = model.generate(ids, **kw)
-    with ops.force_kernels(True):
+    with ops.force_kernels(True), force_gemv(gemv):
         fast = model.generate(ids, **kw)
     assert torch.equal(fast, ref), f"kernel path tokens {fast.tolist()} != reference {ref.tolist()}"
 
@@ -81,14 +88,14 @@ def test_decode_logits_match_full_forward_on_kernels(model: Solar) -> None:
     assert_close(got[:, :-1], full[:, n_prompt - 1:-1], atol=2e-4, rtol=1e-4, msg="decode vs full forward")
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
-def test_row_map_prefill_and_decode(model: Solar, kernels: bool) -> None:
+@pytest.mark.parametrize("kernels, gemv", [(False, None), (True, "cublas")], ids=["reference", "kernels"])
+def test_row_map_prefill_and_decode(model: Solar, kernels: bool, gemv: str | None) -> None:
     """Prompts prefilled into chosen rows of a larger cache, at different times, then decoded together
     through a row map, give the logits of one full forward per prompt: what a serving engine does when
     requests join a running batch in whatever rows are free. Unused rows and slots hold NaN."""
     a, _ = left_padded([15], seed=21)
     b, _ = left_padded([9], seed=22)
-    with torch.inference_mode(), ops.force_kernels(kernels):
+    with torch.inference_mode(), ops.force_kernels(kernels), force_gemv(gemv):
         full_a, full_b = model(a), model(b)
         model.cache = None
         model.setup_cache(4, 32)

@@ -9,8 +9,9 @@ import torch
 
 from fastsolar import graphs
 from fastsolar.config import SolarConfig
-from fastsolar.graphs import CudaGraphStep, GraphPool, StateSnapshot, check_batch
+from fastsolar.graphs import CudaGraphLoop, CudaGraphStep, GraphPool, check_batch, weights_signature
 from fastsolar.model import Solar
+from fastsolar.sampling import Sampler
 
 
 SMALL = SolarConfig(
@@ -36,6 +37,19 @@ class ToySampler:
         self.penalty.copy_(torch.tensor(penalty))
         self.seen.zero_()
         self.generator.manual_seed(seed)
+
+    # The state protocol fastsolar.graphs relies on (the same as fastsolar.sampling.Sampler's).
+    def snapshot(self):
+        return [t.clone() for t in (self.temperature, self.penalty, self.seen)], self.generator.get_state()
+
+    def restore(self, snap) -> None:
+        tensors, gen = snap
+        for live, saved in zip((self.temperature, self.penalty, self.seen), tensors):
+            live.copy_(saved)
+        self.generator.set_state(gen)
+
+    def generators(self):
+        return [self.generator]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -100,17 +114,19 @@ def test_check_batch():
         check_batch(0, 8)
 
 
-def test_state_snapshot_restores_tensors_and_generator():
-    s = ToySampler(2, 10, torch.device("cpu"), seed=3)
-    first = torch.empty(4).exponential_(generator=s.generator)
-    s.generator.manual_seed(3)
-    snap = StateSnapshot.take(s)
-    s(torch.randn(2, 10))
-    s.temperature.fill_(2.0)
+def test_sampler_snapshot_restores_its_state():
+    """Sampler.snapshot()/restore(): every buffer the sampler writes and its generator, put back in place."""
+    s = Sampler(2, 10, torch.device("cpu"))
+    s.reset(temperature=[0.0, 0.9], repetition_penalty=1.3, seed=3)
+    logits = torch.randn(2, 10)
+    ptrs = [t.data_ptr() for t in s.state_tensors()]
+    snap = s.snapshot()
+    first = s(logits)
     assert s.seen.any()
-    snap.restore()
-    assert not s.seen.any() and (s.temperature == 0).all()
-    torch.testing.assert_close(torch.empty(4).exponential_(generator=s.generator), first)
+    s.restore(snap)
+    assert not s.seen.any() and [t.data_ptr() for t in s.state_tensors()] == ptrs
+    assert torch.equal(s(logits), first), "the restored generator must draw the same noise again"
+    assert s.generators() == [s.generator]
 
 
 def test_static_path_equals_eager_across_runs_batches_and_cache_reallocation():
@@ -229,20 +245,85 @@ def test_generate_with_static_step_equals_eager_generate(monkeypatch):
 
     pool = graphs.shared_pool(model)
     made = []
-    original = gen_mod._make_step
+    original = gen_mod._make_advance
 
-    def make_static_step(model_, sampler, batch, cuda_graphs):
-        made.append(batch)
-        return CudaGraphStep(model_, sampler, capture=False)
+    def make_static_loop(model_, sampler, loop, cuda_graphs):
+        made.append(loop.tokens.shape[0])
+        return CudaGraphLoop(model_, sampler, loop, capture=False)
 
-    monkeypatch.setattr(gen_mod, "_make_step", make_static_step)
+    monkeypatch.setattr(gen_mod, "_make_advance", make_static_loop)
     got = [gen_mod.generate(model, prompts[b], 7, eos_token_id=[], **kw) for b, kw in runs]
-    monkeypatch.setattr(gen_mod, "_make_step", original)
+    monkeypatch.setattr(gen_mod, "_make_advance", original)
     assert made == [3, 3, 2, 3]
     for (b, kw), g, w in zip(runs, got, want):
         assert torch.equal(g, w), f"batch {b} {kw}: {g[:, 6:].tolist()} != {w[:, 6:].tolist()}"
     # Greedy and sampled runs differ in Sampler.mode, so they are separate recordings; the last run reuses one.
     assert pool.captures == 3
+
+
+def test_generate_loop_bookkeeping_inside_the_step(monkeypatch):
+    """With EOS ids the per-token bookkeeping (pad after EOS, finish steps, history, next input, positions)
+    runs inside the recorded loop body: the static path gives eager generate's tokens and trimming, and a
+    stream's "all finished?" check for step t - 1 is read only after step t is queued (no stall)."""
+    gen_mod = pytest.importorskip("fastsolar.generate")
+    model = make_model(seed=1)
+    ids = prompts_for(2, 5, 9)
+    free = gen_mod.generate(model, ids, 12, eos_token_id=[])[:, 5:].tolist()
+    eos = [free[0][3], free[1][5]]
+    want = gen_mod.generate(model, ids, 12, eos_token_id=eos)
+    assert want.shape[1] < 5 + 12, "the case must stop early"
+
+    monkeypatch.setattr(gen_mod, "_make_advance",
+                        lambda m, sampler, loop, graphs_: CudaGraphLoop(m, sampler, loop, capture=False))
+    assert torch.equal(gen_mod.generate(model, ids, 12, eos_token_id=eos), want)
+
+    events = []
+    probe_cls = gen_mod._DoneProbe
+
+    class Probe(probe_cls):
+        def post(self, step):
+            events.append(("post", step, int(self.loop.step)))
+            super().post(step)
+
+        def all_done(self):
+            events.append(("read", self.step, int(self.loop.step)))
+            return super().all_done()
+
+    monkeypatch.setattr(gen_mod, "_DoneProbe", Probe)
+    streamed = torch.stack(list(gen_mod.stream(model, ids, 12, eos_token_id=eos)), dim=1)
+    assert torch.equal(streamed, want[:, 5:])
+    reads = [(step, queued) for kind, step, queued in events if kind == "read"]
+    assert reads and all(queued == step + 2 for step, queued in reads), f"a check waited on its own step: {events}"
+
+
+def test_replaced_weights_are_recaptured():
+    """The key covers the weights' storage: a parameter replaced after recording (a new Parameter, or new
+    .data) records the step again instead of replaying over freed memory; an in-place copy keeps it."""
+    model = make_model()
+    model.setup_cache(2, 32)
+    pool = GraphPool()
+    sampler = ToySampler(2, SMALL.vocab_size, torch.device("cpu"))
+    step = CudaGraphStep(model, sampler, capture=False, pool=pool)
+    prompts = prompts_for(2, 5, 4)
+
+    def run():
+        return decode_run(model, step, prompts, 3), decode_run(model, eager_step(model, sampler), prompts, 3)
+
+    run()
+    assert pool.captures == 1
+    signature = weights_signature(model)
+    ff = model.layers[1].feed_forward
+    with torch.no_grad():
+        ff.w_down.weight.copy_(ff.w_down.weight * 1.5)  # same storage: still valid
+    run()
+    assert pool.captures == 1 and weights_signature(model) == signature
+    ff.w_down.weight = torch.nn.Parameter(ff.w_down.weight.detach() * -1.0)  # re-registered
+    got, want = run()
+    assert pool.captures == 2 and torch.equal(got, want)
+    ff.w_gate_up.weight.data = ff.w_gate_up.weight.data.flip(0).contiguous()  # same Parameter, new storage
+    got, want = run()
+    assert pool.captures == 3 and torch.equal(got, want)
+    assert len(pool.entries) == 1, "entries over old weights are dropped"
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -267,6 +348,36 @@ def test_captured_step_equals_eager_on_cuda(dtype):
         torch.cuda.synchronize()
         assert torch.equal(got, want), f"batch {b}: graphed {got.tolist()} != eager {want.tolist()}"
     assert pool.captures == 3 and all(e.graph is not None for e in pool.entries.values())
+
+
+@pytest.mark.gpu("CUDA graph capture")
+def test_captured_step_with_row_map_equals_eager_on_cuda():
+    """The serving engine's contract captured for real: one graph per batch size serves any row map."""
+    dev = torch.device("cuda")
+    model = make_model(dev, torch.bfloat16)
+    model.setup_cache(5, 64)
+    pool = GraphPool()
+    sampler_e, sampler_g = ToySampler(2, SMALL.vocab_size, dev), ToySampler(2, SMALL.vocab_size, dev)
+    step_g = CudaGraphStep(model, sampler_g, capture=True, pool=pool)
+    prompts = prompts_for(2, 7, 3, dev)
+    for rows in ([4, 1], [0, 3]):
+        rows_t = torch.tensor(rows, device=dev)
+        outs = []
+        for sampler, step in ((sampler_e, lambda t, p: sampler_e(model.decode(t, p, rows_t))),
+                              (sampler_g, lambda t, p: step_g(t, p, rows_t))):
+            sampler.reset([0.0, 0.8], [1.0, 1.2], 3)
+            with torch.inference_mode():
+                tokens = model.prefill(prompts, torch.tensor([7, 7], device=dev), rows=rows_t).argmax(-1)
+                positions = torch.tensor([7, 7], device=dev)
+                seq = []
+                for _ in range(6):
+                    tokens = step(tokens, positions)
+                    seq.append(tokens)
+                    positions = positions + 1
+            outs.append(torch.stack(seq, 1))
+        torch.cuda.synchronize()
+        assert torch.equal(outs[1], outs[0]), f"rows {rows}: {outs[1].tolist()} != {outs[0].tolist()}"
+    assert pool.captures == 1 and next(iter(pool.entries.values())).graph is not None
 
 
 @pytest.mark.gpu("CUDA graph capture")

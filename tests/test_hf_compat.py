@@ -312,13 +312,14 @@ def test_min_new_tokens_on_the_graph_step_path(model, prompt, card, monkeypatch)
     """The CUDA-graph step's bookkeeping (warm-up runs, then state restored) must not advance the EOS ban's
     step counter: the static-buffer path (capture=False on CPU) gives the eager tokens."""
     import fastsolar.generate as gen
-    from fastsolar.graphs import CudaGraphStep
+    from fastsolar.graphs import CudaGraphLoop
 
     # Just enough to block the planted EOS (step card[1] - 1): a counter off by the warm-up runs would not.
     kwargs = dict(max_new_tokens=card[1] + 6, min_new_tokens=card[1])
     eager = model.generate(prompt, **kwargs)
     assert eager.shape[1] > prompt.shape[1] + card[1]
-    monkeypatch.setattr(gen, "_make_step", lambda m, sampler, b, cuda_graphs: CudaGraphStep(m, sampler, capture=False))
+    monkeypatch.setattr(gen, "_make_advance",
+                        lambda m, sampler, loop, cuda_graphs: CudaGraphLoop(m, sampler, loop, capture=False))
     assert torch.equal(model.generate(prompt, **kwargs), eager)
     assert gen._get_sampler(model, 1).mode[-1] is True  # the ban is part of the graph key
 

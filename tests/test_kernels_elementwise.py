@@ -21,7 +21,15 @@ from fastsolar.kernels.rms_norm import (
     rms_norm_launch_config,
     rms_norm_ref,
 )
-from fastsolar.kernels.rotary import _sincos, apply_rotary, apply_rotary_ref, rotary_inv_freq, rotary_launch_config
+from fastsolar.kernels.rotary import (
+    _sincos,
+    apply_rotary,
+    apply_rotary_ref,
+    rotary_cache_write,
+    rotary_cache_write_ref,
+    rotary_inv_freq,
+    rotary_launch_config,
+)
 from fastsolar.kernels.swiglu import swiglu, swiglu_launch_config, swiglu_ref
 from helpers import DEVICE, assert_close, poison, randn
 
@@ -233,6 +241,84 @@ def test_apply_rotary_in_place_into_qkv():
     assert_close(q, q_exp, baseline=q_base)
     assert_close(k, k_exp, baseline=k_base)
     assert torch.equal(qkv[..., (nh + nkv) * d :], v0)
+
+
+_DECODE_CACHE_CASES = [
+    # b, s, nh, nkv, d, per-row start positions, cache rows, row map (None: rows 0..b-1)
+    (1, 1, 8, 8, 64, [40], 1, None),  # decode, GQA group 1 (MHA)
+    (3, 1, 16, 4, 32, [0, 17, 62], 5, [4, 0, 2]),  # batched decode through a row map, group 4
+    (2, 3, 3, 3, 96, [5, 60], 2, None),  # odd head count, non-power-of-two half
+]
+ROTARY_CACHE_CASES = [
+    *[pytest.param(c, dt, id=f"decode-b{c[0]}s{c[1]}h{c[2]}kv{c[3]}d{c[4]}r{c[7]}-{i}")
+      for c in _DECODE_CACHE_CASES for dt, i in zip(DTYPES, DT_IDS)],
+    # Prefills (the interpreter runs one program per token and head block: one dtype each).
+    pytest.param((1, 17, 8, 1, 64, [0], 2, None), torch.bfloat16, id="prefill-s17-gqa8-bf16"),
+    pytest.param((1, 113, 2, 2, 32, [0], 3, [1]), torch.float16, id="prefill-s113-mapped-fp16"),
+]
+
+
+@pytest.mark.parametrize("case, dtype", ROTARY_CACHE_CASES)
+def test_rotary_cache_write(case, dtype):
+    """q rotated into its output; k rotated and v copied into their cache slots, every other slot untouched
+    (the cache is NaN-poisoned; q, k, v are views of one fused qkv buffer, as the model passes them)."""
+    b, s, nh, nkv, d, starts, cache_rows, rows = case
+    max_seq = 64 if s < 64 else 128
+    qkv = randn(b, s, (nh + 2 * nkv) * d, dtype=dtype)
+    q, k, v = qkv.view(b, s, nh + 2 * nkv, d).split([nh, nkv, nkv], dim=2)
+    pos = _positions(b, s, starts, torch.int32 if b % 2 else torch.int64)
+    rows_t = None if rows is None else torch.tensor(rows, device=DEVICE)
+    k_cache = poison(torch.empty(cache_rows, max_seq, nkv, d, dtype=dtype, device=DEVICE))
+    v_cache = poison(torch.empty_like(k_cache))
+    qkv0 = qkv.clone()
+    q_out = poison(torch.empty(b, s, nh, d, dtype=dtype, device=DEVICE))
+    got_q = rotary_cache_write(q, k, v, pos, THETA, k_cache, v_cache, rows=rows_t, q_out=q_out)
+    assert got_q is q_out and torch.equal(qkv, qkv0), "inputs modified"
+
+    k_exp = poison(torch.empty_like(k_cache, dtype=torch.float64))
+    v_exp = poison(torch.empty_like(v_cache, dtype=torch.float64))
+    q_exp = rotary_cache_write_ref(_d(q), _d(k), _d(v), pos, THETA, k_exp, v_exp, rows=rows_t)
+    k_base, v_base = poison(torch.empty_like(k_cache)), poison(torch.empty_like(v_cache))
+    q_base = rotary_cache_write_ref(q, k, v, pos, THETA, k_base, v_base, rows=rows_t)
+    assert_close(got_q, q_exp, baseline=q_base, msg=f"q {case} {dtype}")
+    assert_close(k_cache, k_exp, baseline=k_base, msg=f"k cache {case} {dtype}")  # NaN where nothing was written
+    assert torch.equal(v_cache.nan_to_num(7.0), v_exp.to(dtype).nan_to_num(7.0)), "v is copied exactly"
+    written = ~torch.isnan(k_exp[..., 0, 0])
+    assert int(written.sum()) == b * s and torch.isnan(k_cache[~written]).all()
+
+
+def test_rotary_cache_write_skips_out_of_range_slots():
+    """Documented: a row or position outside the cache writes nothing (nothing is checked on the host, so a
+    graph-captured step with a bad map cannot write out of bounds or into a row it does not own)."""
+    b, nh, nkv, d, max_seq = 4, 4, 2, 32, 16
+    q, k, v = randn(b, 1, nh, d), randn(b, 1, nkv, d), randn(b, 1, nkv, d)
+    pos = torch.tensor([[3], [16], [-1], [5]], device=DEVICE)  # 16 and -1 are outside [0, 16)
+    rows = torch.tensor([0, 1, 1, 7], device=DEVICE)  # 7 is outside [0, 3)
+    k_cache = poison(torch.empty(3, max_seq, nkv, d, device=DEVICE))
+    v_cache = poison(torch.empty_like(k_cache))
+    got_q = rotary_cache_write(q, k, v, pos, THETA, k_cache, v_cache, rows=rows)
+    assert_close(got_q, apply_rotary_ref(_d(q), _d(k), pos, THETA)[0], baseline=apply_rotary_ref(q, k, pos, THETA)[0])
+    written = ~torch.isnan(k_cache[..., 0, 0])
+    assert written.nonzero().tolist() == [[0, 3]], "only token 0 is in range"
+    assert torch.equal(v_cache[0, 3], v[0, 0])
+
+
+def test_rotary_cache_write_bad_inputs():
+    q, k, v = randn(2, 1, 4, 32), randn(2, 1, 2, 32), randn(2, 1, 2, 32)
+    pos = torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)
+    kc, vc = randn(2, 8, 2, 32), randn(2, 8, 2, 32)
+    with pytest.raises(ValueError, match="fewer than the batch of 2"):
+        rotary_cache_write(q, k, v, pos, THETA, kc[:1], vc[:1])
+    with pytest.raises(ValueError, match=r"rows must have shape \[2\]"):
+        rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=torch.zeros(3, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(TypeError, match="v has dtype torch.float16 but q has torch.float32"):
+        rotary_cache_write(q, k, v.half(), pos, THETA, kc, vc)
+    with pytest.raises(ValueError, match=r"k_cache and v_cache must both have shape \[rows, max_seq, 2, 32\]"):
+        rotary_cache_write(q, k, v, pos, THETA, randn(2, 8, 1, 32), vc)
+    with pytest.raises(ValueError, match="k and v must both have shape"):
+        rotary_cache_write(q, k, v[:, :, :1], pos, THETA, kc, vc)
+    with pytest.raises(TypeError, match="rows has dtype float32"):
+        rotary_cache_write(q, k, v, pos, THETA, kc, vc, rows=torch.zeros(2, device=DEVICE))
 
 
 def test_apply_rotary_ref_matches_transformers():

@@ -1,0 +1,333 @@
+"""Skinny matrix products for decode (M = 1..8 rows), with the Llama block's neighbours fused in.
+
+For x [M, K] (M <= MAX_M), weight W [N, K] (nn.Linear's layout) and an optional per-output-channel scale:
+
+    y[m, n] = scale[n] * sum_k a[m, k] * W[n, k]        (+ residual[m, n])
+
+where the product's input a is one of (the *prologue*):
+
+    plain    a = x
+    norm     a = round(round(x * rstd[m]) * g)           rstd[m] = 1 / sqrt(mean_k x[m, k]^2 + eps)
+             (LlamaRMSNorm with its rounding to x's dtype before and after the weight g: the same bits as
+             rms_norm followed by a matmul; the sum of squares is a first pass over the row, which is tiny)
+    swiglu   a = round(silu(x[m, k]) * x[m, K + k])     x holds [gate | up], 2K columns
+
+and round() is to x's dtype. The residual add (the *epilogue*) happens in fp32 before the one rounding of
+y to x's dtype. So one launch replaces norm + GEMV, SwiGLU + GEMV or GEMV + add.
+
+Weights: fp16/bf16/fp32 (scale optional), or int8 / float8_e4m3fn with an fp32 scale [N] (weight-only
+quantisation, y[n] = scale[n] * sum_k a[k] W[n, k]): the weight tile is widened in registers after the load,
+so an 8-bit weight moves half the bytes of a bf16 one and the rest of the kernel is the same. GPUs before
+sm_89 have no fp8 conversion (Triton refuses fp8e4nv there), so on them the e4m3 bytes are loaded as uint8
+and decoded with integer ops (`_e4m3_to_f32`: sign, 4-bit exponent biased by 7, 3-bit mantissa,
+subnormals m * 2^-9, 0x7f/0xff NaN), exact like the hardware conversion.
+
+Two inner products, picked by M (a constexpr):
+- M == 1: W tile [BLOCK_N, BLOCK_K] times the broadcast row of a, in fp32 on CUDA cores, reduced over the
+  tile's K each step (no tensor-core padding, no shared memory, ~80 registers).
+- M >= 2: tl.dot of a [16, BLOCK_K] (rows past M are zero) with W^T; decode is bound by reading W, so the
+  wasted tensor-core rows cost nothing, and the pipelined dot loads keep several W tiles in flight.
+
+Split-K: with few output blocks (N small next to the SM count) the K axis is cut into SPLIT_K slices, one
+program each; each stores its fp32 partial [M, BLOCK_N] into a preallocated workspace and takes a ticket
+(kernels/_workspace.py); the last of the SPLIT_K sums the partials in a fixed order (deterministic), applies
+scale and residual and writes y. Still one launch, no allocation per call, graph-safe.
+
+Grid: (cdiv(N, BLOCK_N), SPLIT_K). Offsets into W are int64 (N * K passes 2**31 for a 32000 x 65536 head).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    DEFAULT_CAPABILITY,
+    DEFAULT_NUM_SMS,
+    as_rows,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    device_properties,
+)
+from ._rounding import cast_rtne
+from ._workspace import arrive_last, workspace
+from .attention import _mma
+
+MAX_M = 8  # rows a launch takes: decode batch 1..8; more rows are a GEMM's job
+FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
+QUANT_WEIGHTS = (torch.int8, torch.float8_e4m3fn)
+PROLOGUES = {"plain": 0, "norm": 1, "swiglu": 2}
+
+
+@triton.jit
+def _load_a(
+    X, offs_m, offs_k, mask_m, mask_k, stride_xm, up_offset, rstd, NORM_W,
+    PROLOGUE: tl.constexpr,  # 0 plain, 1 rmsnorm, 2 swiglu
+):
+    """The product's input tile a [BLOCK_M, BLOCK_K] in x's dtype (zeros where masked)."""
+    mask = mask_m[:, None] & mask_k[None, :]
+    ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if PROLOGUE == 1:
+        g = tl.load(NORM_W + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        normed = cast_rtne(x.to(tl.float32) * rstd[:, None], X.dtype.element_ty).to(tl.float32)
+        x = cast_rtne(normed * g[None, :], X.dtype.element_ty)
+    elif PROLOGUE == 2:
+        gate = x.to(tl.float32)
+        up = tl.load(ptrs + up_offset, mask=mask, other=0.0).to(tl.float32)
+        x = cast_rtne(gate * tl.sigmoid(gate) * up, X.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _e4m3_to_f32(bits):
+    """float8_e4m3fn bytes (uint8) -> fp32 with integer ops only (module docstring)."""
+    b = bits.to(tl.uint32)
+    e = (b >> 3) & 0xF
+    m = b & 0x7
+    normal = (((b >> 7) << 31) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125  # 2^-9: the subnormal step
+    sub = tl.where((b >> 7) != 0, -sub, sub)
+    v = tl.where(e == 0, sub, normal)
+    return tl.where((e == 15) & (m == 7), float("nan"), v)
+
+
+@triton.jit
+def _gemv_kernel(
+    X,  # *T, x rows [M, K] (or [M, 2K] gate|up for SWIGLU), last dim contiguous
+    W,  # *Tw, weight [N, K], contiguous rows (stride_wn), Tw float or int8/fp8
+    SCALE,  # *fp32 [N] per-output-channel scale (only read when HAS_SCALE)
+    NORM_W,  # *Tg [K] RMSNorm weight (only read when PROLOGUE == 1)
+    RES,  # *T residual [M, N] (only read when HAS_RESIDUAL)
+    Y,  # *T output [M, N]
+    PART,  # *fp32 workspace [SPLIT_K, M, N] of partial sums (only used when SPLIT_K > 1)
+    COUNTERS,  # *int32 [cdiv(N, BLOCK_N)], zero between launches (only used when SPLIT_K > 1)
+    M, N, K,  # rows, output features, reduction length
+    stride_xm, stride_wn, stride_rm, stride_ym,  # row strides (elements)
+    up_offset,  # SWIGLU: elements from a gate column to its up column (K for a fused gate|up row)
+    eps,  # RMSNorm epsilon
+    k_per_split,  # K columns per split, a multiple of BLOCK_K
+    BLOCK_M: tl.constexpr,  # 1 (elementwise product) or 16 (tl.dot, rows past M masked)
+    BLOCK_N: tl.constexpr,  # output features per program
+    BLOCK_K: tl.constexpr,  # reduction columns per step
+    SPLIT_K: tl.constexpr,  # programs along K (grid dim 1)
+    PROLOGUE: tl.constexpr,  # 0 plain, 1 rmsnorm, 2 swiglu
+    HAS_SCALE: tl.constexpr,  # multiply by SCALE[n]
+    HAS_RESIDUAL: tl.constexpr,  # add RES[m, n]
+    W_E4M3_BITS: tl.constexpr,  # W holds float8_e4m3fn bytes as uint8: decode them in registers
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_kb = tl.arange(0, BLOCK_K)
+
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PROLOGUE == 1:
+        # The whole row's mean square first (x is M x K elements, read from L2 by every program).
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_kb
+            xk = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xk * xk, 1)
+        rstd = tl.rsqrt(ss / K + eps)
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + offs_kb
+        mask_k = offs_k < k_end
+        a = _load_a(X, offs_m, offs_k, mask_m, mask_k, stride_xm, up_offset, rstd, NORM_W, PROLOGUE)
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if W_E4M3_BITS:
+            w = _e4m3_to_f32(w)
+        if BLOCK_M == 1:
+            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32), 1)[None, :]
+        else:
+            # 8-bit weights widen exactly to fp16/bf16 (int8 |v| <= 128, e4m3 has 3 mantissa bits).
+            acc = _mma(a, tl.trans(w.to(a.dtype)), acc)
+
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        part = PART + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(part + pid_k.to(tl.int64) * M * N, acc, mask=out_mask)
+        is_last = arrive_last(COUNTERS + pid_n, SPLIT_K)
+    else:
+        is_last = True
+    if is_last:
+        if SPLIT_K > 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # a fixed order: the same bits on every run
+                acc += tl.load(part + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE + offs_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_RESIDUAL:
+            res = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask, other=0.0)
+            acc = acc + res.to(tl.float32)
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                 cast_rtne(acc, Y.dtype.element_ty), mask=out_mask)
+
+
+def gemv_launch_config(
+    m: int,
+    n: int,
+    k: int,
+    w_dtype: torch.dtype,
+    capability: tuple[int, int] = DEFAULT_CAPABILITY,
+    num_sms: int = DEFAULT_NUM_SMS,
+) -> dict:
+    """Launch settings for `_gemv_kernel` from shapes only: the constexprs {"BLOCK_M", "BLOCK_N", "BLOCK_K",
+    "SPLIT_K", "W_E4M3_BITS"}, "num_warps"/"num_stages", and the runtime "k_per_split". ValueError outside
+    1 <= m <= MAX_M."""
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"gemv takes 1..{MAX_M} rows (decode batch sizes), got {m}; use a matmul for more")
+    if n < 1 or k < 1:
+        raise ValueError(f"gemv needs N >= 1 and K >= 1, got N={n}, K={k}")
+    item = torch.empty((), dtype=w_dtype).element_size()
+    if m == 1:
+        # 512 bytes of each weight row per step: a 16-byte load per thread per row over 32 lanes;
+        # 32 rows x 256 bf16 = 16 KiB of W in flight per program, 64 fp32 accumulators per thread.
+        block_m, block_n, block_k, warps, stages = 1, 32, 512 // item, 4, 2
+    else:
+        # a [16, BLOCK_K] x W^T [BLOCK_K, 64]: 16 KiB bf16 W tiles, 3 stages in shared memory.
+        block_m, block_n, block_k, warps, stages = 16, 64, 256 // item if item < 4 else 32, 4, 3
+        if item == 4:
+            block_n = 32  # fp32 (the test/debug dtype): exact products on CUDA cores, tiles stay small
+    if tuple(capability) < (8, 0):
+        stages = min(stages, 2)
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    blocks_n = triton.cdiv(n, block_n)
+    # Split K while there are fewer than ~4 programs per SM and each split keeps >= 4 steps of K.
+    split = 1
+    while blocks_n * split < 4 * num_sms and split < 16 and triton.cdiv(k, block_k * 2 * split) >= 4:
+        split *= 2
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)  # drop slices rounding left empty
+    e4m3_bits = w_dtype == torch.float8_e4m3fn and tuple(capability) < (8, 9)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "W_E4M3_BITS": e4m3_bits,
+            "num_warps": warps, "num_stages": stages, "k_per_split": k_per_split}
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = prologue(x) @ weight.T (* scale) (+ residual) for 1..MAX_M rows, in one launch (module docstring).
+
+    x [..., K] (fp16/bf16/fp32; rows may be strided, last dim contiguous), or [..., 2K] = [gate | up] with
+    swiglu=True; the leading dims hold 1..MAX_M rows. weight [N, K]: fp16/bf16/fp32, or int8 /
+    float8_e4m3fn together with scale fp32 [N] (weight-only quantisation). norm_weight [K]: RMS-normalise
+    x first (eps a Python float). residual [..., N] in x's dtype. Returns y [..., N] in x's dtype (into
+    `out` when given).
+    """
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_WEIGHTS + QUANT_WEIGHTS)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension, got a 0-d tensor")
+    n, k = weight.shape
+    kx = 2 * k if swiglu else k
+    if x.shape[-1] != kx:
+        what = "2 * K (gate | up)" if swiglu else "K"
+        raise ValueError(f"x's last dim must be {what} = {kx} for weight {tuple(weight.shape)}, got {x.shape[-1]}")
+    if swiglu and norm_weight is not None:
+        raise ValueError("gemv fuses either an RMSNorm or a SwiGLU prologue, not both")
+    m = x.numel() // kx
+    cfg = gemv_launch_config(m, n, k, weight.dtype, *device_properties(x.device))  # checks 1 <= m <= MAX_M
+    if weight.dtype in QUANT_WEIGHTS and scale is None:
+        raise ValueError(f"a {weight.dtype} weight needs its per-output-channel scale (fp32 [{n}])")
+    tensors = {"x": x, "weight": weight}
+    if scale is not None:
+        check_tensor("scale", scale, ndim=1, dtypes=(torch.float32,))
+        if scale.shape[0] != n:
+            raise ValueError(f"scale must have shape [{n}] (one per output feature), got {tuple(scale.shape)}")
+        scale = scale.contiguous()
+        tensors["scale"] = scale
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, ndim=1)
+        if norm_weight.shape[0] != k:
+            raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
+        norm_weight = norm_weight.contiguous()
+        tensors["norm_weight"] = norm_weight
+        eps = check_scalar("eps", eps)
+    out_shape = (*x.shape[:-1], n)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,))
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual must have shape {out_shape}, got {tuple(residual.shape)}")
+        tensors["residual"] = residual
+    check_same_device(**tensors)
+    if weight.stride(1) != 1:
+        raise ValueError(f"weight must have contiguous rows (stride 1 along K), got strides {weight.stride()}")
+    x2 = as_rows("x", x, kx, writable=False)
+    if out is None:
+        y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    else:
+        check_tensor("out", out, dtypes=(x.dtype,))
+        check_same_device(x=x, out=out)
+        if tuple(out.shape) != out_shape:
+            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
+        y = out
+    y2 = as_rows("out", y, n, writable=True)
+    r2 = as_rows("residual", residual, n, writable=False) if residual is not None else y2
+
+    split, k_per_split = cfg.pop("SPLIT_K"), cfg.pop("k_per_split")
+    part, counters = y2, y2
+    if split > 1:
+        part = workspace("gemv.partials", (split, m, n), torch.float32, x.device)
+        counters = workspace("gemv.counters", (triton.cdiv(n, cfg["BLOCK_N"]),), torch.int32, x.device)
+    if cfg["W_E4M3_BITS"]:
+        weight = weight.view(torch.uint8)
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x2, weight, scale if scale is not None else y2, norm_weight if norm_weight is not None else y2,
+        r2, y2, part, counters,
+        m, n, k,
+        x2.stride(0), weight.stride(0), r2.stride(0), y2.stride(0),
+        k, float(eps), k_per_split,
+        SPLIT_K=split, PROLOGUE=PROLOGUES["swiglu" if swiglu else "norm" if norm_weight is not None else "plain"],
+        HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, **cfg,
+    )
+    return y
+
+
+def gemv_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same as torch ops at x's dtype: rms_norm_ref / F.silu(gate) * up, then F.linear with the weight
+    widened to x's dtype, times scale, plus residual, each rounded as torch rounds. With fp64 x every step is
+    fp64 (the tests' truth). Any number of rows."""
+    from .rms_norm import rms_norm_ref
+
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight.to(x.dtype), eps)
+    elif swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
+    y = torch.nn.functional.linear(x, weight.to(x.dtype))
+    if scale is not None:
+        y = (y * scale.to(torch.promote_types(y.dtype, torch.float32))).to(x.dtype)
+    if residual is not None:
+        y = residual + y
+    return y
+
+
+__all__ = ["MAX_M", "gemv", "gemv_launch_config", "gemv_ref"]
