@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fastsolar import hf_keys, memory
 from fastsolar.config import SolarConfig
@@ -172,6 +173,19 @@ def _check_index(headers: dict[str, TensorHeader], weight_map: dict[str, Path]) 
         )
 
 
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Skips `torch.nn.init` on meta tensors while the model is built there: there are no values to initialise,
+    and torch's meta `normal_` imports torch._dynamo on first use, seconds of every process's first load."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Replace every meta parameter by an uninitialised one on `device`, keeping tied parameters tied."""
     new: dict[int, nn.Parameter] = {}
@@ -266,7 +280,7 @@ def load_model(
     if weight_map is not None:
         _check_index(headers, weight_map)
 
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitOnMeta():
         model = cls(config)
     plan = _plan(model, config, headers)
     weights = _check_memory(model_dir, model, device, dtype)

@@ -390,3 +390,13 @@ def test_cuda_load_bit_identical_to_cpu(checkpoints, monkeypatch, target):
     on_gpu = dict(load_model(Solar, d, device="cuda", dtype=target).named_parameters())
     for name, ref in on_cpu.items():
         assert on_gpu[name].is_cuda and torch.equal(bits(on_gpu[name].cpu()), bits(ref)), name
+
+
+def test_meta_build_skips_init_only_on_meta():
+    """Building on meta skips torch.nn.init (no values there; torch's meta normal_ costs seconds the first time)."""
+    real = torch.ones(4, 3)
+    with torch.device("meta"), loader._SkipInitOnMeta():
+        emb = torch.nn.Embedding(10, 4)
+        torch.nn.init.normal_(real)  # a real tensor is still initialised
+    assert emb.weight.is_meta and emb.weight.shape == (10, 4)
+    assert not torch.equal(real, torch.ones(4, 3))
