@@ -29,13 +29,11 @@ Used by bench/run.py too: with --model it reports these phases as its `load` row
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib
 import importlib.util
 import json
 import logging
-import mmap
 import os
 import shutil
 import sys
@@ -64,40 +62,11 @@ def shard_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def resident_bytes(path: Path) -> int | None:
-    """Bytes of `path` in the page cache (mincore over a fresh mapping, no page touched); None where the
-    kernel would not tell (files this process may not write) or there is no mincore."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    if not os.access(path, os.W_OK):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    except (OSError, AttributeError):
-        return None
-    import numpy as np
-
-    page = mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
-    with open(path, "rb") as f:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return None
-        try:
-            if libc.mincore(addr, size, vec) != 0:
-                return None
-        finally:
-            libc.munmap(addr, size)
-    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page  # bit 0: resident
-
-
 def drop_page_cache(files: list[Path]) -> dict[str, Any]:
-    """Drop `files` from the page cache where the platform allows; what is still resident afterwards."""
+    """Drop `files` from the page cache where the platform allows; what is still resident afterwards
+    (fastsolar.shards.resident_bytes: mincore, for files this process may write)."""
+    from fastsolar.shards import resident_bytes
+
     attempted = hasattr(os, "posix_fadvise")
     if attempted:
         for path in files:

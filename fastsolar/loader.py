@@ -11,8 +11,8 @@ reader thread while the previous chunk is placed into its (fused q/k/v, gate/up)
 tensor already in the target dtype is read straight into its parameter; otherwise chunks are staged and
 converted, and on CUDA they are uploaded from pinned buffers with non-blocking copies on a side stream, so
 the disk read, the PCIe copy and the placement overlap. Nothing is memory-mapped, so resident memory never
-holds a shard's pages; a checkpoint too large to stay in the page cache beside the model is dropped from
-it as it is read. A progress bar counts bytes (GB, GB/s) on a terminal.
+holds a shard's pages, and a shard that was not in the page cache is dropped from it as it is read (one
+that was stays cached for the next start). A progress bar counts bytes (GB, GB/s) on a terminal.
 Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from fastsolar import hf_keys, memory
 from fastsolar.config import SolarConfig
-from fastsolar.shards import TensorHeader, keep_page_cache, listing, read_tensor_headers, read_tensors
+from fastsolar.shards import TensorHeader, listing, read_tensor_headers, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -247,13 +247,12 @@ def _progress_bar(total: int):
                 disable=not sys.stderr.isatty())
 
 
-def _check_memory(model_dir: Path, model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
-    """The bytes of the weights on `device` in `dtype`; InsufficientMemoryError when they do not fit there."""
+def _check_memory(model_dir: Path, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """InsufficientMemoryError when the weights, on `device` in `dtype`, do not fit in what is free there."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied parameters once
     weights = memory.weight_bytes(shapes, dtype)
     halves = {"bfloat16": memory.weight_bytes(shapes, torch.bfloat16)} if dtype.itemsize > 2 else {}
     memory.check_fits(f"checkpoint {model_dir}", device, dtype, weights, smaller=halves)
-    return weights
 
 
 def load_model(
@@ -283,7 +282,7 @@ def load_model(
     with torch.device("meta"), _SkipInitOnMeta():
         model = cls(config)
     plan = _plan(model, config, headers)
-    weights = _check_memory(model_dir, model, device, dtype)
+    _check_memory(model_dir, model, device, dtype)
     _allocate(model, device, dtype)
 
     params = dict(model.named_parameters())
@@ -295,13 +294,10 @@ def load_model(
         return targets[i].view(torch.uint8) if direct and sources[i] == dtype else None
 
     total = sum(c.header.nbytes for c in plan)
-    host_left = memory.host_available()
-    if host_left is not None and device.type == "cpu":
-        host_left -= weights
     placer = _Placer(device, targets, sources)
     with torch.no_grad(), _progress_bar(total) as bar:
         read_tensors([c.header for c in plan], placer, into=into, pin_memory=device.type == "cuda",
-                     drop_behind=not keep_page_cache(total, host_left), progress=bar.update)
+                     progress=bar.update)
         placer.finish()
     model.eval()
     model.requires_grad_(False)

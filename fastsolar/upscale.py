@@ -24,8 +24,8 @@ Memory stays bounded by a few staging buffers (about 100 MB): the base tensors a
 order by `fastsolar.shards.read_tensors` (the loader's reader: sequential reads on a reader thread, no
 memory mapping) and appended to their output shard, whose header is computed up front from the base
 files' headers (`fastsolar.shards.read_tensor_headers`: shapes and dtypes are known before any data is
-read). A base too large to stay in the page cache is dropped from it behind the reader, each range
-after its last use (a repeated layer only after its second read).
+read). A base that was not in the page cache is dropped from it behind the reader, each range after
+its last use (a repeated layer only after its second read).
 Nothing is unpickled: a `.bin` (pickle) base is refused. The work happens in a hidden temporary
 directory next to `out_dir` that is renamed into place at the end, so a failure never leaves a
 half-written checkpoint behind.
@@ -50,8 +50,7 @@ from typing import Any
 
 from fastsolar.config import SolarConfig, read_config_json
 from fastsolar.loader import INDEX_FILE, SINGLE_FILE, checkpoint_files
-from fastsolar.memory import host_available
-from fastsolar.shards import TensorHeader, keep_page_cache, read_tensor_headers, read_tensors
+from fastsolar.shards import TensorHeader, read_tensor_headers, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -344,8 +343,7 @@ def _write_all(
         def write(i: int, start: int, data) -> None:
             outs[stream[i][0]].write(memoryview(data.numpy()))
 
-        read_tensors([t for _, t in stream], write, drop_behind=not keep_page_cache(total, host_available()),
-                     progress=bar.update)
+        read_tensors([t for _, t in stream], write, progress=bar.update)
     # Each shard must read back as a valid safetensors file with exactly the planned tensors.
     for name, shard in zip(names, shards):
         with safe_open(str(tmp / name), framework="pt", device="cpu") as f:

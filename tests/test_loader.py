@@ -305,7 +305,8 @@ def test_bit_identical_to_safetensors(checkpoints, monkeypatch, layout, stored, 
     from fastsolar import shards
 
     monkeypatch.setattr(shards, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(loader, "keep_page_cache", lambda nbytes, available: layout == "single")
+    if layout == "sharded":  # the shards look cold, so they are dropped from the page cache behind the reader
+        monkeypatch.setattr(shards, "resident_bytes", lambda path: 0)
     d = checkpoints[stored, layout]
     model = load_model(Solar, d, device="cpu", dtype=target)
     expected = reference_load(d, target)

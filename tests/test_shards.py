@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -178,10 +179,24 @@ def test_bad_chunk_size(files):
         read_tensors([headers["a"]], Collect(1), chunk_bytes=12)
 
 
-def test_keep_page_cache():
-    assert shards.keep_page_cache(4 * 10**9, 10 * 10**9)
-    assert not shards.keep_page_cache(6 * 10**9, 10 * 10**9)
-    assert shards.keep_page_cache(6 * 10**9, None)
+@pytest.mark.skipif(sys.platform != "linux", reason="mincore and posix_fadvise as Linux has them")
+def test_page_cache_left_as_found(tmp_path):
+    """By default a file that was cached stays cached and one that was not is dropped behind the reader."""
+    g = torch.Generator().manual_seed(1)
+    for name in ("warm", "cold"):
+        save_file({"w": torch.randn(256, 1024, generator=g)}, tmp_path / f"{name}.safetensors")
+    warm, cold = tmp_path / "warm.safetensors", tmp_path / "cold.safetensors"
+    size = cold.stat().st_size
+    fd = os.open(cold, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    warm.read_bytes()
+    assert shards.resident_bytes(cold) == 0 and shards.resident_bytes(warm) == -(-size // 4096) * 4096
+    read_tensors([read_tensor_headers([cold])["w"]], lambda i, s, d: None)
+    assert shards.resident_bytes(cold) < 64 * 1024  # only the header's pages may stay
+    read_tensors([read_tensor_headers([warm])["w"]], lambda i, s, d: None)
+    assert shards.resident_bytes(warm) == -(-size // 4096) * 4096
 
 
 def test_upscale_streams_identically_when_dropping_behind(tmp_path, monkeypatch):
@@ -192,7 +207,7 @@ def test_upscale_streams_identically_when_dropping_behind(tmp_path, monkeypatch)
     base = F.save(F.build_hf_model(num_hidden_layers=4, seed=2), tmp_path / "base", max_shard_size="100KB")
     upscale.upscale(base, tmp_path / "plain", drop=1, max_shard_size="150KB", progress=False)
     monkeypatch.setattr(shards, "CHUNK_BYTES", 1000)
-    monkeypatch.setattr(upscale, "keep_page_cache", lambda nbytes, available: False)
+    monkeypatch.setattr(shards, "resident_bytes", lambda path: 0)  # the base looks cold: dropped behind
     upscale.upscale(base, tmp_path / "dropped", drop=1, max_shard_size="150KB", progress=False)
     names = sorted(p.name for p in (tmp_path / "plain").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "dropped").iterdir()) and len(names) > 3
