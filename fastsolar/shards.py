@@ -173,8 +173,9 @@ def _chunks(tensors: Sequence[TensorHeader], into: Into | None, chunk_bytes: int
     chunks = []
     for i, t in enumerate(tensors):
         dest = into(i) if into is not None else None
-        if dest is not None and (dest.dtype != torch.uint8 or dest.numel() != t.nbytes or not dest.is_contiguous()):
-            raise ValueError(f"destination for {t.key} must be {t.nbytes} contiguous bytes")
+        if dest is not None and (dest.dtype != torch.uint8 or dest.numel() != t.nbytes or not dest.is_contiguous()
+                                 or dest.device.type != "cpu"):
+            raise ValueError(f"destination for {t.key} must be {t.nbytes} contiguous bytes in host memory")
         for start in range(0, t.nbytes, chunk_bytes):
             n = min(chunk_bytes, t.nbytes - start)
             chunks.append(_Chunk(i, start, n, None if dest is None else dest[start:start + n]))
@@ -197,8 +198,9 @@ def read_tensors(
     gives a destination are read straight into it and never passed to `place`; the others go through
     staging buffers of `chunk_bytes` (default CHUNK_BYTES; page-locked with `pin_memory`, for asynchronous
     CUDA copies); it must be a multiple of 8, so that a chunk never splits an element. `progress(n)` is called
-    after each chunk's `n` bytes are placed. `drop_behind` drops each file range from the page cache after its
-    last read: True for every file, False for none, None for the files less than half cached when opened. ValueError naming the file for a file that ends early.
+    after each chunk's `n` bytes are placed. `drop_behind` drops each file range from the page cache after
+    its last read: True for every file, False for none, None (the default) for the files less than half
+    cached, or of unknown state, when first opened. ValueError naming the file for a file that ends early.
     """
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     if chunk_bytes < 8 or chunk_bytes % 8:
@@ -288,7 +290,7 @@ def resident_bytes(path: Path) -> int | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         mmap_, mincore, munmap = libc.mmap, libc.mincore, libc.munmap
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library to ask (Windows)
         return None
     mmap_.restype = ctypes.c_void_p
     mmap_.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)

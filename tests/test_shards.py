@@ -71,7 +71,7 @@ def test_straight_into_destination(files):
     assert bytes(dest["a"].numpy()) == _bytes(tensors["a"]) and bytes(dest["c"].numpy()) == _bytes(tensors["c"])
     assert collect.parts[0] == b"" and collect.parts[2] == b""  # never staged
     assert bytes(collect.parts[1]) == _bytes(tensors["b"]) and bytes(collect.parts[3]) == _bytes(tensors["d"])
-    with pytest.raises(ValueError, match="destination for a must be 740 contiguous bytes"):
+    with pytest.raises(ValueError, match="destination for a must be 740 contiguous bytes in host memory"):
         read_tensors([headers["a"]], collect, into=lambda i: torch.empty(3, dtype=torch.uint8))
 
 
