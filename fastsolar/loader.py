@@ -201,14 +201,12 @@ def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Non
             raise RuntimeError(f"buffer {name} has no value after loading; the loader only fills parameters")
 
 
-
-
 class _Placer:
     """Copies staged chunks of checkpoint bytes into their parameter slices, converting the dtype.
 
     On CUDA (unverified on hardware: no GPU in CI) the chunks come from pinned buffers and are copied with
     `non_blocking=True` on a side stream, so the upload of one chunk overlaps the disk read of the next and
-    the host thread never waits for the GPU; a dtype change happens on the GPU, after the raw upload. The
+    the calling thread never waits for the GPU; a dtype change happens on the GPU, after the raw upload. The
     event returned for each chunk tells the reader when its staging buffer may be refilled. `finish()`
     waits for the last copy and orders the caller's stream after the side stream.
     """
