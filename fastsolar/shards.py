@@ -8,8 +8,9 @@ allocated or mapped), so the loader and Depth Up-Scaling know every shape before
 (`readinto`) on a reader thread while the calling thread places the previous chunk (copies it into its
 parameter slice, converts its dtype, uploads it to a GPU or writes it out): disk and copy overlap, and the
 kernel's sequential readahead keeps the disk busy. Chunks go either straight into their destination (the
-bytes of a CPU parameter in the checkpoint's dtype: no second copy) or through a small ring of reusable
-staging buffers (pinned for CUDA uploads). Nothing is memory-mapped, so reading never adds file pages to
+bytes of a CPU parameter in the checkpoint's dtype: no second copy; a second thread faults the fresh
+destination pages in ahead of the reader) or through a small ring of reusable staging buffers (pinned for
+CUDA uploads). Nothing is memory-mapped, so reading never adds file pages to
 the process's resident memory. The page cache is left as it was found: a file that was not in it when
 the read began is dropped from it behind the reader (`posix_fadvise(DONTNEED)` on each range after its
 last read), so loading a checkpoint neither fills host memory with pages nobody reads again nor, in a
@@ -195,7 +196,8 @@ def read_tensors(
     """Read the data of `tensors` (in this order; repeats allowed) and hand it to `place`, chunk by chunk.
 
     A reader thread reads up to READ_AHEAD chunks ahead of the one being placed. Tensors for which `into`
-    gives a destination are read straight into it and never passed to `place`; the others go through
+    gives a destination are read straight into it (once another thread has faulted its pages in) and never
+    passed to `place`; the others go through
     staging buffers of `chunk_bytes` (default CHUNK_BYTES; page-locked with `pin_memory`, for asynchronous
     CUDA copies); it must be a multiple of 8, so that a chunk never splits an element. `progress(n)` is called
     after each chunk's `n` bytes are placed. `drop_behind` drops each file range from the page cache after
@@ -227,10 +229,9 @@ def read_tensors(
                     dropping.add(path)
         return files[path]
 
-    def read(f: io.FileIO, t: TensorHeader, c: _Chunk, view: torch.Tensor, fence: Fence | None) -> None:
+    def read(f: io.FileIO, t: TensorHeader, c: _Chunk, view: torch.Tensor, ready: Callable[[], object]) -> None:
         """On the reader thread, the only one that moves the files' positions."""
-        if fence is not None:
-            fence.synchronize()  # the previous copy out of this staging buffer has finished
+        ready()  # the staging buffer's previous copy has finished, or the destination's pages are in
         pos, mv = t.offset + c.start, memoryview(view.numpy())
         try:
             f.seek(pos)
@@ -244,6 +245,11 @@ def read_tensors(
             raise ValueError(f"cannot read {t.key} from checkpoint shard {t.file}: {e}") from e
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsolar-read")
+    # Fresh host memory is slow to fault in (page by page on first write; far slower in a VM), and inside
+    # readinto that would stall the disk: a second thread faults each destination chunk in, in order,
+    # ahead of the reader, which reads into a chunk only once its pages are in.
+    toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsolar-fault-in")
+    faulted = deque(toucher.submit(_fault_in, c.dest) for c in chunks if c.dest is not None)
     pending: deque[tuple[_Chunk, torch.Tensor | None, Future]] = deque()
     todo = iter(chunks)
 
@@ -253,11 +259,11 @@ def read_tensors(
             return
         t = tensors[c.index]
         if c.dest is not None:
-            buf, view, fence = None, c.dest, None
+            buf, view, ready = None, c.dest, faulted.popleft().result
         else:
             buf, fence = free_slots.popleft()
-            view = buf[:c.nbytes]
-        pending.append((c, buf, pool.submit(read, file(t.file), t, c, view, fence)))
+            view, ready = buf[:c.nbytes], (fence.synchronize if fence is not None else _nothing)
+        pending.append((c, buf, pool.submit(read, file(t.file), t, c, view, ready)))
 
     try:
         for _ in range(READ_AHEAD):
@@ -274,9 +280,18 @@ def read_tensors(
                 progress(c.nbytes)
             submit()
     finally:
+        toucher.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True)
         for f in files.values():
             f.close()
+
+
+def _fault_in(dest: torch.Tensor) -> None:
+    dest[::mmap.PAGESIZE].fill_(0)  # one write per page: the kernel maps a zeroed page
+
+
+def _nothing() -> None:
+    pass
 
 
 def resident_bytes(path: Path) -> int | None:

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,25 @@ def test_straight_into_destination(files):
     assert bytes(collect.parts[1]) == _bytes(tensors["b"]) and bytes(collect.parts[3]) == _bytes(tensors["d"])
     with pytest.raises(ValueError, match="destination for a must be 740 contiguous bytes in host memory"):
         read_tensors([headers["a"]], collect, into=lambda i: torch.empty(3, dtype=torch.uint8))
+
+
+def test_destination_faulted_in_before_it_is_read_into(files, monkeypatch):
+    """The fault-in thread writes to each destination chunk; the reader must come strictly after it, or
+    those writes would land on the data (here a slow fault-in that writes 0xEE over the whole chunk)."""
+    paths, tensors = files
+    headers = read_tensor_headers(paths)
+    touched = []
+
+    def slow_fault_in(dest):
+        time.sleep(0.002)
+        dest.fill_(0xEE)
+        touched.append(dest.numel())
+
+    monkeypatch.setattr(shards, "_fault_in", slow_fault_in)
+    dest = {k: torch.empty(headers[k].nbytes, dtype=torch.uint8) for k in "ac"}
+    read_tensors([headers[k] for k in "ac"], Collect(2), into=lambda i: dest["ac"[i]], chunk_bytes=64)
+    assert bytes(dest["a"].numpy()) == _bytes(tensors["a"]) and bytes(dest["c"].numpy()) == _bytes(tensors["c"])
+    assert sum(touched) == headers["a"].nbytes + headers["c"].nbytes
 
 
 class DeferredCopy:
