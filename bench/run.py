@@ -32,6 +32,10 @@ Method, per engine and batch size b (all engines see the same random prompts of 
   the weights every engine shares);
 - match: the fraction of generated token positions identical to the first engine's (fastsolar's) tokens.
 
+With --model, `load` rows come first (bench/load.py's phases, each on a cold page cache): the shards read
+raw, fastsolar's from_pretrained and transformers' from_pretrained plus a first forward, with GB/s and the
+ratio to the raw read; the engines then run on the models these loads made.
+
 Random weights are shared by every engine, one copy (bench/engines.py says how). Progress goes to stderr; a
 markdown table is printed last; `--json` writes every number (partial results are written after each engine).
 Exit status: 1 when an engine failed (the table says why), 2 when interrupted, else 0 (skipped engines, e.g. the
@@ -56,6 +60,7 @@ from typing import Any, Callable
 
 import torch
 
+import load as load_bench
 from common import copy_bandwidth, decode_step_bytes, device_info, import_fastsolar, markdown_table, write_json
 from engines import (Engine, FastsolarEngine, HFEngine, fit_layers, hf_from_pretrained, hf_sharing_weights,
                      random_solar)
@@ -152,6 +157,7 @@ class Bench:
         self._hf = None
         self.notes: list[str] = []
         self.results: dict[str, dict[str, Any]] = {}
+        self.load: dict[str, dict[str, Any]] = {}  # the load rows (--model only)
         self.baseline: dict[int, tuple[str, torch.Tensor]] = {}
         self.t_start = time.perf_counter()
 
@@ -194,23 +200,41 @@ class Bench:
             log.info("fastsolar model ready in %.1f s", time.perf_counter() - t0)
         return self._model
 
+    def make_room_for_hf(self) -> None:
+        """On CUDA, free the fastsolar model when transformers' copy of the checkpoint would not fit beside it."""
+        if self.on_cuda and self._model is not None:
+            need = sum(p.numel() * p.element_size() for p in self._model.parameters()) * 1.1 + (4 << 30)
+            if torch.cuda.mem_get_info(self.device)[0] < need:
+                log.info("freeing the fastsolar model to make room for transformers' copy")
+                self._model = None
+                gc.collect()
+                torch.cuda.empty_cache()
+
     def hf_model(self):
         if self._hf is None:
             t0 = time.perf_counter()
             if self.args.model is not None:
-                if self.on_cuda and self._model is not None:
-                    need = sum(p.numel() * p.element_size() for p in self._model.parameters()) * 1.1 + (4 << 30)
-                    if torch.cuda.mem_get_info(self.device)[0] < need:
-                        log.info("freeing the fastsolar model to make room for transformers' copy")
-                        self._model = None
-                        gc.collect()
-                        torch.cuda.empty_cache()
+                self.make_room_for_hf()
                 log.info("loading %s with transformers", self.args.model)
                 self._hf = hf_from_pretrained(self.args.model, self.device, self.args.dtype)
             else:
                 self._hf = hf_sharing_weights(self.fastsolar_model(), self.args.dtype)
             log.info("transformers model ready in %.1f s", time.perf_counter() - t0)
         return self._hf
+
+    def measure_load(self) -> None:
+        """The `load` rows (bench/load.py's phases, --model only): the shards read raw, fastsolar's load and
+        transformers' load plus a first forward, each on a cold page cache. The engines then use these models."""
+        args = self.args
+        self.meta["checkpoint"] = load_bench.checkpoint_meta(args.model, args.dtype)
+        self.load["raw"], _ = load_bench.measure_phase("raw", args.model, self.device, args.dtype)
+        self.load["fastsolar"], self._model = load_bench.measure_phase(
+            "fastsolar", args.model, self.device, args.dtype, keep=True)
+        self.make_room_for_hf()
+        keep_hf = any(e.startswith("hf-") for e in args.engines)
+        self.load["transformers"], self._hf = load_bench.measure_phase(
+            "transformers", args.model, self.device, args.dtype, keep=keep_hf)
+        load_bench.add_ratios(self.load)
 
     # -- bytes a decode step must read
 
@@ -372,6 +396,10 @@ class Bench:
             "copy_bandwidth_method": self.copy_bw_method,
             "notes": self.notes,
         }
+        if args.model is not None:
+            log.info("=== load ===")
+            self.measure_load()
+            self.write_json(complete=False)
         for name in args.engines:
             log.info("=== engine %s ===", name)
             self.run_engine(name)
@@ -384,7 +412,7 @@ class Bench:
         return self.write_json(complete=True)
 
     def payload(self, complete: bool) -> dict[str, Any]:
-        return {"complete": complete, "meta": self.meta, "engines": self.results}
+        return {"complete": complete, "meta": self.meta, "engines": self.results, "load": self.load}
 
     def write_json(self, complete: bool) -> dict[str, Any]:
         data = self.payload(complete)
@@ -449,6 +477,8 @@ def markdown(data: dict[str, Any]) -> str:
     if m.get("notes"):
         lines += [f"- note: {n}" for n in m["notes"]]
     lines += engine_notes
+    if data.get("load"):
+        lines += ["", "### load", "", *load_bench.table(m["checkpoint"], data["load"], on_cuda)]
     if not data.get("complete", True):
         lines.append("- INCOMPLETE run: some engines did not finish")
     return "\n".join(lines)

@@ -1,30 +1,37 @@
 """Load a Hugging Face safetensors checkpoint (sharded or single file) straight into a fastsolar model.
 
-The model is built on the meta device, every parameter is allocated once on the target device in the
-target dtype, and each checkpoint tensor is copied into it (fused q/k/v and gate/up into their row
-slices) shard by shard, so a 10.7B model reaches a GPU without a second full copy in host memory.
-Before anything is allocated, the headers of all shards are read (`read_tensor_headers`, which
-`fastsolar.upscale` uses too) and checked strictly against the config: unknown, missing and mis-shaped
-keys are reported together in one ValueError.
+The model is built on the meta device; the headers of all shards are read (`fastsolar.shards`, which
+`fastsolar.upscale` uses too) and checked strictly against the config: unknown, missing, mis-shaped and
+non-float keys are reported together in one ValueError. Then, still before anything is allocated, the
+bytes the weights need on the target device (`fastsolar.memory.weight_bytes`) are compared with what is
+free there, and a checkpoint that does not fit is refused (InsufficientMemoryError naming the sizes).
+Only then is every parameter allocated once, on the target device in the target dtype, and filled from
+the checkpoint at disk speed: each shard is read sequentially by `fastsolar.shards.read_tensors` on a
+reader thread while the previous chunk is placed into its (fused q/k/v, gate/up) row slice. On a CPU, a
+tensor already in the target dtype is read straight into its parameter; otherwise chunks are staged and
+converted, and on CUDA they are uploaded from pinned buffers with non-blocking copies on a side stream, so
+the disk read, the PCIe copy and the placement overlap. Nothing is memory-mapped, so resident memory never
+holds a shard's pages, and a shard that was not in the page cache is dropped from it as it is read (one
+that was stays cached for the next start). A progress bar counts bytes (GB, GB/s) on a terminal.
 Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import struct
 import sys
-from collections.abc import Iterable
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from fastsolar import hf_keys
+from fastsolar import hf_keys, memory
 from fastsolar.config import SolarConfig
+from fastsolar.shards import TensorHeader, listing, read_tensor_headers, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +43,6 @@ _DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
-_MAX_LISTED = 20
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-# Bytes per element of the safetensors dtypes a checkpoint may hold (others are read without a size check).
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1,
-             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1}
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -95,112 +97,27 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | Non
 
 
 @dataclass(frozen=True)
-class TensorHeader:
-    """One tensor of a safetensors file as its header describes it (no data is read)."""
+class _Copy:
+    """One checkpoint tensor and where it goes: parameter `name`, or the `rows` of it for a fused part."""
 
-    file: Path
-    key: str
-    dtype: str  # safetensors dtype string, e.g. "BF16"
-    shape: tuple[int, ...]
-    nbytes: int
-
-    @property
-    def itemsize(self) -> int:
-        numel = math.prod(self.shape)
-        return self.nbytes // numel if numel else 1
+    header: TensorHeader
+    name: str
+    rows: slice | None
 
 
-def _read_header(path: Path) -> list[TensorHeader]:
-    """The tensors of one safetensors file: 8-byte little-endian header length, JSON header, then the data.
-
-    Raises ValueError naming the file for a corrupt header or a file shorter than its header says.
-    """
-    def bad(why: str) -> ValueError:
-        return ValueError(f"cannot read checkpoint shard {path}: {why}")
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise bad(f"not a safetensors file (only {len(raw)} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER:
-            raise bad(f"not a safetensors file (header of {n} bytes)")
-        if 8 + n > size:
-            raise bad(f"truncated: the header needs {8 + n} bytes, the file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"not a safetensors file: {e}") from None
-    if not isinstance(header, dict):
-        raise bad("not a safetensors file: the header is not a JSON object")
-    tensors = []
-    data_end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"malformed header entry for {key}: {info!r}") from None
-        ints = all(isinstance(v, int) and v >= 0 for v in (*shape, start, end))
-        if not (isinstance(dtype, str) and ints and start <= end):
-            raise bad(f"malformed header entry for {key}: {info!r}")
-        if dtype in _ITEMSIZE and end - start != math.prod(shape) * _ITEMSIZE[dtype]:
-            raise bad(f"{key} is {dtype} {list(shape)} but its data_offsets span {end - start} bytes")
-        tensors.append(TensorHeader(path, key, dtype, shape, end - start))
-        data_end = max(data_end, end)
-    if 8 + n + data_end > size:
-        raise bad(f"truncated: the header declares {8 + n + data_end} bytes, the file has {size}")
-    return tensors
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
-def read_tensor_headers(shards: Iterable[Path]) -> dict[str, TensorHeader]:
-    """Key -> TensorHeader for every tensor in the safetensors `shards`, read from the headers alone.
-
-    ValueError naming the file for a corrupt or truncated shard, and one ValueError listing every key
-    stored in more than one shard.
-    """
-    headers: dict[str, TensorHeader] = {}
-    duplicates: list[str] = []
-    for path in shards:
-        for t in _read_header(Path(path)):
-            if t.key in headers:
-                duplicates.append(f"{t.key} (in {headers[t.key].file.name} and {t.file.name})")
-            headers[t.key] = t
-    if duplicates:
-        raise ValueError("inconsistent checkpoint: " + _listing("keys stored twice", duplicates))
-    return headers
-
-
-def _open(path: Path, device: str):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", device=device)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on bad files
-        raise ValueError(f"cannot read checkpoint shard {path}: {e}") from e
-
-
-def _listing(title: str, items: list[str]) -> str:
-    shown = items[:_MAX_LISTED]
-    more = f", ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
-    return f"{len(items)} {title}: {', '.join(shown)}{more}"
-
-
-def _plan(
-    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader]
-) -> dict[Path, list[tuple[str, str, slice | None]]]:
-    """Per shard, the (hf_key, param_name, row_slice) copies to make; raises one ValueError for every problem."""
+def _plan(model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader]) -> list[_Copy]:
+    """The copies to make, in file order (shard by shard, each front to back); one ValueError for every problem."""
     params = dict(model.named_parameters())
     parts = hf_keys.fused_parts(config)
-    plan: dict[Path, list[tuple[str, str, slice | None]]] = {}
+    plan: list[_Copy] = []
     unexpected: list[str] = []
     bad_shape: list[str] = []
+    bad_dtype: list[str] = []
     for key, header in headers.items():
-        path, shape = header.file, header.shape
+        shape = header.shape
         if hf_keys.is_ignored(key):
             logger.debug("ignoring checkpoint key %s", key)
             continue
@@ -224,21 +141,26 @@ def _plan(
         if tuple(shape) != expected:
             bad_shape.append(f"{key} (expected {expected}, found {tuple(shape)})")
             continue
-        plan.setdefault(path, []).append((key, name, rows))
+        if header.dtype not in _FLOAT_DTYPES:
+            bad_dtype.append(f"{key} ({header.dtype} in {header.file.name})")
+            continue
+        plan.append(_Copy(header, name, rows))
     missing = [k for k in hf_keys.expected_keys(config) if k not in headers]
     problems = []
     if missing:
-        problems.append(_listing("missing keys", missing))
+        problems.append(listing("missing keys", missing))
     if unexpected:
-        problems.append(_listing("unexpected keys", sorted(unexpected)))
+        problems.append(listing("unexpected keys", sorted(unexpected)))
     if bad_shape:
-        problems.append(_listing("keys with the wrong shape", bad_shape))
+        problems.append(listing("keys with the wrong shape", bad_shape))
+    if bad_dtype:
+        problems.append(listing(f"keys not stored as floats ({', '.join(_FLOAT_DTYPES)})", bad_dtype))
     if problems:
         raise ValueError(
             f"checkpoint does not match its config ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
             f"vocab {config.vocab_size}): " + "; ".join(problems)
         )
-    return plan
+    return sorted(plan, key=lambda c: (c.header.file, c.header.offset))
 
 
 def _check_index(headers: dict[str, TensorHeader], weight_map: dict[str, Path]) -> None:
@@ -247,8 +169,21 @@ def _check_index(headers: dict[str, TensorHeader], weight_map: dict[str, Path]) 
     absent = [f"{k} (index says {p.name})" for k, p in weight_map.items() if k not in headers]
     if astray or absent:
         raise ValueError(
-            "inconsistent checkpoint: " + _listing("keys listed in the index but not in their shard", absent + astray)
+            "inconsistent checkpoint: " + listing("keys listed in the index but not in their shard", absent + astray)
         )
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Skips `torch.nn.init` on meta tensors while the model is built there: there are no values to initialise,
+    and torch's meta `normal_` imports torch._dynamo on first use, seconds of every process's first load."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -266,13 +201,56 @@ def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Non
             raise RuntimeError(f"buffer {name} has no value after loading; the loader only fills parameters")
 
 
-def _progress(shards: list[Path]) -> Iterable[Path]:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return shards
-    disable = len(shards) < 2 or not sys.stderr.isatty()
-    return tqdm(shards, desc="loading shards", unit="shard", disable=disable)
+class _Placer:
+    """Copies staged chunks of checkpoint bytes into their parameter slices, converting the dtype.
+
+    On CUDA (unverified on hardware: no GPU in CI) the chunks come from pinned buffers and are copied with
+    `non_blocking=True` on a side stream, so the upload of one chunk overlaps the disk read of the next and
+    the calling thread never waits for the GPU; a dtype change happens on the GPU, after the raw upload. The
+    event returned for each chunk tells the reader when its staging buffer may be refilled. `finish()`
+    waits for the last copy and orders the caller's stream after the side stream.
+    """
+
+    def __init__(self, device: torch.device, targets: list[torch.Tensor], dtypes: list[torch.dtype]) -> None:
+        self.targets, self.dtypes = targets, dtypes  # flat parameter slices, and the dtype each chunk arrives in
+        self.stream = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+            # Parameters may reuse memory that kernels on the caller's stream still read.
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+
+    def __call__(self, i: int, start: int, data: torch.Tensor) -> torch.cuda.Event | None:
+        src = data.view(self.dtypes[i])
+        first = start // src.element_size()
+        dst = self.targets[i][first:first + src.numel()]
+        if self.stream is None:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src if src.dtype == dst.dtype else src.to(dst.device, non_blocking=True), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def finish(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="loading", unit="B", unit_scale=True, unit_divisor=1000,
+                disable=not sys.stderr.isatty())
+
+
+def _check_memory(model_dir: Path, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """InsufficientMemoryError when the weights, on `device` in `dtype`, do not fit in what is free there."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied parameters once
+    weights = memory.weight_bytes(shapes, dtype)
+    halves = {"bfloat16": memory.weight_bytes(shapes, torch.bfloat16)} if dtype.itemsize > 2 else {}
+    memory.check_fits(f"checkpoint {model_dir}", device, dtype, weights, smaller=halves)
 
 
 def load_model(
@@ -285,7 +263,11 @@ def load_model(
     """Build `cls(config)` from a Hugging Face checkpoint directory; eval mode, no gradients, no cache.
 
     `device` defaults to CUDA when available, else CPU; `dtype` defaults to the config's torch_dtype.
+    Raises ValueError for a checkpoint that does not match its config (or a corrupt or truncated shard,
+    naming the file), FileNotFoundError for missing files, InsufficientMemoryError (a MemoryError) when
+    the weights do not fit in the memory free on `device`; all before any parameter is allocated.
     """
+    t0 = time.perf_counter()
     model_dir = Path(model_dir)
     config = SolarConfig.from_pretrained(model_dir)
     device = resolve_device(device)
@@ -295,32 +277,33 @@ def load_model(
     if weight_map is not None:
         _check_index(headers, weight_map)
 
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitOnMeta():
         model = cls(config)
     plan = _plan(model, config, headers)
+    _check_memory(model_dir, model, device, dtype)
     _allocate(model, device, dtype)
-    params = dict(model.named_parameters())
 
-    read_device = str(device)
-    with torch.no_grad():
-        for path in _progress(shards):
-            copies = plan.get(path, [])
-            if not copies:
-                continue
-            with _open(path, read_device) as f:
-                for key, name, rows in copies:
-                    try:
-                        tensor = f.get_tensor(key)
-                    except Exception as e:
-                        raise ValueError(f"cannot read {key} from checkpoint shard {path}: {e}") from e
-                    target = params[name] if rows is None else params[name][rows]
-                    target.copy_(tensor)
-                    del tensor
+    params = dict(model.named_parameters())
+    targets = [(params[c.name] if c.rows is None else params[c.name][c.rows]).view(-1) for c in plan]
+    sources = [c.header.torch_dtype for c in plan]
+    direct = device.type == "cpu"
+
+    def into(i: int) -> torch.Tensor | None:  # a CPU parameter already in the checkpoint's dtype: read into it
+        return targets[i].view(torch.uint8) if direct and sources[i] == dtype else None
+
+    total = sum(c.header.nbytes for c in plan)
+    placer = _Placer(device, targets, sources)
+    with torch.no_grad(), _progress_bar(total) as bar:
+        read_tensors([c.header for c in plan], placer, into=into, pin_memory=device.type == "cuda",
+                     progress=bar.update)
+        placer.finish()
     model.eval()
     model.requires_grad_(False)
     model.cache = None
+    seconds = time.perf_counter() - t0
     logger.info(
-        "loaded %s (%d layers, %.2fB parameters) from %d shard(s) onto %s as %s",
-        model_dir, config.num_hidden_layers, config.num_parameters() / 1e9, len(shards), device, dtype,
+        "loaded %s (%d layers, %.2fB parameters, %.2f GB read from %d shard(s)) onto %s as %s in %.1f s (%.2f GB/s)",
+        model_dir, config.num_hidden_layers, config.num_parameters() / 1e9, total / 1e9, len(shards), device, dtype,
+        seconds, total / 1e9 / seconds,
     )
     return model

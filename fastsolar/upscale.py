@@ -20,10 +20,12 @@ SOLAR's 48 layers: new 0..23 <- base 0..23, new 24..47 <- base 8..31.
   tokenizer_config.json, special_tokens_map.json, generation_config.json, chat templates, README...)
   copied verbatim.
 
-Memory stays bounded by the largest single tensor (about 0.5 GB for a 7B model): tensors are read one
-at a time with `safetensors.safe_open` and appended to the open output shard, whose header is
-computed up front from the base files' headers (`fastsolar.loader.read_tensor_headers`: shapes and dtypes
-are known before any data is read).
+Memory stays bounded by a few staging buffers (about 100 MB): the base tensors are streamed in output
+order by `fastsolar.shards.read_tensors` (the loader's reader: sequential reads on a reader thread, no
+memory mapping) and appended to their output shard, whose header is computed up front from the base
+files' headers (`fastsolar.shards.read_tensor_headers`: shapes and dtypes are known before any data is
+read). A base that was not in the page cache is dropped from it behind the reader, each range after
+its last use (a repeated layer only after its second read).
 Nothing is unpickled: a `.bin` (pickle) base is refused. The work happens in a hidden temporary
 directory next to `out_dir` that is renamed into place at the end, so a failure never leaves a
 half-written checkpoint behind.
@@ -47,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from fastsolar.config import SolarConfig, read_config_json
-from fastsolar.loader import INDEX_FILE, SINGLE_FILE, TensorHeader, checkpoint_files, read_tensor_headers
+from fastsolar.loader import INDEX_FILE, SINGLE_FILE, checkpoint_files
+from fastsolar.shards import TensorHeader, read_tensor_headers, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -218,28 +221,6 @@ def _shard_header(items: list[tuple[str, TensorHeader]]) -> tuple[bytes, list[tu
     return struct.pack("<Q", len(raw)) + raw, ordered
 
 
-def _tensor_bytes(tensor) -> memoryview:
-    import torch
-
-    flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _write_shard(path: Path, items: list[tuple[str, TensorHeader]], handles: dict[Path, Any], bar) -> None:
-    header, ordered = _shard_header(items)
-    with open(path, "wb") as f:
-        f.write(header)
-        for name, t in ordered:
-            tensor = handles[t.file].get_tensor(t.key)
-            data = _tensor_bytes(tensor)
-            if data.nbytes != t.nbytes:
-                raise RuntimeError(f"{t.key} in {t.file.name}: read {data.nbytes} bytes, header says {t.nbytes}")
-            f.write(data)
-            del tensor, data
-            if bar is not None:
-                bar.update(t.nbytes)
-
-
 def _is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
 
@@ -345,13 +326,24 @@ def _write_all(
 
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    files = sorted({t.file for shard in shards for _, t in shard})
+    # Every output shard is opened with its header written; the data then follows in one stream over all
+    # of them, so a base range read twice (the repeated layers) is dropped from the page cache only after
+    # its second read.
+    stream: list[tuple[int, TensorHeader]] = []
     with ExitStack() as stack, tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upscale", disable=not progress
     ) as bar:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files}
-        for name, shard in zip(names, shards):
-            _write_shard(tmp / name, shard, handles, bar)
+        outs = []
+        for k, (name, shard) in enumerate(zip(names, shards)):
+            header, ordered = _shard_header(shard)
+            outs.append(stack.enter_context(open(tmp / name, "wb")))
+            outs[-1].write(header)
+            stream += [(k, t) for _, t in ordered]
+
+        def write(i: int, start: int, data) -> None:
+            outs[stream[i][0]].write(memoryview(data.numpy()))
+
+        read_tensors([t for _, t in stream], write, progress=bar.update)
     # Each shard must read back as a valid safetensors file with exactly the planned tensors.
     for name, shard in zip(names, shards):
         with safe_open(str(tmp / name), framework="pt", device="cpu") as f:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_fixtures as F
-from fastsolar import hf_keys
+from fastsolar import hf_keys, loader, memory
 from fastsolar.config import SolarConfig
 from fastsolar.loader import load_model, resolve_dtype
 from fastsolar.model import Solar
@@ -255,3 +257,149 @@ def test_tied_embeddings(tmp_path):
     assert model.lm_head.weight is model.embed_tokens.weight
     assert_matches_hf(model, hf)
     assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
+
+
+# -- what the streaming reader places, bit for bit ----------------------------------------------------------
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(hf_llama, tmp_path_factory):
+    """The same weights saved in every dtype, sharded (small shards) and as one file."""
+    root = tmp_path_factory.mktemp("dtypes")
+    out = {}
+    for dtype in DTYPES:
+        model = F.build_hf_model(num_hidden_layers=LAYERS, seed=3).to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        out[dtype, "sharded"] = F.save(model, root / f"{name}-sharded", max_shard_size="60KB")
+        out[dtype, "single"] = F.save(model, root / f"{name}-single", max_shard_size="1GB")
+    return out
+
+
+def reference_load(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The loader as it was before streaming: safetensors' own tensors copied into the fused parameters."""
+    config = SolarConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        meta = Solar(config)
+    params = {n: torch.empty(p.shape, dtype=dtype) for n, p in meta.named_parameters()}
+    parts = hf_keys.fused_parts(config)
+    for f in F.shard_files(model_dir):
+        for key, tensor in load_file(f).items():
+            name, pattern, part = hf_keys.map_key(key)
+            target = params[name]
+            if part is not None:
+                start = sum(parts[pattern][:part])
+                target = target[start:start + parts[pattern][part]]
+            target.copy_(tensor)
+    return params
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("layout", ["sharded", "single"])
+@pytest.mark.parametrize("stored", DTYPES, ids=lambda d: f"stored-{str(d)[6:]}")
+@pytest.mark.parametrize("target", DTYPES, ids=lambda d: f"as-{str(d)[6:]}")
+def test_bit_identical_to_safetensors(checkpoints, monkeypatch, layout, stored, target):
+    """Straight reads (same dtype) and staged conversions, with chunks far smaller than the tensors and
+    the page cache dropped behind the reader, place exactly the bits a plain safetensors copy gives."""
+    from fastsolar import shards
+
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 4096)
+    if layout == "sharded":  # the shards look cold, so they are dropped from the page cache behind the reader
+        monkeypatch.setattr(shards, "resident_bytes", lambda path: 0)
+    d = checkpoints[stored, layout]
+    model = load_model(Solar, d, device="cpu", dtype=target)
+    expected = reference_load(d, target)
+    got = dict(model.named_parameters())
+    assert set(got) == set(expected)
+    for name, ref in expected.items():
+        assert got[name].dtype == target
+        assert torch.equal(bits(got[name]), bits(ref)), name
+
+
+# -- refusing what does not fit, before allocating ----------------------------------------------------------
+
+def test_refuses_what_does_not_fit_before_allocating(sharded_dir, monkeypatch):
+    free = 3 * 10**6
+    monkeypatch.setattr(memory, "free_memory", lambda device: (free, "faked for the test"))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("weights were allocated or read before the memory check")
+
+    monkeypatch.setattr(loader, "_allocate", must_not_run)
+    monkeypatch.setattr(loader, "read_tensors", must_not_run)
+    config = SolarConfig.from_pretrained(sharded_dir)
+    weights = config.num_parameters() * 4
+    need = weights + memory.margin_bytes(weights)
+    with pytest.raises(memory.InsufficientMemoryError) as e:
+        load_model(Solar, sharded_dir, device="cpu", dtype="float32")
+    msg = str(e.value)
+    assert isinstance(e.value, MemoryError)
+    assert f"checkpoint {sharded_dir} does not fit on cpu" in msg
+    assert f"its weights take {weights / 1e6:.2f} MB as float32 ({need / 1e9:.2f} GB with a" in msg
+    assert "only 3.00 MB is free (faked for the test)" in msg
+    assert f"as bfloat16 its weights take {weights / 2e6:.2f} MB" in msg
+    assert "quantise it" in msg and "a machine with more memory" in msg
+
+
+def test_loads_when_it_fits(sharded_dir, hf_llama, monkeypatch):
+    config = SolarConfig.from_pretrained(sharded_dir)
+    weights = config.num_parameters() * 2
+    monkeypatch.setattr(memory, "free_memory", lambda device: (weights + memory.margin_bytes(weights), "exact"))
+    assert_matches_hf(load_model(Solar, sharded_dir, device="cpu", dtype="bf16"), hf_llama, dtype=torch.bfloat16)
+    monkeypatch.setattr(memory, "free_memory", lambda device: None)  # cannot tell: loads without a check
+    load_model(Solar, sharded_dir, device="cpu", dtype="bf16")
+
+
+def test_weight_bytes_takes_a_per_tensor_size():
+    """The size function the loader checks with; a quantised load passes its own per-tensor size."""
+    config = SolarConfig.preset("solar-10.7b")
+    with torch.device("meta"):
+        meta = Solar(config)
+    shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
+    assert memory.weight_bytes(shapes, torch.bfloat16) == config.num_parameters() * 2
+    assert memory.weight_bytes(shapes, torch.float32) == config.num_parameters() * 4
+
+    def int8_linear(name, shape):  # int8 weights with one float32 scale per output row; the rest default
+        return shape[0] * shape[1] + 4 * shape[0] if len(shape) == 2 and "layers." in name else None
+
+    linear = sum(math.prod(s) for n, s in shapes.items() if len(s) == 2 and "layers." in n)
+    rows = sum(s[0] for n, s in shapes.items() if len(s) == 2 and "layers." in n)
+    expected = (config.num_parameters() - linear) * 2 + linear + 4 * rows
+    assert memory.weight_bytes(shapes, torch.bfloat16, int8_linear) == expected
+
+
+def test_host_free_memory_is_asked():
+    free = memory.free_memory(torch.device("cpu"))
+    if free is None:
+        pytest.skip("this OS does not say how much memory is available")
+    available, source = free
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < available <= total and source
+
+
+@pytest.mark.gpu("the pinned-buffer upload needs CUDA")
+@pytest.mark.parametrize("target", DTYPES, ids=lambda d: str(d)[6:])
+def test_cuda_load_bit_identical_to_cpu(checkpoints, monkeypatch, target):
+    """The pinned-buffer, side-stream upload (with GPU-side dtype conversion) places the CPU loader's bits."""
+    from fastsolar import shards
+
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 4096)  # many chunks through the pinned ring
+    d = checkpoints[torch.bfloat16, "sharded"]
+    on_cpu = dict(load_model(Solar, d, device="cpu", dtype=target).named_parameters())
+    on_gpu = dict(load_model(Solar, d, device="cuda", dtype=target).named_parameters())
+    for name, ref in on_cpu.items():
+        assert on_gpu[name].is_cuda and torch.equal(bits(on_gpu[name].cpu()), bits(ref)), name
+
+
+def test_meta_build_skips_init_only_on_meta():
+    """Building on meta skips torch.nn.init (no values there; torch's meta normal_ costs seconds the first time)."""
+    real = torch.ones(4, 3)
+    with torch.device("meta"), loader._SkipInitOnMeta():
+        emb = torch.nn.Embedding(10, 4)
+        torch.nn.init.normal_(real)  # a real tensor is still initialised
+    assert emb.weight.is_meta and emb.weight.shape == (10, 4)
+    assert not torch.equal(real, torch.ones(4, 3))
