@@ -353,6 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model_dir)
     model = load_model(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq)
+    engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup
     name = args.model_name or Path(args.model_dir).resolve().name
     logger.info("serving %s as '%s': max batch %d, max queue %d, context %d%s", args.model_dir, name,
                 args.max_batch, args.max_queue, engine.context, ", API key required" if args.api_key else "")

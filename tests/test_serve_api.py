@@ -406,7 +406,8 @@ def test_serve_help_and_option_errors(capsys, serve_checkpoint):
     for option in ("--host", "--port", "--max-batch", "--max-queue", "--api-key", "--device", "--dtype"):
         assert option in out
     for argv, fragment in ((["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"),
-                           (["--max-queue", "-1"], "--max-queue"), (["--dtype", "int3"], "--dtype")):
+                           (["--max-queue", "-1"], "--max-queue"), (["--dtype", "int3"], "--dtype"),
+                           (["--max-seq", "100000"], "max_seq must be in [2, 256]")):
         assert cli.main(["serve", str(serve_checkpoint), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fastsolar: error: ") and fragment in err[0], err
@@ -457,7 +458,7 @@ def test_api_key_and_clean_shutdown_of_the_command(serve_checkpoint):
             openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
         # A stream in flight when SIGTERM comes finishes; then the process exits 0.
         stream = client.completions.create(model=MODEL, prompt="Hello", max_tokens=60, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
+                                           user="alice", extra_body={"ignore_eos": True})
         chunks = [next(iter(stream))]
         proc.send_signal(signal.SIGTERM)
         chunks += list(stream)
@@ -471,7 +472,7 @@ def test_api_key_and_clean_shutdown_of_the_command(serve_checkpoint):
         log.append(line)
     text = "".join(log)
     assert re.search(r"cmpl-\w+: length, prompt \d+ tokens, completion 60 tokens, time to first token [\d.]+ s, "
-                     r"[\d.]+ tokens/s", text), text
+                     r"[\d.]+ tokens/s, total [\d.]+ s \(user 'alice'\)", text), text
     assert "Shutting down" in text and "shut down" in text and "Traceback" not in text
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=5)

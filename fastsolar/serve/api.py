@@ -35,7 +35,7 @@ from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, Output,
 from fastsolar.serve.engine import Request as EngineRequest
 from fastsolar.serve.errors import APIError
 from fastsolar.serve.sampler import RowParams
-from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, _Generation
+from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks whether its client is still there
 
@@ -158,7 +158,7 @@ async def _sse_stream(events: _Events, shape: _Shape, include_usage: bool) -> As
     yield _sse("[DONE]")
 
 
-def _sampling(body: _Generation) -> RowParams:
+def _sampling(body: GenerationRequest) -> RowParams:
     return RowParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k,
@@ -200,10 +200,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | Non
             raise APIError(404, f"the model '{name}' does not exist: this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
-    async def generate(body: _Generation, request: Request, ids: list[int], stop: tuple[str, ...], chat: bool):
+    async def generate(body: GenerationRequest, request: Request, ids: list[int], stop: tuple[str, ...], chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget, sampling=_sampling(body),
-                             stop=stop, ignore_eos=body.ignore_eos)
+                             stop=stop, ignore_eos=body.ignore_eos, user=body.user)
         events = _Events(engine, ereq, "messages" if chat else "prompt")
         shape = _Shape(chat, rid, model_name)
         if body.stream:

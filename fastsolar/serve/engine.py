@@ -67,6 +67,7 @@ class Request:
     sampling: RowParams = field(default_factory=RowParams)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    user: str | None = None  # the client's end-user id (OpenAI's `user`), only logged
 
 
 @dataclass(frozen=True)
@@ -394,9 +395,10 @@ class Engine:
         now = time.perf_counter()
         ttft = (t.t_first or now) - t.t_submit
         rate = (t.generated - 1) / (now - t.t_first) if t.t_first is not None and t.generated > 1 else 0.0
+        user = f" (user {t.request.user!r})" if t.request.user is not None else ""
         logger.info("%s: %s, prompt %d tokens, completion %d tokens, time to first token %.3f s, %.1f tokens/s, "
-                    "total %.3f s", t.request.id, reason, len(t.request.prompt), t.generated, ttft, rate,
-                    now - t.t_submit)
+                    "total %.3f s%s", t.request.id, reason, len(t.request.prompt), t.generated, ttft, rate,
+                    now - t.t_submit, user)
 
     def _release(self, t: Ticket) -> None:
         """Take a request out of the batch and free its row (engine thread)."""

@@ -54,7 +54,7 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class _Generation(_Strict):
+class GenerationRequest(_Strict):
     """What both endpoints share."""
 
     # Fields accepted only at the value that means "not used"; anything else is refused naming the field.
@@ -99,7 +99,7 @@ class _Generation(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "_Generation":
+    def _one_budget(self) -> "GenerationRequest":
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
@@ -116,15 +116,16 @@ class _Generation(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatCompletionRequest(_Generation):
-    NEUTRAL: ClassVar[dict[str, Any]] = {**_Generation.NEUTRAL, "logprobs": False}
+class ChatCompletionRequest(GenerationRequest):
+    NEUTRAL: ClassVar[dict[str, Any]] = {**GenerationRequest.NEUTRAL, "logprobs": False}
 
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
 
 
-class CompletionRequest(_Generation):
-    NEUTRAL: ClassVar[dict[str, Any]] = {**_Generation.NEUTRAL, "logprobs": None, "echo": False, "best_of": 1}
+class CompletionRequest(GenerationRequest):
+    NEUTRAL: ClassVar[dict[str, Any]] = {**GenerationRequest.NEUTRAL, "logprobs": None, "echo": False,
+                                         "best_of": 1}
 
     prompt: str | list[int]
     logprobs: int | None = None
