@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="a Hugging Face checkpoint dir (default: random weights)")
     p.add_argument("--preset", default="tiny", help='config preset for random weights (default "tiny")')
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (random weights only)")

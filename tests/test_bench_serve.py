@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_bench_serve_runs_on_cpu_and_writes_json(tmp_path, serve_checkpoint):
+    for name in ("fastapi", "uvicorn", "httpx"):  # the bench extra brings them, the test extra too
+        pytest.importorskip(name, reason=f"bench/serve.py needs {name}: pip install -e '.[test]'")
     out = tmp_path / "serve.json"
     cmd = [sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(serve_checkpoint), "--device", "cpu",
            "--clients", "1,3", "--requests-per-client", "1", "--prompt-len", "8", "--new-tokens", "5",

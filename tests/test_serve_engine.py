@@ -69,6 +69,25 @@ def test_row_sampler_draws_follow_probabilities():
     assert torch.equal(sampler.counter.cpu(), torch.full((rows,), calls))
 
 
+def test_row_sampler_sampled_row_is_the_exponential_race_over_its_own_noise():
+    """One sampled row, no top-k / top-p of its own (though the sampling mode runs both stages): the token is
+    argmax(p / E) with p transformers' processed distribution and E this row's counter-based noise."""
+    vocab = 301
+    sampler = RowSampler(4, vocab, DEVICE)
+    sampler.assign(2, RowParams(temperature=0.8, seed=99))
+    sampler.select(torch.tensor([2], device=DEVICE), [2])
+    assert sampler.mode == (False, True, True, True)
+    g = torch.Generator().manual_seed(5)
+    ref = SamplingParams.build(1, vocab, DEVICE, temperature=0.8)
+    assert (ref.use_top_k, ref.use_top_p) == (False, False)
+    key = torch.tensor([rng.seed_words(99)], dtype=torch.int64, device=DEVICE)
+    for step in range(4):
+        logits = (torch.randn(1, vocab, generator=g) * 2).to(DEVICE)
+        probs = process_logits(logits, ref).softmax(dim=-1)
+        noise = rng.exponential(key, torch.tensor([step], device=DEVICE), torch.arange(vocab, device=DEVICE))
+        assert sampler(logits).item() == int((probs / noise).argmax())
+
+
 def test_row_sampler_row_result_independent_of_batch():
     """A row's tokens depend on its own logits, parameters, seed and counter only: the same rows sampled as
     one batch in one order, or one by one, give the same tokens, step after step."""

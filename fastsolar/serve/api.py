@@ -22,7 +22,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -36,6 +36,9 @@ from fastsolar.serve.engine import Request as EngineRequest
 from fastsolar.serve.errors import APIError
 from fastsolar.serve.sampler import RowParams
 from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+
+if TYPE_CHECKING:
+    from fastsolar.tokenizer import Tokenizer
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks whether its client is still there
 
@@ -169,7 +172,7 @@ def _sampling(body: GenerationRequest) -> RowParams:
     )
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine`; its lifespan starts the engine and stops it at shutdown."""
 
     @contextlib.asynccontextmanager

@@ -27,12 +27,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastsolar.chat import TextStream
 from fastsolar.sampling import SamplingParams
 from fastsolar.serve.sampler import RowParams, RowSampler
+
+if TYPE_CHECKING:
+    from fastsolar.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +125,7 @@ class Engine:
     def __init__(
         self,
         model: torch.nn.Module,
-        tokenizer,
+        tokenizer: "Tokenizer",
         *,
         max_batch: int = 8,
         max_queue: int = 64,

@@ -90,7 +90,12 @@ class RowSampler:
         the host, used only for the host-side mode flags)."""
         self.batch_rows[: rows.shape[0]].copy_(rows)
         flags = [self._row_flags[r] for r in host_rows]
-        self._mode_flags = {name: any(f[name] for f in flags) for name in self._flags}
+        mode = {name: any(f[name] for f in flags) for name in self._flags}
+        if mode.get("sample"):
+            # Top-k and top-p leave rows at their neutral values exactly as they are, so a sampling batch
+            # always runs them: 4 modes instead of 16, so far fewer captured graphs per batch size.
+            mode.update({name: True for name in ("use_top_k", "use_top_p") if name in mode})
+        self._mode_flags = mode
 
     @property
     def mode(self) -> tuple[bool, ...]:
