@@ -178,6 +178,27 @@ class StopStringFilter:
         return "" if self.stopped else held
 
 
+class TextStream:
+    """Token ids in, reply text out: incremental detokenization (`tokenizer.stream_decoder()`) followed by a
+    StopStringFilter, so the pieces are final text, cut at the first stop string.
+
+    `push(token)` returns `(text, stopped)`; `finish()` returns `(tail, stopped)` at the end of generation
+    (what was held back, itself cut if the last characters completed a stop string). The concatenation of
+    the pieces is the same however the tokens were grouped, so streamed and whole replies agree.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Iterable[str] = ()) -> None:
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStringFilter(stop_strings)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        return self.stops.push(self.decoder.push(token))
+
+    def finish(self) -> tuple[str, bool]:
+        shown, stopped = self.stops.push(self.decoder.flush())
+        return shown + self.stops.flush(), stopped
+
+
 def stream_text(
     model: Any,
     tokenizer: Any,
@@ -201,21 +222,19 @@ def stream_text(
     eos = set(int(e) for e in eos_token_ids)
     eos_arg: int | list[int] = next(iter(eos)) if len(eos) == 1 else sorted(eos)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=getattr(model, "device", None))
-    decoder = tokenizer.stream_decoder()
-    stops = StopStringFilter(stop_strings)
+    text = TextStream(tokenizer, stop_strings)
     steps = model.stream(ids, max_new_tokens, eos_token_id=eos_arg, **sampling)
     try:
         for step in steps:
             token = int(step.reshape(-1)[0])
             if token in eos:
                 break
-            shown, stopped = stops.push(decoder.push(token))
+            shown, stopped = text.push(token)
             if shown:
                 yield shown
             if stopped:
                 return
-        shown, _ = stops.push(decoder.flush())
-        tail = shown + stops.flush()
+        tail, _ = text.finish()
         if tail:
             yield tail
     finally:

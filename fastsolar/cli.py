@@ -4,6 +4,7 @@ Commands:
     generate MODEL_DIR --prompt TEXT   stream a completion (`--chat` wraps the prompt in the chat format)
     chat MODEL_DIR                     interactive SOLAR-Instruct chat on stdin / stdout
     upscale BASE_DIR OUT_DIR --drop N  Depth Up-Scaling of a Llama/Mistral checkpoint (`--dry-run` prints the map)
+    serve MODEL_DIR                    OpenAI-compatible HTTP server with continuous batching (the `serve` extra)
 
 Adding a command is one function plus one decorator: write `def cmd_x(args) -> int` decorated with
 `@command("x", help=..., arguments=add_x_arguments)` where `add_x_arguments(parser)` adds its options.
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs, so --help stays fast
@@ -101,6 +104,12 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.repetition_penalty > 0:
         raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    _check_dtype(args)
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _check_dtype(args: argparse.Namespace) -> None:
     if args.dtype != "auto":
         from fastsolar.loader import resolve_dtype
 
@@ -108,8 +117,6 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any]:
             resolve_dtype(args.dtype)
         except ValueError as e:
             raise ValueError(f"--dtype: {e}") from None
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def load_tokenizer(model_dir: str) -> "Tokenizer":
@@ -294,6 +301,64 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         _write(f"new {new_i} <- base {base_i}\n")
     _write(f"dry run: {len(mapping)} layers, nothing written\n" if args.dry_run
            else f"wrote {args.out_dir} ({len(mapping)} layers)\n")
+    return 0
+
+
+# -- serve -------------------------------------------------------------------------------------------
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="requests decoded together: rows of the KV cache (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting for a row; beyond that new requests get 429 (default 64)")
+    p.add_argument("--max-seq", type=int, default=None, metavar="N",
+                   help="prompt + completion tokens per request (default: the model's context)")
+    p.add_argument("--api-key", default=os.environ.get("FASTSOLAR_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FASTSOLAR_API_KEY, else none)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: MODEL_DIR's name)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds in-flight requests get to finish at SIGINT/SIGTERM before they are cancelled")
+
+
+@command("serve", help="OpenAI-compatible HTTP server with continuous batching", arguments=_serve_arguments)
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over HTTP with OpenAI's API (POST /v1/chat/completions, /v1/completions; GET /v1/models,
+    /health, /metrics), decoding concurrent requests together. SIGINT / SIGTERM shut it down cleanly."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_seq is not None and args.max_seq < 2:
+        raise ValueError(f"--max-seq must be at least 2, got {args.max_seq}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    _check_dtype(args)
+    try:
+        from fastsolar.serve.api import create_app
+        from fastsolar.serve.server import run
+    except ImportError as e:
+        raise CLIError(f"fastsolar serve needs the serve extra ({e.name} is not installed): "
+                       "pip install 'fastsolar[serve]'") from None
+    from fastsolar.serve.engine import Engine
+
+    if not args.verbose:  # a server's log: one line per request, startup and shutdown
+        logging.getLogger(PROG).setLevel(logging.INFO)
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_model(args)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq)
+    engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup
+    name = args.model_name or Path(args.model_dir).resolve().name
+    logger.info("serving %s as '%s': max batch %d, max queue %d, context %d%s", args.model_dir, name,
+                args.max_batch, args.max_queue, engine.context, ", API key required" if args.api_key else "")
+    run(create_app(engine, tokenizer, name, api_key=args.api_key), args.host, args.port,
+        shutdown_timeout=args.shutdown_timeout)
     return 0
 
 

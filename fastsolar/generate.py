@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from fastsolar.sampling import PerRow, Sampler, check_sampling_args
+from fastsolar.sampling import DeviceState, PerRow, Sampler, check_sampling_args
 
 CHECK_EVERY = 16  # decode steps between host checks for "every row has finished"
 CACHE_ROUND = 256  # cache lengths are rounded up to a multiple of this so later calls can reuse the cache
@@ -39,7 +39,7 @@ _loops: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, DecodeLoop]]" = 
 
 
 @dataclass
-class DecodeLoop:
+class DecodeLoop(DeviceState):
     """The per-token state of a generate call as device buffers, refilled in place by `start`.
 
     `advance(model, sampler)` is one whole step and touches nothing else (what CudaGraphLoop captures):
@@ -92,19 +92,9 @@ class DecodeLoop:
         self.positions += 1
 
     def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        # history is left out: a warm-up writes only columns the real steps overwrite before reading.
         return self.tokens, self.positions, self.finished, self.finished_at, self.step
 
-    def snapshot(self) -> tuple[torch.Tensor, ...]:
-        # history is left out: a warm-up writes only columns the real steps overwrite before reading.
-        return tuple(t.clone() for t in self.state_tensors())
-
-    def restore(self, snapshot: tuple[torch.Tensor, ...]) -> None:
-        with torch.inference_mode():
-            for live, saved in zip(self.state_tensors(), snapshot):
-                live.copy_(saved)
-
-    def generators(self) -> list[torch.Generator]:
-        return []
 
 
 class _DoneProbe:

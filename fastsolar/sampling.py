@@ -199,7 +199,32 @@ def process_logits(
     return scores
 
 
-class Sampler:
+class DeviceState:
+    """What a CUDA-graph step needs from a stateful object it runs (fastsolar/graphs.py): its device tensors
+    (`state_tensors()`) and generators, so warm-up runs can be undone with `snapshot()` / `restore()` in place
+    (captured graphs keep reading the same buffers) and the generators registered with the graph."""
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def generators(self) -> list[torch.Generator]:
+        return []
+
+    def snapshot(self) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        """Copies of the device tensors and of the generators' states, for `restore`."""
+        return tuple(t.clone() for t in self.state_tensors()), [g.get_state() for g in self.generators()]
+
+    def restore(self, snapshot: tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]) -> None:
+        """Put back what `snapshot` copied, in place."""
+        tensors, generator_states = snapshot
+        with torch.inference_mode():  # in-place writes allowed on normal and inference tensors alike
+            for live, saved in zip(self.state_tensors(), tensors):
+                live.copy_(saved)
+        for g, state in zip(self.generators(), generator_states):
+            g.set_state(state)
+
+
+class Sampler(DeviceState):
     """Device-resident sampling state for a batch of `batch` rows; `sampler(logits) -> tokens [b] int64`."""
 
     def __init__(self, batch: int, vocab_size: int, device: torch.device | str) -> None:
@@ -229,18 +254,6 @@ class Sampler:
 
     def generators(self) -> list[torch.Generator]:
         return [self.generator]
-
-    def snapshot(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Copies of the device state and the generator's state, for `restore`."""
-        return tuple(t.clone() for t in self.state_tensors()), self.generator.get_state()
-
-    def restore(self, snapshot: tuple[tuple[torch.Tensor, ...], torch.Tensor]) -> None:
-        """Put back what `snapshot` copied, in place (captured graphs keep reading the same buffers)."""
-        tensors, generator_state = snapshot
-        with torch.inference_mode():  # in-place writes allowed on normal and inference tensors alike
-            for live, saved in zip(self.state_tensors(), tensors):
-                live.copy_(saved)
-        self.generator.set_state(generator_state)
 
     def reset(
         self,

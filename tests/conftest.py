@@ -25,6 +25,7 @@ environment such tests are reported as skipped with the reason, instead of faili
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -95,3 +96,21 @@ def _caused_by_interpreter_conflict(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory):
+    """A tiny random Llama checkpoint with a sentencepiece tokenizer.model beside it, the model's vocabulary
+    the tokenizer's (so every generated id decodes): what the server tests serve."""
+    import hf_fixtures
+    import sentencepiece as spm
+
+    path = os.path.join(os.path.dirname(__file__), "data", "make_tokenizer.py")
+    spec = importlib.util.spec_from_file_location("make_tokenizer", path)
+    make_tokenizer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tokenizer)
+    d = tmp_path_factory.mktemp("serve_ckpt")
+    make_tokenizer.train_tokenizer(d)
+    vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).GetPieceSize()
+    hf_fixtures.save(hf_fixtures.build_hf_model(vocab_size=vocab, seed=3), d, max_shard_size="10MB")
+    return d

@@ -1,0 +1,149 @@
+"""Request bodies of the OpenAI-compatible endpoints, as strict pydantic models (validation is pydantic's).
+
+Every field OpenAI defines either works or is refused with a 400 naming it -- never silently ignored:
+
+- implemented: `model`, `messages` / `prompt`, `max_tokens` (`max_completion_tokens` is its newer name;
+  default: what fits the context), `temperature` (default 1, as OpenAI's), `top_p`, `seed`, `stop` (a string
+  or a list), `stream`, `stream_options.include_usage`;
+- extra fields (as vLLM names them): `top_k` (0 = off), `repetition_penalty` (1 = off), `ignore_eos`;
+- accepted only at their neutral value (so clients that always send them keep working): `n` = 1,
+  `frequency_penalty` = `presence_penalty` = 0, `logprobs` false (chat) / null (completions), `echo`
+  false and `best_of` 1 (completions);
+- accepted and only logged: `user` (OpenAI's end-user id);
+- anything else (`tools`, `logit_bias`, `response_format`, `suffix`, ...) is an unknown field: 400.
+
+Types are strict (no "0.7" for 0.7, no 1 for true) and numbers finite, as a JSON API should be.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+ROLES = ("system", "user", "assistant")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [{"type": "text", "text": v}]
+        if not isinstance(v, list):
+            raise ValueError("must be a string or a list of text parts")
+        return v
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.content)
+
+
+class GenerationRequest(_Strict):
+    """What both endpoints share."""
+
+    # Fields accepted only at the value that means "not used"; anything else is refused naming the field.
+    NEUTRAL: ClassVar[dict[str, Any]] = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0}
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if v is not None and not isinstance(v, list):
+            raise ValueError("must be a string or a list of strings")
+        if v is not None and any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("n", "frequency_penalty", "presence_penalty", "logprobs", "echo", "best_of",
+                     check_fields=False)
+    @classmethod
+    def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
+        neutral = cls.NEUTRAL[info.field_name]
+        if v is not None and v != neutral:
+            what = "is not supported" if neutral is None else f"is only supported as {info.field_name}={neutral!r}"
+            raise ValueError(f"{info.field_name}={v!r} {what} by this server")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "GenerationRequest":
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def token_budget(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(GenerationRequest):
+    NEUTRAL: ClassVar[dict[str, Any]] = {**GenerationRequest.NEUTRAL, "logprobs": False}
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+
+
+class CompletionRequest(GenerationRequest):
+    NEUTRAL: ClassVar[dict[str, Any]] = {**GenerationRequest.NEUTRAL, "logprobs": None, "echo": False,
+                                         "best_of": 1}
+
+    prompt: str | list[int]
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        # OpenAI also takes a batch (a list of strings or of token lists); one prompt per request here.
+        if isinstance(v, list) and v and all(isinstance(x, (str, list)) for x in v):
+            if len(v) > 1:
+                raise ValueError(f"a batch of {len(v)} prompts is not supported: send one prompt per request")
+            v = v[0]
+        if isinstance(v, list):
+            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int)]
+            if bad:
+                raise ValueError(f"must be a string or a list of token ids (integers), got {bad[0]!r} in the list")
+        elif not isinstance(v, str):
+            raise ValueError("must be a string or a list of token ids")
+        return v
