@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from fastsolar import kernels as K
 
@@ -71,3 +72,12 @@ def decode_attention(
 ) -> torch.Tensor:
     fn = K.decode_attention if use_kernels(q) else K.decode_attention_ref
     return fn(q, k_cache, v_cache, seqlens, rows=rows)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T. With `scale`, weight is quantised (int8 or float8_e4m3fn [N, K], fastsolar.quant) and
+    scale its fp32 per-output-channel scale [N]: the weight-only quantised matmul kernel, or its reference
+    (dequantise to x's dtype, then matmul) off the kernel path."""
+    if scale is None:
+        return F.linear(x, weight)
+    return (K.quant_matmul if use_kernels(x) else K.quant_matmul_ref)(x, weight, scale)

@@ -18,6 +18,9 @@ A compile fails the test on:
 * prefill attention on sm_90 without Hopper matrix instructions (`wgmma` in the PTX and
   `HGMMA` in the SASS).
 
+The weight-only quantised matmul is compiled for int8 weights on both targets and for FP8 (e4m3) weights
+on sm_90 only: FP8 needs sm_89+, and fastsolar.quant refuses it on an A100.
+
 Set FASTSOLAR_COMPILE_REPORT=path to get a markdown table of every compile's numbers.
 """
 from __future__ import annotations
@@ -177,12 +180,20 @@ def _run_decode(batch):
     return run
 
 
+def _run_quant(rows, n, k, weight_dtype):
+    def run(K, dtype):  # the model's linear layers: x [rows, k] activations, weight [n, k] quantised
+        K.quant_matmul(_t(rows, k, dtype=dtype), _t(n, k, dtype=weight_dtype), _t(n, dtype=torch.float32))
+
+    return run
+
+
 @dataclasses.dataclass
 class Case:
     op: str
     module: str  # under fastsolar.kernels
     run: Callable  # (module, dtype) -> None: calls the launcher once
     wgmma_on_90: bool = False
+    min_arch: int = 0  # targets below this are skipped (the op is refused there)
 
 
 CASES = [
@@ -194,6 +205,14 @@ CASES = [
     Case("attention", "attention", _run_attention, wgmma_on_90=True),
     Case("decode_b1", "decode_attention", _run_decode(1)),
     Case("decode_b8", "decode_attention", _run_decode(8)),
+    # Prefill (512 tokens into gate_up), a small batch (32 rows into qkv), decode (1 row into down).
+    Case("quant_int8_prefill", "quant_matmul", _run_quant(512, 2 * INTER, HIDDEN, torch.int8)),
+    Case("quant_int8_m32", "quant_matmul", _run_quant(32, (N_HEADS + 2 * N_KV) * HEAD_DIM, HIDDEN, torch.int8)),
+    Case("quant_int8_decode", "quant_matmul", _run_quant(1, HIDDEN, INTER, torch.int8)),
+    Case("quant_fp8_prefill", "quant_matmul", _run_quant(512, 2 * INTER, HIDDEN, torch.float8_e4m3fn), min_arch=89),
+    Case("quant_fp8_m32", "quant_matmul", _run_quant(32, (N_HEADS + 2 * N_KV) * HEAD_DIM, HIDDEN,
+                                                     torch.float8_e4m3fn), min_arch=89),
+    Case("quant_fp8_decode", "quant_matmul", _run_quant(1, HIDDEN, INTER, torch.float8_e4m3fn), min_arch=89),
 ]
 
 
@@ -345,6 +364,8 @@ def test_parsers():
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.op)
 def test_kernel_compiles_clean(worker, case, arch, dtype_name):
+    if arch < case.min_arch:
+        pytest.skip(f"{case.op} needs sm_{case.min_arch}+")
     failures = []
     for req in _requests(case, dtype_name, arch):
         res = _compile(worker, req)
