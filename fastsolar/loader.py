@@ -7,6 +7,8 @@ Before anything is allocated, the headers of all shards are read (`read_tensor_h
 `fastsolar.upscale` uses too) and checked strictly against the config: unknown, missing and mis-shaped
 keys are reported together in one ValueError.
 Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
+With `quantize`, or for a checkpoint quantised elsewhere, the linear layers are built quantised and each
+tensor is quantised (or its scale spread over its rows) as it is copied: fastsolar.quant_load says how.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from fastsolar import hf_keys
-from fastsolar.config import SolarConfig
+from fastsolar import hf_keys, quant, quant_load
+from fastsolar.config import SolarConfig, read_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +193,10 @@ def _listing(title: str, items: list[str]) -> str:
 
 
 def _plan(
-    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader]
+    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: list[str] = ()
 ) -> dict[Path, list[tuple[str, str, slice | None]]]:
-    """Per shard, the (hf_key, param_name, row_slice) copies to make; raises one ValueError for every problem."""
+    """Per shard, the (hf_key, param_name, row_slice) copies to make; raises one ValueError for every problem.
+    `scale_keys`: the scales a quantised checkpoint must hold on top of the usual keys."""
     params = dict(model.named_parameters())
     parts = hf_keys.fused_parts(config)
     plan: dict[Path, list[tuple[str, str, slice | None]]] = {}
@@ -221,11 +224,11 @@ def _plan(
             start = sum(sizes[:part])
             rows = slice(start, start + sizes[part])
             expected = (sizes[part], *full[1:])
-        if tuple(shape) != expected:
+        if tuple(shape) != expected and not quant_load.scale_shape_ok(name, shape, expected[0]):
             bad_shape.append(f"{key} (expected {expected}, found {tuple(shape)})")
             continue
         plan.setdefault(path, []).append((key, name, rows))
-    missing = [k for k in hf_keys.expected_keys(config) if k not in headers]
+    missing = [k for k in [*hf_keys.expected_keys(config), *scale_keys] if k not in headers]
     problems = []
     if missing:
         problems.append(_listing("missing keys", missing))
@@ -252,14 +255,17 @@ def _check_index(headers: dict[str, TensorHeader], weight_map: dict[str, Path]) 
 
 
 def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Replace every meta parameter by an uninitialised one on `device`, keeping tied parameters tied."""
+    """Replace every meta parameter by an uninitialised one on `device`, keeping tied parameters tied.
+    Quantised layers keep their storage dtypes (int8 / float8_e4m3fn weights, fp32 scales)."""
     new: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for key, p in list(module._parameters.items()):
             if p is None:
                 continue
             if id(p) not in new:
-                new[id(p)] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype), requires_grad=False)
+                keep = isinstance(module, quant.QuantLinear)
+                new[id(p)] = nn.Parameter(torch.empty(p.shape, device=device, dtype=p.dtype if keep else dtype),
+                                          requires_grad=False)
             module._parameters[key] = new[id(p)]
     for name, b in model.named_buffers():
         if b is not None and b.is_meta:
@@ -281,23 +287,36 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> M:
     """Build `cls(config)` from a Hugging Face checkpoint directory; eval mode, no gradients, no cache.
 
-    `device` defaults to CUDA when available, else CPU; `dtype` defaults to the config's torch_dtype.
+    `device` defaults to CUDA when available, else CPU; `dtype` (of activations, embeddings and norms)
+    defaults to the config's torch_dtype. `quantize` ("fp8", "int8"; default None) quantises the linear
+    layers as they load; a checkpoint quantised elsewhere loads quantised as stored. Bad values, a card
+    that cannot run the mode and unsupported quantised checkpoints are refused before any weight is read.
     """
+    quantize = quant.check_mode(quantize)
     model_dir = Path(model_dir)
     config = SolarConfig.from_pretrained(model_dir)
+    stored = quant_load.read_quantization(read_config_json(model_dir))
+    mode = quant_load.resolve_mode(quantize, stored, model_dir)
     device = resolve_device(device)
+    quant.check_device(mode, device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
     shards, weight_map = checkpoint_files(model_dir)
     headers = read_tensor_headers(shards)
     if weight_map is not None:
         _check_index(headers, weight_map)
+    stored_layers, scale_keys = quant_load.quantized_layers(headers, stored)
+    if stored is not None:  # activation scales belong to activation quantisation, which is not replayed
+        headers = {k: h for k, h in headers.items() if not hf_keys.is_activation_scale(k)}
 
     with torch.device("meta"):
         model = cls(config)
-    plan = _plan(model, config, headers)
+    if mode is not None:
+        quant.quantize(model, mode, only=stored_layers if stored is not None else None)
+    plan = _plan(model, config, headers, scale_keys)
     _allocate(model, device, dtype)
     params = dict(model.named_parameters())
 
@@ -313,14 +332,14 @@ def load_model(
                         tensor = f.get_tensor(key)
                     except Exception as e:
                         raise ValueError(f"cannot read {key} from checkpoint shard {path}: {e}") from e
-                    target = params[name] if rows is None else params[name][rows]
-                    target.copy_(tensor)
+                    quant_load.copy_into(params, name, rows, tensor)
                     del tensor
     model.eval()
     model.requires_grad_(False)
     model.cache = None
     logger.info(
-        "loaded %s (%d layers, %.2fB parameters) from %d shard(s) onto %s as %s",
-        model_dir, config.num_hidden_layers, config.num_parameters() / 1e9, len(shards), device, dtype,
+        "loaded %s (%d layers, %.2fB parameters, %.2f GB) from %d shard(s) onto %s as %s%s",
+        model_dir, config.num_hidden_layers, config.num_parameters() / 1e9, quant.parameter_bytes(model) / 1e9,
+        len(shards), device, dtype, f" with {mode} weights" if mode else "",
     )
     return model

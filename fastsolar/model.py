@@ -166,11 +166,16 @@ class Solar(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        quantize: str | None = None,
     ) -> "Solar":
-        """Load a Hugging Face checkpoint directory (sharded or single safetensors); see `fastsolar.loader`."""
+        """Load a Hugging Face checkpoint directory (sharded or single safetensors); see `fastsolar.loader`.
+
+        `quantize="fp8"` or `"int8"` quantises the linear layers (per output channel) as they load, halving
+        their memory and the bytes each decode step reads; FP8 needs sm_89+, int8 sm_80+ (see fastsolar.quant).
+        """
         from fastsolar.loader import load_model
 
-        return load_model(cls, model_dir, device=device, dtype=dtype)
+        return load_model(cls, model_dir, device=device, dtype=dtype, quantize=quantize)
 
     @property
     def device(self) -> torch.device:
