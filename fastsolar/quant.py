@@ -187,6 +187,9 @@ def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None) 
         setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode))
     if names:
         logger.debug("quantised %d linear layers to %s", len(names), mode)
+        from fastsolar.graphs import shared_pool
+
+        shared_pool(model).clear()  # graphs captured before would replay the old layers
     return model
 
 

@@ -120,6 +120,13 @@ def test_quant_linear_and_model_conversion(mode):
     assert_close(net.a(x), x.double() @ quant.dequantize(q, s, torch.float64).T, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not quantisable"):
         quant.quantize(Net(), mode, only=["lm_head"])
+    # CUDA graphs captured before the conversion replay the old layers: they are dropped.
+    from fastsolar.graphs import shared_pool
+
+    net2 = Net()
+    shared_pool(net2).entries["stale"] = object()
+    quant.quantize(net2, mode)
+    assert not shared_pool(net2).entries
 
 
 def test_quantized_copy_shares_everything_else():
