@@ -46,6 +46,7 @@ class _Request:
     eos: tuple[int, ...]
     pad: int
     cuda_graphs: bool
+    min_new_tokens: int = 0
 
 
 def _validate(
@@ -61,6 +62,8 @@ def _validate(
     attention_mask: torch.Tensor | None,
     seed: int | None,
     cuda_graphs: bool | None,
+    min_new_tokens: int = 0,
+    pad_token_id: int | None = None,
 ) -> _Request:
     config = model.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -72,7 +75,11 @@ def _validate(
         raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; at least one token is needed")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+                                     or not 0 <= pad_token_id < config.vocab_size):
+        raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), got {pad_token_id!r}")
+    check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                        min_new_tokens=min_new_tokens)
 
     device = model.device
     if cuda_graphs is None:
@@ -121,11 +128,14 @@ def _validate(
         eos = (eos_token_id,)
     else:
         eos = tuple(int(e) for e in eos_token_id)
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    if pad_token_id is not None:
+        pad = pad_token_id
+    else:
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     return _Request(
         input_ids=ids, attention_mask=mask, lengths=lengths, max_new_tokens=max_new_tokens,
         sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty),
-        seed=seed, eos=eos, pad=pad, cuda_graphs=bool(cuda_graphs),
+        seed=seed, eos=eos, pad=pad, cuda_graphs=bool(cuda_graphs), min_new_tokens=min_new_tokens,
     )
 
 
@@ -175,7 +185,8 @@ def _token_loop(model: Any, req: _Request, check_every: int, done_at: list) -> I
     cache_len = min(-(-(right.shape[1] + n_new) // CACHE_ROUND) * CACHE_ROUND, model.config.max_position_embeddings)
     model.setup_cache(b, cache_len)
     sampler = _get_sampler(model, b)
-    sampler.reset(**req.sampling, seed=req.seed, prompt_ids=right, prompt_mask=valid)
+    sampler.reset(**req.sampling, seed=req.seed, prompt_ids=right, prompt_mask=valid,
+                  min_new_tokens=req.min_new_tokens, eos_token_ids=req.eos)
     step = _make_step(model, sampler, b, req.cuda_graphs)
 
     device = right.device
@@ -215,17 +226,21 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     seed: int | None = None,
     cuda_graphs: bool | None = None,
+    min_new_tokens: int = 0,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """The prompt (as given, left padding kept) followed by the new tokens: `[b, L + n]` int64 on the
     model's device, n <= max_new_tokens (shorter when every row reached an EOS, like transformers).
 
     temperature 0 is greedy (argmax); otherwise sample after repetition_penalty, temperature, top_k and
-    top_p, in transformers' order; `seed` makes sampling reproducible. eos_token_id defaults to the config's.
+    top_p, in transformers' order; `seed` makes sampling reproducible. eos_token_id defaults to the config's;
+    no EOS is chosen among the first `min_new_tokens` tokens; finished rows are filled with `pad_token_id`
+    (default: the config's pad id, else the first EOS id).
     """
     req = _validate(
         model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, attention_mask=attention_mask,
-        seed=seed, cuda_graphs=cuda_graphs,
+        seed=seed, cuda_graphs=cuda_graphs, min_new_tokens=min_new_tokens, pad_token_id=pad_token_id,
     )
     done_at: list[torch.Tensor] = []
     steps = list(_token_loop(model, req, CHECK_EVERY, done_at))
@@ -253,7 +268,7 @@ def stream(
 
 def _with_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
     allowed = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, eos_token_id=None,
-                   attention_mask=None, seed=None, cuda_graphs=None)
+                   attention_mask=None, seed=None, cuda_graphs=None, min_new_tokens=0, pad_token_id=None)
     unknown = set(kwargs) - set(allowed)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")

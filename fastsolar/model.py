@@ -167,15 +167,18 @@ class Solar(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         quantize: str | None = None,
+        **hf_kwargs,
     ) -> "Solar":
         """Load a Hugging Face checkpoint directory (sharded or single safetensors); see `fastsolar.loader`.
+        transformers' `torch_dtype` / `device_map` are accepted too (`fastsolar.hf_compat`).
 
         `quantize="fp8"` or `"int8"` quantises the linear layers (per output channel) as they load, halving
         their memory and the bytes each decode step reads; FP8 needs sm_89+, int8 sm_80+ (see fastsolar.quant).
         """
+        from fastsolar.hf_compat import load_kwargs
         from fastsolar.loader import load_model
 
-        return load_model(cls, model_dir, device=device, dtype=dtype, quantize=quantize)
+        return load_model(cls, model_dir, quantize=quantize, **load_kwargs(device=device, dtype=dtype, **hf_kwargs))
 
     @property
     def device(self) -> torch.device:
@@ -296,17 +299,23 @@ class Solar(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        """Prompt plus new tokens, like transformers' `generate`; see `fastsolar.generate.generate`."""
+    def generate(
+        self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Prompt plus new tokens, like transformers' `generate`; see `fastsolar.generate.generate` for the
+        native arguments and `fastsolar.hf_compat` for transformers' (do_sample, max_length, ...)."""
         from fastsolar.generate import generate
+        from fastsolar.hf_compat import generate_kwargs
 
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return generate(self, **generate_kwargs(input_ids, max_new_tokens, **kwargs))
 
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs):
-        """Yield each new step's tokens `[batch]` as they come; see `fastsolar.generate.stream`."""
+    def stream(self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs):
+        """Yield each new step's tokens `[batch]` as they come; see `fastsolar.generate.stream` (the same
+        arguments as `generate`, transformers' included)."""
         from fastsolar.generate import stream
+        from fastsolar.hf_compat import generate_kwargs
 
-        return stream(self, input_ids, max_new_tokens, **kwargs)
+        return stream(self, **generate_kwargs(input_ids, max_new_tokens, **kwargs))
 
 
 def free_device_memory(device: torch.device) -> int | None:

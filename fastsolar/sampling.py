@@ -9,6 +9,12 @@ as in transformers' greedy search (their warper parameters are neutral by constr
 refills them in place on `reset`, so a CUDA graph that captured `sampler(logits)` stays valid across
 generate calls as long as `Sampler.mode` (host flags choosing which stages run) is unchanged: a graph
 cache must include `mode` in its key. Calling the sampler never syncs with the host.
+
+`min_new_tokens` (transformers' MinNewTokensLengthLogitsProcessor): the EOS ids are banned (-inf) while
+fewer than that many tokens have been chosen. The count is a device-side step counter the sampler
+advances on every call while the ban is on (the prefill's pick is step 0), so the ban lifts inside a
+captured graph too, without a host sync (CPU-tested through graphs.py's static-buffer path; capture
+itself is unverified on hardware, as all of fastsolar/graphs.py).
 """
 from __future__ import annotations
 
@@ -27,8 +33,11 @@ def check_sampling_args(
     top_k: PerRow = None,
     top_p: PerRow = None,
     repetition_penalty: PerRow = 1.0,
+    min_new_tokens: int = 0,
 ) -> None:
     """Raise ValueError for out-of-range sampling parameters (scalars or per-row sequences)."""
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     for name, value, ok, rule in (
         ("temperature", temperature, lambda v: v >= 0, ">= 0 (0 means greedy)"),
         ("top_k", top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0 (0 or None disables it)"),
@@ -144,15 +153,21 @@ class SamplingParams:
 
 
 def process_logits(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    banned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """transformers' processing of next-token logits `[b, V]`, in float32: repetition penalty (on the tokens
-    marked in `seen` [b, V]), then for sampled rows temperature, top-k and top-p. Never modifies `logits`."""
+    marked in `seen` [b, V]), the tokens marked in `banned` ([V] or [b, V]) set to -inf (min_new_tokens),
+    then for sampled rows temperature, top-k and top-p. Never modifies `logits`."""
     scores = logits.float()
     if params.penalize and seen is not None:
         pen = params.penalty[:, None]
         penalized = torch.where(scores < 0, scores * pen, _div(scores, pen, params.inv_penalty[:, None]))
         scores = torch.where(seen, penalized, scores)
+    if banned is not None:
+        scores = scores.masked_fill(banned, float("-inf"))
     if not params.sample:
         return scores
     scores = _div(scores, params.divisor[:, None], params.inv_divisor[:, None])
@@ -182,11 +197,16 @@ class Sampler:
         self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self._tiny = torch.finfo(torch.float32).tiny
+        # min_new_tokens: EOS ids banned while step < min_new_tokens; step counts calls since reset.
+        self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+        self.min_new_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.suppress_eos = False
 
     @property
-    def mode(self) -> tuple[bool, bool, bool, bool]:
+    def mode(self) -> tuple[bool, ...]:
         """Host flags fixing which stages `__call__` runs; part of any captured graph's identity."""
-        return self.params.mode
+        return (*self.params.mode, self.suppress_eos)
 
     def reset(
         self,
@@ -198,11 +218,23 @@ class Sampler:
         seed: int | None = None,
         prompt_ids: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        min_new_tokens: int = 0,
+        eos_token_ids: Sequence[int] = (),
     ) -> None:
         """Refill every buffer in place. `prompt_ids` [b, s] with `prompt_mask` [b, s] (True = real token)
-        marks the prompt's tokens as seen for the repetition penalty."""
+        marks the prompt's tokens as seen for the repetition penalty; `eos_token_ids` are banned for the
+        first `min_new_tokens` calls."""
         self.params.fill(self.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty)
+        check_sampling_args(min_new_tokens=min_new_tokens)
+        eos = sorted({int(e) for e in eos_token_ids})
+        if eos and not 0 <= eos[0] <= eos[-1] < self.vocab_size:
+            raise ValueError(f"eos_token_ids {eos} must lie in [0, {self.vocab_size})")
+        self.eos_mask.zero_()
+        self.eos_mask[eos] = True
+        self.min_new_tokens.fill_(min_new_tokens)
+        self.step.zero_()
+        self.suppress_eos = min_new_tokens > 0 and bool(eos)
         if seed is None:
             self.generator.seed()
         else:
@@ -219,7 +251,8 @@ class Sampler:
             self.seen[:b].copy_(marks[:, : self.vocab_size])
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = process_logits(logits, self.params, self.seen)
+        banned = self.eos_mask & (self.step < self.min_new_tokens) if self.suppress_eos else None
+        scores = process_logits(logits, self.params, self.seen, banned)
         tokens = scores.argmax(dim=-1)
         if self.params.sample:
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, without a host sync.
@@ -229,4 +262,6 @@ class Sampler:
             tokens = torch.where(self.params.temperature > 0, sampled, tokens)
         if self.params.penalize:
             self.seen.scatter_(1, tokens[:, None], True)
+        if self.suppress_eos:  # only the EOS ban reads the counter; without it the step stays as it was
+            self.step.add_(1)
         return tokens

@@ -2,17 +2,26 @@
 
 Encoding is sentencepiece's own (legacy Llama behaviour: the dummy prefix space is added, byte fallback
 for characters outside the vocabulary, digits split), which is what transformers' Llama tokenizers
-produce for SOLAR. `encode(text)` prepends bos by default, as `tokenizer(text)` does for SOLAR.
+produce for SOLAR. `encode(text)` prepends bos by default, as `tokenizer(text)` does for SOLAR; it encodes
+the text as it is, while `encode_specials(text)` (used by `tokenizer(text)` and `encode_chat`) first turns
+the special-token strings in it ("<s>", "</s>", "<unk>") into their ids, as transformers does.
 
-Decoding skips the special ids -- every sentencepiece control id (bos, eos, pad) and unk -- and decodes
-the rest with sentencepiece, so `decode(ids)` equals transformers' `decode(ids, skip_special_tokens=True)`:
-the leading space of the first piece (the dummy prefix) is dropped, and byte-fallback pieces are joined
-into characters, an invalid or unfinished UTF-8 byte becoming one U+FFFD per byte.
+The special ids are every sentencepiece control id (bos, eos, pad) and unk. `decode(ids)` is
+transformers' `decode`: with `skip_special_tokens=True` the special ids are dropped and the rest is
+decoded with sentencepiece -- the leading space of the first piece (the dummy prefix) is dropped, and
+byte-fallback pieces are joined into characters, an invalid or unfinished UTF-8 byte becoming one U+FFFD
+per byte. With `skip_special_tokens=False` (the default, as in transformers) each special id is written as
+its piece ("<s>", "</s>", "<unk>") and only the very first piece loses its dummy-prefix space, so
+`[bos, "▁Hi"]` decodes to "<s> Hi".
 
 `StreamDecoder` (from `tokenizer.stream_decoder()`) turns a token stream into text pieces whose
-concatenation is exactly `decode(all ids)`: it decodes a short window that starts at the previous emit
-point and emits the difference, holding text back while it ends with U+FFFD (a character whose bytes
-have not all arrived). Each push costs O(window), a few tokens, not O(generated so far).
+concatenation is exactly `decode(all ids, skip_special_tokens=True)`: it decodes a short window that
+starts at the previous emit point and emits the difference, holding text back while it ends with U+FFFD
+(a character whose bytes have not all arrived). Each push costs O(window), a few tokens, not O(generated
+so far).
+
+The rest of transformers' tokenizer surface (`tokenizer(text, return_tensors="pt", padding=...)`,
+`apply_chat_template(..., tokenize=...)`, `from_pretrained` options) is translated in `fastsolar.hf_compat`.
 """
 from __future__ import annotations
 
@@ -20,9 +29,12 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastsolar.chat import SOLAR_CHAT_TEMPLATE, render_chat_template, stop_strings_for
+
+if TYPE_CHECKING:
+    from fastsolar.hf_compat import BatchEncoding
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +52,10 @@ class Tokenizer:
         *,
         chat_template: str | None = None,
         special_tokens: Mapping[str, str] | None = None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        padding_side: str = "left",
+        truncation_side: str = "right",
     ) -> None:
         import sentencepiece as spm
 
@@ -75,19 +91,89 @@ class Tokenizer:
         }
         tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
         self.special_tokens: dict[str, str | None] = tokens
+        # What `tokenizer(text)` adds (transformers' add_bos_token / add_eos_token) and how it pads and cuts
+        # batches: left padding by default, as generation wants (and as transformers' Llama tokenizer does).
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        if tokens["pad_token"] is not None and self._piece_id(tokens["pad_token"]) is None:
+            logger.warning("pad_token %r is not a piece of %s; the tokenizer has no pad id", tokens["pad_token"], path)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "Tokenizer":
-        """Load `tokenizer.model` from a checkpoint directory, with its chat template and special-token
-        strings from `chat_template.jinja` / `tokenizer_config.json` where present (else SOLAR's format)."""
+    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> "Tokenizer":
+        """Load `tokenizer.model` from a checkpoint directory, with its chat template, special-token strings
+        and add_bos_token / add_eos_token / padding_side from `chat_template.jinja` / `tokenizer_config.json`
+        where present (else SOLAR's format). transformers-style options (padding_side, pad_token,
+        add_bos_token, ...) override them; see `fastsolar.hf_compat.tokenizer_options`."""
+        from fastsolar.hf_compat import tokenizer_options
+
+        options = tokenizer_options(**kwargs)
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
         model_file = model_dir / "tokenizer.model"
         if not model_file.is_file():
             raise FileNotFoundError(f"no tokenizer.model in {model_dir} (expected {model_file})")
-        template, special = _read_tokenizer_config(model_dir)
-        return cls(model_file, chat_template=template, special_tokens=special)
+        template, special, settings = _read_tokenizer_config(model_dir)
+        if "pad_token" in options:
+            special["pad_token"] = options.pop("pad_token")
+        settings.update(options)
+        return cls(model_file, chat_template=template, special_tokens=special, **settings)
+
+    # -- special tokens (transformers' attribute names) ---------------------------------------------
+
+    def _piece_id(self, piece: str | None) -> int | None:
+        if piece is None:
+            return None
+        i = self.sp.PieceToId(piece)
+        return i if self.sp.IdToPiece(i) == piece else None
+
+    @property
+    def bos_token(self) -> str:
+        return self.special_tokens["bos_token"]
+
+    @property
+    def eos_token(self) -> str:
+        return self.special_tokens["eos_token"]
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.special_tokens["unk_token"]
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.special_tokens["pad_token"]
+
+    @pad_token.setter
+    def pad_token(self, piece: str | None) -> None:
+        """`tokenizer.pad_token = tokenizer.eos_token`, the usual way to let a pad-less tokenizer pad."""
+        if piece is not None and self._piece_id(piece) is None:
+            raise ValueError(f"pad_token {piece!r} is not in the vocabulary (fastsolar cannot add tokens)")
+        self.special_tokens["pad_token"] = piece
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_id
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.unk_id if self.unk_id >= 0 else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._piece_id(self.pad_token)
+
+    @pad_token_id.setter
+    def pad_token_id(self, token_id: int | None) -> None:
+        self.pad_token = None if token_id is None else self.sp.IdToPiece(self._check_id(token_id))
+
+    def __len__(self) -> int:
+        return self.vocab_size
 
     # -- encoding / decoding ---------------------------------------------------------------------
 
@@ -102,19 +188,87 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`, skipping special ids (transformers' `skip_special_tokens=True`)."""
-        return self.sp.DecodeIds(self._content_ids(ids))
+    def encode_specials(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos added) in which the special-token strings ("<s>", "</s>",
+        "<unk>") become their ids, as transformers' tokenizer parses them; every other stretch is encoded
+        with sentencepiece, dummy prefix included (legacy Llama behaviour, what SOLAR's tokenizer does)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        specials = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            piece = self.special_tokens.get(key)
+            token_id = self._piece_id(piece)
+            if piece and token_id is not None:
+                specials[piece] = token_id
+        ids: list[int] = []
+        pos = 0
+        while pos < len(text):
+            hits = [(text.find(s, pos), s) for s in specials]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if not hits:
+                ids.extend(self.encode(text[pos:], bos=False))
+                break
+            i, s = min(hits, key=lambda h: (h[0], -len(h[1])))
+            if i > pos:
+                ids.extend(self.encode(text[pos:i], bos=False))
+            ids.append(specials[s])
+            pos = i + len(s)
+        return ids
 
-    def _content_ids(self, ids: Iterable[int]) -> list[int]:
+    def decode(
+        self,
+        ids: Iterable[int] | int,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
+        """Text of one sequence of ids (a list, a 1-D tensor or array, or one id), as transformers' `decode`:
+        special ids dropped with `skip_special_tokens=True`, else written as their pieces ("<s>")."""
+        if clean_up_tokenization_spaces:
+            raise ValueError(
+                "clean_up_tokenization_spaces=True is not supported: it strips spaces before punctuation, which "
+                "corrupts sentencepiece text (transformers 5 ignores it for such tokenizers too)"
+            )
+        ids = self._id_list(ids)
+        if skip_special_tokens:
+            return self.sp.DecodeIds([i for i in ids if i not in self.special_ids])
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids + [None]:
+            if i is not None and i not in self.special_ids:
+                run.append(i)
+                continue
+            if run:
+                text = self.sp.DecodeIds(run)
+                # sentencepiece drops the dummy-prefix space of a run's first piece; transformers drops it
+                # only at the very start of the text, so a run after a special piece keeps it.
+                if parts and self.sp.IdToPiece(run[0]).startswith("\u2581"):
+                    text = " " + text
+                parts.append(text)
+                run = []
+            if i is not None:
+                parts.append(self.sp.IdToPiece(i))
+        return "".join(parts)
+
+    def batch_decode(
+        self,
+        sequences: Iterable[Iterable[int]],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        """`decode` of each row of a `[batch, seq]` tensor or array, or of each list of ids."""
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in sequences]
+
+    def _id_list(self, ids: Iterable[int] | int) -> list[int]:
         if hasattr(ids, "tolist"):  # torch / numpy
+            shape = tuple(getattr(ids, "shape", ()))
+            if len(shape) > 1:
+                raise ValueError(f"decode takes one sequence, got shape {shape}; use batch_decode for a batch")
             ids = ids.tolist()
-        out = []
-        for i in ids:
-            i = self._check_id(i)
-            if i not in self.special_ids:
-                out.append(i)
-        return out
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = [ids]
+        return [self._check_id(i) for i in ids]
 
     def _check_id(self, token_id: Any) -> int:
         if isinstance(token_id, bool) or not isinstance(token_id, int):
@@ -137,44 +291,37 @@ class Tokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    # -- transformers' call -------------------------------------------------------------------
+
+    def __call__(self, text: str | list[str], **kwargs: Any) -> "BatchEncoding":
+        """transformers' `tokenizer(text or texts, return_tensors=..., padding=..., ...)`: a BatchEncoding of
+        input_ids and attention_mask; see `fastsolar.hf_compat.call_tokenizer`."""
+        from fastsolar.hf_compat import call_tokenizer
+
+        return call_tokenizer(self, text, **kwargs)
+
     # -- chat ----------------------------------------------------------------------------------
 
-    def apply_chat_template(
-        self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any
-    ) -> str:
-        """The prompt text for `messages` (a list of {"role", "content"}; roles system/user/assistant)."""
-        return render_chat_template(
-            self.chat_template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            special_tokens=self.special_tokens,
-            **kwargs,
-        )
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
+        """transformers' `apply_chat_template`, same arguments and defaults: `tokenize=False` gives the prompt
+        text for a conversation (a list of {"role", "content"}; roles system/user/assistant); the default
+        `tokenize=True` gives that text tokenized without added special tokens, as a BatchEncoding
+        (`return_dict=False`: the input_ids). See `fastsolar.hf_compat.chat_template_call`."""
+        from fastsolar.hf_compat import chat_template_call
+
+        return chat_template_call(self, conversation, **kwargs)
 
     def encode_chat(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-        """Token ids of the rendered conversation, starting with bos.
+        """Token ids of the rendered conversation, starting with bos (the prompt to generate a reply from).
 
-        The bos / eos strings inside the rendered text (templates that write `{{ bos_token }}`) become
-        their ids, as transformers parses special tokens in text; every other stretch is encoded with
-        sentencepiece (dummy prefix included, legacy Llama behaviour). bos is prepended unless the
-        template already starts with it.
+        Special-token strings inside the rendered text (templates that write `{{ bos_token }}`) become
+        their ids (`encode_specials`); bos is prepended unless the template already starts with it.
         """
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        specials = {self.special_tokens["bos_token"]: self.bos_id, self.special_tokens["eos_token"]: self.eos_id}
-        specials = {k: v for k, v in specials.items() if k}
-        ids: list[int] = []
-        pos = 0
-        while pos < len(text):
-            hits = [(text.find(s, pos), s) for s in specials]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if not hits:
-                ids.extend(self.encode(text[pos:], bos=False))
-                break
-            i, s = min(hits, key=lambda h: (h[0], -len(h[1])))
-            if i > pos:
-                ids.extend(self.encode(text[pos:i], bos=False))
-            ids.append(specials[s])
-            pos = i + len(s)
+        text = render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens, **kwargs,
+        )
+        ids = self.encode_specials(text)
         if not ids or ids[0] != self.bos_id:
             ids.insert(0, self.bos_id)
         return ids
@@ -257,9 +404,11 @@ def _token_string(value: Any) -> str | None:
     return None
 
 
-def _read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str]]:
+def _read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str], dict[str, Any]]:
+    """(chat template, special-token strings, Tokenizer settings) from a checkpoint's tokenizer files."""
     template: str | None = None
     special: dict[str, str] = {}
+    settings: dict[str, Any] = {}
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
         try:
@@ -272,6 +421,12 @@ def _read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str]]
             s = _token_string(config.get(key))
             if s is not None:
                 special[key] = s
+        for key in ("add_bos_token", "add_eos_token"):
+            if isinstance(config.get(key), bool):
+                settings[key] = config[key]
+        for key in ("padding_side", "truncation_side"):
+            if config.get(key) in ("left", "right"):
+                settings[key] = config[key]
         raw = config.get("chat_template")
         if isinstance(raw, list):  # named templates: [{"name": "default", "template": "..."}, ...]
             named = {t.get("name"): t.get("template") for t in raw if isinstance(t, Mapping)}
@@ -284,4 +439,4 @@ def _read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str]]
         template = jinja_path.read_text(encoding="utf-8")
     if template is not None:
         logger.debug("using the chat template from %s", model_dir)
-    return template, special
+    return template, special, settings

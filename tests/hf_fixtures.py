@@ -81,3 +81,60 @@ def rewrite_config_legacy(model_dir: Path) -> dict:
 
 def shard_files(model_dir: Path) -> list[Path]:
     return sorted(Path(model_dir).glob("*.safetensors"))
+
+
+# -- the real SOLAR / Mistral tokenizer ----------------------------------------------------------------
+
+REAL_TOKENIZER_SHA256_PREFIX = "dadfd56d"
+
+
+def real_tokenizer_path() -> Path:
+    """Mistral-7B's real `tokenizer.model` (the one SOLAR inherits: 32000 pieces), as the mistral-common wheel
+    ships it (`mistral_common/data/tokenizer.model.v1`). Skips the calling test when mistral-common is not
+    installed; raises when the file is not the expected one (sha256 prefix)."""
+    import hashlib
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("mistral_common")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral-common is not installed (pip install -e '.[test]'): it ships the real tokenizer.model")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise FileNotFoundError(f"mistral-common has no {path}; the tests expect tokenizer.model.v1 there")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(REAL_TOKENIZER_SHA256_PREFIX):
+        raise RuntimeError(f"{path} has sha256 {digest}, not the Mistral/SOLAR tokenizer ({REAL_TOKENIZER_SHA256_PREFIX}...)")
+    return path
+
+
+def greedy_ids(model, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """transformers greedy continuation of `ids` without any EOS stop (full forward each step; tiny models
+    only), with the winning logit of each step."""
+    seq, top = list(ids), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            seq.append(int(logits.argmax()))
+            top.append(float(logits.max()))
+    return seq[len(ids):], top
+
+
+def plant_eos(model, prompt_ids: list[int], *, eos_id: int = EOS_ID, after: int = 8, within: int = 24) -> int:
+    """Make the greedy continuation of `prompt_ids` end with `eos_id` between `after` and `within` new tokens.
+
+    The lm_head row of `eos_id` becomes 1.25x the row of the token greedy decoding picks at the first step
+    >= `after` where that token is new to the continuation (and its logit positive), so eos takes its place
+    there, or a little earlier where that token was a close second. Returns the number of new tokens up to
+    and including the eos. Raises if no such step exists (pick another seed or prompt)."""
+    new, top = greedy_ids(model, prompt_ids, within)
+    for k in range(after, within):
+        if new[k] not in new[:k] and new[k] != eos_id and top[k] > 1.0:
+            with torch.no_grad():
+                model.lm_head.weight[eos_id] = 1.25 * model.lm_head.weight[new[k]]
+            planted, _ = greedy_ids(model, prompt_ids, k + 1)
+            if eos_id in planted:
+                return planted.index(eos_id) + 1
+            raise RuntimeError(f"planted eos did not appear within {k + 1} tokens")
+    raise RuntimeError(f"no step in [{after}, {within}) to plant eos at")

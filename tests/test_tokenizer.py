@@ -136,15 +136,27 @@ def test_dummy_prefix_and_byte_fallback(tok):
 @pytest.mark.parametrize("text", STRINGS)
 def test_round_trip(tok, text):
     ids = tok.encode(text, eos=True)
-    assert tok.decode(ids) == text
-    assert tok.decode(tok.encode(text, bos=False)) == text
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(tok.encode(text, bos=False)) == text  # no special ids: both modes agree
 
 
-def test_decode_skips_specials_and_checks_ids(tok):
+def test_decode_special_tokens_and_checks_ids(tok):
     a, b = tok.encode("Hello", bos=False), tok.encode("world", bos=False)
-    assert tok.decode([1] + a + [2, 0] + b + [2]) == tok.decode(a + b) == "Hello world"
-    assert tok.decode([1, 2, 0]) == ""
-    assert tok.decode(torch.tensor([1] + a)) == "Hello"
+    skip = dict(skip_special_tokens=True)
+    assert tok.decode([1] + a + [2, 0] + b + [2], **skip) == tok.decode(a + b) == "Hello world"
+    assert tok.decode([1, 2, 0], **skip) == ""
+    assert tok.decode(torch.tensor([1] + a), **skip) == "Hello"
+    # transformers' default: special pieces written out; the space of a piece after one is kept.
+    assert tok.decode([1] + a + [2, 0] + b + [2]) == "<s> Hello</s><unk> world</s>"
+    assert tok.decode([1, 2, 0]) == "<s></s><unk>"
+    assert tok.decode(torch.tensor([1] + a)) == "<s> Hello"
+    assert tok.decode(2) == "</s>"
+    assert tok.batch_decode(torch.tensor([[1] + a, a + [2]])) == ["<s> Hello", "Hello</s>"]
+    assert tok.batch_decode([[1] + a, b], skip_special_tokens=True) == ["Hello", "world"]
+    with pytest.raises(ValueError, match="batch_decode"):
+        tok.decode(torch.tensor([[1] + a]))
+    with pytest.raises(ValueError, match="clean_up_tokenization_spaces"):
+        tok.decode(a, clean_up_tokenization_spaces=True)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([5, 512])
     with pytest.raises(ValueError):
@@ -157,7 +169,8 @@ def test_leading_space_rules(tok):
     sp_the = _piece_ids(tok, "\u2581the")
     assert tok.decode(sp_the) == "the"  # the first piece loses its dummy-prefix space ...
     assert tok.decode(sp_the + sp_the) == "the the"  # ... only the first
-    assert tok.decode([1] + sp_the) == "the"  # bos does not count as the first piece
+    assert tok.decode([1] + sp_the, skip_special_tokens=True) == "the"  # bos does not count as the first piece
+    assert tok.decode([1] + sp_the) == "<s> the"  # unless written out, as transformers does
     assert tok.decode(_piece_ids(tok, "\u2581", "\u2581")) == " "
     assert _stream(tok, [1] + sp_the + sp_the)[1] == "the the"
     assert _stream(tok, _piece_ids(tok, "\u2581", "x"))[0] == ["", "x", ""]
@@ -169,7 +182,7 @@ def test_leading_space_rules(tok):
 def test_stream_matches_decode(tok, text):
     ids = tok.encode(text, eos=True)
     pieces, joined = _stream(tok, ids)
-    assert joined == tok.decode(ids) == text
+    assert joined == tok.decode(ids, skip_special_tokens=True) == text
     assert all("\ufffd" not in p for p in pieces)  # never shows half a character
 
 
@@ -203,7 +216,7 @@ def test_stream_random_ids(tok):
     for trial in range(1500):
         pool = pools[trial % len(pools)]
         ids = [rng.choice(pool) for _ in range(rng.randint(0, 40))]
-        assert _stream(tok, ids)[1] == tok.decode(ids), ids
+        assert _stream(tok, ids)[1] == tok.decode(ids, skip_special_tokens=True), ids
 
 
 def test_stream_long_generation_window_stays_small(tok):
@@ -234,8 +247,9 @@ def test_stream_continues_after_flush(tok):
 def test_matches_transformers(tok, hf_tok, text):
     hf_ids = hf_tok(text, add_special_tokens=False)["input_ids"]
     assert tok.encode(text, bos=False) == hf_ids
-    ids = tok.encode(text, eos=True)
-    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+    ids = tok.encode(text, eos=True) + [0] + tok.encode(text, bos=False)
+    assert tok.decode(ids, skip_special_tokens=True) == hf_tok.decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids) == hf_tok.decode(ids)
 
 
 def test_chat_template_matches_transformers_rendering(tok, hf_tok):
@@ -248,7 +262,8 @@ def test_chat_template_matches_transformers_rendering(tok, hf_tok):
     custom = "{% for m in messages %}\n  {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}\n{{ bos_token }}"
     for template in (SOLAR_CHAT_TEMPLATE, custom):
         for gen in (False, True):
-            ours = Tokenizer(tok.model_file, chat_template=template).apply_chat_template(messages, gen)
+            ours = Tokenizer(tok.model_file, chat_template=template).apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=gen)
             theirs = hf_tok.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                 add_generation_prompt=gen)
             assert ours == theirs
@@ -271,24 +286,25 @@ SOLAR_TEXT = (
 
 
 def test_solar_template_exact(tok):
-    assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=False) == SOLAR_TEXT
-    assert tok.apply_chat_template(CONVERSATION) == SOLAR_TEXT + "### Assistant:\n"
+    text = dict(tokenize=False)
+    assert tok.apply_chat_template(CONVERSATION, **text) == SOLAR_TEXT  # transformers' default: no prompt
+    assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, **text) == SOLAR_TEXT + "### Assistant:\n"
     # The public rendering of SOLAR-10.7B-Instruct-v1.0's template (no system message).
-    assert tok.apply_chat_template(CONVERSATION[1:], add_generation_prompt=False) == (
+    assert tok.apply_chat_template(CONVERSATION[1:], add_generation_prompt=False, **text) == (
         "### User:\nHello, how are you?\n\n### Assistant:\nI'm doing great. How can I help you today?"
         "### User:\nI'd like to show off how chat templating works!\n\n"
     )
     # An empty system message is left out.
     empty_system = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
-    assert tok.apply_chat_template(empty_system) == "### User:\nHi\n\n### Assistant:\n"
+    assert tok.apply_chat_template(empty_system, add_generation_prompt=True, **text) == "### User:\nHi\n\n### Assistant:\n"
     assert tok.chat_stop_strings == ("### User:", "### System:")
 
 
 def test_encode_chat_solar(tok):
-    text = tok.apply_chat_template(CONVERSATION)
+    text = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     ids = tok.encode_chat(CONVERSATION)
     assert ids == tok.encode(text) and ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == text
 
 
 def test_custom_template_from_tokenizer_config(model_dir, tmp_path):
@@ -304,8 +320,9 @@ def test_custom_template_from_tokenizer_config(model_dir, tmp_path):
     tok = Tokenizer.from_pretrained(tmp_path)
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
             {"role": "user", "content": "Bye"}]
-    assert tok.apply_chat_template(msgs) == "<s>[user] Hi\n[assistant] Yo</s>\n[user] Bye\n[assistant]"
-    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == "<s>[user] Hi\n[assistant] Yo</s>\n[user] Bye\n"
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+        "<s>[user] Hi\n[assistant] Yo</s>\n[user] Bye\n[assistant]")
+    assert tok.apply_chat_template(msgs, tokenize=False) == "<s>[user] Hi\n[assistant] Yo</s>\n[user] Bye\n"
     ids = tok.encode_chat(msgs)
     # bos / eos strings in the rendered text become their ids (one bos, not the characters "<s>").
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 and ids.count(tok.eos_id) == 1
@@ -316,12 +333,12 @@ def test_custom_template_from_tokenizer_config(model_dir, tmp_path):
         tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
     # chat_template.jinja (transformers' newer save format) takes precedence.
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
-    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(msgs) == "<Hi><Yo><Bye>"
+    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(msgs, tokenize=False) == "<Hi><Yo><Bye>"
     # Named templates (an older transformers format).
     (tmp_path / "chat_template.jinja").unlink()
     config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(msgs) == "D"
+    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(msgs, tokenize=False) == "D"
 
 
 def test_template_syntax_error(tok):
