@@ -62,6 +62,15 @@ def test_quantize_at_load_equals_quantising_the_loaded_model(ckpt, mode):
     assert not any(p.requires_grad or p.is_meta for p in model.parameters())
 
 
+def test_quantize_through_the_transformers_surface(ckpt):
+    from fastsolar import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype="float32", device_map="cpu", quantize="int8")
+    assert model.layers[0].attention.wo.weight.dtype == torch.int8
+    with pytest.raises(ValueError, match="quantization_config=.* quantize='fp8' or quantize='int8'"):
+        AutoModelForCausalLM.from_pretrained(ckpt, quantization_config={"load_in_4bit": True})
+
+
 # --------------------------------------------------------------------- checkpoints quantised elsewhere
 
 
