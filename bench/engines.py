@@ -191,7 +191,9 @@ class Engine:
 
 
 class FastsolarEngine(Engine):
-    def __init__(self, bench: Models, name: str, graphs: bool, kernels: bool | None, quantize: str | None = None) -> None:
+    def __init__(
+        self, bench: Models, name: str, graphs: bool, kernels: bool | None, quantize: str | None = None
+    ) -> None:
         super().__init__()
         self.name, self.graphs, self.kernels = name, graphs, kernels
         self.model = bench.fastsolar_model() if quantize is None else bench.quantized_model(quantize)

@@ -74,7 +74,7 @@ def decode_attention(
     return fn(q, k_cache, v_cache, seqlens, rows=rows)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, *, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T. With `scale`, weight is quantised (int8 or float8_e4m3fn [N, K], fastsolar.quant) and
     scale its fp32 per-output-channel scale [N]: the weight-only quantised matmul kernel, or its reference
     (dequantise to x's dtype, then matmul) off the kernel path."""

@@ -13,7 +13,7 @@ so nothing clips; int8's rounding error is at most scale/2 everywhere, fp8's abo
 
 The model's representation: `QuantLinear`, a drop-in for the bias-free `nn.Linear` layers (qkv, o, gate_up,
 down, lm_head) holding `weight` (int8 or float8_e4m3fn, [out, in]) and `weight_scale` (fp32, [out]) as
-frozen parameters; its forward is `ops.linear(x, weight, weight_scale)`, the seam that picks the Triton
+frozen parameters; its forward is `ops.linear(x, weight, scale=weight_scale)`, the seam that picks the Triton
 kernel or the torch reference. Embeddings and norms stay in the model's dtype. A tied lm_head stays the
 embedding table (quantising it would need a second copy of the table).
 
@@ -68,7 +68,8 @@ def check_device(mode: str | None, device: torch.device) -> None:
     capability, name = _cuda_device_capability(device)
     need = MIN_CAPABILITY[mode]
     if tuple(capability) < need:
-        hint = " (quantize='int8' runs on sm_80+)" if mode == "fp8" and tuple(capability) >= MIN_CAPABILITY["int8"] else ""
+        int8_ok = mode == "fp8" and tuple(capability) >= MIN_CAPABILITY["int8"]
+        hint = " (quantize='int8' runs on sm_80+)" if int8_ok else ""
         raise ValueError(
             f"quantize={mode!r} needs a GPU of compute capability {need[0]}.{need[1]} or newer; {name} on {device} "
             f"is sm_{capability[0]}{capability[1]}{hint}"
@@ -153,7 +154,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.weight_scale)
+        return ops.linear(x, self.weight, scale=self.weight_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"

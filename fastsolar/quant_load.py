@@ -73,7 +73,8 @@ def _check_weight_args(group: str, w: Any) -> str:
         raise _refuse(f"quantization_config group {group!r} quantises no weights ({w!r})")
     num_bits, kind = w.get("num_bits"), w.get("type")
     if num_bits != 8 or kind != "float":
-        raise _refuse(f"quantization_config group {group!r} has {num_bits}-bit {kind} weights (only 8-bit float is supported)")
+        raise _refuse(f"quantization_config group {group!r} has {num_bits}-bit {kind} weights "
+                      "(only 8-bit float is supported)")
     strategy = w.get("strategy")
     if strategy not in WEIGHT_STRATEGIES:
         raise _refuse(f"quantization_config group {group!r} has weight strategy {strategy!r} "

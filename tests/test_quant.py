@@ -176,9 +176,9 @@ def test_quant_matmul_leading_dims_and_strided_rows(mode):
     assert_close(y, quant_matmul_ref(x.double(), q, s), baseline=quant_matmul_ref(x, q, s))
     # ops.linear picks the kernel when forced and the reference otherwise.
     with ops.force_kernels(True):
-        assert_close(ops.linear(x, q, s), y.double(), atol=0.0)
+        assert_close(ops.linear(x, q, scale=s), y.double(), atol=0.0)
     with ops.force_kernels(False):
-        assert torch.equal(ops.linear(x, q, s), quant_matmul_ref(x, q, s))
+        assert torch.equal(ops.linear(x, q, scale=s), quant_matmul_ref(x, q, s))
         w = randn(19, 70)
         assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))
 

@@ -94,21 +94,26 @@ def test_kernel_path_equals_reference_path(small_models, mode):
 @pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot cannot run under the Triton interpreter: CUDA only")
 @pytest.mark.parametrize("mode", MODES)
 def test_bf16_kernel_path_on_gpu(mode):
+    """Compiled bf16 kernels with quantised weights: at most about twice as far from the same quantised model
+    run in fp32 as torch's bf16 reference path is; CUDA-graph generation gives the eager kernel path's tokens."""
     if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs sm_89+")
-    base = realistic_model(REALISTIC, seed=3).to(torch.bfloat16)
-    model = quant.quantized_copy(base, mode)
+    q16 = quant.quantized_copy(realistic_model(REALISTIC, seed=3).to(torch.bfloat16), mode)
+    q32 = copy.deepcopy(q16)
+    for module in q32.modules():  # the same quantised weights; embeddings and norms (and activations) in fp32
+        if not isinstance(module, quant.QuantLinear):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.float()
     ids, mask = left_padded([33, 20, 7], seed=4, vocab=REALISTIC.vocab_size)
     kw = dict(max_new_tokens=8, attention_mask=mask, eos_token_id=[])
     with torch.inference_mode():
         with ops.force_kernels(False):
-            ref = model(ids).float()
-            ref_tokens = model.generate(ids, **kw)
-        fast = model(ids).float()
-        graphed = model.generate(ids, cuda_graphs=True, **kw)
-    assert_close(fast, ref, atol=5e-2, rtol=2e-2, msg=f"bf16 {mode} kernel path")
-    agree = (graphed == ref_tokens).float().mean().item()
-    assert agree >= 0.9, f"bf16 {mode}: graphed kernel generation agrees with the reference on {agree:.0%}"
+            ref32, torch16 = q32(ids), q16(ids)
+        fast16 = q16(ids)
+        eager = q16.generate(ids, cuda_graphs=False, **kw)
+        graphed = q16.generate(ids, cuda_graphs=True, **kw)
+    assert_close(fast16, ref32, baseline=torch16, atol=1e-2, msg=f"bf16 {mode} kernel path")
+    assert torch.equal(graphed, eager), f"bf16 {mode}: graphed {graphed.tolist()} != eager {eager.tolist()}"
 
 
 # ------------------------------------------------------------------------------------------- accuracy
@@ -184,9 +189,11 @@ def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
     noise = [_logit_error(rounding_noise_model(base, mode, seed), ids, ref) for seed in (1, 2)]
     expect = {k: sum(n[k] for n in noise) / len(noise) for k in ("rms", "mean")}
     print(f"\n{mode}: logit error rms {got['rms']:.4f} mean {got['mean']:.4f} max {got['max']:.3f} "
-          f"(logit std {float(ref.std()):.3f}); rounding noise alone: rms {expect['rms']:.4f} mean {expect['mean']:.4f}")
+          f"(logit std {float(ref.std()):.3f}); rounding noise alone: rms {expect['rms']:.4f} "
+          f"mean {expect['mean']:.4f}")
     for k in ("rms", "mean"):
-        assert got[k] <= BOUND * expect[k], f"{mode}: logit error {k} {got[k]:.4f} > {BOUND} x rounding's {expect[k]:.4f}"
+        assert got[k] <= BOUND * expect[k], \
+            f"{mode}: logit error {k} {got[k]:.4f} > {BOUND} x rounding's {expect[k]:.4f}"
         # Far below the rounding noise would mean the weights were not really quantised.
         assert got[k] >= expect[k] / BOUND, f"{mode}: logit error {k} {got[k]:.4f} is implausibly small"
     for why, scale_of in WORSE[mode].items():
