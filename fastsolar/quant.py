@@ -121,8 +121,8 @@ class QuantLinear(nn.Module):
     """y = x @ (weight_scale[:, None] * weight).T: a bias-free linear layer with quantised weights.
 
     `weight` [out_features, in_features] is int8 or float8_e4m3fn, `weight_scale` [out_features] fp32; both
-    are frozen parameters (so parameter counts, byte counts and `.to(device)` see them). Do not `.to(dtype)`
-    the module: that would convert the FP8 weight (a float dtype) too.
+    are frozen parameters (so parameter counts, byte counts and `.to(device)` see them). `.to(dtype)` /
+    `.half()` on a model leave them in their storage dtypes and change only the rest of the model.
     """
 
     def __init__(self, in_features: int, out_features: int, mode: str, *, device: torch.device | str | None = None):
@@ -149,6 +149,15 @@ class QuantLinear(nn.Module):
             with torch.no_grad():
                 quantize_into(w.detach(), layer.weight.data, layer.weight_scale.data)
         return layer
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every float tensor, FP8 included, and would round the fp32 scales too: a
+        # quantised layer only moves. (fn(t) is computed to learn the target device, then dropped.)
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(move_only, recurse)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, dtype)

@@ -120,6 +120,10 @@ def test_quant_linear_and_model_conversion(mode):
     assert_close(net.a(x), x.double() @ quant.dequantize(q, s, torch.float64).T, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not quantisable"):
         quant.quantize(Net(), mode, only=["lm_head"])
+    # .to(dtype) changes the rest of the model, never the storage dtypes.
+    net.to(torch.float16)
+    assert net.a.weight.dtype == quant.STORAGE_DTYPE[mode] and net.a.weight_scale.dtype == torch.float32
+    assert torch.equal(net.a.weight_scale, s) and net.embed_tokens.weight.dtype == torch.float16
     # CUDA graphs captured before the conversion replay the old layers: they are dropped.
     from fastsolar.graphs import shared_pool
 
