@@ -193,7 +193,7 @@ def _listing(title: str, items: list[str]) -> str:
 
 
 def _plan(
-    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: list[str] = ()
+    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: Iterable[str] = ()
 ) -> dict[Path, list[tuple[str, str, slice | None]]]:
     """Per shard, the (hf_key, param_name, row_slice) copies to make; raises one ValueError for every problem.
     `scale_keys`: the scales a quantised checkpoint must hold on top of the usual keys."""
