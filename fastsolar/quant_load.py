@@ -89,7 +89,7 @@ def _check_weight_args(group: str, w: Any) -> str:
 def read_quantization(raw_config: dict[str, Any]) -> StoredQuantization | None:
     """The supported quantisation a Hugging Face config dict declares, None when it declares none;
     ValueError naming the unsupported part otherwise."""
-    qc = raw_config.get("quantization_config", raw_config.get("compression_config"))
+    qc = raw_config.get("quantization_config")
     if qc is None:
         return None
     if not isinstance(qc, dict):
