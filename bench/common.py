@@ -121,12 +121,18 @@ def copy_bandwidth(device: torch.device | str = "cuda", gib: float | None = None
             "method": f"bench/common.py copy_bandwidth(): copy_ of {gib:g} GiB, {how}, spread {spread:.1f}%"}
 
 
-def decode_step_bytes(config: Any, itemsize: int, batch: int, context: float) -> dict[str, float]:
+def decode_step_bytes(
+    config: Any, itemsize: int, batch: int, context: float, weight_bytes: int | None = None
+) -> dict[str, float]:
     """Bytes one decode step must read: every weight except the embedding table (one row of it per token), and
-    the K/V cache of `context` positions per row. `config` is a fastsolar SolarConfig."""
+    the K/V cache of `context` positions per row. `config` is a fastsolar SolarConfig. `weight_bytes`: those
+    weights' bytes as a model stores them (int8/fp8 ones: one byte each plus fp32 scales); default all in
+    `itemsize`."""
     c = config
-    embed_table = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
-    weights = (c.num_parameters() - embed_table) * itemsize + batch * c.hidden_size * itemsize
+    if weight_bytes is None:
+        embed_table = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+        weight_bytes = (c.num_parameters() - embed_table) * itemsize
+    weights = weight_bytes + batch * c.hidden_size * itemsize
     kv = 2 * c.num_hidden_layers * batch * context * c.num_key_value_heads * c.head_dim * itemsize
     return {"weights": weights, "kv": kv, "total": weights + kv}
 

@@ -154,10 +154,22 @@ def _hf_ready(hf):
 # ---------------------------------------------------------------------------------------------- engines
 
 
+def decode_weight_bytes(model: Solar) -> int:
+    """Bytes of weights one decode step reads: every parameter in its storage dtype (one byte per int8/fp8
+    weight plus the fp32 scales) except the embedding table, of which a step gathers only its tokens' rows;
+    a table tied to the lm_head is read whole."""
+    embed = model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+
+
 class Models(Protocol):
-    """Where engines get their models (run.py's Bench): each is built on first use, then shared."""
+    """Where engines get their models (run.py's Bench): the bf16 ones are built on first use, then shared;
+    a quantised one is built for its engine."""
 
     def fastsolar_model(self): ...
+
+    def quantized_model(self, mode: str): ...
 
     def hf_model(self): ...
 
@@ -167,6 +179,7 @@ class Engine:
 
     name = ""
     notes: list[str]
+    weight_bytes: int | None = None  # weights a decode step reads; None: the unquantised model's
 
     def __init__(self) -> None:
         self.notes = []
@@ -179,10 +192,16 @@ class Engine:
 
 
 class FastsolarEngine(Engine):
-    def __init__(self, bench: Models, name: str, graphs: bool, kernels: bool | None) -> None:
+    def __init__(
+        self, bench: Models, name: str, graphs: bool, kernels: bool | None, quantize: str | None = None
+    ) -> None:
         super().__init__()
         self.name, self.graphs, self.kernels = name, graphs, kernels
-        self.model = bench.fastsolar_model()
+        self.model = bench.fastsolar_model() if quantize is None else bench.quantized_model(quantize)
+        self.weight_bytes = decode_weight_bytes(self.model)
+        if quantize is not None:
+            where = "" if self.model.device.type == "cuda" else ", on the torch reference ops (dequantise, then matmul)"
+            self.notes.append(f"{quantize} weights, {self.weight_bytes / 1e9:.3g} GB read per step{where}")
 
     def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         from fastsolar import ops

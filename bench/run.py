@@ -10,12 +10,17 @@ Engines (`--engines`, comma separated, default all; `--exclude` leaves some out)
   fastsolar-eager  the same without CUDA graphs
   torch-ref        fastsolar's model on its torch reference ops (`ops.force_kernels(False)`), eager
   hf-eager         transformers LlamaForCausalLM, attn_implementation="sdpa", dynamic cache, generate()
+  fastsolar-fp8    `fastsolar` with the linear layers quantised to FP8 e4m3 (per output channel, weight-only):
+                   the same random bf16 weights quantised (fastsolar.quant.quantized_copy: embeddings and norms
+                   shared, not copied), or the checkpoint loaded with quantize="fp8"; needs sm_89+ (skipped below)
+  fastsolar-int8   the same with int8 weights; sm_80+
   hf-compile       transformers with cache_implementation="static" + torch.compile(mode="reduce-overhead")
                    (generate's own auto-compile, the gpt-fast technique); CUDA only; a failure is reported
                    in the table, not raised
 On a CPU, `fastsolar` and `hf-compile` are reported as skipped (they need CUDA), and so is `fastsolar-eager`:
 without CUDA fastsolar runs its torch reference ops (the Triton kernels run on a CPU only under the slow
-interpreter), which is the torch-ref engine.
+interpreter), which is the torch-ref engine. The quantised engines run there too, on the reference ops
+(dequantise, then matmul) without graphs.
 
 Method, per engine and batch size b (all engines see the same random prompts of --prompt-len tokens):
 - every engine generates greedily, EOS ignored, through its public generate();
@@ -24,8 +29,9 @@ Method, per engine and batch size b (all engines see the same random prompts of 
 - prefill: tokens/s = b * prompt_len / T1 (T1 is the time to first token: prefill plus picking a token);
 - decode: ms/token = (TN - T1) / (N - 1): the steady-state cost of one decode step for the whole batch,
   with prefill and per-call setup cancelled out; tokens/s = b / that;
-- achieved GB/s = bytes one decode step must read (every weight except the embedding table, plus the K/V
-  cache up to the step's position, averaged over the N steps) / step time; its share of the measured
+- achieved GB/s = bytes one decode step must read (every weight except the embedding table, in its storage
+  dtype: one byte per quantised weight plus its fp32 scales; plus the K/V cache up to the step's position,
+  averaged over the N steps) / step time; `weights_GB` is the weight part; its share of the measured
   copy bandwidth (bytes read + written by a large copy_: bench/common.py's copy_bandwidth(), the one
   bench/kernels.py reports; 1 GiB on CUDA, 64 MiB on a host);
 - peak memory: torch.cuda.max_memory_allocated over the engine's runs, reset between engines (it includes
@@ -72,7 +78,10 @@ class Interrupted(BaseException):
     """SIGTERM (e.g. from `timeout`): stop, but still write the JSON and print the table of what finished."""
 
 
-ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile")
+# hf-compile, the slowest, last (a --time-budget skips what is left); the quantised engines after an unquantised
+# one has set the tokens they are matched against.
+ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "fastsolar-fp8", "fastsolar-int8", "hf-compile")
+QUANTIZED = {"fastsolar-fp8": "fp8", "fastsolar-int8": "int8"}
 CUDA_ONLY = {
     "fastsolar": "CUDA graphs need a CUDA device",
     "fastsolar-eager": "without CUDA fastsolar runs its torch reference ops: that is the torch-ref engine",
@@ -173,7 +182,10 @@ class Bench:
             bmax = max(args.batch_sizes)
             c = self.config
             kv = 2 * c.num_hidden_layers * bmax * (args.prompt_len + args.new_tokens + 256) * c.num_key_value_heads * c.head_dim * args.dtype.itemsize
-            self.config, note = fit_layers(self.config, self.device, args.dtype, extra_bytes=3 * kv + (4 << 30))
+            # A quantised engine holds its quantised linears (about half the bf16 weights) next to the bf16 model.
+            quantized = c.num_parameters() * args.dtype.itemsize // 2 if set(QUANTIZED) & set(args.engines) else 0
+            self.config, note = fit_layers(self.config, self.device, args.dtype,
+                                           extra_bytes=3 * kv + quantized + (4 << 30))
             if note:
                 self.notes.append(note)
         gen = torch.Generator().manual_seed(args.seed + 1)
@@ -236,11 +248,32 @@ class Bench:
             "transformers", args.model, self.device, args.dtype, keep=keep_hf)
         load_bench.add_ratios(self.load)
 
+    def quantized_model(self, mode: str):
+        """A model with `mode` weights, built for one engine (the caller drops it when done): the random bf16
+        model's weights quantised (sharing its other tensors), or the checkpoint loaded with quantize=mode."""
+        from fastsolar import quant
+
+        t0 = time.perf_counter()
+        if self.args.model is not None:
+            from fastsolar.model import Solar
+
+            log.info("loading %s with fastsolar, quantize=%r", self.args.model, mode)
+            model = Solar.from_pretrained(self.args.model, device=self.device, dtype=self.args.dtype, quantize=mode)
+        else:
+            log.info("quantising the random weights to %s", mode)
+            model = quant.quantized_copy(self.fastsolar_model(), mode)
+        sync(self.device)
+        log.info("%s model ready in %.1f s (%.2f GB of parameters)", mode, time.perf_counter() - t0,
+                 quant.parameter_bytes(model) / 1e9)
+        return model
+
     # -- bytes a decode step must read
 
-    def step_bytes(self, b: int) -> dict[str, float]:
+    def step_bytes(self, b: int, weight_bytes: int | None = None) -> dict[str, float]:
+        """Bytes one decode step of batch b reads. `weight_bytes`: of the weights (all but the embedding table)
+        in their storage dtypes, from the engine's own model; default the unquantised model's."""
         ctx = self.args.prompt_len + self.args.new_tokens / 2  # mean cached length read over the N steps
-        return decode_step_bytes(self.config, self.args.dtype.itemsize, b, ctx)
+        return decode_step_bytes(self.config, self.args.dtype.itemsize, b, ctx, weight_bytes)
 
     # -- measuring
 
@@ -255,6 +288,8 @@ class Bench:
             return HFEngine(self, name, compiled=False)
         if name == "hf-compile":
             return HFEngine(self, name, compiled=True)
+        if name in QUANTIZED:
+            return FastsolarEngine(self, name, graphs=self.on_cuda, kernels=None, quantize=QUANTIZED[name])
         raise ValueError(name)
 
     def over_budget(self) -> bool:
@@ -271,6 +306,13 @@ class Bench:
         reason = CUDA_ONLY.get(name) if not self.on_cuda else None
         if reason is None and name.startswith("hf-") and importlib.util.find_spec("transformers") is None:
             reason = "transformers is not installed (pip install -e '.[bench]')"
+        if reason is None and name in QUANTIZED:
+            from fastsolar import quant
+
+            try:
+                quant.check_device(QUANTIZED[name], self.device)
+            except ValueError as e:  # e.g. FP8 on an A100
+                reason = str(e)
         if reason is not None:
             entry.update(status="skipped", reason=reason)
             log.info("[%s] skipped: %s", name, reason)
@@ -330,7 +372,7 @@ class Bench:
         if step_s <= 0:
             step_s = tn / n
             notes.append("TN <= T1 (timing noise): decode estimated as TN / N")
-        nbytes = self.step_bytes(b)
+        nbytes = self.step_bytes(b, engine.weight_bytes)
         gbps = nbytes["total"] / step_s / 1e9
         tokens = tokens.detach().to("cpu")
         if b not in self.baseline:  # the first engine to finish this batch size is the reference
@@ -349,6 +391,7 @@ class Bench:
             "ms_per_token": step_s * 1e3,
             "decode_tokens_per_s": b / step_s,
             "bytes_per_step": nbytes,
+            "weights_GB": nbytes["weights"] / 1e9,
             "achieved_GBps": gbps,
             "share_of_copy_bw": gbps * 1e9 / self.copy_bw if self.copy_bw else None,
             "token_match": float(same.float().mean()),
@@ -448,8 +491,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}.",
         f"Copy bandwidth ({'device' if on_cuda else 'host'}, read + write): {_f(m['copy_bandwidth_GBps'], '.0f')} GB/s.",
     ]
-    header = ["engine", "batch", "prefill tok/s", "TTFT ms", "decode tok/s", "ms/token", "GB/s", "% copy BW", "peak GiB",
-              "match"]
+    header = ["engine", "batch", "prefill tok/s", "TTFT ms", "decode tok/s", "ms/token", "weights GB", "GB/s",
+              "% copy BW", "peak GiB", "match"]
     rows = []
     for name, e in data["engines"].items():
         if e["status"] != "ok":
@@ -457,7 +500,8 @@ def markdown(data: dict[str, Any]) -> str:
         for b, r in e["results"].items():
             share = r.get("share_of_copy_bw")
             rows.append([name, b, _f(r["prefill_tokens_per_s"], ",.0f"), _f(r["ttft_ms"], ".1f"),
-                         _f(r["decode_tokens_per_s"], ",.1f"), _f(r["ms_per_token"], ".2f"), _gbps(r["achieved_GBps"]),
+                         _f(r["decode_tokens_per_s"], ",.1f"), _f(r["ms_per_token"], ".2f"),
+                         _f(r.get("weights_GB"), ".3g"), _gbps(r["achieved_GBps"]),
                          _f(share * 100 if share is not None else None, ".0f"), _f(r.get("peak_memory_GiB"), ".1f"),
                          _f(r["token_match"], ".3f")])
     lines += ["", markdown_table(header, rows)]
@@ -465,14 +509,15 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "prefill tok/s = batch x prompt / TTFT (time for generate() of 1 new token); ms/token = (T(N) - T(1)) / (N - 1) "
-        "for the whole batch; decode tok/s = batch / that. GB/s = weights (all but the embedding table) + the K/V "
-        "cache read per decode step / step time" + ("" if on_cuda else " (host numbers)") + "; % copy BW = that over "
+        "for the whole batch; decode tok/s = batch / that. GB/s = weights (all but the embedding table, in their "
+        "storage dtype: weights GB, about half for fp8/int8) + the K/V cache read per decode step / step time" + ("" if on_cuda else " (host numbers)") + "; % copy BW = that over "
         "the measured copy bandwidth. peak GiB = torch.cuda.max_memory_allocated during the engine, reset between "
         "engines, shared weights included.",
         "match = fraction of generated token positions (greedy, EOS ignored) identical to the first engine's "
         f"({_baselines(data)}). On random weights the logits of the top tokens are close, "
         "so kernels, matmul orders and bf16 rounding can flip a near-tie, after which the continuations differ: "
-        "match < 1 is then rounding, not a bug; a real checkpoint (--model) gives the meaningful number.",
+        "match < 1 is then rounding, not a bug (and for fp8/int8 also the weight rounding); a real checkpoint "
+        "(--model) gives the meaningful number.",
     ]
     if m.get("notes"):
         lines += [f"- note: {n}" for n in m["notes"]]

@@ -94,9 +94,10 @@ _LOAD_ACCEPTED = {"low_cpu_mem_usage", "trust_remote_code"}  # bools with no eff
 _LOAD_REFUSED: dict[str, tuple[tuple, str]] = {
     "use_safetensors": ((None, True), "fastsolar loads safetensors checkpoints only"),
     "attn_implementation": (_NONE, "fastsolar runs its own attention kernels"),
-    "quantization_config": (_NONE, "quantized loading is not implemented"),
-    "load_in_8bit": (_OFF, "quantized loading is not implemented"),
-    "load_in_4bit": (_OFF, "quantized loading is not implemented"),
+    "quantization_config": (_NONE, "transformers' quantizers are not implemented; fastsolar's own weight-only "
+                                   "quantisation is quantize='fp8' or quantize='int8'"),
+    "load_in_8bit": (_OFF, "bitsandbytes is not implemented; quantize='int8' is fastsolar's (weight-only) int8"),
+    "load_in_4bit": (_OFF, "4-bit loading is not implemented; quantize='fp8' or 'int8' halve the weights"),
     "max_memory": (_NONE, "fastsolar places the whole model on one device"),
     "offload_folder": (_NONE, "fastsolar places the whole model on one device"),
     "offload_state_dict": (_OFF, "fastsolar places the whole model on one device"),

@@ -3,6 +3,9 @@
 `KEY_MAP` rows are `(hf_pattern, our_pattern, part)`: `{i}` stands for the layer index; `part` is None for a
 one-to-one copy, or the index of the row block inside a fused parameter (see `fused_parts`).
 `IGNORED` lists the only checkpoint keys that are skipped on purpose; every other unknown key is an error.
+Checkpoints quantised elsewhere (compressed-tensors, see fastsolar.quant_load) add a `weight_scale` beside
+each quantised linear weight (`SCALE_KEY_MAP`, mapped like the weight) and may carry activation scales
+(`ACTIVATION_SCALES`), which fastsolar does not use: it quantises weights only.
 """
 from __future__ import annotations
 
@@ -27,6 +30,27 @@ KEY_MAP: tuple[tuple[str, str, int | None], ...] = (
     ("lm_head.weight", "lm_head.weight", None),
 )
 
+# Our parameters that are weights of linear layers: what weight-only quantisation may quantise.
+LINEAR_WEIGHTS: tuple[str, ...] = (
+    "layers.{i}.attention.wqkv.weight",
+    "layers.{i}.attention.wo.weight",
+    "layers.{i}.feed_forward.w_gate_up.weight",
+    "layers.{i}.feed_forward.w_down.weight",
+    "lm_head.weight",
+)
+
+# A quantised linear's per-channel ([rows, 1]) or per-tensor ([] / [1]) scale, stored as `<layer>.weight_scale`
+# beside `<layer>.weight`, goes to `<our layer>.weight_scale`, the same rows of the same fused parameter.
+SCALE_KEY_MAP: tuple[tuple[str, str, int | None], ...] = tuple(
+    (hf.removesuffix("weight") + "weight_scale", ours.removesuffix("weight") + "weight_scale", part)
+    for hf, ours, part in KEY_MAP if ours in LINEAR_WEIGHTS
+)
+
+# Static activation scales some quantised checkpoints carry beside the weight scale; unused by fastsolar.
+ACTIVATION_SCALES: tuple[str, ...] = tuple(
+    hf.removesuffix("weight") + "input_scale" for hf, ours, _ in KEY_MAP if ours in LINEAR_WEIGHTS
+)
+
 # Keys some checkpoints carry that hold nothing we need: the rotary inverse frequencies that old
 # transformers versions saved as persistent buffers (recomputed from rope_theta). Nothing else is ignored.
 IGNORED: tuple[str, ...] = (
@@ -41,7 +65,7 @@ LM_HEAD = "lm_head.weight"
 def fused_parts(config: Any) -> dict[str, tuple[int, ...]]:
     """Row count of each part of each fused parameter pattern, from a SolarConfig."""
     d = config.head_dim
-    return {
+    parts = {
         "layers.{i}.attention.wqkv.weight": (
             config.num_attention_heads * d,
             config.num_key_value_heads * d,
@@ -49,18 +73,30 @@ def fused_parts(config: Any) -> dict[str, tuple[int, ...]]:
         ),
         "layers.{i}.feed_forward.w_gate_up.weight": (config.intermediate_size, config.intermediate_size),
     }
+    # A quantised layer's scales have one row per weight row: the same parts.
+    return parts | {name.removesuffix("weight") + "weight_scale": rows for name, rows in parts.items()}
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(pattern).replace(re.escape(LAYER), r"(?P<i>\d+)") + "$")
 
 
-_MAP_RE = tuple((_compile(hf), ours, part) for hf, ours, part in KEY_MAP)
+_MAP_RE = tuple((_compile(hf), ours, part) for hf, ours, part in KEY_MAP + SCALE_KEY_MAP)
 _IGNORED_RE = tuple(_compile(p) for p in IGNORED)
+_ACTIVATION_SCALE_RE = tuple(_compile(p) for p in ACTIVATION_SCALES)
 
 
 def is_ignored(hf_key: str) -> bool:
     return any(r.match(hf_key) for r in _IGNORED_RE)
+
+
+def is_activation_scale(hf_key: str) -> bool:
+    return any(r.match(hf_key) for r in _ACTIVATION_SCALE_RE)
+
+
+def scale_key(hf_weight_key: str) -> str:
+    """The checkpoint key of a quantised weight's scale."""
+    return hf_weight_key.removesuffix("weight") + "weight_scale"
 
 
 def map_key(hf_key: str) -> tuple[str, str, int | None] | None:
@@ -74,7 +110,8 @@ def map_key(hf_key: str) -> tuple[str, str, int | None] | None:
 
 
 def expected_keys(config: Any) -> list[str]:
-    """Every Hugging Face key a checkpoint for `config` must hold (lm_head left out when tied)."""
+    """Every Hugging Face key a checkpoint for `config` must hold (lm_head left out when tied; the scales of
+    a quantised checkpoint come on top, fastsolar.quant_load says which)."""
     keys = []
     for hf, _ours, _part in KEY_MAP:
         if hf == LM_HEAD and config.tie_word_embeddings:

@@ -14,6 +14,10 @@ the disk read, the PCIe copy and the placement overlap. Nothing is memory-mapped
 holds a shard's pages, and a shard that was not in the page cache is dropped from it as it is read (one
 that was stays cached for the next start). A progress bar counts bytes (GB, GB/s) on a terminal.
 Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
+With `quantize`, or for a checkpoint quantised elsewhere, the linear layers are built quantised (int8/FP8
+weights, fp32 scales: the memory check counts those bytes) and each weight is quantised on the target
+device as its chunks arrive, so the device never holds more than the quantised model plus a chunk in
+flight; fastsolar.quant_load says how (and which quantised checkpoints it reads).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -29,8 +34,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fastsolar import hf_keys, memory
-from fastsolar.config import SolarConfig
+from fastsolar import hf_keys, memory, quant, quant_load
+from fastsolar.config import SolarConfig, read_config_json
 from fastsolar.shards import TensorHeader, listing, read_tensor_headers, read_tensors
 
 logger = logging.getLogger(__name__)
@@ -105,11 +110,15 @@ class _Copy:
     rows: slice | None
 
 
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# F8_E4M3 reaches here only for the layers of a compressed-tensors FP8 checkpoint (quant_load checks that first).
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3")
 
 
-def _plan(model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader]) -> list[_Copy]:
-    """The copies to make, in file order (shard by shard, each front to back); one ValueError for every problem."""
+def _plan(
+    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: Iterable[str] = ()
+) -> list[_Copy]:
+    """The copies to make, in file order (shard by shard, each front to back); one ValueError for every problem.
+    `scale_keys`: the scales a quantised checkpoint must hold on top of the usual keys."""
     params = dict(model.named_parameters())
     parts = hf_keys.fused_parts(config)
     plan: list[_Copy] = []
@@ -138,14 +147,14 @@ def _plan(model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader
             start = sum(sizes[:part])
             rows = slice(start, start + sizes[part])
             expected = (sizes[part], *full[1:])
-        if tuple(shape) != expected:
+        if tuple(shape) != expected and not quant_load.scale_shape_ok(name, shape, expected[0]):
             bad_shape.append(f"{key} (expected {expected}, found {tuple(shape)})")
             continue
         if header.dtype not in _FLOAT_DTYPES:
             bad_dtype.append(f"{key} ({header.dtype} in {header.file.name})")
             continue
         plan.append(_Copy(header, name, rows))
-    missing = [k for k in hf_keys.expected_keys(config) if k not in headers]
+    missing = [k for k in [*hf_keys.expected_keys(config), *scale_keys] if k not in headers]
     problems = []
     if missing:
         problems.append(listing("missing keys", missing))
@@ -186,15 +195,24 @@ class _SkipInitOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _keeps_dtype(module: nn.Module) -> bool:
+    """Whether a module's parameters keep their own dtypes whatever the model's: a quantised layer's int8 /
+    float8_e4m3fn weight and fp32 scale."""
+    return isinstance(module, quant.QuantLinear)
+
+
 def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Replace every meta parameter by an uninitialised one on `device`, keeping tied parameters tied."""
+    """Replace every meta parameter by an uninitialised one on `device`, keeping tied parameters tied;
+    quantised layers keep their storage dtypes."""
     new: dict[int, nn.Parameter] = {}
     for module in model.modules():
+        keep = _keeps_dtype(module)
         for key, p in list(module._parameters.items()):
             if p is None:
                 continue
             if id(p) not in new:
-                new[id(p)] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype), requires_grad=False)
+                new[id(p)] = nn.Parameter(torch.empty(p.shape, device=device, dtype=p.dtype if keep else dtype),
+                                          requires_grad=False)
             module._parameters[key] = new[id(p)]
     for name, b in model.named_buffers():
         if b is not None and b.is_meta:
@@ -202,17 +220,22 @@ def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Non
 
 
 class _Placer:
-    """Copies staged chunks of checkpoint bytes into their parameter slices, converting the dtype.
+    """Copies staged chunks of checkpoint bytes into their parameter slices, converting the dtype, or hands
+    them to the copy's `quant_load.Sink` (quantising a weight as it arrives, spreading a per-tensor scale).
 
     On CUDA (unverified on hardware: no GPU in CI) the chunks come from pinned buffers and are copied with
     `non_blocking=True` on a side stream, so the upload of one chunk overlaps the disk read of the next and
-    the calling thread never waits for the GPU; a dtype change happens on the GPU, after the raw upload. The
-    event returned for each chunk tells the reader when its staging buffer may be refilled. `finish()`
-    waits for the last copy and orders the caller's stream after the side stream.
+    the calling thread never waits for the GPU; a dtype change (or a quantisation) happens on the GPU, after
+    the raw upload. The event returned for each chunk tells the reader when its staging buffer may be
+    refilled. `finish()` waits for the last copy, orders the caller's stream after the side stream and
+    lets every sink check what it received.
     """
 
-    def __init__(self, device: torch.device, targets: list[torch.Tensor], dtypes: list[torch.dtype]) -> None:
+    def __init__(self, device: torch.device, targets: list[torch.Tensor], dtypes: list[torch.dtype],
+                 sinks: list[quant_load.Sink | None]) -> None:
         self.targets, self.dtypes = targets, dtypes  # flat parameter slices, and the dtype each chunk arrives in
+        self.sinks = sinks
+        self.device = device
         self.stream = None
         if device.type == "cuda":
             self.stream = torch.cuda.Stream(device)
@@ -222,12 +245,19 @@ class _Placer:
     def __call__(self, i: int, start: int, data: torch.Tensor) -> torch.cuda.Event | None:
         src = data.view(self.dtypes[i])
         first = start // src.element_size()
-        dst = self.targets[i][first:first + src.numel()]
+        sink = self.sinks[i]
         if self.stream is None:
-            dst.copy_(src)
+            if sink is None:
+                self.targets[i][first:first + src.numel()].copy_(src)
+            else:
+                sink(first, src)
             return None
         with torch.cuda.stream(self.stream):
-            dst.copy_(src if src.dtype == dst.dtype else src.to(dst.device, non_blocking=True), non_blocking=True)
+            if sink is None:
+                dst = self.targets[i][first:first + src.numel()]
+                dst.copy_(src if src.dtype == dst.dtype else src.to(dst.device, non_blocking=True), non_blocking=True)
+            else:
+                sink(first, src.to(self.device, non_blocking=True))
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
@@ -236,6 +266,9 @@ class _Placer:
         if self.stream is not None:
             self.stream.synchronize()
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        for sink in self.sinks:
+            if sink is not None:
+                sink.finish()
 
 
 def _progress_bar(total: int):
@@ -246,11 +279,18 @@ def _progress_bar(total: int):
 
 
 def _check_memory(model_dir: Path, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """InsufficientMemoryError when the weights, on `device` in `dtype`, do not fit in what is free there."""
+    """InsufficientMemoryError when the weights, on `device` in `dtype` (quantised layers in their storage
+    dtypes), do not fit in what is free there."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied parameters once
-    weights = memory.weight_bytes(shapes, dtype)
-    halves = {"bfloat16": memory.weight_bytes(shapes, torch.bfloat16)} if dtype.itemsize > 2 else {}
-    memory.check_fits(f"checkpoint {model_dir}", device, dtype, weights, smaller=halves)
+    kept = {f"{prefix}.{key}": p.numel() * p.element_size() for prefix, m in model.named_modules() if _keeps_dtype(m)
+            for key, p in m.named_parameters(recurse=False)}
+
+    def size(name: str, shape: tuple[int, ...]) -> int | None:
+        return kept.get(name)
+
+    weights = memory.weight_bytes(shapes, dtype, size)
+    smaller = {"bfloat16": memory.weight_bytes(shapes, torch.bfloat16, size)} if dtype.itemsize > 2 else {}
+    memory.check_fits(f"checkpoint {model_dir}", device, dtype, weights, smaller=smaller)
 
 
 def load_model(
@@ -259,40 +299,55 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> M:
     """Build `cls(config)` from a Hugging Face checkpoint directory; eval mode, no gradients, no cache.
 
-    `device` defaults to CUDA when available, else CPU; `dtype` defaults to the config's torch_dtype.
+    `device` defaults to CUDA when available, else CPU; `dtype` (of activations, embeddings and norms)
+    defaults to the config's torch_dtype. `quantize` ("fp8", "int8"; default None) quantises the linear
+    layers as they load; a checkpoint quantised elsewhere loads quantised as stored. Bad `quantize` values, a
+    card that cannot run the mode and unsupported quantised checkpoints are refused before anything else.
     Raises ValueError for a checkpoint that does not match its config (or a corrupt or truncated shard,
     naming the file), FileNotFoundError for missing files, InsufficientMemoryError (a MemoryError) when
     the weights do not fit in the memory free on `device`; all before any parameter is allocated.
     """
     t0 = time.perf_counter()
+    quantize = quant.check_mode(quantize)
     model_dir = Path(model_dir)
     config = SolarConfig.from_pretrained(model_dir)
+    stored = quant_load.read_quantization(read_config_json(model_dir))
+    mode = quant_load.resolve_mode(quantize, stored, model_dir)
     device = resolve_device(device)
+    quant.check_device(mode, device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
     shards, weight_map = checkpoint_files(model_dir)
     headers = read_tensor_headers(shards)
     if weight_map is not None:
         _check_index(headers, weight_map)
+    stored_layers, scale_keys = quant_load.quantized_layers(headers, stored)
+    if stored is not None:  # activation scales belong to activation quantisation, which is not replayed
+        headers = {k: h for k, h in headers.items() if not hf_keys.is_activation_scale(k)}
 
     with torch.device("meta"), _SkipInitOnMeta():
         model = cls(config)
-    plan = _plan(model, config, headers)
+    if mode is not None:
+        quant.quantize(model, mode, only=stored_layers if stored is not None else None)
+    plan = _plan(model, config, headers, scale_keys)
     _check_memory(model_dir, model, device, dtype)
     _allocate(model, device, dtype)
 
     params = dict(model.named_parameters())
     targets = [(params[c.name] if c.rows is None else params[c.name][c.rows]).view(-1) for c in plan]
     sources = [c.header.torch_dtype for c in plan]
+    sinks = [quant_load.placement(params, c.name, c.rows, c.header.key, c.header.shape, c.header.torch_dtype)
+             for c in plan]
     direct = device.type == "cpu"
 
     def into(i: int) -> torch.Tensor | None:  # a CPU parameter already in the checkpoint's dtype: read into it
-        return targets[i].view(torch.uint8) if direct and sources[i] == dtype else None
+        return targets[i].view(torch.uint8) if direct and sinks[i] is None and sources[i] == targets[i].dtype else None
 
     total = sum(c.header.nbytes for c in plan)
-    placer = _Placer(device, targets, sources)
+    placer = _Placer(device, targets, sources, sinks)
     with torch.no_grad(), _progress_bar(total) as bar:
         read_tensors([c.header for c in plan], placer, into=into, pin_memory=device.type == "cuda",
                      progress=bar.update)
@@ -302,8 +357,9 @@ def load_model(
     model.cache = None
     seconds = time.perf_counter() - t0
     logger.info(
-        "loaded %s (%d layers, %.2fB parameters, %.2f GB read from %d shard(s)) onto %s as %s in %.1f s (%.2f GB/s)",
-        model_dir, config.num_hidden_layers, config.num_parameters() / 1e9, total / 1e9, len(shards), device, dtype,
+        "loaded %s (%d layers, %.2fB parameters, %.2f GB read from %d shard(s)) onto %s as %s%s in %.1f s "
+        "(%.2f GB/s)", model_dir, config.num_hidden_layers, config.num_parameters() / 1e9, total / 1e9, len(shards),
+        device, dtype, f" with {mode} weights ({quant.parameter_bytes(model) / 1e9:.2f} GB)" if mode else "",
         seconds, total / 1e9 / seconds,
     )
     return model

@@ -157,14 +157,19 @@ class Solar(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        quantize: str | None = None,
         **hf_kwargs,
     ) -> "Solar":
         """Load a Hugging Face checkpoint directory (sharded or single safetensors); see `fastsolar.loader`.
-        transformers' `torch_dtype` / `device_map` are accepted too (`fastsolar.hf_compat`)."""
+        transformers' `torch_dtype` / `device_map` are accepted too (`fastsolar.hf_compat`).
+
+        `quantize="fp8"` or `"int8"` quantises the linear layers (per output channel) as they load, halving
+        their memory and the bytes each decode step reads; FP8 needs sm_89+, int8 sm_80+ (see fastsolar.quant).
+        """
         from fastsolar.hf_compat import load_kwargs
         from fastsolar.loader import load_model
 
-        return load_model(cls, model_dir, **load_kwargs(device=device, dtype=dtype, **hf_kwargs))
+        return load_model(cls, model_dir, quantize=quantize, **load_kwargs(device=device, dtype=dtype, **hf_kwargs))
 
     @property
     def device(self) -> torch.device:

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULT_FIELDS = {
     "batch", "ttft_ms", "prefill_tokens_per_s", "ms_per_token", "decode_tokens_per_s", "achieved_GBps",
     "share_of_copy_bw", "peak_memory_GiB", "token_match", "first_divergence_mean", "match_baseline", "t1_s", "tn_s",
+    "weights_GB",
 }
-ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile")
+ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile", "fastsolar-fp8", "fastsolar-int8")
 
 
 def _load_run():
@@ -58,7 +59,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert set(data["engines"]) == set(ENGINES)
     for name in ("fastsolar", "fastsolar-eager", "hf-compile"):
         assert data["engines"][name]["status"] == "skipped", name
-    for name in ("torch-ref", "hf-eager"):
+    for name in ("torch-ref", "hf-eager", "fastsolar-fp8", "fastsolar-int8"):
         e = data["engines"][name]
         assert e["status"] == "ok", (name, e.get("reason"), e.get("traceback"))
         assert set(e["results"]) == {"1", "8"}
@@ -68,6 +69,12 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
             assert 0.0 <= r["token_match"] <= 1.0
     # fp32 on a CPU: transformers computes the same greedy tokens as the reference model.
     assert data["engines"]["hf-eager"]["results"]["1"]["token_match"] == 1.0
+    # The quantised engines read about a quarter of the fp32 weight bytes (one byte per weight plus scales).
+    full = data["engines"]["torch-ref"]["results"]["1"]["weights_GB"]
+    for name in ("fastsolar-fp8", "fastsolar-int8"):
+        r = data["engines"][name]["results"]["1"]
+        assert 0.25 * full < r["weights_GB"] < 0.27 * full, (name, r["weights_GB"], full)
+        assert r["match_baseline"] == "torch-ref"
     assert "| engine | batch |" in stdout and "| hf-eager | 8 |" in stdout
     print(f"bench on CPU took {seconds:.1f} s")
 
@@ -108,6 +115,8 @@ def test_step_bytes_and_table():
     # K/V: 48 layers x 2 x 8 heads x 128 x 2 bytes = 196,608 bytes per token, at a mean of 576 positions.
     assert b1["kv"] == pytest.approx(48 * 2 * 8 * 128 * 2 * 576)
     assert bench.step_bytes(8)["kv"] == pytest.approx(8 * b1["kv"])
+    # A quantised engine passes its own weight bytes; the rest of the count is the same.
+    assert bench.step_bytes(1, 10_000)["weights"] == 10_000 + 4096 * 2
 
     data = {
         "complete": False,
@@ -118,22 +127,27 @@ def test_step_bytes_and_table():
         "engines": {
             "fastsolar": {"status": "ok", "notes": [], "results": {"1": {
                 "prefill_tokens_per_s": 9000.0, "ttft_ms": 56.0, "decode_tokens_per_s": 120.0, "ms_per_token": 8.3,
-                "achieved_GBps": 2600.0, "share_of_copy_bw": 0.87, "peak_memory_GiB": 21.9, "token_match": 1.0,
+                "weights_GB": 21.2, "achieved_GBps": 2600.0, "share_of_copy_bw": 0.87, "peak_memory_GiB": 21.9, "token_match": 1.0,
                 "match_baseline": "fastsolar"}}},
             "hf-compile": {"status": "failed", "reason": "BackendCompilerFailed: boom", "notes": [], "results": {}},
         },
     }
     table = run.markdown(data)
-    assert "| fastsolar | 1 | 9,000 | 56.0 | 120.0 | 8.30 | 2,600 | 87 | 21.9 | 1.000 |" in table
+    assert "| fastsolar | 1 | 9,000 | 56.0 | 120.0 | 8.30 | 21.2 | 2,600 | 87 | 21.9 | 1.000 |" in table
     assert "| hf-compile | failed: BackendCompilerFailed: boom |" in table
     assert "INCOMPLETE" in table
 
 
 @pytest.mark.gpu("the CUDA engines need a CUDA device")
 def test_bench_cuda_engines_small(tmp_path):
-    data, _, _ = _run_bench(tmp_path, "--engines", "fastsolar,fastsolar-eager,torch-ref,hf-eager", "--batch-sizes", "1,3")
-    for name in ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager"):
+    fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    names = ["fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "fastsolar-int8"] + (["fastsolar-fp8"] if fp8 else [])
+    data, _, _ = _run_bench(tmp_path, "--engines", ",".join(names), "--batch-sizes", "1,3")
+    for name in names:
         e = data["engines"][name]
         assert e["status"] == "ok", (name, e.get("reason"), e.get("traceback"))
         assert e["peak_memory_GiB"] > 0
     assert data["engines"]["fastsolar-eager"]["results"]["1"]["token_match"] == 1.0  # same kernels, same tokens
+    full = data["engines"]["fastsolar"]["results"]["1"]["weights_GB"]
+    for name in names[4:]:  # bf16 -> one byte per weight
+        assert data["engines"][name]["results"]["1"]["weights_GB"] < 0.55 * full, name

@@ -1,0 +1,275 @@
+"""How quantised weights enter a model at load time (used by fastsolar.loader).
+
+Two ways in:
+
+- `quantize="fp8" | "int8"` on an ordinary bf16/fp16/fp32 checkpoint: every quantisable linear becomes a
+  `QuantLinear` before anything is allocated, and each checkpoint tensor is quantised on the target device
+  as its bytes stream in (`QuantizingCopy`, which the loader hands each chunk the shard reader delivers):
+  every complete row is quantised as soon as it is in, a row cut by a chunk boundary waits for the rest.
+  Fused q/k/v and gate/up are quantised part by part: the scales are per output row, so a part's rows do
+  not depend on the other parts. Peak device memory is the quantised model plus a chunk in flight and its
+  fp32 temporaries; host memory is the reader's staging buffers.
+- a checkpoint quantised elsewhere in the layout llm-compressor writes and vLLM reads (`read_quantization`):
+  config.json's `quantization_config` with quant_method "compressed-tensors", format "float-quantized" or
+  "naive-quantized", 8-bit float weights (strategy "channel" or "tensor", symmetric, static), activations
+  unquantised or dynamic. Each such layer stores `weight` in float8_e4m3fn and `weight_scale`, [rows, 1] per
+  channel or [] / [1] per tensor; both are copied as stored, a per-tensor scale repeated over its rows
+  (exact, and it lets a fused layer's parts keep different per-tensor scales). Layers the config's `ignore`
+  list leaves unquantised (usually lm_head) are stored in bf16 and stay so: which layers are quantised is
+  read from the stored dtypes, and `quantized_layers` checks that every one has its scale (`placement`
+  spreads a per-tensor scale over its rows). Dynamic
+  activation quantisation is not replayed: activations stay in the model's dtype (weight-only, which is
+  at least as accurate), and activation scales (`input_scale`) are skipped.
+
+Anything else in `quantization_config` (GPTQ, AWQ, bitsandbytes, int4 or int8 compressed-tensors, static
+activation scales, block or group scales, a quantised KV cache, ...) is refused by name before any tensor
+is read, and so are quantised tensors in a checkpoint that declares no quantisation: nothing quantised is
+ever loaded as if it were bf16.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from fastsolar import hf_keys
+from fastsolar.quant import MODE_OF_DTYPE, quantize_rows
+
+logger = logging.getLogger(__name__)
+
+# The quantization_config this module reads: compressed-tensors, 8-bit float weights stored as float8_e4m3fn.
+QUANT_METHOD = "compressed-tensors"
+FORMATS = ("float-quantized", "naive-quantized")
+WEIGHT_STRATEGIES = ("channel", "tensor")
+STORED_DTYPE = "F8_E4M3"  # safetensors' name of float8_e4m3fn
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_SCALE_DTYPES = ("F32", "F16", "BF16")
+_8BIT_DTYPES = ("F8_E4M3", "F8_E5M2", "I8", "U8")  # what a quantised weight is stored as
+
+
+@dataclass(frozen=True)
+class StoredQuantization:
+    """What a supported `quantization_config` declares."""
+
+    mode: str  # "fp8": the only stored format read so far
+    strategies: tuple[str, ...]  # weight scale strategies used by its groups ("channel", "tensor")
+    dynamic_activations: bool  # the checkpoint asks for dynamic activation quantisation (not replayed)
+    ignore: tuple[str, ...]  # layers its author left unquantised (informational: stored dtypes decide)
+
+    def describe(self) -> str:
+        acts = ", dynamic activations (run unquantised)" if self.dynamic_activations else ""
+        return f"compressed-tensors FP8 weights, per {'/'.join(self.strategies)} scales{acts}"
+
+
+def _refuse(what: str) -> ValueError:
+    return ValueError(
+        f"config.json: {what}. fastsolar loads pre-quantised checkpoints only as compressed-tensors FP8 "
+        "(llm-compressor's FP8 / FP8_DYNAMIC: format 'float-quantized' or 'naive-quantized', 8-bit float weights, "
+        "per-channel or per-tensor scales, no static activation scales); for anything else, load the original "
+        "bf16 checkpoint with quantize='fp8' or quantize='int8'"
+    )
+
+
+def _check_weight_args(group: str, w: Any) -> str:
+    if not isinstance(w, dict):
+        raise _refuse(f"quantization_config group {group!r} quantises no weights ({w!r})")
+    num_bits, kind = w.get("num_bits"), w.get("type")
+    if num_bits != 8 or kind != "float":
+        raise _refuse(f"quantization_config group {group!r} has {num_bits}-bit {kind} weights "
+                      "(only 8-bit float is supported)")
+    strategy = w.get("strategy")
+    if strategy not in WEIGHT_STRATEGIES:
+        raise _refuse(f"quantization_config group {group!r} has weight strategy {strategy!r} "
+                      f"(supported: {', '.join(WEIGHT_STRATEGIES)})")
+    for key, allowed in (("symmetric", (True, None)), ("dynamic", (False, None)), ("group_size", (None,)),
+                         ("block_structure", (None,)), ("actorder", (None, False))):
+        if w.get(key) not in allowed:
+            raise _refuse(f"quantization_config group {group!r} has weights {key}={w.get(key)!r}")
+    return strategy
+
+
+def read_quantization(raw_config: dict[str, Any]) -> StoredQuantization | None:
+    """The supported quantisation a Hugging Face config dict declares, None when it declares none;
+    ValueError naming the unsupported part otherwise."""
+    qc = raw_config.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise _refuse(f"quantization_config must be an object, got {qc!r}")
+    method = qc.get("quant_method")
+    if method != QUANT_METHOD:
+        raise _refuse(f"quantization_config has quant_method {method!r}")
+    fmt = qc.get("format")
+    if fmt not in FORMATS:
+        raise _refuse(f"quantization_config has format {fmt!r} (supported: {', '.join(FORMATS)})")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise _refuse(f"quantization_config has quantization_status {status!r}: weights are not stored quantised")
+    if qc.get("kv_cache_scheme"):
+        raise _refuse(f"quantization_config quantises the KV cache ({qc['kv_cache_scheme']!r})")
+    sparsity = qc.get("sparsity_config")
+    if sparsity and (not isinstance(sparsity, dict) or sparsity.get("format", "dense") != "dense"):
+        raise _refuse(f"quantization_config has a sparsity_config ({sparsity!r})")
+    if qc.get("transform_config"):
+        raise _refuse("quantization_config has a transform_config (rotations such as QuIP/SpinQuant)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise _refuse(f"quantization_config has no config_groups ({groups!r})")
+    strategies, dynamic = set(), False
+    for name, g in groups.items():
+        if not isinstance(g, dict):
+            raise _refuse(f"quantization_config group {name!r} is not an object")
+        if g.get("format") not in (None, *FORMATS):
+            raise _refuse(f"quantization_config group {name!r} has format {g.get('format')!r}")
+        strategies.add(_check_weight_args(name, g.get("weights")))
+        acts = g.get("input_activations")
+        if acts:
+            if acts.get("dynamic") is not True:
+                raise _refuse(f"quantization_config group {name!r} quantises input activations statically "
+                              f"(dynamic={acts.get('dynamic')!r}, strategy {acts.get('strategy')!r}); fastsolar "
+                              "quantises weights only")
+            dynamic = True
+        if g.get("output_activations"):
+            raise _refuse(f"quantization_config group {name!r} quantises output activations")
+    ignore = qc.get("ignore") or []
+    return StoredQuantization("fp8", tuple(sorted(strategies)), dynamic, tuple(ignore))
+
+
+def resolve_mode(quantize: str | None, stored: StoredQuantization | None, model_dir: Any) -> str | None:
+    """The mode the model is built in: the checkpoint's own, or `quantize` for an unquantised one."""
+    if stored is None:
+        return quantize
+    if quantize not in (None, stored.mode):
+        raise ValueError(f"{model_dir} is already quantised ({stored.describe()}); re-quantising it to "
+                         f"{quantize!r} is not supported: load it with quantize=None or quantize={stored.mode!r}")
+    logger.info("%s holds %s", model_dir, stored.describe())
+    return stored.mode
+
+
+def quantized_layers(headers: dict[str, Any], stored: StoredQuantization | None) -> tuple[set[str], list[str]]:
+    """From the checkpoint's tensor headers: the names of our layers stored quantised, and the scale keys
+    those layers need. Refuses quantised tensors without a supported quantization_config, quantised
+    embeddings or norms, and fused layers whose parts are stored differently (before any tensor is read).
+    Other dtypes that are no float at all are left to the loader, which lists them with its other checks."""
+    dtypes: dict[str, dict[str, str]] = {}  # our layer -> {hf weight key: stored dtype}
+    for key, h in headers.items():
+        mapped = hf_keys.map_key(key)
+        if stored is not None and hf_keys.is_activation_scale(key):
+            continue
+        is_scale = key.endswith(".weight_scale")
+        if is_scale and stored is None:
+            raise ValueError(f"checkpoint has quantisation scales ({key}) but config.json declares no supported "
+                             "quantization_config")
+        if mapped is not None and mapped[1] in hf_keys.LINEAR_WEIGHTS:
+            dtypes.setdefault(mapped[0].removesuffix(".weight"), {})[key] = h.dtype
+        elif is_scale and h.dtype not in _SCALE_DTYPES:
+            raise ValueError(f"checkpoint tensor {key} is stored as {h.dtype} (a quantised linear's scale); "
+                             f"fastsolar reads {'/'.join(_SCALE_DTYPES)} there")
+        elif not is_scale and h.dtype in _8BIT_DTYPES:
+            raise ValueError(f"checkpoint tensor {key} is stored as {h.dtype} (not a quantisable linear weight); "
+                             f"fastsolar reads {'/'.join(_FLOAT_DTYPES)} there")
+    quantized: set[str] = set()
+    scales: list[str] = []
+    for layer, parts in dtypes.items():
+        kinds = set(parts.values())
+        if not kinds & set(_8BIT_DTYPES):
+            continue
+        if stored is None:
+            shown = ", ".join(f"{k} {d}" for k, d in parts.items() if d in _8BIT_DTYPES)
+            raise ValueError(f"checkpoint stores quantised weights ({shown}) but config.json declares no supported "
+                             "quantization_config; fastsolar will not load them as if they were unquantised")
+        if kinds != {STORED_DTYPE}:
+            shown = ", ".join(f"{k} {d}" for k, d in parts.items())
+            raise ValueError(f"checkpoint layer parts are stored differently ({shown}): fastsolar fuses them into "
+                             f"one layer ({layer}) and needs them all {STORED_DTYPE} or all unquantised")
+        quantized.add(layer)
+        scales.extend(hf_keys.scale_key(k) for k in parts)
+    if stored is not None and not quantized:
+        raise ValueError(f"config.json declares {stored.describe()} but no linear weight is stored as {STORED_DTYPE}")
+    return quantized, scales
+
+
+def scale_shape_ok(param_name: str, shape: tuple[int, ...], rows: int) -> bool:
+    """Whether a stored scale of `shape` fits `rows` rows of `param_name`: per channel [rows, 1] or [rows],
+    per tensor [] or [1]."""
+    return param_name.endswith(".weight_scale") and tuple(shape) in ((rows, 1), (rows,), (), (1,))
+
+
+class Sink(Protocol):
+    """Where the loader puts one checkpoint tensor that is not a plain copy of its elements."""
+
+    def __call__(self, first: int, src: torch.Tensor) -> None:
+        """The tensor's elements first .. first + src.numel() (1-D, stored dtype, on the parameter's device);
+        chunks come in order."""
+
+    def finish(self) -> None:
+        """After the last chunk, once the device has finished: raise if what arrived cannot be used."""
+
+
+class QuantizingCopy:
+    """Quantises a float checkpoint tensor [rows, K] into its rows of a quantised layer as its chunks arrive.
+
+    Chunks end anywhere: the elements of a row cut by a chunk boundary wait on the device for the rest of the
+    row, every complete row is quantised at once (`quantize_rows`, per row, so the result is the same as
+    quantising the whole tensor). Nothing syncs with the host until `finish`, which checks that every value
+    was finite (the error names the checkpoint key).
+    """
+
+    def __init__(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.key, self.q, self.scale = key, q, scale
+        self.k = q.shape[1]
+        self.row = 0  # rows quantised so far
+        self.carry: torch.Tensor | None = None  # elements of the next row that arrived already
+        self.finite: torch.Tensor | None = None
+
+    def __call__(self, first: int, src: torch.Tensor) -> None:
+        held = 0 if self.carry is None else self.carry.numel()
+        if first != self.row * self.k + held:
+            raise RuntimeError(f"{self.key}: chunk at element {first} out of order")
+        if self.carry is not None:
+            src = torch.cat((self.carry, src))
+        rows = src.numel() // self.k
+        if rows:
+            end = self.row + rows
+            ok = quantize_rows(src[: rows * self.k].view(rows, self.k), self.q[self.row:end], self.scale[self.row:end])
+            self.finite = ok if self.finite is None else self.finite & ok
+            self.row = end
+        rest = src[rows * self.k:]
+        self.carry = rest.clone() if rest.numel() else None  # src may be a staging buffer the reader reuses
+
+    def finish(self) -> None:
+        if self.carry is not None or self.row != self.q.shape[0]:
+            raise RuntimeError(f"{self.key}: {self.row} of {self.q.shape[0]} rows arrived")
+        if self.finite is not None and not bool(self.finite):
+            raise ValueError(f"checkpoint tensor {self.key} has non-finite values (inf or NaN): it cannot be quantised")
+
+
+class SpreadScale:
+    """A per-tensor scale ([] or [1]) written to every row of its (part of a) per-channel scale: exact."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+
+    def __call__(self, first: int, src: torch.Tensor) -> None:
+        self.target.copy_(src.reshape(()).expand(self.target.shape))
+
+    def finish(self) -> None:
+        pass
+
+
+def placement(params: dict[str, torch.nn.Parameter], name: str, rows: slice | None, key: str,
+              shape: tuple[int, ...], dtype: torch.dtype) -> Sink | None:
+    """How checkpoint tensor `key` (`shape`, stored as `dtype`) goes into parameter `name` (its `rows` of a
+    fused parameter): a Sink that quantises a float weight into a quantised layer (and writes its scales) or
+    spreads a per-tensor scale over its rows; None for a plain (casting) copy of its elements."""
+    param = params[name]
+    target = param if rows is None else param[rows]
+    if param.dtype in MODE_OF_DTYPE and dtype not in MODE_OF_DTYPE:
+        scale = params[name.removesuffix("weight") + "weight_scale"]
+        return QuantizingCopy(key, target, scale if rows is None else scale[rows])
+    if name.endswith(".weight_scale") and math.prod(shape) == 1 and target.numel() != 1:
+        return SpreadScale(target)
+    return None

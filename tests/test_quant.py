@@ -1,0 +1,250 @@
+"""Weight-only quantisation: the per-channel quantiser, QuantLinear, and the quant_matmul kernel.
+
+Kernel results are compared with the float64 run of the dequantise-then-matmul reference, allowing at most
+2x the error that reference makes at the input dtype (helpers.assert_close with `baseline=`); outputs are
+NaN-poisoned, inputs checked untouched. Shapes are odd on purpose: N and K not multiples of any tile, K
+not a multiple of BLOCK_K, M from 1 to 8 (decode tiles) and past them (prefill tiles). bf16 activations
+need a GPU (the interpreter's bf16 tl.dot is garbage); int8 and fp8 weights load fine under it.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastsolar import ops, quant
+from fastsolar.kernels.quant_matmul import quant_matmul, quant_matmul_launch_config, quant_matmul_ref
+from helpers import DEVICE, ON_GPU, assert_close, poison, randn
+
+MODES = ("int8", "fp8")
+X_DTYPES = [torch.float32, torch.float16]
+X_IDS = ["fp32", "fp16"]
+FP8_OK = not ON_GPU or torch.cuda.get_device_capability() >= (8, 9)
+
+
+def weights(n: int, k: int, seed: int | None = None) -> torch.Tensor:
+    """Rows of very different magnitudes (log-normal row scales), as trained weights have: a per-channel
+    scale matters, and a kernel that applies the wrong row's scale fails."""
+    g = torch.Generator().manual_seed(seed if seed is not None else 0)
+    rows = torch.exp(1.5 * torch.randn(n, 1, generator=g))
+    return (randn(n, k, seed=seed) * rows.to(DEVICE) * 0.05).to(DEVICE)
+
+
+def quantized(n: int, k: int, mode: str, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant.quantize_weight(weights(n, k, seed), mode)
+
+
+# ------------------------------------------------------------------------------------------- quantiser
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantiser_scales_and_rounding(mode):
+    w = weights(7, 301, seed=1)
+    w[3] = 0.0  # an all-zero row
+    w[5, 17] = -w[5].abs().max() * 3  # a negative absmax
+    q, s = quant.quantize_weight(w, mode)
+    assert q.dtype == quant.STORAGE_DTYPE[mode] and s.dtype == torch.float32 and s.shape == (7,)
+    qmax = quant.QMAX[mode]
+    qa = q.float().abs().amax(dim=1)
+    live = torch.arange(7, device=DEVICE) != 3
+    assert torch.equal(qa[live], torch.full_like(qa[live], qmax)), qa  # each row's absmax lands on +-QMAX
+    assert q.float()[5, 17] == -qmax
+    assert s[3] == 1.0 and (q[3].float() == 0).all()
+    assert_close(s[live], (w.abs().amax(dim=1) / qmax)[live], rtol=1e-7, atol=0.0)
+    d = quant.dequantize(q, s, torch.float64)
+    err = (d - w.double()).abs()
+    assert (d[3] == 0).all()
+    if mode == "int8":
+        assert q.min() >= -127, "symmetric int8: -128 is never used"
+        assert (err <= s.double()[:, None] * (0.5 + 1e-6)).all()  # half a step, everywhere
+    else:
+        v = (w.double() / s.double()[:, None]).abs()
+        normal = v >= 2.0**-6  # e4m3's smallest normal
+        assert (err[normal] <= 2.0**-4 * w.double().abs()[normal] * (1 + 1e-6)).all()  # 3 mantissa bits
+        assert (err[~normal] <= 2.0**-10 * s.double()[:, None].expand_as(err)[~normal] * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantiser_chunks_and_dtypes_agree(mode, monkeypatch):
+    w = weights(37, 50, seed=2)
+    q, s = quant.quantize_weight(w, mode)
+    qb, sb = quant.quantize_weight(w.to(torch.bfloat16), mode)
+    q16, s16 = quant.quantize_weight(w.to(torch.bfloat16).float(), mode)
+    assert torch.equal(qb.float(), q16.float()) and torch.equal(sb, s16), "bf16 input must quantise like its fp32 value"
+    monkeypatch.setattr(quant, "_CHUNK_ELEMENTS", 128)  # 2 rows per chunk
+    qc, sc = quant.quantize_weight(w, mode)
+    assert torch.equal(qc.float(), q.float()) and torch.equal(sc, s)
+    # Into row slices of a fused parameter, as the loader writes each part.
+    fused_q = torch.empty(40, 50, dtype=q.dtype, device=DEVICE)
+    fused_s = torch.full((40,), float("nan"), device=DEVICE)
+    quant.quantize_into(w, fused_q[3:], fused_s[3:])
+    assert torch.equal(fused_q[3:].float(), q.float()) and torch.equal(fused_s[3:], s) and fused_s[:3].isnan().all()
+
+
+def test_quantiser_refuses_non_finite_and_bad_modes():
+    w = weights(4, 8, seed=3)
+    w[2, 5] = float("inf")
+    with pytest.raises(ValueError, match="non-finite values \\(row 2 of 4\\)"):
+        quant.quantize_weight(w, "int8")
+    assert quant.check_mode("FP8") == "fp8" and quant.check_mode(None) is None
+    for bad in ("int4", "bf16", "", 8, True):
+        with pytest.raises(ValueError, match="quantize=.* is not supported; use one of 'fp8', 'int8' or None"):
+            quant.check_mode(bad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quant_linear_and_model_conversion(mode):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(11, 16)
+            self.a = nn.Linear(16, 24, bias=False)
+            self.b = nn.Sequential(nn.Linear(24, 16, bias=False))
+            self.lm_head = nn.Linear(16, 11, bias=False)
+            self.lm_head.weight = self.embed_tokens.weight  # tied: stays the embedding table
+            self.bias = nn.Linear(16, 4)  # not a model linear: has a bias
+
+    net = Net().to(DEVICE)
+    w_a = net.a.weight.detach().clone()
+    assert quant.quantizable_linears(net) == ["a", "b.0"]
+    quant.quantize(net, mode)
+    assert isinstance(net.a, quant.QuantLinear) and isinstance(net.b[0], quant.QuantLinear)
+    assert isinstance(net.lm_head, nn.Linear) and net.lm_head.weight is net.embed_tokens.weight
+    assert isinstance(net.bias, nn.Linear)
+    q, s = quant.quantize_weight(w_a, mode)
+    assert torch.equal(net.a.weight.float(), q.float()) and torch.equal(net.a.weight_scale, s)
+    assert not net.a.weight.requires_grad and net.a.mode == mode and f"mode={mode}" in repr(net.a)
+    x = randn(3, 16)
+    assert_close(net.a(x), x.double() @ quant.dequantize(q, s, torch.float64).T, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not quantisable"):
+        quant.quantize(Net(), mode, only=["lm_head"])
+    # .to(dtype) changes the rest of the model, never the storage dtypes.
+    net.to(torch.float16)
+    assert net.a.weight.dtype == quant.STORAGE_DTYPE[mode] and net.a.weight_scale.dtype == torch.float32
+    assert torch.equal(net.a.weight_scale, s) and net.embed_tokens.weight.dtype == torch.float16
+    # CUDA graphs captured before the conversion replay the old layers: they are dropped.
+    from fastsolar.graphs import shared_pool
+
+    net2 = Net()
+    shared_pool(net2).entries["stale"] = object()
+    quant.quantize(net2, mode)
+    assert not shared_pool(net2).entries
+
+
+def test_quantized_copy_shares_everything_else():
+    from fastsolar import Solar, SolarConfig
+
+    cfg = SolarConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, torch_dtype="float32")
+    base = Solar(cfg).to(DEVICE).eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    twin = quant.quantized_copy(base, "int8")
+    assert twin.embed_tokens.weight is base.embed_tokens.weight and twin.norm is base.norm
+    assert twin.layers[1].ffn_norm is base.layers[1].ffn_norm
+    assert isinstance(twin.lm_head, quant.QuantLinear) and isinstance(base.lm_head, nn.Linear)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items()), "the source model changed"
+    assert not any(p.is_meta for p in twin.parameters())
+    assert quant.parameter_bytes(twin) < quant.parameter_bytes(base)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+SHAPES = [(1, 97, 67), (3, 33, 257), (8, 64, 512), (5, 1, 130), (17, 97, 300), (113, 45, 64)]
+
+
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=X_IDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_quant_matmul_matches_reference(shape, mode, dtype):
+    m, n, k = shape
+    x = randn(m, k, dtype=dtype)
+    q, s = quantized(n, k, mode)
+    x0, q0, s0 = x.clone(), q.clone(), s.clone()
+    out = poison(torch.empty(m, n, dtype=dtype, device=DEVICE))
+    y = quant_matmul(x, q, s, out=out)
+    assert y is out
+    assert_close(y, quant_matmul_ref(x.double(), q, s), baseline=quant_matmul_ref(x, q, s),
+                 msg=f"quant_matmul {shape} {mode} {dtype}")
+    assert torch.equal(x, x0) and torch.equal(q.float(), q0.float()) and torch.equal(s, s0), "inputs modified"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quant_matmul_leading_dims_and_strided_rows(mode):
+    q, s = quantized(19, 70, mode, seed=4)
+    wide = randn(2, 5, 100)
+    x = wide[..., 10:80]  # rows of a wider tensor: a row stride, no copy
+    y = quant_matmul(x, q, s)
+    assert y.shape == (2, 5, 19)
+    assert_close(y, quant_matmul_ref(x.double(), q, s), baseline=quant_matmul_ref(x, q, s))
+    # ops.linear picks the kernel when forced and the reference otherwise.
+    with ops.force_kernels(True):
+        assert_close(ops.linear(x, q, scale=s), y.double(), atol=0.0)
+    with ops.force_kernels(False):
+        assert torch.equal(ops.linear(x, q, scale=s), quant_matmul_ref(x, q, s))
+        w = randn(19, 70)
+        assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot cannot run under the Triton interpreter: CUDA only")
+@pytest.mark.parametrize("mode", [m for m in MODES if m == "int8" or FP8_OK])
+@pytest.mark.parametrize("shape", [(1, 4096, 4096), (8, 6144, 4096), (77, 1000, 14336), (512, 4096, 4096)], ids=str)
+def test_quant_matmul_bf16_on_gpu(shape, mode):
+    m, n, k = shape
+    x = randn(m, k, dtype=torch.bfloat16)
+    q, s = quantized(n, k, mode)
+    out = poison(torch.empty(m, n, dtype=torch.bfloat16, device=DEVICE))
+    quant_matmul(x, q, s, out=out)
+    assert_close(out, quant_matmul_ref(x.double(), q, s), baseline=quant_matmul_ref(x, q, s))
+
+
+def test_quant_matmul_launch_configs():
+    """Tiles are powers of two >= 16 (tl.dot), decode sizes get the small-M tiles, EVEN_K is exact."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m in (1, 8, 16, 17, 64, 65, 4096):
+            for k in (64, 100, 4096, 14336):
+                cfg = quant_matmul_launch_config(m, k, dtype)
+                for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                    assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (key, cfg)
+                assert cfg["EVEN_K"] == (k % cfg["BLOCK_K"] == 0)
+                smem = cfg["num_stages"] * cfg["BLOCK_K"] * (cfg["BLOCK_M"] * dtype.itemsize + cfg["BLOCK_N"])
+                assert smem <= 164 * 1024, (cfg, smem)  # sm_80's opt-in limit
+    assert quant_matmul_launch_config(1, 4096, torch.bfloat16)["BLOCK_M"] == 16
+    assert quant_matmul_launch_config(512, 4096, torch.bfloat16)["BLOCK_M"] == 128
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda x, q, s: (x, q.float(), s), TypeError, "weight has dtype float32; supported: int8, float8_e4m3fn"),
+        (lambda x, q, s: (x, q, s[:-1]), ValueError, r"scale must have shape \[9\] .* got \(8,\)"),
+        (lambda x, q, s: (x, q, s.half()), TypeError, "scale has dtype float16; supported: float32"),
+        (lambda x, q, s: (x[:, :-1], q, s), ValueError, r"x must have last dimension 12 .* got shape \(3, 11\)"),
+        (lambda x, q, s: (x, q[None], s), ValueError, "weight must have 2 dimensions"),
+        (lambda x, q, s: (x.int(), q, s), TypeError, "x has dtype int32"),
+        (lambda x, q, s: (x.to("meta"), q, s), ValueError, "x is on meta; Triton kernels need a CUDA tensor"),
+        (lambda x, q, s: (x, q.T.contiguous().T, s), ValueError, "weight must have a contiguous last dimension"),
+    ],
+    ids=["weight-dtype", "scale-shape", "scale-dtype", "k-mismatch", "weight-3d", "x-dtype", "device", "col-major"],
+)
+def test_quant_matmul_refuses_bad_input(make, error, message):
+    x = randn(3, 12)
+    q, s = quantized(9, 12, "int8", seed=5)
+    with pytest.raises(error, match=message):
+        quant_matmul(*make(x, q, s))
+
+
+def test_quant_matmul_out_and_empty():
+    q, s = quantized(9, 12, "fp8", seed=6)
+    x = randn(3, 12)
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 9\)"):
+        quant_matmul(x, q, s, out=torch.empty(3, 8, device=DEVICE))
+    with pytest.raises(TypeError, match="out has dtype float16"):
+        quant_matmul(x, q, s, out=torch.empty(3, 9, dtype=torch.float16, device=DEVICE))
+    assert quant_matmul(randn(0, 12), q, s).shape == (0, 9)
+    ref_err = (quant_matmul_ref(x, q, s).double() - quant_matmul_ref(x.double(), q, s)).abs().max()
+    assert math.isfinite(float(ref_err))
+    with pytest.raises(TypeError, match="a quantised weight is int8 or float8_e4m3fn"):
+        quant_matmul_ref(x, q.float(), s)
