@@ -17,6 +17,10 @@ Three entry points share one layer stack:
   host sync, no value-dependent shapes), so it can be captured in a CUDA graph.
 Both use cache rows 0..b-1 by default; `rows` maps batch row i onto cache row rows[i] instead, so a
 serving engine can keep each request in its own row of one static cache while requests come and go.
+
+A linear layer may be quantised (fastsolar.quant.QuantLinear: int8 / FP8 `weight` plus an fp32
+`weight_scale` per output row, swapped in by the loader or `quant.quantize`); every product passes the
+layer's scale (`_scale`: None for a plain nn.Linear) with its weight, and the ops handle both.
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ from torch import nn
 
 from fastsolar import ops
 from fastsolar.config import SolarConfig
+
+
+def _scale(layer: nn.Module) -> torch.Tensor | None:
+    """A quantised linear layer's per-output-channel scale; None for an unquantised one."""
+    return getattr(layer, "weight_scale", None)
 
 
 @dataclass
@@ -79,7 +88,7 @@ class Attention(nn.Module):
         `cache` (this layer's `[max_batch, max_seq, kv, d]` views): a decode step when `slots` is given,
         else a prefill from position 0 into cache rows `rows` (default 0..b-1)."""
         b, s, _ = h.shape
-        qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight)
+        qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight, scale=_scale(self.wqkv))
         q, k, v = qkv.view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         if cache is None:
@@ -99,7 +108,8 @@ class Attention(nn.Module):
                 o = ops.attention(q, k_cache[:b, :s], v_cache[:b, :s], causal=True)
             else:
                 o = ops.attention(q, k_cache[:, :s], v_cache[:, :s], causal=True, rows=rows)
-        return ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight, residual=h)
+        return ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight, residual=h,
+                          scale=_scale(self.wo))
 
 
 class FeedForward(nn.Module):
@@ -110,8 +120,8 @@ class FeedForward(nn.Module):
 
     def forward(self, h: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
         """h + mlp(rms_norm(h)) for the residual stream h."""
-        gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight)
-        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h)
+        gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight, scale=_scale(self.w_gate_up))
+        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h, scale=_scale(self.w_down))
 
 
 class Block(nn.Module):
@@ -196,7 +206,7 @@ class Solar(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm fused with the lm_head."""
-        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight)
+        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, scale=_scale(self.lm_head))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""

@@ -10,7 +10,11 @@ The matrix products come with their neighbours: `norm_linear` (RMSNorm then x @ 
 (SwiGLU of a fused gate|up row then x @ W.T, plus a residual) and `linear` (x @ W.T plus a residual). On the
 kernel path, up to `K.GEMV_MAX_M` rows (decode) run either the fused Triton GEMV (one launch) or cuBLAS
 with the separate small kernels, whichever fastsolar.gemv_choice found faster for the shape; more rows
-(prefill) always take cuBLAS. `scale` (fp32 [N]) is the per-output-channel scale of an int8/fp8 weight.
+(prefill) take cuBLAS. `scale` (fp32 [N]) is the per-output-channel scale of an int8/fp8 weight
+(fastsolar.quant): the GEMV reads the 8-bit weight as it is, cuBLAS gets it widened to the activations'
+dtype with the scale folded in (kernels.dequantize), and prefill runs the quantised GEMM kernel
+(kernels.quant_matmul) instead of cuBLAS. Off the kernel path every product is kernels.gemv_ref
+(dequantise, then matmul).
 """
 from __future__ import annotations
 
@@ -108,26 +112,37 @@ def decode_attention(
     return fn(q, k_cache, v_cache, seqlens, rows=rows)
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """cuBLAS x @ weight.T (an 8-bit weight widened to x's dtype first, then scaled per output channel)."""
-    if scale is None:
-        return torch.nn.functional.linear(x, weight)
-    return (torch.nn.functional.linear(x, weight.to(x.dtype)) * scale).to(x.dtype)
+def _cublas(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """cuBLAS x @ weight.T; an 8-bit weight is first widened to x's dtype with its scale folded in (the fused
+    GEMV's rival for decode-sized products: it reads the weight once and writes and reads a widened copy)."""
+    return torch.nn.functional.linear(x, weight if scale is None else K.dequantize(weight, scale, x.dtype))
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A prefill's product (more than K.GEMV_MAX_M rows): cuBLAS, or for an 8-bit weight the quantised GEMM
+    kernel, which reads one byte per weight and dequantises its tiles in registers (no widened copy)."""
+    return torch.nn.functional.linear(x, weight) if scale is None else K.quant_matmul(x, weight, scale)
+
+
+Matmul = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _fused(
     kind: str,
     x: torch.Tensor,
     weight: torch.Tensor,
-    triton_fn: Callable[[], torch.Tensor],
-    cublas_fn: Callable[[], torch.Tensor],
+    fused: Callable[[], torch.Tensor],
+    unfused: Callable[[Matmul], torch.Tensor],
 ) -> torch.Tensor:
+    """`fused()`: the op in one GEMV launch; `unfused(matmul)`: the op with its product done by `matmul` and its
+    neighbours by their own kernels. Prefill-sized x takes `_gemm`; decode-sized x the faster of the fused
+    GEMV and cuBLAS (gemv_choice)."""
     rows = x.numel() // x.shape[-1]
     if rows > K.GEMV_MAX_M:
-        return cublas_fn()
+        return unfused(_gemm)
     key = (kind, str(x.device), x.dtype, weight.dtype, rows, *weight.shape)
-    pick = gemv_choice.choose(key, x.device, {"triton": triton_fn, "cublas": cublas_fn})
-    return triton_fn() if pick == "triton" else cublas_fn()
+    pick = gemv_choice.choose(key, x.device, {"triton": fused, "cublas": lambda: unfused(_cublas)})
+    return fused() if pick == "triton" else unfused(_cublas)
 
 
 def norm_linear(
@@ -139,7 +154,7 @@ def norm_linear(
     return _fused(
         "norm", x, weight,
         lambda: K.gemv(x, weight, scale=scale, norm_weight=norm_weight, eps=eps),
-        lambda: _matmul(K.rms_norm(x, norm_weight, eps), weight, scale),
+        lambda matmul: matmul(K.rms_norm(x, norm_weight, eps), weight, scale),
     )
 
 
@@ -154,13 +169,13 @@ def swiglu_linear(
     if not use_kernels(gate_up):
         return K.gemv_ref(gate_up, weight, scale=scale, swiglu=True, residual=residual)
 
-    def cublas() -> torch.Tensor:
+    def unfused(matmul: Matmul) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        y = _matmul(K.swiglu(gate, up), weight, scale)
+        y = matmul(K.swiglu(gate, up), weight, scale)
         return y if residual is None else residual + y
 
     return _fused("swiglu" if residual is None else "swiglu+res", gate_up, weight,
-                  lambda: K.gemv(gate_up, weight, scale=scale, swiglu=True, residual=residual), cublas)
+                  lambda: K.gemv(gate_up, weight, scale=scale, swiglu=True, residual=residual), unfused)
 
 
 def linear(
@@ -174,9 +189,9 @@ def linear(
     if not use_kernels(x):
         return K.gemv_ref(x, weight, scale=scale, residual=residual)
 
-    def cublas() -> torch.Tensor:
-        y = _matmul(x, weight, scale)
+    def unfused(matmul: Matmul) -> torch.Tensor:
+        y = matmul(x, weight, scale)
         return y if residual is None else residual + y
 
     return _fused("plain" if residual is None else "plain+res", x, weight,
-                  lambda: K.gemv(x, weight, scale=scale, residual=residual), cublas)
+                  lambda: K.gemv(x, weight, scale=scale, residual=residual), unfused)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fastsolar import ops
+from fastsolar.kernels import dequantize  # scale[:, None] * q in a dtype: the one the references use
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +118,6 @@ def quantize_weight(weight: torch.Tensor, mode: str) -> tuple[torch.Tensor, torc
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     quantize_into(weight, q, scale)
     return q, scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """scale[:, None] * q in `dtype` (computed in fp32, or fp64 for a float64 result)."""
-    ct = torch.float64 if dtype == torch.float64 else torch.float32
-    return (q.to(ct) * scale.to(ct)[:, None]).to(dtype)
 
 
 class QuantLinear(nn.Module):

@@ -6,21 +6,23 @@
     attention(q, k, v, *, causal=True, scale=None, rows=None)
     decode_attention(q, k_cache, v_cache, seqlens, *, rows=None, scale=None)
     gemv(x, weight, *, scale=None, norm_weight=None, eps=1e-6, swiglu=False, residual=None) -> y  (1..8 rows)
-    quant_matmul(x, weight, scale) -> x @ (scale[:, None] * weight).T   (int8 / float8_e4m3fn weights)
+    quant_matmul(x, weight, scale) -> x @ (scale[:, None] * weight).T   (int8 / float8_e4m3fn weights; prefill)
+    dequantize(weight, scale, dtype) -> scale[:, None] * weight in dtype
 
-Every op has a `*_ref` torch twin that the tests and benchmarks compare against.
+Every op has a `*_ref` torch twin that the tests and benchmarks compare against; quant_matmul's is
+gemv_ref(x, weight, scale=scale), the same product (dequantise, then matmul) for any number of rows.
 """
 from .attention import attention, attention_ref
 from .decode_attention import decode_attention, decode_attention_ref
 from .gemv import MAX_M as GEMV_MAX_M
-from .gemv import gemv, gemv_ref
-from .quant_matmul import quant_matmul, quant_matmul_ref
+from .gemv import dequantize, gemv, gemv_ref
+from .quant_matmul import quant_matmul
 from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref, rotary_cache_write, rotary_cache_write_ref
 from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
     "GEMV_MAX_M", "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "attention", "attention_ref",
-    "decode_attention", "decode_attention_ref", "gemv", "gemv_ref", "quant_matmul", "quant_matmul_ref", "rms_norm",
+    "decode_attention", "decode_attention_ref", "dequantize", "gemv", "gemv_ref", "quant_matmul", "rms_norm",
     "rms_norm_ref", "rotary_cache_write", "rotary_cache_write_ref", "swiglu", "swiglu_ref",
 ]

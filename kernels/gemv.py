@@ -302,6 +302,13 @@ def gemv(
     return y
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scale[:, None] * weight in `dtype`: the weight widened exactly (every int8 and e4m3 value is an fp16 /
+    bf16 / fp32 value), times its row's scale in fp32 (fp64 for a float64 result), rounded once to `dtype`.
+    A new tensor of the weight's shape; the weight is not modified."""
+    return weight.to(dtype, copy=True).mul_(scale[:, None])
+
+
 def gemv_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -312,9 +319,10 @@ def gemv_ref(
     swiglu: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The same as torch ops at x's dtype: rms_norm_ref / F.silu(gate) * up, then F.linear with the weight
-    widened to x's dtype, times scale, plus residual, each rounded as torch rounds. With fp64 x every step is
-    fp64 (the tests' truth). Any number of rows."""
+    """The same as torch ops at x's dtype: rms_norm_ref / F.silu(gate) * up, then F.linear with the weight in
+    x's dtype (with `scale`: dequantised first, `dequantize`), plus residual, each rounded as torch rounds.
+    With fp64 x every step is fp64 (the tests' truth). Any number of rows: it is also the reference of the
+    quantised prefill GEMM (kernels/quant_matmul.py)."""
     from .rms_norm import rms_norm_ref
 
     if norm_weight is not None:
@@ -322,12 +330,11 @@ def gemv_ref(
     elif swiglu:
         gate, up = x.chunk(2, dim=-1)
         x = torch.nn.functional.silu(gate) * up
-    y = torch.nn.functional.linear(x, weight.to(x.dtype))
-    if scale is not None:
-        y = (y * scale.to(torch.promote_types(y.dtype, torch.float32))).to(x.dtype)
+    w = weight.to(x.dtype) if scale is None else dequantize(weight, scale, x.dtype)
+    y = torch.nn.functional.linear(x, w)
     if residual is not None:
         y = residual + y
     return y
 
 
-__all__ = ["MAX_M", "gemv", "gemv_launch_config", "gemv_ref"]
+__all__ = ["MAX_M", "dequantize", "gemv", "gemv_launch_config", "gemv_ref"]

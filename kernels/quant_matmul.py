@@ -1,4 +1,4 @@
-"""Weight-only quantised matmul: int8 or float8_e4m3fn weights with one fp32 scale per output channel.
+"""Weight-only quantised matmul for prefill: int8 or float8_e4m3fn weights, one fp32 scale per output channel.
 
 Math, for x [M, K] (fp16, bf16 or fp32), q [N, K] (int8 or float8_e4m3fn) and scale [N] (fp32):
 
@@ -7,10 +7,13 @@ Math, for x [M, K] (fp16, bf16 or fp32), q [N, K] (int8 or float8_e4m3fn) and sc
 The scale is constant along k, so it leaves the sum: each program converts its weight tile to x's dtype
 in registers (exact: every int8 value and every e4m3 value is representable in fp16 and in bf16), feeds
 it to `tl.dot` with fp32 accumulation, and multiplies by the scale once in the epilogue. Weights are read
-from memory as one byte each, half the bytes of bf16, which is the point for bandwidth-bound decode.
+from memory as one byte each and never widened in memory: cuBLAS would need a bf16 copy of the weight
+written and read again first (3 extra bytes per weight), which for a short prefill costs more than the
+product. Decode (1..8 rows) takes kernels/gemv.py instead, which fuses the block's neighbours too.
 
-The result differs from the reference (dequantise to x's dtype, then matmul) only by rounding: the
-reference rounds scale * q to x's dtype before the product, the kernel never does.
+The reference is gemv_ref(x, q, scale=scale) (dequantise to x's dtype, then matmul; any number of rows).
+The result differs from it only by rounding: the reference rounds scale * q to x's dtype before the
+product, the kernel never does.
 
 Grid: one program per [BLOCK_M, BLOCK_N] output tile, 1-D, in groups of GROUP_M row-blocks so that
 programs running together share weight tiles in L2 (Triton's matmul tutorial ordering). Rows past M and
@@ -114,26 +117,6 @@ def quant_matmul_launch_config(m: int, k: int, x_dtype: torch.dtype) -> dict[str
             "num_warps": warps, "num_stages": stages}
 
 
-def _check_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> None:
-    """The checks the kernel and the reference share: dtypes and shapes (not the device)."""
-    for name, t in (("x", x), ("weight", weight), ("scale", scale)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"weight has dtype {str(weight.dtype).replace('torch.', '')}; a quantised weight is int8 "
-                        "or float8_e4m3fn")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if scale.dtype != torch.float32:
-        raise TypeError(f"scale has dtype {str(scale.dtype).replace('torch.', '')}; it must be float32")
-    if tuple(scale.shape) != (n,):
-        raise ValueError(f"scale must have shape [{n}] (one per output channel of weight {tuple(weight.shape)}), "
-                         f"got {tuple(scale.shape)}")
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x must have last dimension {k} (weight's in_features), got shape {tuple(x.shape)}")
-
-
 def quant_matmul(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -142,9 +125,13 @@ def quant_matmul(
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES)
     check_tensor("scale", scale, ndim=1, dtypes=(torch.float32,))
-    _check_args(x, weight, scale)
-    check_same_device(x=x, weight=weight, scale=scale)
     n, k = weight.shape
+    if tuple(scale.shape) != (n,):
+        raise ValueError(f"scale must have shape [{n}] (one per output channel of weight {tuple(weight.shape)}), "
+                         f"got {tuple(scale.shape)}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have last dimension {k} (weight's in_features), got shape {tuple(x.shape)}")
+    check_same_device(x=x, weight=weight, scale=scale)
     if weight.stride(1) != 1 and k > 1:
         raise ValueError(f"weight must have a contiguous last dimension, got strides {weight.stride()}")
     if not scale.is_contiguous():
@@ -176,12 +163,4 @@ def quant_matmul(
     return out
 
 
-def quant_matmul_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Torch reference: dequantise the weight to x's dtype (scale * q, rounded once), then x @ w.T."""
-    _check_args(x, weight, scale)
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 for the tests' exact reference
-    w = (weight.to(ct) * scale.to(ct)[:, None]).to(x.dtype)
-    return torch.nn.functional.linear(x, w)
-
-
-__all__ = ["quant_matmul", "quant_matmul_launch_config", "quant_matmul_ref"]
+__all__ = ["quant_matmul", "quant_matmul_launch_config"]

@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 
+from fastsolar import quant
 from fastsolar.kernels._workspace import workspace
 from fastsolar.kernels.gemv import MAX_M, gemv, gemv_launch_config, gemv_ref
 from helpers import DEVICE, assert_close, poison, randn
@@ -20,22 +21,13 @@ ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7
 EPS = 1e-5
 
 
-def _quantize(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric quantisation: w ~= scale[:, None] * q."""
-    top = 127.0 if dtype == torch.int8 else 448.0
-    scale = (w.abs().amax(1) / top).float()
-    q = w / scale[:, None]
-    q = q.round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else q.to(dtype)
-    return q, scale
-
-
 def _inputs(m, n, k, dtype, wdtype, prologue, residual):
     kx = 2 * k if prologue == "swiglu" else k
     x = randn(m, kx, dtype=dtype)
     w = randn(n, k, scale=k ** -0.5)
     scale = None
     if wdtype in (torch.int8, torch.float8_e4m3fn):
-        w, scale = _quantize(w, wdtype)
+        w, scale = quant.quantize_weight(w, quant.MODE_OF_DTYPE[wdtype])  # per channel: w ~= scale[:, None] * q
     else:
         w = w.to(wdtype)
     kw = {"scale": scale}

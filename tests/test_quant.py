@@ -1,21 +1,22 @@
-"""Weight-only quantisation: the per-channel quantiser, QuantLinear, and the quant_matmul kernel.
+"""Weight-only quantisation: the per-channel quantiser, QuantLinear, the quant_matmul kernel (prefill) and
+how fastsolar.ops routes quantised products (decode: the fused GEMVs, tests/test_gemv.py; prefill: quant_matmul).
 
-Kernel results are compared with the float64 run of the dequantise-then-matmul reference, allowing at most
-2x the error that reference makes at the input dtype (helpers.assert_close with `baseline=`); outputs are
-NaN-poisoned, inputs checked untouched. Shapes are odd on purpose: N and K not multiples of any tile, K
-not a multiple of BLOCK_K, M from 1 to 8 (decode tiles) and past them (prefill tiles). bf16 activations
-need a GPU (the interpreter's bf16 tl.dot is garbage); int8 and fp8 weights load fine under it.
+Kernel results are compared with the float64 run of the dequantise-then-matmul reference (gemv_ref with
+scale=, the one reference of both kernels), allowing at most 2x the error that reference makes at the input
+dtype (helpers.assert_close with `baseline=`); outputs are NaN-poisoned, inputs checked untouched. Shapes are
+odd on purpose: N and K not multiples of any tile, K not a multiple of BLOCK_K, M just past the GEMV's 8
+rows (small-M tiles) and prefill sizes. bf16 activations need a GPU (the interpreter's bf16 tl.dot is
+garbage); int8 and fp8 weights load fine under it.
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from fastsolar import ops, quant
-from fastsolar.kernels.quant_matmul import quant_matmul, quant_matmul_launch_config, quant_matmul_ref
+from fastsolar import gemv_choice, ops, quant
+from fastsolar.kernels.gemv import gemv_ref
+from fastsolar.kernels.quant_matmul import quant_matmul, quant_matmul_launch_config
 from helpers import DEVICE, ON_GPU, assert_close, poison, randn
 
 MODES = ("int8", "fp8")
@@ -151,7 +152,7 @@ def test_quantized_copy_shares_everything_else():
 
 # ------------------------------------------------------------------------------------------------ kernel
 
-SHAPES = [(1, 97, 67), (3, 33, 257), (8, 64, 512), (5, 1, 130), (17, 97, 300), (113, 45, 64)]
+SHAPES = [(9, 97, 67), (13, 33, 257), (16, 64, 512), (11, 1, 130), (17, 97, 300), (113, 45, 64)]
 
 
 @pytest.mark.parametrize("dtype", X_DTYPES, ids=X_IDS)
@@ -165,7 +166,7 @@ def test_quant_matmul_matches_reference(shape, mode, dtype):
     out = poison(torch.empty(m, n, dtype=dtype, device=DEVICE))
     y = quant_matmul(x, q, s, out=out)
     assert y is out
-    assert_close(y, quant_matmul_ref(x.double(), q, s), baseline=quant_matmul_ref(x, q, s),
+    assert_close(y, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s),
                  msg=f"quant_matmul {shape} {mode} {dtype}")
     assert torch.equal(x, x0) and torch.equal(q.float(), q0.float()) and torch.equal(s, s0), "inputs modified"
 
@@ -177,18 +178,45 @@ def test_quant_matmul_leading_dims_and_strided_rows(mode):
     x = wide[..., 10:80]  # rows of a wider tensor: a row stride, no copy
     y = quant_matmul(x, q, s)
     assert y.shape == (2, 5, 19)
-    assert_close(y, quant_matmul_ref(x.double(), q, s), baseline=quant_matmul_ref(x, q, s))
-    # ops.linear picks the kernel when forced and the reference otherwise.
+    assert_close(y, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s))
+    # ops.linear (10 rows: prefill) runs the kernel when forced and the reference otherwise.
     with ops.force_kernels(True):
         assert_close(ops.linear(x, q, scale=s), y.double(), atol=0.0)
     with ops.force_kernels(False):
-        assert torch.equal(ops.linear(x, q, scale=s), quant_matmul_ref(x, q, s))
+        assert torch.equal(ops.linear(x, q, scale=s), gemv_ref(x, q, scale=s))
         w = randn(19, 70)
         assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot cannot run under the Triton interpreter: CUDA only")
+@pytest.mark.parametrize("gemv", ["triton", "cublas"])
+@pytest.mark.parametrize("rows", [3, 12], ids=["decode", "prefill"])
+def test_ops_route_quantised_products(monkeypatch, rows, gemv):
+    """Up to 8 rows: the fused GEMV reads the 8-bit weight (or cuBLAS gets it widened); more rows: the
+    quantised GEMM kernel, never a widened weight. Each route equals the reference within the error rule."""
+    from fastsolar import kernels as K
+
+    calls = []
+    for name in ("gemv", "quant_matmul", "dequantize"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    q, s = quantized(21, 40, "fp8", seed=8)
+    x, res, g = randn(rows, 40, dtype=torch.float16), randn(rows, 21, dtype=torch.float16), randn(40) + 1.0
+    gate_up = randn(rows, 80, dtype=torch.float16)
+    cases = {"linear": (x, dict(residual=res)), "norm_linear": (x, dict(norm_weight=g.half(), eps=1e-5)),
+             "swiglu_linear": (gate_up, dict(swiglu=True))}
+    with ops.force_kernels(True), gemv_choice.force_gemv(gemv):
+        got = {"linear": ops.linear(x, q, scale=s, residual=res),
+               "norm_linear": ops.norm_linear(x, g.half(), 1e-5, q, scale=s),
+               "swiglu_linear": ops.swiglu_linear(gate_up, q, scale=s)}
+    for op, (x_in, kw) in cases.items():
+        kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        assert_close(got[op], gemv_ref(x_in.double(), q, scale=s, **kw64), baseline=gemv_ref(x_in, q, scale=s, **kw),
+                     msg=f"{op} rows={rows} {gemv}")
+    expected = "quant_matmul" if rows > 8 else {"triton": "gemv", "cublas": "dequantize"}[gemv]
+    assert calls == [expected] * 3, calls
+
+
+@pytest.mark.gpu("bf16 tl.dot gives garbage under the Triton interpreter")
 @pytest.mark.parametrize("mode", [m for m in MODES if m == "int8" or FP8_OK])
 @pytest.mark.parametrize("shape", [(1, 4096, 4096), (8, 6144, 4096), (77, 1000, 14336), (512, 4096, 4096)], ids=str)
 def test_quant_matmul_bf16_on_gpu(shape, mode):
@@ -197,7 +225,7 @@ def test_quant_matmul_bf16_on_gpu(shape, mode):
     q, s = quantized(n, k, mode)
     out = poison(torch.empty(m, n, dtype=torch.bfloat16, device=DEVICE))
     quant_matmul(x, q, s, out=out)
-    assert_close(out, quant_matmul_ref(x.double(), q, s), baseline=quant_matmul_ref(x, q, s))
+    assert_close(out, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s))
 
 
 def test_quant_matmul_launch_configs():
@@ -244,7 +272,3 @@ def test_quant_matmul_out_and_empty():
     with pytest.raises(TypeError, match="out has dtype float16"):
         quant_matmul(x, q, s, out=torch.empty(3, 9, dtype=torch.float16, device=DEVICE))
     assert quant_matmul(randn(0, 12), q, s).shape == (0, 9)
-    ref_err = (quant_matmul_ref(x, q, s).double() - quant_matmul_ref(x.double(), q, s)).abs().max()
-    assert math.isfinite(float(ref_err))
-    with pytest.raises(TypeError, match="a quantised weight is int8 or float8_e4m3fn"):
-        quant_matmul_ref(x, q.float(), s)
