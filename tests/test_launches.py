@@ -6,13 +6,14 @@ differ only in depth give the per-layer and the fixed cost. The budget is the is
 per layer (today: qkv GEMV with its RMSNorm, rotary + cache write, one-launch decode attention, o GEMV with
 the residual add, gate_up GEMV with its RMSNorm, down GEMV with SwiGLU and the residual add), and a few for
 embedding, step bookkeeping, final norm + lm_head and the sampler. Main before issue 9: 12 per layer + 7.
+Quantised weights (int8 / FP8, fastsolar.quant) keep the same budget: the GEMVs read them as they are.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastsolar import Solar, SolarConfig, ops
+from fastsolar import Solar, SolarConfig, ops, quant
 from fastsolar.gemv_choice import force_gemv
 from fastsolar.sampling import Sampler
 from helpers import DEVICE
@@ -22,12 +23,14 @@ PER_LAYER_BUDGET = 6
 FIXED_BUDGET = 6
 
 
-def _step_launches(layers: int, batch: int, mapped: bool) -> tuple[int, dict]:
+def _step_launches(layers: int, batch: int, mapped: bool, quantize: str | None) -> tuple[int, dict]:
     config = SolarConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          torch_dtype="float32")
     torch.manual_seed(0)
     model = Solar(config).to(DEVICE).eval()
+    if quantize is not None:
+        quant.quantize(model, quantize)
     sampler = Sampler(batch, config.vocab_size, DEVICE)
     sampler.reset()
     rows = torch.arange(batch, device=DEVICE).flip(0) + 1 if mapped else None
@@ -42,10 +45,11 @@ def _step_launches(layers: int, batch: int, mapped: bool) -> tuple[int, dict]:
     return sum(counts.values()), counts
 
 
-@pytest.mark.parametrize("batch, mapped", [(1, False), (2, True)], ids=["b1", "b2-row-map"])
-def test_decode_step_launch_budget(batch: int, mapped: bool) -> None:
-    one, counts_one = _step_launches(1, batch, mapped)
-    two, counts_two = _step_launches(2, batch, mapped)
+@pytest.mark.parametrize("batch, mapped, quantize", [(1, False, None), (2, True, None), (1, False, "int8"),
+                                                     (2, True, "fp8")], ids=["b1", "b2-row-map", "b1-int8", "b2-fp8"])
+def test_decode_step_launch_budget(batch: int, mapped: bool, quantize: str | None) -> None:
+    one, counts_one = _step_launches(1, batch, mapped, quantize)
+    two, counts_two = _step_launches(2, batch, mapped, quantize)
     per_layer, fixed = two - one, 2 * one - two
     what = f"per layer {per_layer}: {dict(counts_two - counts_one)}; fixed {fixed}: {dict(counts_one)}"
     assert per_layer <= PER_LAYER_BUDGET, what

@@ -10,15 +10,18 @@ land within 1.5x of that (and not suspiciously below it), and a deliberately wor
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
 import torch
 
 from fastsolar import Solar, SolarConfig, ops, quant
+from fastsolar.gemv_choice import force_gemv
 from helpers import DEVICE, ON_GPU, assert_close, left_pad
 
 MODES = ("int8", "fp8")
+FP8_OK = not ON_GPU or torch.cuda.get_device_capability() >= (8, 9)
 
 # Kernel-path checks: small enough for the Triton interpreter.
 SMALL = SolarConfig(
@@ -71,11 +74,13 @@ def small_models() -> dict[str, Solar]:
     return {mode: quant.quantized_copy(base, mode) for mode in MODES}
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_kernel_path_equals_reference_path(small_models, mode):
-    """Logits of a full forward and batched, left-padded greedy generation (a prefill, then decode steps of
-    M = 3 rows) through the quant_matmul kernel equal the dequantise-then-matmul reference path. (The rest of
-    the kernel path is test_fast_path's; this keeps the interpreter's work small.)"""
+@pytest.mark.parametrize("mode, gemv", [("int8", "triton"), ("fp8", "triton"), ("fp8", "cublas")])
+def test_kernel_path_equals_reference_path(small_models, mode, gemv):
+    """Logits of a full forward and batched, left-padded greedy generation equal the dequantise-then-matmul
+    reference path: the forward and the prefill (3 x 9 rows) through the quant_matmul kernel, the decode
+    steps (M = 3 rows) through the fused GEMVs reading the 8-bit weights (forced "triton") or cuBLAS on the
+    widened weights ("cublas", what the self-selection may pick). (The rest of the kernel path is
+    test_fast_path's; this keeps the interpreter's work small.)"""
     model = small_models[mode]
     ids, mask = left_padded([9, 4, 1], seed=2, vocab=SMALL.vocab_size)
     kw = dict(max_new_tokens=3, attention_mask=mask, eos_token_id=[])
@@ -83,21 +88,39 @@ def test_kernel_path_equals_reference_path(small_models, mode):
         with ops.force_kernels(False):
             ref_logits = model(ids)
             ref_tokens = model.generate(ids, **kw)
-        with ops.force_kernels(True):
+        with ops.force_kernels(True), force_gemv(gemv):
             fast_logits = model(ids)
             fast_tokens = model.generate(ids, **kw)
     assert_close(fast_logits, ref_logits, atol=2e-4, rtol=1e-4, msg=f"{mode} kernel-path logits")
     assert torch.equal(fast_tokens, ref_tokens), f"{mode}: kernel path {fast_tokens.tolist()} != {ref_tokens.tolist()}"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot cannot run under the Triton interpreter: CUDA only")
-@pytest.mark.parametrize("mode", MODES)
+def test_static_decode_path_equals_eager(small_models, monkeypatch):
+    """The CUDA-graph wiring minus the capture (CudaGraphLoop(capture=False): static buffers, the whole loop
+    body per token) on FP8 weights and the fused GEMVs gives eager generate's tokens, over two calls (the
+    recording is reused)."""
+    from fastsolar.graphs import CudaGraphLoop, shared_pool
+
+    gen_mod = importlib.import_module("fastsolar.generate")
+
+    model = copy.deepcopy(small_models["fp8"])
+    ids, mask = left_padded([5, 2], seed=3, vocab=SMALL.vocab_size)
+    kw = dict(max_new_tokens=3, attention_mask=mask, eos_token_id=[])
+    with ops.force_kernels(True), force_gemv("triton"):
+        eager = model.generate(ids, **kw)
+        monkeypatch.setattr(gen_mod, "_make_advance",
+                            lambda m, sampler, loop, graphs_: CudaGraphLoop(m, sampler, loop, capture=False))
+        pool = shared_pool(model)
+        assert torch.equal(model.generate(ids, **kw), eager)
+        assert torch.equal(model.generate(ids, **kw), eager) and pool.captures == 1
+
+
+@pytest.mark.gpu("bf16 tl.dot cannot run under the Triton interpreter; CUDA graph capture")
+@pytest.mark.parametrize("mode", [m for m in MODES if m == "int8" or FP8_OK])
 def test_bf16_kernel_path_on_gpu(mode):
     """Compiled bf16 kernels with quantised weights: at most about twice as far from the same quantised model
-    run in fp32 as torch's bf16 reference path is; CUDA-graph generation gives the eager kernel path's tokens."""
-    if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 needs sm_89+")
+    run in fp32 as torch's bf16 reference path is; CUDA-graph generation gives the eager kernel path's tokens,
+    with the fused GEMVs forced and with the self-selection's picks."""
     q16 = quant.quantized_copy(realistic_model(REALISTIC, seed=3).to(torch.bfloat16), mode)
     q32 = copy.deepcopy(q16)
     for module in q32.modules():  # the same quantised weights; embeddings and norms (and activations) in fp32
@@ -110,10 +133,12 @@ def test_bf16_kernel_path_on_gpu(mode):
         with ops.force_kernels(False):
             ref32, torch16 = q32(ids), q16(ids)
         fast16 = q16(ids)
-        eager = q16.generate(ids, cuda_graphs=False, **kw)
-        graphed = q16.generate(ids, cuda_graphs=True, **kw)
+        for gemv in ("triton", None):
+            with force_gemv(gemv):
+                eager = q16.generate(ids, cuda_graphs=False, **kw)
+                graphed = q16.generate(ids, cuda_graphs=True, **kw)
+            assert torch.equal(graphed, eager), f"bf16 {mode} {gemv}: graphed {graphed.tolist()} != {eager.tolist()}"
     assert_close(fast16, ref32, baseline=torch16, atol=1e-2, msg=f"bf16 {mode} kernel path")
-    assert torch.equal(graphed, eager), f"bf16 {mode}: graphed {graphed.tolist()} != eager {eager.tolist()}"
 
 
 # ------------------------------------------------------------------------------------------- accuracy
