@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import hf_fixtures as F
-from fastsolar import Solar, loader, quant
-from helpers import assert_close
+from fastsolar import Solar, SolarConfig, loader, memory, quant
+from helpers import ON_GPU, assert_close
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -29,13 +29,18 @@ def ckpt(hf_model, tmp_path_factory) -> Path:
     return F.save(hf_model, tmp_path_factory.mktemp("quant") / "fp32", max_shard_size="60KB")
 
 
+def _refuse_reads(monkeypatch) -> None:
+    """Fail the test if any parameter is allocated or any tensor data is read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were allocated or read before the error")
+
+    monkeypatch.setattr(loader, "_allocate", refuse)
+    monkeypatch.setattr(loader, "read_tensors", refuse)
+
+
 @pytest.fixture
 def no_weight_reads(monkeypatch):
-    """Fail the test if any shard is opened for reading tensors."""
-    def refuse(path, device):
-        raise AssertionError(f"a weight was read from {path} before the error")
-
-    monkeypatch.setattr(loader, "_open", refuse)
+    _refuse_reads(monkeypatch)
 
 
 def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
@@ -45,10 +50,16 @@ def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
 # -------------------------------------------------------------------------------- quantize at load time
 
 
-@pytest.mark.parametrize("mode", ["int8", "fp8"])
-def test_quantize_at_load_equals_quantising_the_loaded_model(ckpt, mode):
+@pytest.mark.parametrize("mode, chunk", [("int8", None), ("fp8", None), ("int8", 1000)],
+                         ids=["int8", "fp8", "int8-chunks-cut-rows"])
+def test_quantize_at_load_equals_quantising_the_loaded_model(ckpt, monkeypatch, mode, chunk):
     """Streaming quantisation, part by part into the fused q/k/v and gate/up rows, gives exactly the
-    weights and scales of quantising the whole loaded model; nothing unquantised is left behind."""
+    weights and scales of quantising the whole loaded model; nothing unquantised is left behind. With
+    1000-byte chunks (250 fp32 elements: every row boundary falls inside a chunk) rows are carried over."""
+    from fastsolar import shards
+
+    if chunk is not None:
+        monkeypatch.setattr(shards, "CHUNK_BYTES", chunk)
     model = Solar.from_pretrained(ckpt, device="cpu", quantize=mode.upper())
     want = quant.quantize(Solar.from_pretrained(ckpt, device="cpu"), mode)
     got_sd, want_sd = model.state_dict(), want.state_dict()
@@ -60,6 +71,73 @@ def test_quantize_at_load_equals_quantising_the_loaded_model(ckpt, mode):
     assert model.embed_tokens.weight.dtype == torch.float32 and model.norm.dtype == torch.float32
     assert quant.parameter_bytes(model) == quant.parameter_bytes(want)
     assert not any(p.requires_grad or p.is_meta for p in model.parameters())
+
+
+def test_non_finite_weight_is_named(hf_model, tmp_path):
+    bad = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        bad.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    d = F.save(bad, tmp_path / "nan", max_shard_size="60KB")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has non-finite values"):
+        Solar.from_pretrained(d, device="cpu", quantize="int8")
+
+
+def test_memory_check_counts_the_quantised_bytes(ckpt, monkeypatch):
+    """Free memory between the two sizes: the unquantised load is refused before anything is allocated,
+    the FP8 one fits and loads."""
+    with torch.device("meta"):
+        meta = Solar(SolarConfig.from_pretrained(ckpt))
+    full = quant.parameter_bytes(meta)
+    small = quant.parameter_bytes(quant.quantize(meta, "fp8"))
+    free = (small + memory.margin_bytes(small) + full + memory.margin_bytes(full)) // 2
+    monkeypatch.setattr(memory, "free_memory", lambda device: (free, "faked for the test"))
+    with pytest.raises(memory.InsufficientMemoryError, match="does not fit"):
+        Solar.from_pretrained(ckpt, device="cpu", dtype="float32")
+    model = Solar.from_pretrained(ckpt, device="cpu", dtype="float32", quantize="fp8")
+    assert quant.parameter_bytes(model) == small
+
+
+def test_solar_fp8_is_checked_at_its_quantised_size(monkeypatch):
+    """SOLAR-10.7B on a card with 16 GB free: refused in bf16 (21.5 GB), accepted with FP8 (10.9 GB)."""
+    seen = []
+
+    def fake_fits(what, device, dtype, weights, *, smaller=None):
+        seen.append(weights)
+        if weights + memory.margin_bytes(weights) > 16e9:
+            raise memory.InsufficientMemoryError(f"{weights}")
+
+    monkeypatch.setattr(memory, "check_fits", fake_fits)
+    with torch.device("meta"):
+        model = Solar(SolarConfig.preset("solar-10.7b"))
+    with pytest.raises(memory.InsufficientMemoryError):
+        loader._check_memory(Path("solar"), model, torch.device("cuda", 0), torch.bfloat16)
+    loader._check_memory(Path("solar"), quant.quantize(model, "fp8"), torch.device("cuda", 0), torch.bfloat16)
+    bf16, fp8 = seen
+    assert 21.3e9 < bf16 < 21.6e9 and 10.8e9 < fp8 < 11.0e9, seen
+
+
+@pytest.mark.gpu("the CUDA path of the loader: pinned staging, side-stream uploads, quantised on the device")
+@pytest.mark.parametrize("mode", ["int8", "fp8"] if not ON_GPU or torch.cuda.get_device_capability() >= (8, 9)
+                         else ["int8"])
+def test_quantised_load_on_cuda_peaks_at_the_quantised_size(tmp_path, mode):
+    """24 layers of bf16 weights streamed onto the GPU: the same bits as quantising on the CPU, and peak device
+    memory the quantised model plus one tensor's temporaries, far below the bf16 model."""
+    hf = F.build_hf_model(num_hidden_layers=24, hidden_size=512, intermediate_size=1408, seed=9).to(torch.bfloat16)
+    d = F.save(hf, tmp_path / "bf16", max_shard_size="40MB")
+    bf16_bytes = sum(p.numel() * 2 for p in hf.parameters())
+    largest = max(p.numel() for p in hf.parameters())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model = Solar.from_pretrained(d, device="cuda", quantize=mode)
+    peak = torch.cuda.max_memory_allocated() - before
+    size = quant.parameter_bytes(model)
+    print(f"\n{mode}: peak {peak / 1e6:.1f} MB, quantised model {size / 1e6:.1f} MB, bf16 {bf16_bytes / 1e6:.1f} MB")
+    assert peak <= size + 16 * largest + 2**22, (peak, size, largest)
+    assert peak < 0.75 * bf16_bytes
+    want = Solar.from_pretrained(d, device="cpu", quantize=mode).state_dict()
+    for k, v in model.state_dict().items():
+        assert v.dtype == want[k].dtype and torch.equal(v.cpu().float(), want[k].float()), k
 
 
 def test_quantize_through_the_transformers_surface(ckpt):
@@ -185,7 +263,7 @@ K_PROJ = "model.layers.0.self_attn.k_proj.weight"
 )
 def test_broken_fp8_checkpoints_are_refused(hf_model, tmp_path, monkeypatch, edit, message):
     d, _ = write_fp8_checkpoint(hf_model, tmp_path / "fp8", "channel", edit=edit)
-    monkeypatch.setattr(loader, "_open", lambda path, device: pytest.fail(f"{path} was read before the error"))
+    _refuse_reads(monkeypatch)
     with pytest.raises(ValueError, match=message):
         Solar.from_pretrained(d, device="cpu")
 
