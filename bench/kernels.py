@@ -17,7 +17,11 @@ What it measures (all bf16, batch 1 unless said, inputs laid out as fastsolar/mo
   kernels fastsolar runs otherwise, for bf16, int8 and (sm_89+) FP8 weights; GB/s of the fewest bytes
   (weights once, activations) and the pick fastsolar.gemv_choice makes timing the same inputs;
 * rotary_cache: one decode step's fused rotary + KV-cache write (through a row map) against
-  apply_rotary plus two indexed copies, the three launches it replaced.
+  apply_rotary plus two indexed copies, the three launches it replaced;
+* quant_gemm: the prefill products of a layer (512 tokens) with int8 and (sm_89+) FP8 weights, the
+  quantised GEMM (kernels/quant_matmul.py: one byte per weight read, tiles dequantised in registers)
+  against what cuBLAS needs for them (the weight widened to bf16 with its scale, then the matmul): ms and
+  TFLOP/s.
 
 How: the copy bandwidth is measured first, as the ceiling the memory-bound ops are held against.
 Every case is checked for correctness before it is timed: against its torch reference in fp32
@@ -77,13 +81,14 @@ class Sizes:
     batches: tuple[int, ...]  # decode, and the rows of the decode GEMVs and the rotary + cache write
     cached: tuple[int, ...]  # decode
     vocab: int = 32000  # the lm_head GEMV
+    prefill: int = 512  # the tokens of the quantised prefill GEMMs (bench/run.py's prompt)
 
 
 SOLAR = Sizes(4096, 32, 8, 128, 14336, 4096, tokens=(1, 16, 4096), seqs=(512, 2048, 4096), batches=(1, 8),
               cached=(512, 1024, 2048, 4096))
 QUICK = replace(SOLAR, tokens=(16,), seqs=(512,), batches=(1,), cached=(1024,))
 # The CPU rehearsal: odd, tiny shapes the Triton interpreter runs in seconds (same code paths as on a GPU).
-REHEARSAL = Sizes(96, 4, 2, 16, 80, 48, tokens=(5,), seqs=(17,), batches=(2,), cached=(33,), vocab=97)
+REHEARSAL = Sizes(96, 4, 2, 16, 80, 48, tokens=(5,), seqs=(17,), batches=(2,), cached=(33,), vocab=97, prefill=13)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +108,7 @@ class Bench:
         self.l2_bytes = l2_bytes
         self.copy_gbs: float | None = None
         import_fastsolar("bench/kernels.py")
-        names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention", "gemv")
+        names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention", "gemv", "quant_matmul")
         self.K = types.SimpleNamespace(**{n: importlib.import_module(f"fastsolar.kernels.{n}") for n in names})
 
     def time_ms(self, fn: Callable[[], Any]) -> tuple[float, float]:
@@ -319,19 +324,22 @@ def _gemv_weight_dtypes(b: Bench) -> list[str]:
     return out
 
 
+def _weight(b: Bench, n: int, k: int, wdtype: str):
+    """(weight [n, k] in `wdtype`, its fp32 scale or None): 8-bit weights quantised as fastsolar does (per-channel
+    absmax, fastsolar.quant)."""
+    torch = b.torch
+    w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
+    if wdtype in ("int8", "float8_e4m3fn"):
+        quant = importlib.import_module("fastsolar.quant")
+        return quant.quantize_weight(w, quant.MODE_OF_DTYPE[getattr(torch, wdtype)])
+    return w.to(getattr(torch, wdtype)), None
+
+
 def _gemv_case(b: Bench, n: int, k: int, prologue: str, residual: bool, m: int, wdtype: str):
     """x, weight and gemv keyword arguments for one product at m rows (8-bit weights: per-channel absmax scale)."""
-    torch = b.torch
     x = b.randn(m, 1, 2 * k if prologue == "swiglu" else k)
-    w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
-    kw: dict[str, Any] = {"scale": None}
-    if wdtype in ("int8", "float8_e4m3fn"):
-        scale = w.abs().amax(1).clamp_min(1e-12) / (127.0 if wdtype == "int8" else 448.0)
-        q = w / scale[:, None]
-        w = q.round().clamp(-127, 127).to(torch.int8) if wdtype == "int8" else q.to(torch.float8_e4m3fn)
-        kw["scale"] = scale
-    else:
-        w = w.to(getattr(torch, wdtype))
+    w, scale = _weight(b, n, k, wdtype)
+    kw: dict[str, Any] = {"scale": scale}
     if prologue == "norm":
         kw.update(norm_weight=b.randn(k, scale=0.1) + 1.0, eps=EPS)
     elif prologue == "swiglu":
@@ -345,9 +353,9 @@ def _gemv_unfused(b: Bench, ops, x, w, kw):
     """What fastsolar.ops runs instead of the fused kernel: cuBLAS plus the separate small kernels."""
     K, scale, res = b.K, kw["scale"], kw.get("residual")
     if "norm_weight" in kw:
-        return ops._matmul(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, scale)
+        return ops._cublas(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, scale)
     a = K.swiglu.swiglu(*x.chunk(2, dim=-1)) if kw.get("swiglu") else x
-    y = ops._matmul(a, w, scale)
+    y = ops._cublas(a, w, scale)
     return y if res is None else res + y
 
 
@@ -449,10 +457,45 @@ def rotary_cache(b: Bench) -> Iterator[dict]:
         b.empty_cache()
 
 
+def quant_gemm(b: Bench) -> Iterator[dict]:
+    """A layer's prefill products (S.prefill tokens) with int8 / FP8 weights: kernels/quant_matmul.py against
+    cuBLAS on the weight widened to the activations' dtype with its scale (fastsolar.ops' route without the
+    kernel), ms and TFLOP/s (2*M*N*K); checked against gemv_ref (dequantise, then matmul) in fp32."""
+    torch, S = b.torch, b.S
+    ops = importlib.import_module("fastsolar.ops")
+    # A prefill's lm_head sees only each prompt's last row: a GEMV, not this.
+    shapes = {name.split(" (")[0]: (n, k) for name, (n, k, _, _) in _gemv_shapes(S).items()
+              if not name.startswith("lm_head")}
+    for name, (n, k) in shapes.items():
+        for wdtype in _gemv_weight_dtypes(b)[1:]:  # the 8-bit ones
+            row = {"op": "quant_gemm", "shape": name, "tokens": S.prefill, "weight": wdtype, "N": n, "K": k}
+            flops = 2 * S.prefill * n * k
+            try:
+                x = b.randn(S.prefill, k)
+                w, scale = _weight(b, n, k, wdtype)
+                y = b.K.quant_matmul.quant_matmul(x, w, scale, out=b.poisoned(torch.empty(S.prefill, n, dtype=x.dtype,
+                                                                                          device=b.device)))
+                status = _check([rel_err(y, b.K.gemv.gemv_ref(x.float(), w, scale=scale))])
+            except Exception as e:  # noqa: BLE001 - recorded in the row; the other cases still run
+                yield {**row, "impl": "triton", "check": _error(e)}
+                continue
+            for impl, fn in (("triton", lambda: b.K.quant_matmul.quant_matmul(x, w, scale)),
+                             ("cublas", lambda: ops._cublas(x, w, scale))):
+                try:
+                    ms, spread = b.time_ms(fn)
+                except Exception as e:  # noqa: BLE001
+                    yield {**row, "impl": impl, "check": _error(e)}
+                    continue
+                yield {**row, "impl": impl, "ms": ms, "spread_pct": spread, "tflops": flops / ms / 1e9,
+                       "check": status if impl == "triton" else ""}
+            del x, w, scale
+            b.empty_cache()
+
+
 #: The benchmark sections, in run order: name -> generator of row dicts. Add a kernel's benchmark here.
 SECTIONS: dict[str, Callable[[Bench], Iterator[dict]]] = {"memory_ops": memory_ops, "attention": attention,
                                                            "decode": decode, "gemv": gemv,
-                                                           "rotary_cache": rotary_cache}
+                                                           "rotary_cache": rotary_cache, "quant_gemm": quant_gemm}
 
 
 def run(sizes: Sizes, *, device: str = "cuda", dtype: str = "bfloat16", timing: dict[str, Any] | None = None,
@@ -579,10 +622,23 @@ def _rotary_cache_table(rows: list[dict], res: dict) -> str:
             + markdown_table(["batch", "impl", "µs", "GB/s", "% copy", "spread %", "cache", "check"], table))
 
 
+def _quant_gemm_table(rows: list[dict], res: dict) -> str:
+    table = []
+    for (shape, wdt), (t, c) in _pairs(rows, lambda r: (r["shape"], r["weight"])).items():
+        tokens = (t or c).get("tokens")
+        table.append([shape, tokens, wdt, _f(t.get("ms"), ".3f"), _f(t.get("tflops"), ".0f"), _f(c.get("ms"), ".3f"),
+                      _f(c.get("tflops"), ".0f"), _speedup(t, c, "ms"), _spread(t, c), t.get("check", "")])
+    return ("Quantised prefill GEMMs (one byte per weight, tiles dequantised in registers) vs cuBLAS on the weight "
+            "widened to bf16 with its scale:\n\n"
+            + markdown_table(["product", "tokens", "weights", "triton ms", "TFLOP/s", "widen+cublas ms", "TFLOP/s",
+                              "speedup", "spread", "check"], table))
+
+
 #: Markdown for each section (sections not listed get _generic_table).
 TABLES: dict[str, Callable[[list[dict], dict], str]] = {"memory_ops": _memory_table, "attention": _attention_table,
                                                          "decode": _decode_table, "gemv": _gemv_table,
-                                                         "rotary_cache": _rotary_cache_table}
+                                                         "rotary_cache": _rotary_cache_table,
+                                                         "quant_gemm": _quant_gemm_table}
 
 
 def header(res: dict) -> str:
