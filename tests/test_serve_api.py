@@ -408,7 +408,7 @@ def test_serve_help_and_option_errors(capsys, serve_checkpoint):
         cli.main(["serve", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--max-batch", "--max-queue", "--api-key", "--device", "--dtype"):
+    for option in ("--host", "--port", "--max-batch", "--max-queue", "--api-key", "--device", "--dtype", "--quantize"):
         assert option in out
     for argv, fragment in ((["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"),
                            (["--max-queue", "-1"], "--max-queue"), (["--dtype", "int3"], "--dtype"),
@@ -416,6 +416,44 @@ def test_serve_help_and_option_errors(capsys, serve_checkpoint):
         assert cli.main(["serve", str(serve_checkpoint), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fastsolar: error: ") and fragment in err[0], err
+
+
+def test_serve_command_with_quantized_weights(serve_checkpoint, monkeypatch):
+    """`fastsolar serve --quantize int8` serves int8 weights: its greedy completion is what generate gives the
+    same quantised model alone. (The command runs in this process; only uvicorn's signal-handling run is
+    replaced by a server on a thread that asks one question and stops.)"""
+    from fastsolar.serve import server as server_mod
+
+    prompt, answers, loaded = "Once upon a time", [], []
+
+    def serve_one_request(app, host, port, *, shutdown_timeout):
+        server, sock = make_server(app, "127.0.0.1", 0, shutdown_timeout=5)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client = openai.OpenAI(base_url=address(sock) + "/v1", api_key="unused", timeout=WAIT_S, max_retries=0)
+            answers.append(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                                     extra_body={"ignore_eos": True}).choices[0].text)
+        finally:
+            server.should_exit = True
+            thread.join(WAIT_S)
+        assert not thread.is_alive(), "the server did not shut down"
+
+    real_load = cli.load_model
+    monkeypatch.setattr(cli, "load_model", lambda args: loaded.append(real_load(args)) or loaded[-1])
+    monkeypatch.setattr(server_mod, "run", serve_one_request)
+    argv = ["serve", str(serve_checkpoint), "--quantize", "int8", "--device", "cpu", "--max-batch", "2",
+            "--model-name", MODEL]
+    assert cli.main(argv) == 0
+    assert [m.layers[1].feed_forward.w_down.weight.dtype for m in loaded] == [torch.int8]
+    tok = Tokenizer.from_pretrained(serve_checkpoint)
+    ids = tok.encode(prompt)
+    ref = Solar.from_pretrained(serve_checkpoint, device="cpu", quantize="int8")
+    new = ref.generate(torch.tensor([ids]), 8, eos_token_id=[])[0, len(ids):].tolist()
+    assert answers == [tok.decode(new)]
 
 
 def _read_lines(stream, sink: queue.Queue) -> None:
