@@ -80,6 +80,16 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
 
 
 @pytest.mark.cpu_only
+def test_quantised_engines_run_batch_1_only_under_a_time_budget(tmp_path):
+    data, _, _ = _run_bench(tmp_path, "--device", "cpu", "--layers", "1", "--engines", "torch-ref,fastsolar-int8",
+                            "--batch-sizes", "2,1", "--time-budget", "600")
+    assert set(data["engines"]["torch-ref"]["results"]) == {"1", "2"}
+    int8 = data["engines"]["fastsolar-int8"]
+    assert int8["status"] == "ok" and set(int8["results"]) == {"1"}, int8
+    assert any("batch 1 only under --time-budget" in n for n in int8["notes"])
+
+
+@pytest.mark.cpu_only
 def test_hf_model_shares_weights_and_matches_logits():
     pytest.importorskip("transformers")
     run = _load_run()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import hf_fixtures as F
 from fastsolar import Solar, SolarConfig, loader, memory, quant
-from helpers import ON_GPU, assert_close
+from helpers import assert_close
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -117,11 +117,11 @@ def test_solar_fp8_is_checked_at_its_quantised_size(monkeypatch):
 
 
 @pytest.mark.gpu("the CUDA path of the loader: pinned staging, side-stream uploads, quantised on the device")
-@pytest.mark.parametrize("mode", ["int8", "fp8"] if not ON_GPU or torch.cuda.get_device_capability() >= (8, 9)
-                         else ["int8"])
-def test_quantised_load_on_cuda_peaks_at_the_quantised_size(tmp_path, mode):
-    """24 layers of bf16 weights streamed onto the GPU: the same bits as quantising on the CPU, and peak device
-    memory the quantised model plus one tensor's temporaries, far below the bf16 model."""
+def test_quantised_load_on_cuda_peaks_at_the_quantised_size(tmp_path):
+    """24 layers of bf16 weights streamed onto the GPU (FP8 where the card has it, else int8): the same bits as
+    quantising on the CPU, and peak device memory the quantised model plus one tensor's temporaries, far
+    below the bf16 model."""
+    mode = "fp8" if torch.cuda.get_device_capability() >= (8, 9) else "int8"
     hf = F.build_hf_model(num_hidden_layers=24, hidden_size=512, intermediate_size=1408, seed=9).to(torch.bfloat16)
     d = F.save(hf, tmp_path / "bf16", max_shard_size="40MB")
     bf16_bytes = sum(p.numel() * 2 for p in hf.parameters())
