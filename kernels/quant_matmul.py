@@ -104,9 +104,9 @@ def quant_matmul_launch_config(m: int, k: int, x_dtype: torch.dtype) -> dict[str
         # A testing/debug path, not tuned for speed.
         bm, bn, bk, warps, stages = 32, 32, 32, 4, 2
     elif m <= 16:
-        # Decode and small batches: bandwidth-bound on the weight bytes. 32-row weight tiles give
-        # N / 32 programs (128 for N = 4096: about one per SM of an H100) and 256-wide k steps keep
-        # 8 KiB of weights per stage in flight; tl.dot's minimum M of 16 pads the few rows.
+        # Short prefills (decode's 1..8 rows take kernels/gemv.py): still bound by the weight bytes.
+        # 32-row weight tiles give N / 32 programs (128 for N = 4096: about one per SM of an H100) and
+        # 256-wide k steps keep 8 KiB of weights per stage in flight; tl.dot's minimum M of 16 pads the rows.
         bm, bn, bk, warps, stages = 16, 32, 256, 4, 4
     elif m <= 64:
         bm, bn, bk, warps, stages = 64, 64, 128, 4, 3

@@ -229,7 +229,7 @@ def test_quant_matmul_bf16_on_gpu(shape, mode):
 
 
 def test_quant_matmul_launch_configs():
-    """Tiles are powers of two >= 16 (tl.dot), decode sizes get the small-M tiles, EVEN_K is exact."""
+    """Tiles are powers of two >= 16 (tl.dot), short prefills get the small-M tiles, EVEN_K is exact."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for m in (1, 8, 16, 17, 64, 65, 4096):
             for k in (64, 100, 4096, 14336):
