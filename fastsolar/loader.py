@@ -344,7 +344,8 @@ def load_model(
     direct = device.type == "cpu"
 
     def into(i: int) -> torch.Tensor | None:  # a CPU parameter already in the checkpoint's dtype: read into it
-        return targets[i].view(torch.uint8) if direct and sinks[i] is None and sources[i] == targets[i].dtype else None
+        plain = direct and sinks[i] is None and sources[i] == targets[i].dtype
+        return targets[i].view(torch.uint8) if plain else None
 
     total = sum(c.header.nbytes for c in plan)
     placer = _Placer(device, targets, sources, sinks)
