@@ -132,8 +132,8 @@ def pytest_command(py: str, out: Path, junit: str, marker: str, rehearse: bool, 
                    limit_s: float = 0) -> list[str]:
     """pytest with -v -rA, a JUnit XML, per-test timeouts and xdist workers where those plugins are installed;
     with pytest-timeout >= 2.3 it also stops starting tests before `limit_s`, so that the XML still gets written."""
-    # -P (Python >= 3.11): no repo root on sys.path, as with CI's plain `pytest`; else transformers' probe for the
-    # Hub `kernels` package imports this repo's kernels/ folder under that name.
+    # -P (Python >= 3.11): no repo root on sys.path, as with CI's plain `pytest`, so every import of fastsolar is
+    # the installed package (a bare `kernels` there is an empty module: kernels/__init__.py).
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     cmd = [py, *safe_path, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "--graphs-first", "-m", marker,
            f"--junitxml={out / junit}", "-o", "junit_family=xunit2"]

@@ -11,18 +11,26 @@
 
 Every op has a `*_ref` torch twin that the tests and benchmarks compare against; quant_matmul's is
 gemv_ref(x, weight, scale=scale), the same product (dequantise, then matmul) for any number of rows.
-"""
-from .attention import attention, attention_ref
-from .decode_attention import decode_attention, decode_attention_ref
-from .gemv import MAX_M as GEMV_MAX_M
-from .gemv import dequantize, gemv, gemv_ref
-from .quant_matmul import quant_matmul
-from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
-from .rotary import apply_rotary, apply_rotary_ref, rotary_cache_write, rotary_cache_write_ref
-from .swiglu import swiglu, swiglu_ref
 
-__all__ = [
-    "GEMV_MAX_M", "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "attention", "attention_ref",
-    "decode_attention", "decode_attention_ref", "dequantize", "gemv", "gemv_ref", "quant_matmul", "rms_norm",
-    "rms_norm_ref", "rotary_cache_write", "rotary_cache_write_ref", "swiglu", "swiglu_ref",
-]
+Only `fastsolar.kernels` is this package (pip install -e . maps kernels/ there). With the repo root on
+sys.path a bare `import kernels` also finds this folder -- and transformers probes for the Hugging Face
+`kernels` package by exactly that name -- so under any other name it stays an empty module (no version,
+nothing exported) instead of importing triton and passing itself off as that package.
+"""
+if __name__ != "fastsolar.kernels":
+    __all__: list[str] = []
+else:
+    from .attention import attention, attention_ref
+    from .decode_attention import decode_attention, decode_attention_ref
+    from .gemv import MAX_M as GEMV_MAX_M
+    from .gemv import dequantize, gemv, gemv_ref
+    from .quant_matmul import quant_matmul
+    from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+    from .rotary import apply_rotary, apply_rotary_ref, rotary_cache_write, rotary_cache_write_ref
+    from .swiglu import swiglu, swiglu_ref
+
+    __all__ = [
+        "GEMV_MAX_M", "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "attention", "attention_ref",
+        "decode_attention", "decode_attention_ref", "dequantize", "gemv", "gemv_ref", "quant_matmul", "rms_norm",
+        "rms_norm_ref", "rotary_cache_write", "rotary_cache_write_ref", "swiglu", "swiglu_ref",
+    ]
