@@ -41,8 +41,9 @@ Method, per engine and batch size b (all engines see the same random prompts of 
 - match: the fraction of generated token positions identical to the first engine's (fastsolar's) tokens.
 
 With --model, `load` rows come first (bench/load.py's phases, each on a cold page cache): the shards read
-raw, fastsolar's from_pretrained and transformers' from_pretrained plus a first forward, with GB/s and the
-ratio to the raw read; the engines then run on the models these loads made.
+raw (filling the page cache, and dropping it behind), fastsolar's from_pretrained and transformers'
+from_pretrained plus a first forward, with GB/s and the ratio to the faster raw read; the engines then run on
+the models these loads made.
 
 Random weights are shared by every engine, one copy (bench/engines.py says how). Progress goes to stderr; a
 markdown table is printed last; `--json` writes every number (partial results are written after each engine).
@@ -237,11 +238,13 @@ class Bench:
         return self._hf
 
     def measure_load(self) -> None:
-        """The `load` rows (bench/load.py's phases, --model only): the shards read raw, fastsolar's load and
+        """The `load` rows (bench/load.py's phases, --model only): the shards read raw (twice: filling the page
+        cache, and dropping it behind), fastsolar's load and
         transformers' load plus a first forward, each on a cold page cache. The engines then use these models."""
         args = self.args
         self.meta["checkpoint"] = load_bench.checkpoint_meta(args.model, args.dtype)
-        self.load["raw"], _ = load_bench.measure_phase("raw", args.model, self.device, args.dtype)
+        for raw in ("raw", "raw-dropped"):
+            self.load[raw], _ = load_bench.measure_phase(raw, args.model, self.device, args.dtype)
         self.load["fastsolar"], self._model = load_bench.measure_phase(
             "fastsolar", args.model, self.device, args.dtype, keep=True)
         self.make_room_for_hf()

@@ -9,11 +9,14 @@ instead of being OOM-killed (host) or hitting a CUDA out-of-memory error halfway
   holds unused; CPU: psutil's available memory when psutil is installed, else `MemAvailable` from
   /proc/meminfo, lowered to a container's cgroup limit when one is set.
 - `check_fits(...)` raises InsufficientMemoryError naming the sizes and what to do.
+- `advise_huge_pages(t)`: fresh host memory for the weights faulted in 2 MiB at a time (Linux THP advice).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -53,6 +56,32 @@ def format_bytes(n: int) -> str:
 def margin_bytes(weights: int) -> int:
     """Room kept beside the weights: allocator rounding, the loader's staging buffers, a first forward pass."""
     return 2**29 + weights // 20
+
+
+HUGE_PAGE = 2 * 2**20  # x86-64 and arm64 transparent huge pages
+_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back the untouched host memory of `t` with transparent huge pages (madvise
+    MADV_HUGEPAGE over the 2 MiB-aligned pages inside it), before anything is written there.
+
+    Faulting fresh memory in 4 KiB pages is what bounds a CPU load on a VM: measured on the 2-core dev VM,
+    a first write ran at 0.54 GB/s, 3.8 GB/s with this advice (the kernel's THP setting there is "madvise",
+    the common default). Only an advice: False (and nothing changed) off Linux, for CUDA tensors, tensors
+    smaller than a huge page, or when the kernel refuses.
+    """
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE) == 0
 
 
 def _cgroup_available() -> int | None:

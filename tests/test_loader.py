@@ -372,6 +372,36 @@ def test_weight_bytes_takes_a_per_tensor_size():
     assert memory.weight_bytes(shapes, torch.bfloat16, int8_linear) == expected
 
 
+def test_weights_are_advised_onto_huge_pages(sharded_dir, monkeypatch):
+    """Every host parameter the loader allocates is advised onto transparent huge pages before its first write
+    (a CPU load on a VM is bound by faulting fresh memory in 4 KiB pages), and the advice itself is exact:
+    only the 2 MiB-aligned pages inside the tensor, nothing off Linux or off the host."""
+    advised = []
+    real = memory.advise_huge_pages
+    monkeypatch.setattr(memory, "advise_huge_pages", lambda t: advised.append(t.data_ptr()) or real(t))
+    model = load_model(Solar, sharded_dir, device="cpu", dtype=torch.float32)
+    assert sorted(advised) == sorted({p.data_ptr() for p in model.parameters()})
+
+    calls = []
+
+    class FakeLibc:
+        def madvise(self, addr, length, advice):
+            calls.append((addr.value, length.value, advice))
+            return 0
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda *a, **k: FakeLibc())
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    big = torch.empty(3 * memory.HUGE_PAGE + 12345, dtype=torch.uint8)
+    assert memory.advise_huge_pages(big)
+    (addr, length, advice), = calls
+    start, end = big.data_ptr(), big.data_ptr() + big.numel()
+    assert advice == 14 and addr % memory.HUGE_PAGE == 0 and length % memory.HUGE_PAGE == 0
+    assert start <= addr and addr + length <= end and length >= 2 * memory.HUGE_PAGE
+    assert not memory.advise_huge_pages(torch.empty(1000, dtype=torch.uint8)) and len(calls) == 1  # < 2 MiB
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    assert not memory.advise_huge_pages(big) and len(calls) == 1
+
+
 def test_host_free_memory_is_asked():
     free = memory.free_memory(torch.device("cpu"))
     if free is None:
