@@ -73,6 +73,18 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
 
 
+def check_row_map(rows: object, batch: int, like: torch.Tensor, what: str) -> torch.Tensor:
+    """A launcher's row map (`rows=`: batch row i reads/writes row rows[i] of a larger `what`, the KV cache of
+    a serving engine) after the checks every such launcher makes: an int32/int64 [batch] tensor on `like`'s
+    device. Returned with unit stride (one scalar load per program). Its values are not checked: that would
+    sync with the device; the kernels clamp or mask them."""
+    rows = check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
+    check_same_device(**{"rows": rows, what: like})
+    if rows.shape[0] != batch:
+        raise ValueError(f"rows must have shape [{batch}] (one {what} row per batch row), got {tuple(rows.shape)}")
+    return rows.contiguous() if rows.stride(0) != 1 and batch > 1 else rows
+
+
 def output_like(ref: torch.Tensor, out: torch.Tensor | None, name: str = "out") -> torch.Tensor:
     """A fresh output shaped like `ref`, or the caller's `out` after checking it can receive one."""
     if out is None:

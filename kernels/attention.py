@@ -45,6 +45,7 @@ from ._common import (
     DEFAULT_CAPABILITY,
     check_grid_dim,
     check_last_dim_contiguous,
+    check_row_map,
     check_same_device,
     check_scalar,
     check_tensor,
@@ -280,14 +281,9 @@ def attention(
     if rows is None and kb != batch:
         raise ValueError(f"k batch {kb} != q batch {batch} (pass rows= to map batch rows onto k/v rows)")
     if rows is not None:
-        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
-        check_same_device(q=q, rows=rows)
-        if rows.shape[0] != batch:
-            raise ValueError(f"rows must have shape [{batch}] (one k/v row per batch row), got {tuple(rows.shape)}")
+        rows = check_row_map(rows, batch, k, "k/v")
         if kb == 0:
             raise ValueError(f"empty attention: k {tuple(k.shape)} has no rows")
-        if rows.stride(0) != 1 and batch > 1:
-            rows = rows.contiguous()
     if kd != head_dim:
         raise ValueError(f"k head_dim {kd} != q head_dim {head_dim}")
     if n_kv_heads == 0 or n_heads % n_kv_heads != 0:

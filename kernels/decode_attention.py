@@ -51,6 +51,7 @@ from ._common import (
     DEFAULT_NUM_SMS,
     check_grid_dim,
     check_last_dim_contiguous,
+    check_row_map,
     check_same_device,
     check_scalar,
     check_tensor,
@@ -253,10 +254,7 @@ def decode_attention(
     if rows is None and cb != batch:
         raise ValueError(f"k_cache batch {cb} != q batch {batch} (pass rows= to map query rows onto cache rows)")
     if rows is not None:
-        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
-        check_same_device(q=q, rows=rows)
-        if rows.shape[0] != batch:
-            raise ValueError(f"rows must have shape [{batch}] (one cache row per query row), got {tuple(rows.shape)}")
+        rows = check_row_map(rows, batch, k_cache, "cache")
         if cb == 0:
             raise ValueError(f"empty decode attention: k_cache {tuple(k_cache.shape)} has no rows")
     if cd != head_dim:
@@ -269,8 +267,6 @@ def decode_attention(
         check_last_dim_contiguous(name, t)
     if seqlens.stride(0) != 1 and batch > 1:
         seqlens = seqlens.contiguous()
-    if rows is not None and rows.stride(0) != 1 and batch > 1:
-        rows = rows.contiguous()
     check_grid_dim("batch * n_kv_heads", batch * n_kv_heads, axis=0)
     scale = head_dim ** -0.5 if scale is None else check_scalar("scale", scale)
     out = output_like(q, out)

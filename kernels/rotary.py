@@ -59,6 +59,7 @@ import triton.language as tl
 from ._common import (
     check_grid_dim,
     check_last_dim_contiguous,
+    check_row_map,
     check_same_device,
     check_scalar,
     check_tensor,
@@ -381,9 +382,7 @@ def rotary_cache_write(
         if cache_rows < b:
             raise ValueError(f"the cache has {cache_rows} rows, fewer than the batch of {b} (pass rows= to map rows)")
     else:
-        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32, torch.int64))
-        if rows.shape[0] != b:
-            raise ValueError(f"rows must have shape [{b}] (one cache row per batch row), got {tuple(rows.shape)}")
+        rows = check_row_map(rows, b, k_cache, "cache")
     if cache_rows == 0 or max_seq == 0:
         raise ValueError(f"empty cache: k_cache has shape {tuple(k_cache.shape)}")
     cfg = rotary_launch_config(n_heads, n_kv_heads, d)  # checks head_dim
@@ -400,8 +399,6 @@ def rotary_cache_write(
     q_out = output_like(q, q_out, "q_out")
     if q.numel() == 0:
         return q_out
-    if rows is not None and rows.stride(0) != 1 and b > 1:
-        rows = rows.contiguous()
 
     inv_freq = rotary_inv_freq(theta, d, q.device)
     _rotary_cache_kernel[(s, n_q_blocks + n_k_blocks, b)](
