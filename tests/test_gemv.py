@@ -15,9 +15,7 @@ import torch
 from fastsolar import quant
 from fastsolar.kernels._workspace import workspace
 from fastsolar.kernels.gemv import MAX_M, gemv, gemv_launch_config, gemv_ref
-from helpers import DEVICE, assert_close, poison, randn
-
-ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+from helpers import DEVICE, ULP, assert_close, poison, randn
 EPS = 1e-5
 
 
