@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
-# torch is imported where it is used, so that `bench/kernels.py --help` stays as quick as before.
+# torch is imported where it is used, so that `bench/kernel_bench.py --help` stays as quick as before.
 
 
 def import_fastsolar(script: str):

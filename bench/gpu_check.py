@@ -12,7 +12,7 @@ run), each writing its results to $OUT as they come; a failed phase does not sto
     info       versions, card (name, SMs, L2, driver), measured copy bandwidth; makes `fastsolar` importable
     gpu-tests  pytest -m gpu: every CUDA-only test (tests marked @pytest.mark.gpu), CUDA-graph tests first
     probe      bench/probe.py: cuBLAS GEMV/GEMM at SOLAR's weight shapes from memory; a profiled decode step
-    kernels    bench/kernels.py --cuda-graph: every kernel against its torch baseline at SOLAR sizes
+    kernels    bench/kernel_bench.py --cuda-graph: every kernel against its torch baseline at SOLAR sizes
     bench      bench/run.py --exclude hf-compile: every engine at the real SOLAR-10.7B shape, batch 1 and 8
     suite      the rest of the suite on CUDA (-m "not gpu and not cpu_only": CPU-only files deselected)
     compile    bench/run.py --engines hf-compile --batch-sizes 1, only if enough time is left; else skipped,
@@ -20,7 +20,7 @@ run), each writing its results to $OUT as they come; a failed phase does not sto
 
 A phase's time limit is its cap, shortened so that every later phase keeps at least its minimum; a phase with
 less than its minimum left is skipped and named in the follow-up command. New tests (marked gpu or not),
-engines (bench/run.py's default list) and kernel sections (bench/kernels.py's SECTIONS) are picked up without
+engines (bench/run.py's default list) and kernel sections (bench/kernel_bench.py's SECTIONS) are picked up without
 editing this file.
 
 Files in $OUT (at most 8, none in subfolders): gpu_check.log (everything printed), summary.json (versions,
@@ -70,7 +70,7 @@ PLAN: tuple[Phase, ...] = (
     Phase("gpu-tests", 85, 65, 30, "pytest -m gpu (CUDA-only tests), CUDA-graph tests first", ("pytest-gpu.xml",)),
     Phase("probe", 60, 35, 20, "cuBLAS GEMV/GEMM at SOLAR shapes; profiled graph-replayed decode step",
           ("probe.json",)),
-    Phase("kernels", 75, 50, 20, "bench/kernels.py --cuda-graph at SOLAR sizes", ("kernels.json",)),
+    Phase("kernels", 75, 50, 20, "bench/kernel_bench.py --cuda-graph at SOLAR sizes", ("kernels.json",)),
     # The quantised engines (FP8, int8) run batch 1 only under the phase's --time-budget: ~10 s of the 120.
     Phase("bench", 150, 120, 60, "bench/run.py, every engine but hf-compile, SOLAR-10.7B shape", ("bench.json",)),
     Phase("suite", 55, 45, 20, "rest of the suite on CUDA (not gpu, not cpu_only)", ("pytest-suite.xml",)),
@@ -169,7 +169,7 @@ def phase_command(phase: Phase, py: str, out: Path, rehearse: bool, limit_s: flo
     if phase.name == "probe":
         return [py, "bench/probe.py", "--json", str(out / "probe.json"), *r]
     if phase.name == "kernels":
-        return [py, "bench/kernels.py", "--cuda-graph", "--json", str(out / "kernels.json"), *r]
+        return [py, "bench/kernel_bench.py", "--cuda-graph", "--json", str(out / "kernels.json"), *r]
     bench = REHEARSAL_BENCH if rehearse else []
     if phase.name == "bench":
         return [py, "bench/run.py", "--exclude", "hf-compile", "--json", str(out / "bench.json"),

@@ -35,7 +35,7 @@ Method, per engine and batch size b (all engines see the same random prompts of 
   dtype: one byte per quantised weight plus its fp32 scales; plus the K/V cache up to the step's position,
   averaged over the N steps) / step time; `weights_GB` is the weight part; its share of the measured
   copy bandwidth (bytes read + written by a large copy_: bench/common.py's copy_bandwidth(), the one
-  bench/kernels.py reports; 1 GiB on CUDA, 64 MiB on a host);
+  bench/kernel_bench.py reports; 1 GiB on CUDA, 64 MiB on a host);
 - peak memory: torch.cuda.max_memory_allocated over the engine's runs, reset between engines (it includes
   the weights every engine shares);
 - match: the fraction of generated token positions identical to the first engine's (fastsolar's) tokens.

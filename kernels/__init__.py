@@ -13,12 +13,30 @@ Every op has a `*_ref` torch twin that the tests and benchmarks compare against;
 gemv_ref(x, weight, scale=scale), the same product (dequantise, then matmul) for any number of rows.
 
 Only `fastsolar.kernels` is this package (pip install -e . maps kernels/ there). With the repo root on
-sys.path a bare `import kernels` also finds this folder -- and transformers probes for the Hugging Face
-`kernels` package by exactly that name -- so under any other name it stays an empty module (no version,
-nothing exported) instead of importing triton and passing itself off as that package.
+sys.path (`python -c`, a REPL or a notebook started there) a bare `import kernels` finds this folder first, but
+that top-level name belongs to Hugging Face's `kernels` distribution, which transformers imports: so under any
+other name this file hands the import on to whatever the rest of sys.path holds by that name, and raises
+ModuleNotFoundError when nothing does, as if the folder were not there.
 """
 if __name__ != "fastsolar.kernels":
-    __all__: list[str] = []
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    def _elsewhere(name: str) -> None:
+        """Import `name` from sys.path without the folder this file sits in, into sys.modules[name]."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            del sys.modules[name]
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # the import statement returns what sys.modules holds once this file has run
+        spec.loader.exec_module(module)
+
+    _elsewhere(__name__)
 else:
     from .attention import attention, attention_ref
     from .decode_attention import decode_attention, decode_attention_ref

@@ -114,3 +114,34 @@ def serve_checkpoint(tmp_path_factory):
     vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).GetPieceSize()
     hf_fixtures.save(hf_fixtures.build_hf_model(vocab_size=vocab, seed=3), d, max_shard_size="10MB")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_unchanged():
+    """Every test leaves sys.path as it found it: a folder left on it decides what later tests import (bench/ on it
+    once made every later `import kernels` find bench/kernels.py instead of the Hugging Face package)."""
+    before = list(sys.path)
+    yield
+    assert sys.path == before, f"the test left sys.path changed: {[p for p in sys.path if p not in before]} added"
+
+
+@pytest.fixture
+def bench_script():
+    """Loads a bench/ script as the module `bench_<name>`, with bench/ first on sys.path as `python bench/x.py` has it
+    (the scripts import their siblings: common, engines, load); afterwards sys.path and sys.modules are as they were."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    path, modules = list(sys.path), set(sys.modules)
+    sys.path.insert(0, bench)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(bench, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    sys.path[:] = path
+    for name in set(sys.modules) - modules:
+        if name.startswith("bench_") or os.path.dirname(getattr(sys.modules[name], "__file__", None) or "") == bench:
+            del sys.modules[name]

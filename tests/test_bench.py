@@ -2,7 +2,6 @@
 (weight sharing with transformers, byte counts, the table) are right."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,15 +20,6 @@ RESULT_FIELDS = {
 }
 ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile", "fastsolar-fp8", "fastsolar-int8")
 
-
-def _load_run():
-    # run.py imports its sibling bench/common.py as `common`, as `python bench/run.py` finds it (bench/ on sys.path)
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run_bench(tmp_path: Path, *extra: str) -> tuple[dict, str, float]:
@@ -90,9 +80,9 @@ def test_quantised_engines_run_batch_1_only_under_a_time_budget(tmp_path):
 
 
 @pytest.mark.cpu_only
-def test_hf_model_shares_weights_and_matches_logits():
+def test_hf_model_shares_weights_and_matches_logits(bench_script):
     pytest.importorskip("transformers")
-    run = _load_run()
+    run = bench_script("run")
     from fastsolar.config import SolarConfig
 
     config = SolarConfig.preset("tiny").replace(num_hidden_layers=2, vocab_size=500, eos_token_id=None)
@@ -110,8 +100,8 @@ def test_hf_model_shares_weights_and_matches_logits():
 
 
 @pytest.mark.cpu_only
-def test_step_bytes_and_table():
-    run = _load_run()
+def test_step_bytes_and_table(bench_script):
+    run = bench_script("run")
     args = run.parse_args(["--preset", "solar-10.7b", "--device", "cpu", "--prompt-len", "512", "--new-tokens", "128",
                            "--dtype", "bfloat16"])
     bench = run.Bench.__new__(run.Bench)

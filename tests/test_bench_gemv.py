@@ -1,10 +1,8 @@
-"""bench/kernels.py's decode-GEMV, rotary + cache-write and quantised prefill GEMM sections run end to end on a
+"""bench/kernel_bench.py's decode-GEMV, rotary + cache-write and quantised prefill GEMM sections run end to end on a
 CPU under the Triton interpreter at the rehearsal's tiny shapes: every code path the GPU run takes, the correctness check inside
 each case, and the tables, work before a GPU is lent."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,8 @@ pytestmark = pytest.mark.cpu_only
 
 
 @pytest.fixture
-def kernels_bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_kernels_sections", ROOT / "bench" / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+def kernels_bench(bench_script):
+    return bench_script("kernel_bench")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal of these sections (a GPU runs them for real)")

@@ -2,7 +2,6 @@
 JSON; its page-cache and memory probes say true things; bench/run.py --model reports the same phases as `load` rows."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import mmap
 import os
@@ -10,22 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import hf_fixtures as F
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASE_FIELDS = {"status", "cold", "drop_attempted", "resident_before_GB", "load_s", "GBps", "ratio_to_raw",
                 "rss_before_GB", "peak_rss_GB", "peak_anon_GB", "peak_file_GB"}
 
-
-def _bench_module(name: str):
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))  # as `python bench/x.py` finds its siblings
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +61,10 @@ def test_load_bench_runs_on_the_tiny_preset(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore and posix_fadvise as Linux has them")
-def test_page_cache_probe_tells_cold_from_warm(tmp_path):
+def test_page_cache_probe_tells_cold_from_warm(tmp_path, bench_script):
     from fastsolar.shards import resident_bytes
 
-    load = _bench_module("load")
+    load = bench_script("load")
     path = tmp_path / "blob.safetensors"
     path.write_bytes(os.urandom(1 << 20))
     assert load.drop_page_cache([path]) == {"cold": True, "drop_attempted": True, "resident_before_GB": 0.0}
@@ -86,8 +76,8 @@ def test_page_cache_probe_tells_cold_from_warm(tmp_path):
         assert resident_bytes(path) is None
 
 
-def test_peak_memory_sees_an_allocation():
-    load = _bench_module("load")
+def test_peak_memory_sees_an_allocation(bench_script):
+    load = bench_script("load")
     fresh = mmap.mmap(-1, 64 * 2**20)  # a new anonymous mapping: its pages count only once written
     with load.PeakMemory() as mem:
         fresh.write(b"\x01" * len(fresh))
@@ -98,8 +88,8 @@ def test_peak_memory_sees_an_allocation():
     assert r["peak_rss_GB"] - r["rss_before_GB"] >= 0.06 and r["peak_rss_GB"] >= r["peak_anon_GB"]
 
 
-def test_run_reports_load_rows_and_keeps_the_loaded_model(tiny_dir):
-    run = _bench_module("run")
+def test_run_reports_load_rows_and_keeps_the_loaded_model(tiny_dir, bench_script):
+    run = bench_script("run")
     args = run.parse_args(["--model", str(tiny_dir), "--device", "cpu", "--engines", "torch-ref", "--batch-sizes", "1",
                            "--new-tokens", "2", "--prompt-len", "4", "--repeats", "1"])
     bench = run.Bench(args)
@@ -113,8 +103,8 @@ def test_run_reports_load_rows_and_keeps_the_loaded_model(tiny_dir):
     assert "### load" in table and ("| raw | cold |" in table or "| raw | warm" in table)
 
 
-def test_table_reports_failures():
-    load = _bench_module("load")
+def test_table_reports_failures(bench_script):
+    load = bench_script("load")
     checkpoint = {"cpu_peak_rss_target_GB": 3.0}
     phases = {"raw": {"status": "ok", "cold": True, "drop_attempted": True, "resident_before_GB": 0.0, "load_s": 2.0,
                       "GBps": 1.5, "ratio_to_raw": 1.0},

@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh, the one-shot GPU evidence run, and the scripts it runs (probe.py, kernels.py, report.py):
+"""bench/gpu_check.sh, the one-shot GPU evidence run, and the scripts it runs (probe.py, kernel_bench.py, report.py):
 its CPU rehearsal runs every phase and writes the documented files; the time-boxing rules hold."""
 from __future__ import annotations
 
@@ -23,17 +23,6 @@ FILES = {"gpu_check.log", "summary.json", "pytest-gpu.xml", "probe.json", "kerne
 pytestmark = pytest.mark.cpu_only
 
 
-def _load(name: str):
-    """A bench/ script as a module (they import their sibling common.py, so bench/ goes on sys.path)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    if f"bench_{name}" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-    return sys.modules[f"bench_{name}"]
-
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
@@ -50,12 +39,12 @@ def rehearsal(tmp_path_factory):
     return out, proc.stdout, seconds
 
 
-def test_rehearsal_runs_every_phase_and_writes_the_files(rehearsal):
+def test_rehearsal_runs_every_phase_and_writes_the_files(rehearsal, bench_script):
     out, stdout, _ = rehearsal
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert files == FILES  # at most 8, all at the top of $OUT: every one comes back from the device
     summary = json.loads((out / "summary.json").read_text())
-    gpu_check = _load("gpu_check")
+    gpu_check = bench_script("gpu_check")
     assert list(summary["phases"]) == [p.name for p in gpu_check.PLAN]
     assert {n: r["status"] for n, r in summary["phases"].items()} == {p.name: "passed" for p in gpu_check.PLAN}
     assert summary["mode"] == "rehearse" and summary["follow_up"] is None
@@ -113,8 +102,8 @@ def test_rehearsal_report(rehearsal, tmp_path):
     assert {p.name for p in dest.iterdir()} == FILES | {"README.md"}
 
 
-def test_time_limits_keep_later_phases_and_total_within_budget():
-    gc = _load("gpu_check")
+def test_time_limits_keep_later_phases_and_total_within_budget(bench_script):
+    gc = bench_script("gpu_check")
     mandatory = [p for p in gc.PLAN if not p.optional]
     assert sum(p.cap_s for p in mandatory) <= gc.BUDGET_S <= 480  # each cap fits: the run ends within 8 minutes
     assert sum(p.estimate_s for p in mandatory) < gc.BUDGET_S
@@ -131,8 +120,8 @@ def test_time_limits_keep_later_phases_and_total_within_budget():
     assert gc.status_of(gc.PLAN[4], None) == "timeout"
 
 
-def test_compile_without_enough_time_is_skipped_with_the_follow_up(tmp_path, monkeypatch, capsys):
-    gc = _load("gpu_check")
+def test_compile_without_enough_time_is_skipped_with_the_follow_up(tmp_path, monkeypatch, capsys, bench_script):
+    gc = bench_script("gpu_check")
     monkeypatch.setattr(gc, "_info_phase", lambda run, py, env, limit: (0, 0.0, env))
     failed = gc.main(["--phase", "compile", "--budget", "100", "--out", str(tmp_path)])
     assert failed == 0  # skipping is not failing
@@ -145,8 +134,8 @@ def test_compile_without_enough_time_is_skipped_with_the_follow_up(tmp_path, mon
     assert not (tmp_path / "compile.json").exists()
 
 
-def test_pytest_command_uses_the_plugins_it_finds(monkeypatch, tmp_path):
-    gc = _load("gpu_check")
+def test_pytest_command_uses_the_plugins_it_finds(monkeypatch, tmp_path, bench_script):
+    gc = bench_script("gpu_check")
     real = importlib.util.find_spec
 
     def find(present):
@@ -170,8 +159,8 @@ def test_pytest_command_uses_the_plugins_it_finds(monkeypatch, tmp_path):
     assert "--cuda-graph" in gc.phase_command(gc.PLAN[3], "py", tmp_path, rehearse=False, limit_s=75)
 
 
-def test_kernels_markdown_survives_partial_results_and_no_capability():
-    kernels = _load("kernels")
+def test_kernels_markdown_survives_partial_results_and_no_capability(bench_script):
+    kernels = bench_script("kernel_bench")
     res = {"complete": False, "dtype": "bfloat16", "sizes": dataclasses.asdict(kernels.SOLAR),
            "timing": {"graph": True}, "copy": None,
            "device": {"card": "X", "capability": None, "sms": None, "memory_gib": 1.0, "torch": "t", "triton": "t",

@@ -41,10 +41,10 @@ after every row; each section's markdown table is printed when the section ends,
 at the end. A section is a generator in SECTIONS (`fn(bench) -> rows`); a new kernel's benchmark is one
 more generator there, with an optional table in TABLES (otherwise a generic table shows its rows).
 
-    python bench/kernels.py                       # full run, markdown tables on stdout
-    python bench/kernels.py --cuda-graph --json out.json   # what bench/gpu_check.sh runs
-    python bench/kernels.py --quick               # fewer sizes, shorter timing (smoke test)
-    python bench/kernels.py --rehearse            # CPU, Triton interpreter, tiny shapes: the code paths only
+    python bench/kernel_bench.py                       # full run, markdown tables on stdout
+    python bench/kernel_bench.py --cuda-graph --json out.json   # what bench/gpu_check.sh runs
+    python bench/kernel_bench.py --quick               # fewer sizes, shorter timing (smoke test)
+    python bench/kernel_bench.py --rehearse            # CPU, Triton interpreter, tiny shapes: the code paths only
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class Bench:
         self.timing = timing
         self.l2_bytes = l2_bytes
         self.copy_gbs: float | None = None
-        import_fastsolar("bench/kernels.py")
+        import_fastsolar("bench/kernel_bench.py")
         names = ("rms_norm", "rotary", "swiglu", "attention", "decode_attention", "gemv", "quant_matmul")
         self.K = types.SimpleNamespace(**{n: importlib.import_module(f"fastsolar.kernels.{n}") for n in names})
 
@@ -714,7 +714,7 @@ def main(argv=None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("bench/kernels.py: no CUDA GPU visible (torch.cuda.is_available() is False); these benchmarks "
+            print("bench/kernel_bench.py: no CUDA GPU visible (torch.cuda.is_available() is False); these benchmarks "
                   "need one (--rehearse runs the code paths on a CPU). `--help` lists the options.", file=sys.stderr)
             return 2
         sizes, device, dtype = (QUICK if args.quick else SOLAR), "cuda", "bfloat16"
