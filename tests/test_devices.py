@@ -24,14 +24,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return F.save(F.build_hf_model(num_hidden_layers=1, seed=5), tmp_path_factory.mktemp("devices") / "ckpt")
 
 
-@pytest.fixture
-def one_gpu(monkeypatch):
-    """As on a machine with exactly one visible GPU (nothing is allocated on it by what these tests call)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-
-
 def test_resolves_what_is_here():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
