@@ -88,7 +88,7 @@ def readme(folder: Path) -> str:
         if (folder / xml).is_file():
             out += [f"## Tests: {what}", "", _junit(folder / xml), ""]
     sections = (("probe.json", "Calibration probe (bench/probe.py)", "probe"),
-                ("kernels.json", "Kernels (bench/kernel_bench.py)", "kernels"),
+                ("kernels.json", "Kernels (bench/kernel_bench.py)", "kernel_bench"),
                 ("bench.json", "End to end (bench/run.py)", "run"),
                 ("compile.json", "hf-compile (bench/run.py --engines hf-compile)", "run"))
     for name, heading, module in sections:
