@@ -15,7 +15,7 @@ What it measures (all bf16, batch 1 unless said, inputs laid out as fastsolar/mo
 * gemv: every decode product of a SOLAR layer and the lm_head at batch 1 and 8, fused in Triton
   (norm / SwiGLU prologue, residual epilogue, one launch) against cuBLAS plus the separate small
   kernels fastsolar runs otherwise, for bf16, int8 and (sm_89+) FP8 weights; GB/s of the fewest bytes
-  (weights once, activations) and the pick fastsolar.gemv_choice makes timing the same inputs;
+  (weights once, activations) and the pick fastsolar.ops.gemv_choice makes timing the same inputs;
 * rotary_cache: one decode step's fused rotary + KV-cache write (through a row map) against
   apply_rotary plus two indexed copies, the three launches it replaced;
 * quant_gemm: the prefill products of a layer (512 tokens) with int8 and (sm_89+) FP8 weights, the
@@ -326,11 +326,11 @@ def _gemv_weight_dtypes(b: Bench) -> list[str]:
 
 def _weight(b: Bench, n: int, k: int, wdtype: str):
     """(weight [n, k] in `wdtype`, its fp32 scale or None): 8-bit weights quantised as fastsolar does (per-channel
-    absmax, fastsolar.quant)."""
+    absmax, fastsolar.model.quant)."""
     torch = b.torch
     w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
     if wdtype in ("int8", "float8_e4m3fn"):
-        quant = importlib.import_module("fastsolar.quant")
+        quant = importlib.import_module("fastsolar.model.quant")
         return quant.quantize_weight(w, quant.MODE_OF_DTYPE[getattr(torch, wdtype)])
     return w.to(getattr(torch, wdtype)), None
 
@@ -381,11 +381,11 @@ def _gemv_pick(ops, choice, x, w, kw) -> str:
 
 def gemv(b: Bench) -> Iterator[dict]:
     """Each decode GEMV fused in Triton (one launch) and as cuBLAS + the separate small kernels, µs and GB/s
-    of the fewest bytes (weights once, x, y, residual); then fastsolar.gemv_choice's pick on the same inputs
+    of the fewest bytes (weights once, x, y, residual); then fastsolar.ops.gemv_choice's pick on the same inputs
     ("untimed" on a CPU, where nothing is timed and cuBLAS/the reference is the default)."""
     torch, G = b.torch, b.K.gemv
     ops = importlib.import_module("fastsolar.ops")
-    choice = importlib.import_module("fastsolar.gemv_choice")
+    choice = importlib.import_module("fastsolar.ops.gemv_choice")
     for name, (n, k, prologue, residual) in _gemv_shapes(b.S).items():
         for wdtype in _gemv_weight_dtypes(b):
             for m in b.S.batches:
@@ -610,7 +610,7 @@ def _gemv_table(rows: list[dict], res: dict) -> str:
                       _f(c.get("us"), ".1f"), _f(c.get("gbs"), ".0f"), _pct(c.get("pct_copy")), _speedup(t, c, "us"),
                       t.get("picked", ""), _spread(t, c), t.get("cache") or c.get("cache", ""), t.get("check", "")])
     return ("Decode GEMVs (one launch, norm/SwiGLU/residual fused) vs cuBLAS + separate kernels; GB/s = weights "
-            "once + activations / time; `picked` = what fastsolar.gemv_choice chose timing the same inputs:\n\n"
+            "once + activations / time; `picked` = what fastsolar.ops.gemv_choice chose timing the same inputs:\n\n"
             + markdown_table(["product", "batch", "weights", "triton µs", "GB/s", "% copy", "cublas µs", "GB/s",
                               "% copy", "speedup", "picked", "spread", "cache", "check"], table))
 

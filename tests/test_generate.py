@@ -1,15 +1,15 @@
-"""fastsolar.generate / fastsolar.sampling: validation, sampling math against transformers, EOS, streaming,
+"""fastsolar.decoding.generate / fastsolar.decoding.sampling: validation, sampling math against transformers, EOS, streaming,
 cache reuse."""
 from __future__ import annotations
 
 import pytest
 import torch
-
-from fastsolar.config import SolarConfig
-from fastsolar.generate import generate, stream
-from fastsolar.model import Solar
-from fastsolar.sampling import Sampler, SamplingParams, process_logits
 from helpers import DEVICE, ON_GPU
+
+from fastsolar import Solar
+from fastsolar.config import SolarConfig
+from fastsolar.decoding.generate import generate, stream
+from fastsolar.decoding.sampling import Sampler, SamplingParams, process_logits
 
 VOCAB, CONTEXT, PAD, EOS = 997, 64, 0, 2
 
@@ -111,7 +111,10 @@ def test_degenerate_sampling_is_greedy(model, kw):
 
 def hf_processors(temperature, top_k, top_p, penalty):
     from transformers.generation.logits_process import (
-        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
         TopPLogitsWarper,
     )
 

@@ -1,4 +1,4 @@
-"""The transformers-shaped surface (fastsolar.hf_compat): the SOLAR model cards' code runs with only the import
+"""The transformers-shaped surface (fastsolar.hf.compat): the SOLAR model cards' code runs with only the import
 changed and prints what transformers prints; each alias gives what its native argument gives; each refused
 argument is refused by name.
 
@@ -16,13 +16,13 @@ import shutil
 
 import pytest
 import torch
+from hf_fixtures import EOS_ID, build_hf_model, plant_eos, real_tokenizer_path, save
 
 from fastsolar import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, Solar, Tokenizer
-from fastsolar.chat import SOLAR_CHAT_TEMPLATE
-from fastsolar.generate import generate as native_generate
-from fastsolar.hf_compat import resolve_device_map
-from fastsolar.sampling import Sampler, SamplingParams, process_logits
-from hf_fixtures import EOS_ID, build_hf_model, plant_eos, real_tokenizer_path, save
+from fastsolar.decoding.generate import generate as native_generate
+from fastsolar.decoding.sampling import Sampler, SamplingParams, process_logits
+from fastsolar.hf.compat import resolve_device_map
+from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 
@@ -311,8 +311,8 @@ def test_min_new_tokens_processing_matches_transformers_processor():
 def test_min_new_tokens_on_the_graph_step_path(model, prompt, card, monkeypatch):
     """The CUDA-graph step's bookkeeping (warm-up runs, then state restored) must not advance the EOS ban's
     step counter: the static-buffer path (capture=False on CPU) gives the eager tokens."""
-    import fastsolar.generate as gen
-    from fastsolar.graphs import CudaGraphLoop
+    import fastsolar.decoding.generate as gen
+    from fastsolar.decoding.graphs import CudaGraphLoop
 
     # Just enough to block the planted EOS (step card[1] - 1): a counter off by the warm-up runs would not.
     kwargs = dict(max_new_tokens=card[1] + 6, min_new_tokens=card[1])

@@ -4,7 +4,7 @@ small kernels it replaces (kernels/gemv.py fuses RMSNorm / SwiGLU before and the
 A fused kernel that loses to cuBLAS must never ship, and which one wins depends on the card and the shape.
 So the first time a shape runs on a CUDA device, both candidates are timed on that call's own inputs
 (`measure`: triton.testing.do_bench, median, L2 flushed between runs) and the faster is kept for the rest of
-the process, per (op kind, device, dtypes, M, N, K); one INFO line on the `fastsolar.gemv_choice` logger
+the process, per (op kind, device, dtypes, M, N, K); one INFO line on the `fastsolar.ops.gemv_choice` logger
 names the pick and both times. `FASTSOLAR_GEMV=triton|cublas` in the environment, or `force_gemv(...)`,
 forces either. Nothing is timed without a CUDA device (the Triton interpreter's times mean nothing), nor
 while a CUDA graph is being captured (a sync there would break the capture; a graph step's warm-up runs
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastsolar.gemv_choice")  # the logger name the docs give for the picks
 
 CANDIDATES = ("triton", "cublas")
 
