@@ -1,5 +1,6 @@
 """Weight-only quantisation: the per-channel quantiser, QuantLinear, and how fastsolar.ops routes quantised
-products (decode: the fused GEMVs, tests/kernels/test_gemv.py; prefill: quant_matmul, tests/kernels/test_quant_matmul.py).
+products (decode: the fused GEMVs, tests/kernels/test_gemv.py; prefill: quant_matmul,
+tests/kernels/test_quant_matmul.py).
 
 Kernel results are compared with the float64 run of the dequantise-then-matmul reference (gemv_ref with
 scale=, the one reference of both kernels), allowing at most 2x the error that reference makes at the input

@@ -173,3 +173,35 @@ def test_gemv_bad_inputs():
         gemv(x, w.long())
     with pytest.raises(ValueError, match="contiguous rows"):
         gemv(x, randn(64, 16).t())
+
+
+@pytest.mark.parametrize("m, k, dtype", [(1, 3000, torch.bfloat16), (3, 123, torch.float16), (2, 200, torch.float32)],
+                         ids=["m1-k3000-bf16-splitk", "m3-k123-fp16", "m2-k200-fp32"])
+def test_gemv_norm_prologue_realistic_magnitudes(m, k, dtype):
+    """x at row RMS ~1e-2, as real embeddings have: the mean square (1e-4) is then only 10x SOLAR's eps (1e-5), so
+    a prologue that drops eps, or adds it anywhere but to the mean square, is ~5% off; the eps-less reference is
+    checked to fail the same comparison."""
+    eps = 1e-5
+    x = randn(m, k, dtype=dtype, scale=1e-2)
+    w = randn(37, k, dtype=dtype, scale=k ** -0.5)
+    g = (1.0 + 0.5 * randn(k)).to(dtype)
+    y = _check(x, w, {"norm_weight": g, "eps": eps}, f"norm prologue at row RMS 1e-2, m{m} k{k} {dtype}")
+    truth = gemv_ref(x.double(), w, norm_weight=g.double(), eps=eps)
+    baseline = gemv_ref(x, w, norm_weight=g, eps=eps)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_close(gemv_ref(x.double(), w, norm_weight=g.double(), eps=0.0).to(dtype), truth, baseline=baseline,
+                     rtol=ULP[dtype])
+    assert_close(y, truth, baseline=baseline, rtol=ULP[dtype])
+
+
+def test_gemv_contiguous_inputs_strided_out():
+    """Contiguous x and residual, y written into a column slice of a wider NaN-poisoned buffer (row stride 100,
+    not N): only the slice changes. Both inner products (M 1 and M >= 2) and the split-K combine."""
+    for m, k in ((1, 3000), (3, 123)):
+        x, res = randn(m, k, dtype=torch.float16), randn(m, 29, dtype=torch.float16)
+        w = randn(29, k, dtype=torch.float16, scale=k ** -0.5)
+        big = poison(torch.empty(m, 100, dtype=torch.float16, device=DEVICE))
+        y = gemv(x, w, residual=res, out=big[:, 40:69])
+        assert_close(y, gemv_ref(x.double(), w.double(), residual=res.double()), baseline=gemv_ref(x, w, residual=res),
+                     rtol=ULP[torch.float16], msg=f"m{m} k{k}")
+        assert big[:, :40].isnan().all() and big[:, 69:].isnan().all(), f"m{m}: wrote outside the out view"

@@ -147,3 +147,56 @@ def test_rms_norm_launch_config():
     assert rms_norm_launch_config(16384)["num_warps"] == 16
     with pytest.raises(ValueError, match="hidden size"):
         rms_norm_launch_config(0)
+
+
+# Row RMS ~1e-2, as real embeddings have: the mean square (1e-4) is then only 10x SOLAR's eps (1e-5), so eps moves
+# y by ~5%, far beyond the tolerance; at the RMS of 3 used above a dropped or misplaced eps changes nothing visible.
+SMALL_RMS = 1e-2
+SOLAR_EPS = 1e-5
+
+
+def _eps_matters(x: torch.Tensor, w: torch.Tensor, expected: torch.Tensor, baseline: torch.Tensor) -> None:
+    """The check below fails for a kernel without eps: the same comparison rejects the eps-less reference."""
+    with pytest.raises(AssertionError, match="not close"):
+        assert_close(rms_norm_ref(_d(x), _d(w), 0.0).to(x.dtype), expected, baseline=baseline)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(5, 1000), (3, 123)], ids=str)
+def test_rms_norm_realistic_magnitudes(shape, dtype):
+    x = randn(*shape, dtype=dtype, scale=SMALL_RMS)
+    w = _weight(shape[-1], dtype)
+    x0 = x.clone()
+    y = rms_norm(x, w, SOLAR_EPS, out=poison(torch.empty_like(x)))
+    expected, baseline = rms_norm_ref(_d(x), _d(w), SOLAR_EPS), rms_norm_ref(x, w, SOLAR_EPS)
+    assert_close(y, expected, baseline=baseline, msg=f"rms_norm at row RMS {SMALL_RMS} {shape} {dtype}")
+    _eps_matters(x, w, expected, baseline)
+    assert torch.equal(x, x0), "input modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_add_rms_norm_realistic_magnitudes(dtype):
+    x = randn(7, 300, dtype=dtype, scale=SMALL_RMS / 2)
+    r = randn(7, 300, dtype=dtype, scale=SMALL_RMS)
+    w = _weight(300, dtype)
+    y, h = add_rms_norm(x, r, w, SOLAR_EPS, out=poison(torch.empty_like(x)), out_h=poison(torch.empty_like(x)))
+    y_base, h_base = add_rms_norm_ref(x, r, w, SOLAR_EPS)
+    y_exp, _ = add_rms_norm_ref(_d(x), _d(r), _d(w), SOLAR_EPS)
+    assert torch.equal(h, h_base), "h differs from torch's x + residual"
+    assert_close(y, y_exp, baseline=y_base, msg=f"add_rms_norm at row RMS ~{SMALL_RMS} {dtype}")
+    _eps_matters(h_base, w, y_exp, y_base)
+
+
+def test_add_rms_norm_contiguous_inputs_strided_outs():
+    """Contiguous x and residual, y and h written into column slices of wider NaN-poisoned buffers: only the
+    slices change, each row lands at its own row stride."""
+    x, r = randn(2, 3, 123), randn(2, 3, 123)
+    w = _weight(123, torch.float32)
+    big_y = poison(torch.empty(2, 3, 300, device=DEVICE))
+    big_h = poison(torch.empty(2, 3, 200, device=DEVICE))
+    add_rms_norm(x, r, w, EPS, out=big_y[..., 100:223], out_h=big_h[..., 50:173])
+    y_base, h_base = add_rms_norm_ref(x, r, w, EPS)
+    assert torch.equal(big_h[..., 50:173], h_base)
+    assert_close(big_y[..., 100:223], add_rms_norm_ref(_d(x), _d(r), _d(w), EPS)[0], baseline=y_base)
+    assert big_y[..., :100].isnan().all() and big_y[..., 223:].isnan().all(), "y written outside its view"
+    assert big_h[..., :50].isnan().all() and big_h[..., 173:].isnan().all(), "h written outside its view"
