@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastsolar.kernels._common import device_properties
 from fastsolar.kernels.attention import attention, attention_launch_config, attention_ref
 from helpers import DEVICE, DOT_DTYPES, assert_close, case, poison, randn
 
@@ -200,3 +201,57 @@ def test_attention_causal_reversed_blocks_cover_every_row():
     q, k, v = randn(2, 70, 4, 32), randn(2, 75, 2, 32), randn(2, 75, 2, 32)
     got = attention(q, k, v, out=poison(torch.empty_like(q)))
     assert_close(got, attention_ref(q.double(), k.double(), v.double()), baseline=attention_ref(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.float32, id="float32"),
+    pytest.param(torch.float16, marks=pytest.mark.gpu("one launch per offset over 128-key tiles: too slow for the "
+                                                      "Triton interpreter"), id="float16"),
+])
+def test_attention_causal_offset_swept_over_a_key_block(dtype):
+    """Bottom-right causal with seq_k = seq_q + offset for every offset 0 .. BLOCK_N - 1 of the launcher's own key
+    tile: where the unmasked/masked split of the key loop and the last visible key fall inside a tile moves
+    through every position, including the tile edges a fixed offset never hits. Two query blocks, the last
+    ragged, GQA group 2; the output is NaN-poisoned."""
+    head_dim = 16
+    cfg = attention_launch_config(head_dim, dtype, device_properties(DEVICE)[0])
+    block_n, seq_q = cfg["BLOCK_N"], cfg["BLOCK_M"] + 5
+    q = randn(1, seq_q, 2, head_dim, dtype=dtype)
+    kv = randn(2, 1, seq_q + block_n - 1, 1, head_dim, dtype=dtype)
+    for offset in range(block_n):
+        k, v = kv[0, :, :seq_q + offset], kv[1, :, :seq_q + offset]
+        _check_attention(q, k, v, causal=True, msg=f"seq_q {seq_q} seq_k {seq_q + offset} (BLOCK_N {block_n})")
+
+
+def _padded_rows(kv_rows: int, pad: int, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v of `kv_rows` rows, each a view into a buffer with `pad` NaN rows before and after it: a row map
+    that escapes [0, kv_rows) by up to `pad` reads NaN there instead of faulting, and so poisons the output."""
+    bufs = []
+    for _ in range(2):
+        buf = poison(torch.empty(kv_rows + 2 * pad, *shape, device=DEVICE))
+        buf[pad:pad + kv_rows] = randn(kv_rows, *shape)
+        bufs.append(buf[pad:pad + kv_rows])
+    return bufs[0], bufs[1]
+
+
+def test_attention_row_map_out_of_range_is_clamped():
+    """Documented: rows= values are clamped into [0, kv_rows), not checked (that would sync). -3 and -1 read row 0,
+    kv_rows and kv_rows + 2 read the last row, exactly as the in-range map [0, last, 0, last] does."""
+    kv_rows, seq_q, seq_k = 3, 9, 13
+    k, v = _padded_rows(kv_rows, 3, seq_k, 2, 32)
+    q = randn(4, seq_q, 4, 32)
+    wild = torch.tensor([-3, kv_rows, -1, kv_rows + 2], device=DEVICE)
+    tame = torch.tensor([0, kv_rows - 1, 0, kv_rows - 1], device=DEVICE)
+    got = attention(q, k, v, rows=wild, out=poison(torch.empty_like(q)))
+    assert torch.equal(got, attention(q, k, v, rows=tame, out=poison(torch.empty_like(q))))
+    kg, vg = k[tame], v[tame]
+    assert_close(got, attention_ref(q.double(), kg.double(), vg.double()), baseline=attention_ref(q, kg, vg))
+
+
+def test_attention_contiguous_inputs_strided_out():
+    """Contiguous q, k, v; the output a head slice of a wider NaN-poisoned buffer (strides not q's): only the
+    slice is written."""
+    q, k, v = randn(2, 17, 4, 32), randn(2, 17, 2, 32), randn(2, 17, 2, 32)
+    big = poison(torch.empty(2, 17, 6, 32, device=DEVICE))
+    _check_attention(q, k, v, causal=True, out=big[:, :, 1:5])
+    assert big[:, :, 0].isnan().all() and big[:, :, 5].isnan().all(), "attention wrote outside out"

@@ -269,3 +269,33 @@ def test_decode_attention_rejects_bad_inputs():
         decode_attention(q, k, v, lens, scale=torch.tensor(0.1, device=DEVICE))
     with pytest.raises(ValueError, match="scale must be a finite number, got inf"):
         decode_attention(q, k, v, lens, scale=float("inf"))
+
+
+def test_decode_attention_row_map_out_of_range_is_clamped():
+    """Documented: rows= values are clamped into [0, cache_rows), not checked (that would sync). The caches are views
+    into buffers with 3 NaN rows on each side, so an unclamped -3, -1, cache_rows or cache_rows + 2 reads NaN and
+    poisons the output; clamped they read row 0 or the last row, exactly as the in-range map does."""
+    cache_rows, max_seq, pad = 3, 40, 3
+    lens = [40, 0, 23]  # row 1 is never mapped to: all NaN
+    bufs = [poison(torch.empty(cache_rows + 2 * pad, max_seq, 2, 32, device=DEVICE)) for _ in range(2)]
+    k, v = (buf[pad:pad + cache_rows] for buf in bufs)
+    k[:], v[:] = _make_cache(cache_rows, max_seq, 2, 32, torch.float32, lens)
+    q = randn(4, 4, 32)
+    wild = torch.tensor([-3, cache_rows, -1, cache_rows + 2], dtype=torch.int32, device=DEVICE)
+    tame = torch.tensor([0, cache_rows - 1, 0, cache_rows - 1], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor([lens[r] for r in tame.tolist()], dtype=torch.int32, device=DEVICE)
+    got = decode_attention(q, k, v, seqlens, rows=wild, out=poison(torch.empty_like(q)))
+    assert torch.equal(got, decode_attention(q, k, v, seqlens, rows=tame, out=poison(torch.empty_like(q))))
+    kg, vg = k[tame.long()], v[tame.long()]
+    assert_close(got, decode_attention_ref(q.double(), kg.double(), vg.double(), seqlens),
+                 baseline=decode_attention_ref(q, kg, vg, seqlens))
+
+
+def test_decode_attention_contiguous_inputs_strided_out():
+    """Contiguous q and caches; the output a head slice of a wider NaN-poisoned buffer (strides not q's): only the
+    slice is written, by the direct store (one split) and by the split combine (a long row) alike."""
+    q = randn(2, 4, 32)
+    k, v = _make_cache(2, 150, 2, 32, torch.float32, [150, 3])
+    big = poison(torch.empty(2, 7, 32, device=DEVICE))
+    _check_decode(q, k, v, torch.tensor([150, 3], dtype=torch.int32, device=DEVICE), out=big[:, 2:6])
+    assert big[:, :2].isnan().all() and big[:, 6:].isnan().all(), "decode_attention wrote outside out"
