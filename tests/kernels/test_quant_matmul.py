@@ -105,3 +105,15 @@ def test_quant_matmul_out_and_empty():
     with pytest.raises(TypeError, match="out has dtype float16"):
         quant_matmul(x, q, s, out=torch.empty(3, 9, dtype=torch.float16, device=DEVICE))
     assert quant_matmul(randn(0, 12), q, s).shape == (0, 9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quant_matmul_contiguous_input_strided_out(mode):
+    """Contiguous x, the output a column slice of a wider NaN-poisoned buffer (row stride 60, not N): only the
+    slice is written, every row at the output's own stride."""
+    q, s = quantized_weights(45, 64, mode, seed=9)
+    x = randn(17, 64)
+    big = poison(torch.empty(17, 60, device=DEVICE))
+    y = quant_matmul(x, q, s, out=big[:, 10:55])
+    assert_close(y, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s), rtol=ULP[torch.float32])
+    assert big[:, :10].isnan().all() and big[:, 55:].isnan().all(), "wrote outside the out view"

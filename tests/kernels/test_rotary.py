@@ -287,3 +287,42 @@ def test_rotary_launch_config():
     assert rotary_launch_config(3, 2, 96)["BLOCK_HALF"] == 64
     with pytest.raises(ValueError, match="head_dim must be even"):
         rotary_launch_config(4, 1, 7)
+
+
+def test_apply_rotary_contiguous_inputs_strided_outs():
+    """Contiguous q and k rotated into head slices of wider NaN-poisoned buffers (strides not q's or k's): each
+    output at its own strides, nothing written outside the slices."""
+    b, s, nh, nkv, d = 2, 5, 4, 2, 64
+    q, k = randn(b, s, nh, d), randn(b, s, nkv, d)
+    pos = _positions(b, s, [3, 700], torch.int64)
+    q_big = poison(torch.empty(b, s, nh + 2, d, device=DEVICE))
+    k_big = poison(torch.empty(b, s, nkv + 3, d, device=DEVICE))
+    apply_rotary(q, k, pos, THETA, q_out=q_big[:, :, 1:nh + 1], k_out=k_big[:, :, 2:nkv + 2])
+    q_exp, k_exp = apply_rotary_ref(_d(q), _d(k), pos, THETA)
+    q_base, k_base = apply_rotary_ref(q, k, pos, THETA)
+    assert_close(q_big[:, :, 1:nh + 1], q_exp, baseline=q_base)
+    assert_close(k_big[:, :, 2:nkv + 2], k_exp, baseline=k_base)
+    assert q_big[:, :, [0, nh + 1]].isnan().all() and k_big[:, :, [0, 1, nkv + 2]].isnan().all(), \
+        "wrote outside the out views"
+
+
+def test_rotary_cache_write_contiguous_inputs_strided_q_out():
+    """Contiguous q, k, v; rotated q into a head slice of a wider NaN-poisoned buffer (strides not q's), k and v
+    into their cache slots: nothing written outside the q_out view."""
+    b, s, nh, nkv, d, max_seq = 2, 3, 4, 2, 32, 8
+    q, k, v = randn(b, s, nh, d), randn(b, s, nkv, d), randn(b, s, nkv, d)
+    pos = _positions(b, s, [0, 4], torch.int32)
+
+    def caches(dtype: torch.dtype) -> list[torch.Tensor]:
+        return [poison(torch.empty(b, max_seq, nkv, d, dtype=dtype, device=DEVICE)) for _ in range(2)]
+
+    (k_got, v_got), (k_exp, v_exp) = caches(torch.float32), caches(torch.float64)
+    k_base, v_base = caches(torch.float32)
+    q_big = poison(torch.empty(b, s, nh + 1, d, device=DEVICE))
+    rotary_cache_write(q, k, v, pos, THETA, k_got, v_got, q_out=q_big[:, :, 1:])
+    q_exp = rotary_cache_write_ref(_d(q), _d(k), _d(v), pos, THETA, k_exp, v_exp)
+    q_base = rotary_cache_write_ref(q, k, v, pos, THETA, k_base, v_base)
+    assert_close(q_big[:, :, 1:], q_exp, baseline=q_base)
+    assert q_big[:, :, 0].isnan().all(), "wrote outside the q_out view"
+    assert_close(k_got, k_exp, baseline=k_base)  # NaN where nothing was written
+    assert torch.equal(v_got.nan_to_num(7.0), v_base.nan_to_num(7.0)), "v is copied exactly"

@@ -70,3 +70,13 @@ def test_swiglu_bad_inputs():
 def test_swiglu_launch_config():
     cfg = swiglu_launch_config()
     assert set(cfg) == {"BLOCK", "num_warps", "num_stages"} and cfg["BLOCK"] % 128 == 0
+
+
+def test_swiglu_contiguous_inputs_strided_out():
+    """Contiguous gate and up, the output a column slice of a wider NaN-poisoned buffer: the kernel must address
+    the output by rows (its row stride is not the inputs') and write only the slice."""
+    g, u = randn(5, 300, scale=3.0), randn(5, 300)
+    big = poison(torch.empty(5, 500, device=DEVICE))
+    swiglu(g, u, out=big[:, 100:400])
+    assert_close(big[:, 100:400], swiglu_ref(_d(g), _d(u)), baseline=swiglu_ref(g, u))
+    assert big[:, :100].isnan().all() and big[:, 400:].isnan().all(), "wrote outside the out view"
