@@ -131,6 +131,10 @@ def quantized_weights(n: int, k: int, mode: str, seed: int | None = None) -> tup
     return quant.quantize_weight(channel_weights(n, k, seed), mode)
 
 
+# The float dtypes every kernel takes, with their test ids (elementwise kernels run all three everywhere).
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOAT_IDS = ["fp32", "fp16", "bf16"]
+
 # Parameters of the kernel tests that run tl.dot (prefill and decode attention): bf16 on CUDA only, and shapes
 # too large for the interpreter on CUDA only.
 BF16_DOT_GPU = pytest.mark.gpu("bf16 tl.dot gives garbage under the Triton interpreter; bf16 is checked on CUDA only")

@@ -16,10 +16,8 @@ from fastsolar.kernels.rms_norm import (
     rms_norm_launch_config,
     rms_norm_ref,
 )
-from helpers import DEVICE, assert_close, poison, randn
+from helpers import DEVICE, FLOAT_DTYPES, FLOAT_IDS, assert_close, poison, randn
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 EPS = 1e-5
 
 
@@ -32,7 +30,7 @@ def _weight(n: int, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 + 0.5 * randn(n, dtype=torch.float32)).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 @pytest.mark.parametrize("shape", [(1, 4096), (113, 4096), (17, 3000), (2, 3, 123), (123,)], ids=str)
 def test_rms_norm(shape, dtype):
     n = shape[-1]
@@ -46,7 +44,7 @@ def test_rms_norm(shape, dtype):
     assert torch.equal(x, x0) and torch.equal(w, w0), "inputs modified"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 def test_rms_norm_strided_rows(dtype):
     # Rows that are a slice of a wider tensor: a row stride, no copy needed.
     wide = randn(2, 5, 200, dtype=dtype)
@@ -72,7 +70,7 @@ def test_rms_norm_strided_out():
     assert big[:, :100].isnan().all() and big[:, 223:].isnan().all(), "wrote outside the out view"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 17, 3000), (3, 123)], ids=str)
 def test_add_rms_norm(shape, dtype):
     n = shape[-1]
@@ -161,7 +159,7 @@ def _eps_matters(x: torch.Tensor, w: torch.Tensor, expected: torch.Tensor, basel
         assert_close(rms_norm_ref(_d(x), _d(w), 0.0).to(x.dtype), expected, baseline=baseline)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 @pytest.mark.parametrize("shape", [(5, 1000), (3, 123)], ids=str)
 def test_rms_norm_realistic_magnitudes(shape, dtype):
     x = randn(*shape, dtype=dtype, scale=SMALL_RMS)
@@ -174,7 +172,7 @@ def test_rms_norm_realistic_magnitudes(shape, dtype):
     assert torch.equal(x, x0), "input modified"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 def test_add_rms_norm_realistic_magnitudes(dtype):
     x = randn(7, 300, dtype=dtype, scale=SMALL_RMS / 2)
     r = randn(7, 300, dtype=dtype, scale=SMALL_RMS)

@@ -23,10 +23,8 @@ from fastsolar.kernels.rotary import (
     rotary_inv_freq,
     rotary_launch_config,
 )
-from helpers import DEVICE, assert_close, poison, randn
+from helpers import DEVICE, FLOAT_DTYPES, FLOAT_IDS, assert_close, poison, randn
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
 THETA = 10000.0
 
 
@@ -57,7 +55,7 @@ ROTARY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 @pytest.mark.parametrize("case", ROTARY_CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}kv{c[3]}d{c[4]}")
 def test_apply_rotary_fused_qkv_views(case, dtype):
     b, s, nh, nkv, d, starts = case
@@ -75,7 +73,7 @@ def test_apply_rotary_fused_qkv_views(case, dtype):
     assert torch.equal(qkv, qkv0), "inputs modified"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 def test_apply_rotary_contiguous_new_outputs(dtype):
     b, s, nh, nkv, d = 2, 5, 4, 2, 128
     q = randn(b, s, nh, d, dtype=dtype)
@@ -114,7 +112,7 @@ _DECODE_CACHE_CASES = [
 ]
 ROTARY_CACHE_CASES = [
     *[pytest.param(c, dt, id=f"decode-b{c[0]}s{c[1]}h{c[2]}kv{c[3]}d{c[4]}r{c[7]}-{i}")
-      for c in _DECODE_CACHE_CASES for dt, i in zip(DTYPES, DT_IDS)],
+      for c in _DECODE_CACHE_CASES for dt, i in zip(FLOAT_DTYPES, FLOAT_IDS)],
     # Prefills (the interpreter runs one program per token and head block: one dtype each).
     pytest.param((1, 17, 8, 1, 64, [0], 2, None), torch.bfloat16, id="prefill-s17-gqa8-bf16"),
     pytest.param((1, 113, 2, 2, 32, [0], 3, [1]), torch.float16, id="prefill-s113-mapped-fp16"),
@@ -192,7 +190,7 @@ def test_apply_rotary_ref_matches_transformers():
                                    rope_theta=THETA, max_position_embeddings=4096)
     rope = LlamaRotaryEmbedding(cfg).to(DEVICE)
     b, s, d = 2, 6, 64
-    for dtype in DTYPES:
+    for dtype in FLOAT_DTYPES:
         q = randn(b, s, 4, d, dtype=dtype)
         k = randn(b, s, 1, d, dtype=dtype)
         pos = _positions(b, s, [3, 1000], torch.int64)

@@ -10,17 +10,14 @@ import pytest
 import torch
 
 from fastsolar.kernels.swiglu import swiglu, swiglu_launch_config, swiglu_ref
-from helpers import DEVICE, assert_close, poison, randn
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
+from helpers import DEVICE, FLOAT_DTYPES, FLOAT_IDS, assert_close, poison, randn
 
 
 def _d(t: torch.Tensor) -> torch.Tensor:
     return t.double()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 @pytest.mark.parametrize("shape", [(1, 14336), (17, 3000), (2, 3, 123), (5,)], ids=str)
 def test_swiglu(shape, dtype):
     g = randn(*shape, dtype=dtype, scale=4.0)  # wide enough to reach silu's saturated tails
@@ -33,7 +30,7 @@ def test_swiglu(shape, dtype):
     assert torch.equal(g, g0) and torch.equal(u, u0), "inputs modified"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 def test_swiglu_fused_gate_up_views(dtype):
     # gate and up as the halves of one [tokens, 2 * I] projection output: strided rows, no copy.
     gu = randn(2, 7, 2 * 300, dtype=dtype, scale=3.0)
