@@ -2,14 +2,14 @@
 rules; on CUDA, the captured step and graphed generate against eager."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
+import fastsolar.decoding.generate as gen_mod
 from fastsolar import Solar
 from fastsolar.config import SolarConfig
 from fastsolar.decoding import graphs
+from fastsolar.decoding.generate import generate
 from fastsolar.decoding.graphs import CudaGraphLoop, CudaGraphStep, GraphPool, check_batch, weights_signature
 from fastsolar.decoding.sampling import Sampler
 from fastsolar.model import quant
@@ -232,7 +232,6 @@ def test_generate_with_static_step_equals_eager_generate(monkeypatch):
     """fastsolar.decoding.generate with its step hook routed to CudaGraphStep(capture=False) (what the CUDA wiring does,
     minus capture) gives eager generate's tokens: greedy, sampled with a seed, penalised, over repeated calls
     and two batch sizes (the real Sampler, reset in place, reused)."""
-    gen_mod = pytest.importorskip("fastsolar.decoding.generate")
     model = make_model()
     runs = [
         (3, dict(temperature=0.0)),
@@ -265,7 +264,6 @@ def test_generate_loop_bookkeeping_inside_the_step(monkeypatch):
     """With EOS ids the per-token bookkeeping (pad after EOS, finish steps, history, next input, positions)
     runs inside the recorded loop body: the static path gives eager generate's tokens and trimming, and a
     stream's "all finished?" check for step t - 1 is read only after step t is queued (no stall)."""
-    gen_mod = pytest.importorskip("fastsolar.decoding.generate")
     model = make_model(seed=1)
     ids = prompts_for(2, 5, 9)
     free = gen_mod.generate(model, ids, 12, eos_token_id=[])[:, 5:].tolist()
@@ -385,10 +383,6 @@ def test_captured_step_with_row_map_equals_eager_on_cuda():
 
 @pytest.mark.gpu("CUDA graph capture")
 def test_graphed_generate_matches_eager_on_cuda():
-    if importlib.util.find_spec("fastsolar.decoding.generate") is None:
-        pytest.skip("fastsolar.decoding.generate is not there yet")
-    from fastsolar.decoding.generate import generate
-
     model = make_model(torch.device("cuda"), torch.bfloat16)
     pool = graphs.shared_pool(model)
     sampled = dict(temperature=[0.8, 0.0, 1.1], top_k=[50, 0, 0], top_p=[0.9, 1.0, 1.0], repetition_penalty=1.2, seed=3)
