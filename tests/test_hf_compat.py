@@ -292,6 +292,20 @@ def test_min_new_tokens_matches_transformers(model, hf32, prompt, card):
         assert EOS_ID not in out[0, prompt.shape[1]: prompt.shape[1] + 10].tolist()
 
 
+def test_min_new_tokens_boundary_matches_transformers(model, hf32, prompt, card):
+    """The planted EOS is the greedy pick at new-token step card[1] - 1. min_new_tokens = card[1] - 1 lifts the ban
+    exactly at that step, so generation still ends there; min_new_tokens = card[1] bans it at that step only. Both
+    against transformers' generate on the same weights."""
+    n_eos, width = card[1], prompt.shape[1]
+    for min_new, ends_at_planted_eos in ((n_eos - 1, True), (n_eos, False)):
+        ours = model.generate(prompt, max_new_tokens=n_eos + 4, min_new_tokens=min_new)
+        theirs = hf32.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_eos + 4,
+                               do_sample=False, min_new_tokens=min_new)
+        assert ours.tolist() == theirs.tolist(), min_new
+        assert (ours[0, width + n_eos - 1] == EOS_ID) == ends_at_planted_eos, (min_new, ours[0, width:].tolist())
+        assert (ours.shape[1] == width + n_eos) == ends_at_planted_eos, (min_new, ours[0, width:].tolist())
+
+
 def test_min_new_tokens_processing_matches_transformers_processor():
     """The Sampler's EOS ban, step by step, against transformers' own processors (MinNewTokensLengthLogitsProcessor,
     and MinLengthLogitsProcessor with min_length = prompt + min_new_tokens) as the reference, with an EOS id the

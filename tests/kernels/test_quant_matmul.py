@@ -117,3 +117,11 @@ def test_quant_matmul_contiguous_input_strided_out(mode):
     y = quant_matmul(x, q, s, out=big[:, 10:55])
     assert_close(y, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s), rtol=ULP[torch.float32])
     assert big[:, :10].isnan().all() and big[:, 55:].isnan().all(), "wrote outside the out view"
+
+
+def test_quant_matmul_empty_reduction_writes_zeros():
+    """K = 0: every output is an empty sum, 0, written into a NaN-poisoned out (no kernel launch needed)."""
+    q, s = quantized_weights(9, 0, "int8", seed=7)
+    out = poison(torch.empty(3, 9, device=DEVICE))
+    assert quant_matmul(randn(3, 0), q, s, out=out) is out
+    assert torch.equal(out, torch.zeros(3, 9, device=DEVICE))
