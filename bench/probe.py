@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Calibration probe: what cuBLAS gets out of the card for SOLAR's decode GEMVs, and where one decode step's
 time goes. Run on one CUDA GPU (bench/gpu_check.sh runs it); `--rehearse` runs the same code on a CPU.
+The parts run in the order --parts gives (default: the profile first, the more valuable of the two).
 
 1. gemv: torch.nn.functional.linear (cuBLAS) of x [M, K] by a bf16 weight [N, K] at M = 1 and 8, for
    SOLAR-10.7B's five weight shapes: 4096->6144 (fused q/k/v), 4096->4096 (o), 4096->28672 (fused
@@ -41,7 +42,7 @@ REHEARSAL_SHAPES = tuple((n, k // 64, m // 64) for n, k, m in SOLAR_SHAPES)
 
 #: Kernel kinds for the profile, first match wins (lower-cased substrings of the kernel's name).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("attn", "attention", "decode_split", "decode_reduce", "flash", "sdpa")),
+    ("attention", ("attn", "attention", "_decode_kernel", "decode_split", "decode_reduce", "flash", "sdpa")),
     ("gemm/gemv", ("gemm", "gemv", "nvjet", "cutlass", "cublas", "xmma", "matmul", "splitk", "aten::mm",
                    "aten::addmm", "aten::bmm")),
     ("norm", ("rms", "norm")),
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here (rewritten after every row)")
-    ap.add_argument("--parts", default="gemv,profile", help="comma-separated subset of gemv,profile")
+    ap.add_argument("--parts", default="profile,gemv",
+                    help="comma-separated subset of profile,gemv, run in the order given (default profile,gemv)")
     ap.add_argument("--batches", default="1,8", help="GEMV rows M (default 1,8)")
     ap.add_argument("--profile-batch", type=int, default=1, help="decode batch of the profiled step (default 1)")
     ap.add_argument("--context", type=int, default=512, help="cached tokens before the profiled step (default 512)")
@@ -329,25 +331,28 @@ def main(argv: list[str] | None = None) -> int:
     save = (lambda: write_json(args.json, res)) if args.json else (lambda: None)
     save()
     failed = False
-    if "gemv" in parts:
-        res["gemv"] = []
-        l2 = int(info["l2_mib"] * 2**20) if info.get("l2_mib") else None
-        for row in gemv_rows(shapes, [int(b) for b in args.batches.split(",") if b], device, dtype, l2, copy_gbs):
-            res["gemv"].append(row)
-            failed |= not str(row.get("check", "")).startswith("ok")
-            print(f"[gemv] {row['shape']} {row['K']}->{row['N']} M={row['M']}: {_f(row.get('us'), '.1f')} µs "
-                  f"{_f(row.get('gbs'), '.0f')} GB/s ({_f(row.get('pct_copy'), '.0f')}% copy) {row.get('check')}",
-                  flush=True)
+    for part in parts:
+        if part == "gemv":
+            res["gemv"] = []
+            l2 = int(info["l2_mib"] * 2**20) if info.get("l2_mib") else None
+            for row in gemv_rows(shapes, [int(b) for b in args.batches.split(",") if b], device, dtype, l2, copy_gbs):
+                res["gemv"].append(row)
+                failed |= not str(row.get("check", "")).startswith("ok")
+                print(f"[gemv] {row['shape']} {row['K']}->{row['N']} M={row['M']}: {_f(row.get('us'), '.1f')} µs "
+                      f"{_f(row.get('gbs'), '.0f')} GB/s ({_f(row.get('pct_copy'), '.0f')}% copy) {row.get('check')}",
+                      flush=True)
+                save()
+        elif part == "profile":
+            try:
+                res["profile"] = profile_decode(preset, args.layers, args.profile_batch, args.context, args.replays,
+                                                device, dtype, copy_gbs)
+            except Exception as e:  # noqa: BLE001 - keep the other part's rows; say what broke
+                traceback.print_exc()
+                res["profile"] = {"error": f"{type(e).__name__}: {e}"}
+                failed = True
             save()
-    if "profile" in parts:
-        try:
-            res["profile"] = profile_decode(preset, args.layers, args.profile_batch, args.context, args.replays,
-                                            device, dtype, copy_gbs)
-        except Exception as e:  # noqa: BLE001 - keep the GEMV rows; say what broke
-            traceback.print_exc()
-            res["profile"] = {"error": f"{type(e).__name__}: {e}"}
-            failed = True
-        save()
+        else:
+            ap.error(f"unknown part {part!r}; choose from profile,gemv")
     res["complete"] = True
     save()
     print("\n" + markdown(res), flush=True)

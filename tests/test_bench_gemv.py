@@ -21,9 +21,14 @@ def kernels_bench(bench_script):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal of these sections (a GPU runs them for real)")
 def test_gemv_rotary_cache_and_quant_gemm_sections(kernels_bench):
     kb = kernels_bench
-    timing = {"warmup": 1, "rep": 1, "graph": False, "repeats": 1, "samples": 1}
-    res = kb.run(kb.REHEARSAL, device="cpu", dtype="float32", timing=timing, copy_gib=1 / 256,
-                 sections=["gemv", "rotary_cache", "quant_gemm"])
+    sections = ["gemv", "rotary_cache", "quant_gemm"]
+    res = kb.run(kb.REHEARSAL, device="cpu", dtype="float32", copy_gib=1 / 256, sections=sections,
+                 l2_bytes=kb.REHEARSAL_L2, ring_max=kb.REHEARSAL_RING_MAX)
+    planned = kb.plan(kb.REHEARSAL, "float32", kb.Features(fp8=True, liger_missing="CPU"), sections)
+    assert [kb.row_id(sec, r) for sec in sections for r in res[sec]] == [(r.section, r.key, r.impl) for r in planned]
+    # Every timed row ran over a ring sized against the (pretend) L2: more than one input set where they are small.
+    assert all(r["ring"] == kb.ring_size(r["bytes"], kb.REHEARSAL_L2, kb.REHEARSAL_RING_MAX) for s in sections
+               for r in res[s] if "bytes" in r and "us" in r)
     gemv = res["gemv"]
     shapes = kb._gemv_shapes(kb.REHEARSAL)
     assert len(gemv) == len(shapes) * 3 * len(kb.REHEARSAL.batches) * 2  # fp32/int8/fp8 x triton/cublas
