@@ -179,7 +179,30 @@ def _check(errs: list[float]) -> str:
 
 
 def _error(e: BaseException) -> str:
+    """A failed case's check: "ERROR ...", or "skipped: <why>" where the Triton interpreter of this environment
+    cannot run loop kernels at all (triton < 3.7 with numpy >= 2.4: fastsolar.compat), which says nothing of
+    the kernel."""
+    conflict = _interpreter_conflict()
+    if conflict and _raised_by_conflict(e):
+        return f"skipped: {conflict}"
     return f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _interpreter_conflict() -> str | None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    return importlib.import_module("fastsolar.compat").interpreter_numpy_conflict()
+
+
+def _raised_by_conflict(e: BaseException | None) -> bool:
+    needle = importlib.import_module("fastsolar.compat").INTERPRETER_NUMPY_ERROR
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if needle in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 # ----------------------------------------------------------------------------------------------

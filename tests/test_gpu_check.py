@@ -78,6 +78,9 @@ def test_rehearsal_runs_every_phase_and_writes_the_files(rehearsal, bench_script
 
     kb = bench_script("kernel_bench")
     assert sorted(s for ss in gpu_check.KERNEL_SECTIONS.values() for s in ss) == sorted(kb.SECTIONS)
+    # Where the interpreter cannot run loop kernels (triton < 3.7 with numpy >= 2.4) those cases say so and why.
+    conflict = summary["info"]["interpreter_numpy_conflict"]
+    conflict = f"skipped: {conflict}" if conflict else None
     for name, sections in gpu_check.KERNEL_SECTIONS.items():
         kernels = json.loads((out / f"{name}.json").read_text())
         assert kernels["complete"] and kernels["device"]["capability"] is None
@@ -85,7 +88,8 @@ def test_rehearsal_runs_every_phase_and_writes_the_files(rehearsal, bench_script
         # The counting is the run: the planned rows are exactly the rows produced, in order.
         assert produced == [(r["section"], tuple(r["key"]), r["impl"]) for r in kernels["plan"]]
         rows = [r for sec in sections for r in kernels[sec]]
-        assert all(r["check"] in ("ok", "") or r["check"].startswith("skipped: Liger") for r in rows), rows
+        assert all(r["check"] in ("ok", "") or r["check"].startswith("skipped: Liger") or r["check"] == conflict
+                   for r in rows), rows
         assert all(r["ring"] >= 1 and r["from"] for r in rows if "us" in r)
     rest = json.loads((out / "kernels-rest.json").read_text())
     assert any(r["ring"] > 1 for sec in ("rotary_cache", "memory_ops") for r in rest[sec] if "ring" in r)
