@@ -116,7 +116,6 @@ def graph_ring_ms(fns: list[Callable[[], Any]], samples: int = SAMPLES, sample_s
     lap_ms = timed(1)
     laps = max(1, min(1000, int(sample_s * 1e3 / max(lap_ms, 1e-6)) + 1))
     meds = sorted(timed(laps) / len(fns) for _ in range(samples))
-    del graph
     return statistics.median(meds), 100.0 * (meds[-1] - meds[0]) / meds[0]
 
 

@@ -59,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ class Phase:
     files: tuple[str, ...] = ()
     optional: bool = False  # runs only when its estimate fits in what is left; later phases reserve no time for it
     estimate_s: float | None = None  # from the counted work (gpu_plan), set after the info phase
+    tests: int | None = None  # pytest phases: the tests counted, and the longest one's estimate (its timeout)
+    longest_test_s: float = 0.0
 
 
 PLAN: tuple[Phase, ...] = (
@@ -163,7 +165,8 @@ def apply_estimates(plan: tuple[Phase, ...], est: dict[str, gpu_plan.Estimate]) 
             out.append(p)
             continue
         out.append(replace(p, estimate_s=round(e.estimate_s, 1),
-                           min_s=max(p.min_s, int(e.estimate_s + 0.999)) if p.optional else p.min_s))
+                           min_s=max(p.min_s, int(e.estimate_s + 0.999)) if p.optional else p.min_s,
+                           tests=e.counts.get("tests"), longest_test_s=e.counts.get("max_test_s", 0.0)))
     return tuple(out)
 
 
@@ -246,30 +249,31 @@ def status_of(phase: Phase, rc: int | None) -> str:
 
 
 def pytest_command(py: str, out: Path, label: str, marker: str, rehearse: bool, selection: list[str],
-                   limit_s: float = 0) -> list[str]:
+                   limit_s: float = 0, tests: int | None = None, longest_s: float = 0.0) -> list[str]:
     """pytest with -v -rA, each test's result appended to $OUT/tests.jsonl as it finishes (labelled with the
-    phase), per-test timeouts below the phase's limit and xdist workers where those plugins are installed; with
-    pytest-timeout >= 2.3 it also stops starting tests before `limit_s`."""
+    phase), per-test timeouts below the phase's limit and xdist workers (no more than the `tests` counted) where
+    those plugins are installed; with pytest-timeout >= 2.3 it also stops starting tests before `limit_s`."""
     # -P (Python >= 3.11): no repo root on sys.path, as with CI's plain `pytest`, so every import of fastsolar is
     # the installed package (a bare `kernels` there is an empty module: kernels/__init__.py).
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     cmd = [py, *safe_path, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "--graphs-first", "-m", marker,
            f"--results-jsonl={out / TESTS_FILE}", f"--results-label={label}"]
-    xdist = importlib.util.find_spec("xdist") is not None and not rehearse
+    workers = min(gpu_plan.WORKERS, tests if tests is not None else gpu_plan.WORKERS)
+    xdist = importlib.util.find_spec("xdist") is not None and not rehearse and workers > 1
     if importlib.util.find_spec("pytest_timeout") is not None:
         # With workers, a hung test is ended by killing its worker (thread method); without, by SIGALRM.
-        cmd += ["--timeout", str(test_timeout(limit_s)), "--timeout-method", "thread" if xdist else "signal"]
+        cmd += ["--timeout", str(test_timeout(limit_s, longest_s)), "--timeout-method", "thread" if xdist else "signal"]
         if limit_s > 60 and _compat().pytest_session_timeout_supported():
             cmd += ["--session-timeout", str(int(limit_s - 25))]
     if xdist:
-        cmd += ["-n", str(gpu_plan.WORKERS)]
+        cmd += ["-n", str(workers)]
     return cmd + (selection or ["tests"])
 
 
-def test_timeout(limit_s: float) -> int:
-    """A test's timeout in a phase limited to `limit_s`: below the limit (so a hang costs one test, and the phase
-    still reports), at least TEST_TIMEOUT_MIN_S where the limit allows."""
-    return int(max(10, min(limit_s - 20, max(TEST_TIMEOUT_MIN_S, limit_s * 0.6))))
+def test_timeout(limit_s: float, longest_s: float = 0.0) -> int:
+    """A test's timeout in a phase limited to `limit_s` whose longest test is estimated at `longest_s`: twice
+    that, at least TEST_TIMEOUT_MIN_S, and below the limit (so a hang costs one test and the phase still reports)."""
+    return int(max(10, min(limit_s - 20, max(TEST_TIMEOUT_MIN_S, 2 * longest_s))))
 
 
 def _compat():
@@ -286,7 +290,8 @@ def phase_command(phase: Phase, py: str, out: Path, rehearse: bool, limit_s: flo
     budget = str(int(max(10, limit_s - 30)))  # bench/run.py starts nothing new after this; writes what finished
     if phase.name in PYTEST_PHASES:
         marker, _, rehearsal = PYTEST_PHASES[phase.name]
-        return pytest_command(py, out, phase.name, marker, rehearse, rehearsal if rehearse else [], limit_s)
+        return pytest_command(py, out, phase.name, marker, rehearse, rehearsal if rehearse else [], limit_s,
+                              None if rehearse else phase.tests, phase.longest_test_s)
     if phase.name == "probe":
         return [py, "bench/probe.py", "--parts", "profile,gemv", "--json", str(out / "probe.json"), *r]
     if phase.name in KERNEL_SECTIONS:

@@ -93,6 +93,7 @@ def selected(items: list[dict[str, Any]], expression: str) -> list[dict[str, Any
 def pytest_estimate(phase: str, items: list[dict[str, Any]], expression: str, compiles_per_test: float,
                     workers: int = WORKERS) -> Estimate:
     tests = selected(items, expression)
+    workers = max(1, min(workers, len(tests)))  # gpu_check starts no more workers than tests
     costs = [item_cost_s(t["marks"], compiles_per_test) for t in tests]
     heavy = sum(1 for t in tests if t["marks"].get("heavy"))
     run = max(sum(costs) / workers, max(costs, default=0.0))

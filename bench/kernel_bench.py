@@ -142,7 +142,6 @@ class Bench:
         else:
             ms, spread = host_ms(lambda: [f() for f in fns], warmup=1, samples=1, repeats=1)
             ms /= n
-        del fns
         gbs = nbytes / ms / 1e6
         return {"us": ms * 1e3, "ms": ms, "spread_pct": spread, "gbs": gbs, "pct_copy": self.pct_copy(gbs),
                 "ring": n, "ring_MB": round(n * nbytes / 1e6, 3),
@@ -590,7 +589,6 @@ def rotary_cache(b: Bench) -> Iterator[dict]:
         for impl, make in (("fused (1 launch)", fused), ("rotary + 2 index_put (3 launches)", separate)):
             yield {**row, "impl": impl, "bytes": nbytes, **b.timed(make, nbytes),
                    "check": status if impl.startswith("fused") else ""}
-        del kc, vc
         b.empty_cache()
 
 

@@ -8,7 +8,7 @@ The parts run in the order --parts gives (default: the profile first, the more v
    gate/up), 14336->4096 (down), 4096->32000 (lm_head). Without L2 reuse: the products run over a ring of
    weight copies holding more than 3x the L2 cache, each copy read once per lap, so every product streams its
    weight from memory; a CUDA graph of one lap is replayed (no launch gaps) and timed with CUDA events,
-   median of 3 timings. GB/s = (weight + x + y bytes) / time, against the copy bandwidth measured first
+   median of 3 samples (common.graph_ring_ms). GB/s = (weight + x + y bytes) / time, against the copy bandwidth measured first
    (bench/common.py copy_bandwidth: bytes read + written). Each product is checked against fp32 first.
 2. profile: one decode step of the full 48-layer SOLAR-10.7B (random bf16 weights, bench/engines.random_solar)
    after a prefill of --context tokens, captured in a CUDA graph by fastsolar's CudaGraphStep (sampler greedy),
@@ -30,10 +30,10 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
-from common import copy_bandwidth, decode_step_bytes, device_info, host_ms, import_fastsolar, markdown_table, write_json
+from common import (copy_bandwidth, decode_step_bytes, device_info, graph_ring_ms, host_ms, import_fastsolar,
+                    markdown_table, ring_size, write_json)
 
 #: SOLAR-10.7B's decode weight shapes: (name, K = in features, N = out features).
 SOLAR_SHAPES = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096),
@@ -71,40 +71,6 @@ def rel_err(out, ref) -> float:
 # ------------------------------------------------------------------------------------------------- gemv
 
 
-def _lap_timer(fn: Callable[[], Any], device: str) -> Callable[[int], float]:
-    """`time(laps) -> seconds` for `laps` runs of fn: a CUDA graph of one lap replayed (CUDA events) on CUDA,
-    the host clock elsewhere."""
-    import torch
-
-    if device != "cuda":
-        def host(laps: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(laps):
-                fn()
-            return time.perf_counter() - t0
-        return host
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture: cuBLAS picks its kernel and workspace
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-
-    def replay(laps: int) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(laps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    return replay
-
-
 def gemv_rows(shapes, batches, device: str, dtype, l2_bytes: int | None, copy_gbs: float | None):
     """Yield one row per (shape, M): µs per product, GB/s, % of copy bandwidth, TFLOP/s, the check."""
     import torch
@@ -112,7 +78,7 @@ def gemv_rows(shapes, batches, device: str, dtype, l2_bytes: int | None, copy_gb
 
     for name, k, n in shapes:
         w_bytes = n * k * dtype.itemsize
-        ring = max(2, math.ceil(3 * (l2_bytes or 0) / w_bytes) + 1)
+        ring = max(2, ring_size(w_bytes, l2_bytes))
         weights = [(torch.randn(n, k, device=device) * 0.02).to(dtype) for _ in range(ring)]
         for m in batches:
             x = torch.randn(m, k, device=device).to(dtype)
@@ -122,18 +88,17 @@ def gemv_rows(shapes, batches, device: str, dtype, l2_bytes: int | None, copy_gb
             try:
                 check = rel_err(F.linear(x, weights[0]), x.float() @ weights[0].float().T)
 
-                def lap() -> None:
-                    for w, y in zip(weights, outs):
-                        torch.mm(x, w.t(), out=y)  # F.linear's product, into a fixed output (graph-safe)
-
-                timer = _lap_timer(lap, device)
-                est = ring * w_bytes / ((copy_gbs or 1.0) * 0.5e9)  # one lap at half the copy rate, seconds
-                laps = max(3, math.ceil(0.03 / max(est, 1e-9))) if device == "cuda" else 1
-                times = [timer(laps) / (laps * ring) for _ in range(3)]
-                s = statistics.median(times)
+                # F.linear's product, into a fixed output (graph-safe), one per weight copy of the ring
+                fns = [lambda w=w, y=y, x=x: torch.mm(x, w.t(), out=y) for w, y in zip(weights, outs)]
+                if device == "cuda":
+                    ms, spread = graph_ring_ms(fns)
+                else:
+                    ms, spread = host_ms(lambda: [f() for f in fns], warmup=1, samples=3, repeats=1)
+                    ms /= ring
+                s = ms / 1e3
                 nbytes = w_bytes + (m * k + m * n) * dtype.itemsize
                 gbs = nbytes / s / 1e9
-                row.update(us=s * 1e6, spread_pct=100 * (max(times) - min(times)) / min(times), gbs=gbs,
+                row.update(us=s * 1e6, spread_pct=spread, gbs=gbs,
                            pct_copy=100 * gbs / copy_gbs if copy_gbs else None, tflops=2 * m * n * k / s / 1e12,
                            rel_err=check, check="ok" if check <= 1e-2 else f"BAD ({check:.1e})")
             except Exception as e:  # noqa: BLE001 - recorded; the other shapes still run

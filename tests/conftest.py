@@ -13,6 +13,8 @@ Markers (registered in pyproject.toml). Every test file follows this convention,
   device code, so a GPU adds nothing (tokenizer, loader, config, CLI, ahead-of-time compile, CPU benchmark
   runs, ...). It still runs everywhere by default; bench/gpu_check.sh deselects it (`-m "not cpu_only"`) to
   spend the lent GPU's minutes on what only a GPU can check.
+- `@pytest.mark.heavy(seconds)`: a CUDA test that takes about `seconds` (a minute or more) on a lent H100/H200;
+  bench/gpu_check.sh plans with the figure and runs such tests in their own phase, after the valuable ones.
 - Neither: the test runs on the test device (`helpers.DEVICE`): compiled kernels on CUDA, the interpreter
   on a CPU. Such tests build their tensors and models on `helpers.DEVICE`.
 

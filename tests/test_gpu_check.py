@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -163,7 +162,8 @@ def test_time_limits_keep_later_phases_and_total_within_budget(bench_script):
     assert gc.status_of(gc.PLAN[1], 5) == "passed" and gc.status_of(gc.PLAN[4], 5) == "failed"
     assert gc.status_of(gc.PLAN[4], None) == "timeout"
     for limit in (30, 60, 90, 150):  # per-test timeouts stay below the phase's limit
-        assert gc.test_timeout(limit) < limit
+        assert gc.test_timeout(limit) < limit and gc.test_timeout(limit, 90) < limit
+    assert gc.test_timeout(150, 90) >= 120  # room for a heavy test of 90 s, and for it to run long
 
 
 def test_plan_problems_name_what_does_not_fit(bench_script):
@@ -275,6 +275,9 @@ def test_pytest_command_uses_the_plugins_it_finds(monkeypatch, tmp_path, bench_s
     assert cmd[cmd.index("-m", cmd.index("pytest")) + 1] == "gpu"
     assert cmd[cmd.index("--timeout-method") + 1] == "thread" and "-n" in cmd and cmd[-1] == "tests"
     assert int(cmd[cmd.index("--timeout") + 1]) < 90  # a hung test ends before its phase does
+    one = gc.pytest_command("py", tmp_path, "gpu-heavy", "heavy", rehearse=False, selection=[], limit_s=150, tests=1,
+                            longest_s=90)
+    assert "-n" not in one and int(one[one.index("--timeout") + 1]) >= 120  # one test: no workers to start
     monkeypatch.setattr(gc.importlib.util, "find_spec", find({"pytest_timeout"}))
     cmd = gc.pytest_command("py", tmp_path, "gpu-tests", "gpu", rehearse=False, selection=[])
     assert cmd[cmd.index("--timeout-method") + 1] == "signal" and "-n" not in cmd

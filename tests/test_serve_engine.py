@@ -14,7 +14,7 @@ from fastsolar.sampling import SamplingParams, process_logits
 from fastsolar.serve import rng
 from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, QueueFull, Request
 from fastsolar.serve.sampler import RowParams, RowSampler
-from helpers import DEVICE, ON_GPU
+from helpers import DEVICE
 
 WAIT_S = 60.0  # bound on every wait for the engine thread (the CPU may be shared and slow)
 
