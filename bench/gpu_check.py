@@ -149,9 +149,9 @@ def count_work(plan: tuple[Phase, ...], items: list[dict[str, Any]] | None) -> d
         elif p.name == "probe":
             out[p.name] = gpu_plan.probe_estimate(p.name, 10)
         elif p.name == "bench":
-            out[p.name] = gpu_plan.bench_estimate(p.name, [e for e in engines if e != "hf-compile"], True)
+            out[p.name] = gpu_plan.bench_estimate(p.name, [e for e in engines if e != "hf-compile"])
         elif p.name == "compile":
-            out[p.name] = gpu_plan.bench_estimate(p.name, ["hf-compile"], True)
+            out[p.name] = gpu_plan.bench_estimate(p.name, ["hf-compile"], (1,))
     return out
 
 

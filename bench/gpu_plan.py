@@ -148,12 +148,17 @@ def engine_s(name: str, batches: tuple[int, ...]) -> float:
     return total
 
 
-def bench_estimate(phase: str, engines: list[str], quantised_batch_1: bool) -> Estimate:
-    per = {e: engine_s(e, (1,) if quantised_batch_1 and e in ("fastsolar-fp8", "fastsolar-int8") else BENCH_BATCHES)
-           for e in engines}
+QUANTISED_ENGINES = ("fastsolar-fp8", "fastsolar-int8")  # batch 1 only under bench/run.py's --time-budget
+
+
+def bench_estimate(phase: str, engines: list[str], batches: tuple[int, ...] = BENCH_BATCHES) -> Estimate:
+    """bench/run.py with `engines` at `batches` under a --time-budget (the quantised engines at the smallest)."""
+    per = {e: engine_s(e, batches[:1] if e in QUANTISED_ENGINES else batches) for e in engines}
     est = PROCESS_START_S + COPY_BANDWIDTH_S + RANDOM_SOLAR_S + sum(per.values())
-    return Estimate(phase, f"{len(engines)} engines ({', '.join(engines)}) x batch {','.join(map(str, BENCH_BATCHES))}",
-                    est, {"engines": {e: round(s, 1) for e, s in per.items()}})
+    quantised = " (quantised: batch 1)" if set(engines) & set(QUANTISED_ENGINES) and len(batches) > 1 else ""
+    return Estimate(phase, f"{len(engines)} engine{'s' if len(engines) > 1 else ''} ({', '.join(engines)}) x batch "
+                           f"{','.join(map(str, batches))}{quantised}", est,
+                    {"engines": {e: round(s, 1) for e, s in per.items()}})
 
 
 def info_estimate(phase: str) -> Estimate:

@@ -191,7 +191,7 @@ def test_engine_costs_cover_bench_run_engines_in_value_order(bench_script):
     gp = bench_script("gpu_plan")
     engines = gp.run_engines(ROOT)
     assert engines[:3] == ("fastsolar", "fastsolar-fp8", "fastsolar-int8") and engines[-1] == "hf-compile"
-    assert set(gp.ENGINE_COSTS) == set(engines)
+    assert set(gp.ENGINE_COSTS) == set(engines) and set(gp.QUANTISED_ENGINES) < set(engines)
     # A pytest phase is counted with pytest's own -m evaluation and the heavy(seconds) marker.
     items = [{"nodeid": "a", "marks": {"gpu": "why"}}, {"nodeid": "b", "marks": {"gpu": True, "heavy": 90}},
              {"nodeid": "c", "marks": {"cpu_only": True}}, {"nodeid": "d", "marks": {}}]
