@@ -51,6 +51,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -156,8 +157,8 @@ def count_work(plan: tuple[Phase, ...], items: list[dict[str, Any]] | None) -> d
 
 
 def apply_estimates(plan: tuple[Phase, ...], est: dict[str, gpu_plan.Estimate]) -> tuple[Phase, ...]:
-    """The plan with each phase's estimate; an optional phase's minimum becomes its estimate (it starts only
-    when that fits)."""
+    """The plan with each phase's estimate; an optional phase's minimum becomes its estimate with
+    gpu_plan.OPTIONAL_MARGIN (it starts only when that fits: a phase cut short by its limit is time lost)."""
     out = []
     for p in plan:
         e = est.get(p.name)
@@ -165,7 +166,7 @@ def apply_estimates(plan: tuple[Phase, ...], est: dict[str, gpu_plan.Estimate]) 
             out.append(p)
             continue
         out.append(replace(p, estimate_s=round(e.estimate_s, 1),
-                           min_s=max(p.min_s, int(e.estimate_s + 0.999)) if p.optional else p.min_s,
+                           min_s=math.ceil(gpu_plan.OPTIONAL_MARGIN * e.estimate_s) if p.optional else p.min_s,
                            tests=e.counts.get("tests"), longest_test_s=e.counts.get("max_test_s", 0.0)))
     return tuple(out)
 
@@ -177,12 +178,14 @@ def follow_up_phases(plan: tuple[Phase, ...], names: list[str]) -> list[str]:
 
 
 def follow_up_fit(plan: tuple[Phase, ...], names: list[str]) -> tuple[list[str], list[str]]:
-    """(phases the follow-up runs within FOLLOW_UP_S by estimate, phases left over), info's estimate first."""
+    """(phases the follow-up runs within FOLLOW_UP_S, phases left over): info's estimate first, then what each
+    needs to start (an optional phase's minimum, a mandatory one's estimate)."""
     by = {p.name: p for p in plan}
     used = by["info"].estimate_s or by["info"].min_s
     fits, left = [], []
     for n in follow_up_phases(plan, names):
-        cost = by[n].estimate_s if by[n].estimate_s is not None else by[n].cap_s
+        p = by[n]
+        cost = p.min_s if p.optional else p.estimate_s if p.estimate_s is not None else p.cap_s
         if not left and used + cost <= gpu_plan.FOLLOW_UP_S:
             fits.append(n)
             used += cost

@@ -65,6 +65,7 @@ ENGINE_COSTS: dict[str, tuple[float, int, float, float, float]] = {
 }
 BENCH_PROMPT, BENCH_NEW_TOKENS, BENCH_REPEATS, BENCH_BATCHES = 512, 128, 3, (1, 8)  # bench/run.py's CUDA defaults
 MANDATORY_S = 420  # the mandatory phases' estimates together
+OPTIONAL_MARGIN = 1.2  # an optional phase starts only with its estimate and this margin left
 FOLLOW_UP_S = 210  # the follow-up command: 3.5 minutes, what a lend has left after the first call
 
 

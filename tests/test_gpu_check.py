@@ -167,23 +167,27 @@ def test_time_limits_keep_later_phases_and_total_within_budget(bench_script):
 
 
 def test_plan_problems_name_what_does_not_fit(bench_script):
-    gc = bench_script("gpu_check")
-    ok = tuple(dataclasses.replace(p, estimate_s=10.0) for p in gc.PLAN)
-    assert gc.plan_problems(ok) == []
+    gc, gp = bench_script("gpu_check"), bench_script("gpu_plan")
+
+    def plan(**seconds):
+        est = {p.name: gp.Estimate(p.name, "w", seconds.get(p.name.replace("-", "_"), 10.0), {}) for p in gc.PLAN}
+        return gc.apply_estimates(gc.PLAN, est)
+
+    assert gc.plan_problems(plan()) == []
     cap = gc.PLAN[2].cap_s
-    over_cap = tuple(dataclasses.replace(p, estimate_s=cap + 1.0) if p.name == "kernels" else p for p in ok)
-    assert gc.plan_problems(over_cap) == [f"kernels: estimate {cap + 1} s over its cap {cap} s"]
-    total = tuple(dataclasses.replace(p, estimate_s=p.cap_s - 1.0) if not p.optional else p for p in ok)
+    assert gc.plan_problems(plan(kernels=cap + 1.0)) == [f"kernels: estimate {cap + 1} s over its cap {cap} s"]
+    total = plan(**{p.name.replace("-", "_"): p.cap_s - 1.0 for p in gc.PLAN if not p.optional})
     assert [x for x in gc.plan_problems(total) if "mandatory phases estimated" in x]
-    no_compile = tuple(dataclasses.replace(p, estimate_s=300.0) if p.name == "compile" else p for p in ok)
-    assert gc.plan_problems(no_compile) == ["the follow-up cannot run hf-compile within 210 s"]
-    unknown = tuple(dataclasses.replace(p, estimate_s=None) if p.name == "gpu-tests" else p for p in ok)
+    # hf-compile must fit the follow-up with its margin: 10 s of info + 1.2 x 170 s > 210 s.
+    assert gc.plan_problems(plan(compile=170.0)) == ["the follow-up cannot run hf-compile within 210 s"]
+    unknown = tuple(dataclasses.replace(p, estimate_s=None) if p.name == "gpu-tests" else p for p in plan())
     assert gc.plan_problems(unknown) == ["gpu-tests: no estimate (its work could not be counted)"]
+    # An optional phase starts only with its estimate and the margin left.
+    assert {p.name: p.min_s for p in plan(compile=130.0) if p.optional}["compile"] == 156
     # The follow-up: hf-compile first, then the others in plan order while they fit.
     assert gc.follow_up_phases(gc.PLAN, ["suite", "bench", "compile"]) == ["compile", "bench", "suite"]
-    fits, left = gc.follow_up_fit(ok, ["suite", "compile", "kernels-rest"])
-    assert fits == ["compile", "kernels-rest", "suite"] and left == []
-    big = tuple(dataclasses.replace(p, estimate_s=195.0) if p.name == "kernels-rest" else p for p in ok)
+    assert gc.follow_up_fit(plan(), ["suite", "compile", "kernels-rest"]) == (["compile", "kernels-rest", "suite"], [])
+    big = plan(compile=130.0, kernels_rest=40.0)
     assert gc.follow_up_fit(big, ["suite", "compile", "kernels-rest"]) == (["compile"], ["kernels-rest", "suite"])
 
 
