@@ -28,8 +28,8 @@ mandatory phase estimated over its cap, mandatory phases over gpu_plan.MANDATORY
 whose hf-compile does not fit gpu_plan.FOLLOW_UP_S count as failures (the rehearsal enforces them in CI).
 
 A phase's time limit is its cap, shortened so that every later mandatory phase keeps at least its minimum; an
-optional phase starts only when its estimate (with gpu_plan.OPTIONAL_MARGIN) fits in what is left. What is skipped or cut short goes into the
-follow-up command (compile first), sized to FOLLOW_UP_S.
+optional phase starts only when its estimate (with gpu_plan.OPTIONAL_MARGIN) fits in what is left. What is
+skipped or cut short goes into the follow-up command (compile first), sized to FOLLOW_UP_S.
 
 Nothing is lost on a timeout: every JSON is rewritten after each row or engine; pytest appends each test's
 result to tests.jsonl as it finishes (tests/conftest.py's --results-jsonl; a test that started and never
