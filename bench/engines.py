@@ -3,7 +3,7 @@
 
 An engine is one way of generating behind one call, `gen(ids [b, s], n) -> new tokens [b, n]`: greedy, EOS
 ignored (always exactly n tokens), through the library's public generate(). FastsolarEngine runs
-fastsolar.generate (with or without CUDA graphs, on the Triton kernels or on the torch reference ops);
+fastsolar.decoding.generate (with or without CUDA graphs, on the Triton kernels or on the torch reference ops);
 HFEngine runs transformers' generate() (sdpa with a dynamic cache, or a static cache that generate compiles
 itself). Engines build no model: they ask a `Models` (run.py's Bench) for one, which builds each model once
 and hands the same object to every engine.
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedModel
 
     from fastsolar.config import SolarConfig
-    from fastsolar.model import Solar
+    from fastsolar import Solar
 
 log = logging.getLogger("bench")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("bench")
 def random_solar(config: SolarConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Solar:
     """fastsolar's model with transformers-style random weights (normal std 0.02, norms 1), built in place
     on the device (no host copy of the weights)."""
-    from fastsolar.model import Solar
+    from fastsolar import Solar
 
     with torch.device("meta"):
         model = Solar(config).to(dtype)
@@ -205,12 +205,12 @@ class FastsolarEngine(Engine):
 
     def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         from fastsolar import ops
-        from fastsolar.generate import generate
+        from fastsolar.decoding.generate import generate
 
         with ops.force_kernels(self.kernels):
             out = generate(self.model, ids, n, temperature=0.0, eos_token_id=[], cuda_graphs=self.graphs)
         if self.graphs and n > 1:  # n > 1: at least one decode step ran, so a graph must have been captured
-            from fastsolar.graphs import shared_pool
+            from fastsolar.decoding.graphs import shared_pool
 
             if shared_pool(self.model).captures == 0:
                 raise RuntimeError("cuda_graphs=True but no CUDA graph was captured")
@@ -218,7 +218,7 @@ class FastsolarEngine(Engine):
 
     def close(self) -> None:
         if self.graphs:
-            from fastsolar.graphs import shared_pool
+            from fastsolar.decoding.graphs import shared_pool
 
             pool = shared_pool(self.model)
             if pool.captures:

@@ -266,7 +266,7 @@ def pytest_command(py: str, out: Path, label: str, marker: str, rehearse: bool, 
     if importlib.util.find_spec("pytest_timeout") is not None:
         # With workers, a hung test is ended by killing its worker (thread method); without, by SIGALRM.
         cmd += ["--timeout", str(test_timeout(limit_s, longest_s)), "--timeout-method", "thread" if xdist else "signal"]
-        if limit_s > 60 and _compat().pytest_session_timeout_supported():
+        if limit_s > 60 and _versions().pytest_session_timeout_supported():
             cmd += ["--session-timeout", str(int(limit_s - 25))]
     if xdist:
         cmd += ["-n", str(workers)]
@@ -279,13 +279,14 @@ def test_timeout(limit_s: float, longest_s: float = 0.0) -> int:
     return int(max(10, min(limit_s - 20, max(TEST_TIMEOUT_MIN_S, 2 * longest_s))))
 
 
-def _compat():
-    """fastsolar/compat.py (the version gates) on its own: this process never imports fastsolar itself."""
-    if "fastsolar_compat" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fastsolar_compat", ROOT / "fastsolar" / "compat.py")
+def _versions():
+    """fastsolar/versions.py (the version gates) on its own: this process runs before fastsolar may be installed
+    (the info phase installs it), and versions.py imports nothing of fastsolar."""
+    if "fastsolar_versions" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fastsolar_versions", ROOT / "fastsolar" / "versions.py")
         sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    return sys.modules["fastsolar_compat"]
+    return sys.modules["fastsolar_versions"]
 
 
 def phase_command(phase: Phase, py: str, out: Path, rehearse: bool, limit_s: float) -> list[str]:
@@ -403,14 +404,14 @@ def collect_info(path: str, rehearse: bool) -> int:
 
     from common import copy_bandwidth, device_info
 
-    from fastsolar import compat
+    from fastsolar import versions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = device_info(device)
-    info["packages"] = {n: str(compat.installed_version(n)) for n in
+    info["packages"] = {n: str(versions.installed_version(n)) for n in
                         ("torch", "triton", "numpy", "transformers", "safetensors", "sentencepiece", "pytest",
                          "pytest-timeout", "pytest-xdist", "packaging")}
-    info["interpreter_numpy_conflict"] = compat.interpreter_numpy_conflict()
+    info["interpreter_numpy_conflict"] = versions.interpreter_numpy_conflict()
     info["copy"] = copy_bandwidth(device, 1 / 64 if rehearse else None)
     print(f"{info['card']}: {info['sms']} SMs, L2 {info['l2_mib']} MiB, {info['memory_gib']} GiB; copy bandwidth "
           f"{info['copy']['gbs']:.0f} GB/s ({info['copy']['method']})", flush=True)

@@ -6,7 +6,7 @@ order (the decode path first: what a lent GPU's minutes are worth most on):
 * gemv: every decode product of a SOLAR layer and the lm_head at batch 1 and 8, fused in Triton
   (norm / SwiGLU prologue, residual epilogue, one launch) against cuBLAS plus the separate small
   kernels fastsolar runs otherwise, for bf16, int8 and (sm_89+) FP8 weights; GB/s of the fewest bytes
-  (weights once, activations) and the pick fastsolar.gemv_choice makes timing the same inputs;
+  (weights once, activations) and the pick fastsolar.ops.gemv_choice makes timing the same inputs;
 * decode: decode_attention (one launch) at batch 1 and 8 with 512..4096 cached tokens in a 4096-slot
   cache: µs and GB/s of K/V read, against SDPA over the cache's first L slots (the padded cache cut
   to the longest row: all rows hold L tokens here);
@@ -179,7 +179,7 @@ def _check(errs: list[float]) -> str:
 
 def _error(e: BaseException) -> str:
     """A failed case's check: "ERROR ...", or "skipped: <why>" where the Triton interpreter of this environment
-    cannot run loop kernels at all (triton < 3.7 with numpy >= 2.4: fastsolar.compat), which says nothing of
+    cannot run loop kernels at all (triton < 3.7 with numpy >= 2.4: fastsolar.versions), which says nothing of
     the kernel."""
     conflict = _interpreter_conflict()
     if conflict and _raised_by_conflict(e):
@@ -190,11 +190,11 @@ def _error(e: BaseException) -> str:
 def _interpreter_conflict() -> str | None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return None
-    return importlib.import_module("fastsolar.compat").interpreter_numpy_conflict()
+    return importlib.import_module("fastsolar.versions").interpreter_numpy_conflict()
 
 
 def _raised_by_conflict(e: BaseException | None) -> bool:
-    needle = importlib.import_module("fastsolar.compat").INTERPRETER_NUMPY_ERROR
+    needle = importlib.import_module("fastsolar.versions").INTERPRETER_NUMPY_ERROR
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -390,11 +390,11 @@ def _gemv_case(b: Bench, n: int, k: int, prologue: str, residual: bool, m: int, 
 
 def _weight(b: Bench, n: int, k: int, wdtype: str):
     """(weight [n, k] in `wdtype`, its fp32 scale or None): 8-bit weights quantised as fastsolar does (per-channel
-    absmax, fastsolar.quant)."""
+    absmax, fastsolar.model.quant)."""
     torch = b.torch
     w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
     if wdtype in ("int8", "float8_e4m3fn"):
-        quant = importlib.import_module("fastsolar.quant")
+        quant = importlib.import_module("fastsolar.model.quant")
         return quant.quantize_weight(w, quant.MODE_OF_DTYPE[getattr(torch, wdtype)])
     return w.to(getattr(torch, wdtype)), None
 
@@ -431,11 +431,11 @@ def _gemv_pick(ops, choice, x, w, kw) -> str:
 
 def gemv(b: Bench) -> Iterator[dict]:
     """Each decode GEMV fused in Triton (one launch) and as cuBLAS + the separate small kernels, µs and GB/s
-    of the fewest bytes (weights once, x, y, residual); then fastsolar.gemv_choice's pick on the same inputs
+    of the fewest bytes (weights once, x, y, residual); then fastsolar.ops.gemv_choice's pick on the same inputs
     ("untimed" on a CPU, where nothing is timed and cuBLAS/the reference is the default)."""
     torch, G = b.torch, b.K.gemv
     ops = importlib.import_module("fastsolar.ops")
-    choice = importlib.import_module("fastsolar.gemv_choice")
+    choice = importlib.import_module("fastsolar.ops.gemv_choice")
     dtype = str(b.dtype).replace("torch.", "")
     for name, (n, k, prologue, residual) in _gemv_shapes(b.S).items():
         for wdtype in _weight_dtypes(dtype, b.features):
@@ -914,7 +914,7 @@ def _gemv_table(rows: list[dict], res: dict) -> str:
                       _f(c.get("us"), ".1f"), _f(c.get("gbs"), ".0f"), _pct(c.get("pct_copy")), _speedup(t, c, "us"),
                       t.get("picked", ""), _spread(t, c), _from(t, c), t.get("check", "")])
     return ("Decode GEMVs (one launch, norm/SwiGLU/residual fused) vs cuBLAS + separate kernels; GB/s = weights "
-            "once + activations / time; `picked` = what fastsolar.gemv_choice chose timing the same inputs:\n\n"
+            "once + activations / time; `picked` = what fastsolar.ops.gemv_choice chose timing the same inputs:\n\n"
             + markdown_table(["product", "batch", "weights", "triton µs", "GB/s", "% copy", "cublas µs", "GB/s",
                               "% copy", "speedup", "picked", "spread", "from (ring)", "check"], table))
 

@@ -68,8 +68,8 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 def drop_page_cache(files: list[Path]) -> dict[str, Any]:
     """Drop `files` from the page cache where the platform allows; what is still resident afterwards
-    (fastsolar.shards.resident_bytes: mincore, for files this process may write)."""
-    from fastsolar.shards import resident_bytes
+    (fastsolar.checkpoint.shards.resident_bytes: mincore, for files this process may write)."""
+    from fastsolar.checkpoint.shards import resident_bytes
 
     attempted = hasattr(os, "posix_fadvise")
     if attempted:
@@ -165,7 +165,7 @@ def _first_forward(fn: Callable[[], Any], device) -> float:
 
 
 def load_fastsolar(model_dir: Path, device, dtype, ids):
-    from fastsolar.model import Solar
+    from fastsolar import Solar
 
     model = Solar.from_pretrained(model_dir, device=device, dtype=dtype)
     _sync(device)

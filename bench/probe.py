@@ -131,8 +131,8 @@ def profile_decode(preset: str, layers: int | None, batch: int, context: int, re
 
     from engines import fit_layers, random_solar
     from fastsolar.config import SolarConfig
-    from fastsolar.graphs import CudaGraphStep
-    from fastsolar.sampling import Sampler
+    from fastsolar.decoding.graphs import CudaGraphStep
+    from fastsolar.decoding.sampling import Sampler
 
     on_cuda = device == "cuda"
     config = SolarConfig.preset(preset).replace(eos_token_id=None)

@@ -6,12 +6,12 @@
     python bench/run.py --engines fastsolar,hf-eager --batch-sizes 1 --new-tokens 64 --json out.json
 
 Engines (`--engines`, comma separated, default all; `--exclude` leaves some out):
-  fastsolar        fastsolar.generate with the Triton kernels and CUDA graphs (cuda_graphs=True)
+  fastsolar        fastsolar.decoding.generate with the Triton kernels and CUDA graphs (cuda_graphs=True)
   fastsolar-eager  the same without CUDA graphs
   torch-ref        fastsolar's model on its torch reference ops (`ops.force_kernels(False)`), eager
   hf-eager         transformers LlamaForCausalLM, attn_implementation="sdpa", dynamic cache, generate()
   fastsolar-fp8    `fastsolar` with the linear layers quantised to FP8 e4m3 (per output channel, weight-only):
-                   the same random bf16 weights quantised (fastsolar.quant.quantized_copy: embeddings and norms
+                   the same random bf16 weights quantised (fastsolar.model.quant.quantized_copy: embeddings and norms
                    shared, not copied), or the checkpoint loaded with quantize="fp8"; needs sm_89+ (skipped below)
   fastsolar-int8   the same with int8 weights; sm_80+
   hf-compile       transformers with cache_implementation="static" + torch.compile(mode="reduce-overhead")
@@ -206,7 +206,7 @@ class Bench:
         if self._model is None:
             t0 = time.perf_counter()
             if self.args.model is not None:
-                from fastsolar.model import Solar
+                from fastsolar import Solar
 
                 log.info("loading %s with fastsolar", self.args.model)
                 self._model = Solar.from_pretrained(self.args.model, device=self.device, dtype=self.args.dtype).eval()
@@ -259,11 +259,11 @@ class Bench:
     def quantized_model(self, mode: str):
         """A model with `mode` weights, built for one engine (the caller drops it when done): the random bf16
         model's weights quantised (sharing its other tensors), or the checkpoint loaded with quantize=mode."""
-        from fastsolar import quant
+        from fastsolar.model import quant
 
         t0 = time.perf_counter()
         if self.args.model is not None:
-            from fastsolar.model import Solar
+            from fastsolar import Solar
 
             log.info("loading %s with fastsolar, quantize=%r", self.args.model, mode)
             model = Solar.from_pretrained(self.args.model, device=self.device, dtype=self.args.dtype, quantize=mode)
@@ -315,7 +315,7 @@ class Bench:
         if reason is None and name.startswith("hf-") and importlib.util.find_spec("transformers") is None:
             reason = "transformers is not installed (pip install -e '.[bench]')"
         if reason is None and name in QUANTIZED:
-            from fastsolar import quant
+            from fastsolar.model import quant
 
             try:
                 quant.check_device(QUANTIZED[name], self.device)

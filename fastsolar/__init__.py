@@ -7,16 +7,47 @@
 Model-card code written for transformers runs with one changed import:
 
     from fastsolar import AutoModelForCausalLM, AutoTokenizer   # from_pretrained gives a Solar / Tokenizer
-"""
-from fastsolar.config import SolarConfig
-from fastsolar.hf_compat import AutoModelForCausalLM, AutoTokenizer, BatchEncoding
-from fastsolar.hf_patch import patch_hf
-from fastsolar.model import KVCache, Solar
-from fastsolar.tokenizer import Tokenizer
-from fastsolar.upscale import upscale
 
-__all__ = [
-    "AutoModelForCausalLM", "AutoTokenizer", "BatchEncoding", "KVCache", "Solar", "SolarConfig", "Tokenizer",
-    "patch_hf", "upscale",
-]
+The names below are imported on first use (PEP 562), so `import fastsolar` (and `fastsolar --help`) loads
+neither torch nor triton. The package map and the import direction are in docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AutoModelForCausalLM": "fastsolar.api",
+    "AutoTokenizer": "fastsolar.api",
+    "BatchEncoding": "fastsolar.hf.compat",
+    "KVCache": "fastsolar.model.transformer",
+    "Solar": "fastsolar.api",
+    "SolarConfig": "fastsolar.config",
+    "Tokenizer": "fastsolar.api",
+    "patch_hf": "fastsolar.hf.patch",
+    "upscale": "fastsolar.checkpoint.upscale",
+}
+# modules that moved into subpackages, still reachable as attributes (`from fastsolar import quant`)
+_MOVED = {
+    "gemv_choice": "fastsolar.ops.gemv_choice",
+    "quant": "fastsolar.model.quant",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _MOVED:
+        value = importlib.import_module(_MOVED[name])
+    else:
+        raise AttributeError(f"module 'fastsolar' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_MOVED))

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs, so --help stays fast
-    from fastsolar.model import Solar
-    from fastsolar.tokenizer import Tokenizer
+    from fastsolar.api import Solar, Tokenizer
 
 logger = logging.getLogger("fastsolar")
 
@@ -114,7 +113,7 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_dtype(args: argparse.Namespace) -> None:
     if args.dtype != "auto":
-        from fastsolar.loader import resolve_dtype
+        from fastsolar.checkpoint.loader import resolve_dtype
 
         try:
             resolve_dtype(args.dtype)
@@ -123,14 +122,14 @@ def _check_dtype(args: argparse.Namespace) -> None:
 
 
 def load_tokenizer(model_dir: str) -> "Tokenizer":
-    from fastsolar.tokenizer import Tokenizer
+    from fastsolar.api import Tokenizer
 
     return Tokenizer.from_pretrained(model_dir)
 
 
 def load_model(args: argparse.Namespace) -> "Solar":
     """The model on `--device` in `--dtype`, quantised with `--quantize` (tests replace this with a stub)."""
-    from fastsolar.model import Solar
+    from fastsolar.api import Solar
 
     t0 = time.perf_counter()
     model = Solar.from_pretrained(args.model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
@@ -163,7 +162,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 @command("generate", help="stream a completion of a prompt to stdout", arguments=_generate_arguments)
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream the model's continuation of a prompt to stdout (greedy unless --temperature > 0)."""
-    from fastsolar.chat import stream_text
+    from fastsolar.text.chat import stream_text
 
     sampling = _check_options(args)
     if args.system is not None and not args.chat:
@@ -232,7 +231,7 @@ def _fit_conversation(tokenizer: Any, messages: list[dict[str, str]], limit: int
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat with the model: each stdin line is a user message; the reply streams to stdout.
     /exit or end of input quits, /reset clears the conversation."""
-    from fastsolar.chat import stream_text
+    from fastsolar.text.chat import stream_text
 
     sampling = _check_options(args)
     tokenizer = load_tokenizer(args.model_dir)
@@ -296,7 +295,7 @@ def _upscale_arguments(p: argparse.ArgumentParser) -> None:
          help="depth-up-scale a Llama/Mistral checkpoint (how SOLAR-10.7B was made from Mistral-7B)")
 def cmd_upscale(args: argparse.Namespace) -> int:
     """Depth Up-Scaling: stack base layers 0..n-drop-1 and drop..n-1 into a deeper checkpoint; prints the map."""
-    from fastsolar.upscale import upscale
+    from fastsolar.checkpoint.upscale import upscale
 
     mapping = upscale(
         args.base_dir, args.out_dir, drop=args.drop, dry_run=args.dry_run, max_shard_size=args.max_shard_size
@@ -403,6 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _configure_logging(args.verbose)
+        if getattr(args, "device", None) is not None:  # a missing device is named before anything is read
+            from fastsolar.devices import resolve_device
+
+            resolve_device(args.device)
         return int(args._run(args) or 0)
     except (FileNotFoundError, ValueError, TypeError, MemoryError) as e:
         sys.stdout.flush()

@@ -1,6 +1,6 @@
 """How many bytes a model needs on a device, how many are free there, and the refusal when it does not fit.
 
-The loader asks before it allocates anything, so a checkpoint that cannot fit is refused with the sizes
+The loader and `setup_cache` ask before they allocate anything, so a checkpoint that cannot fit is refused with the sizes
 instead of being OOM-killed (host) or hitting a CUDA out-of-memory error halfway through the load.
 
 - `weight_bytes(shapes, dtype, tensor_bytes=None)`: the bytes of the parameters in `dtype`, or what a
@@ -8,7 +8,8 @@ instead of being OOM-killed (host) or hitting a CUDA out-of-memory error halfway
 - `free_memory(device)`: CUDA: `torch.cuda.mem_get_info` plus the blocks this process's caching allocator
   holds unused; CPU: psutil's available memory when psutil is installed, else `MemAvailable` from
   /proc/meminfo, lowered to a container's cgroup limit when one is set.
-- `check_fits(...)` raises InsufficientMemoryError naming the sizes and what to do.
+- `check_fits(...)` raises InsufficientMemoryError (a MemoryError) naming the sizes and what to do: the one
+  memory check, for a checkpoint's weights (the loader) and for a KV cache (`setup_cache`).
 - `advise_huge_pages(t)`: fresh host memory for the weights faulted in 2 MiB at a time (Linux THP advice).
 """
 from __future__ import annotations
@@ -137,30 +138,38 @@ def free_memory(device: torch.device) -> tuple[int, str] | None:
 
 
 def check_fits(
-    what: str, device: torch.device, dtype: torch.dtype, weights: int, *, smaller: dict[str, int] | None = None
+    what: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    nbytes: int,
+    *,
+    smaller: dict[str, int] | None = None,
+    advice: str | None = None,
 ) -> None:
-    """Raise InsufficientMemoryError unless `weights` bytes (plus margin_bytes) fit in free_memory(device).
+    """Raise InsufficientMemoryError unless `nbytes` (plus margin_bytes) fit in free_memory(device).
 
-    `what` names the checkpoint; `smaller` maps other dtypes to the weights' size in them, for the advice.
+    `what` names what is allocated (a checkpoint's weights, a KV cache) and `dtype` its dtype; `advice` says
+    what to do instead (default: a checkpoint's, with `smaller` mapping other dtypes to its size in them).
     Checks nothing (and logs so) where the free memory cannot be asked.
     """
     free = free_memory(device)
     if free is None:
-        logger.info("cannot tell how much memory is free on %s; loading without checking", device)
+        logger.info("cannot tell how much memory is free on %s; allocating %s without checking", device, what)
         return
     available, source = free
-    need = weights + margin_bytes(weights)
+    need = nbytes + margin_bytes(nbytes)
     if need <= available:
         return
-    advice = [f"as {name} its weights take {format_bytes(size)}" for name, size in (smaller or {}).items()
-              if size < weights]
-    where = "a GPU with more free memory" if device.type == "cuda" else "a machine with more memory"
+    if advice is None:
+        sizes = [f"as {name} its weights take {format_bytes(size)}" for name, size in (smaller or {}).items()
+                 if size < nbytes]
+        where = "a GPU with more free memory" if device.type == "cuda" else "a machine with more memory"
+        advice = ("Load it in a smaller dtype" + (f" ({'; '.join(sizes)})" if sizes else "")
+                  + f", quantise it, free memory this process holds, or use {where}.")
     raise InsufficientMemoryError(
-        f"{what} does not fit on {device}: its weights take {format_bytes(weights)} as "
-        f"{str(dtype).replace('torch.', '')} ({format_bytes(need)} with a {format_bytes(need - weights)} margin), "
-        f"but only {format_bytes(available)} is free ({source}). Load it in a smaller dtype"
-        + (f" ({'; '.join(advice)})" if advice else "")
-        + f", quantise it, free memory this process holds, or use {where}."
+        f"{what} does not fit on {device}: it takes {format_bytes(nbytes)} as "
+        f"{str(dtype).replace('torch.', '')} ({format_bytes(need)} with a {format_bytes(need - nbytes)} margin), "
+        f"but only {format_bytes(available)} is free ({source}). {advice}"
     )
 
 

@@ -21,7 +21,7 @@ Markers (registered in pyproject.toml). Every test file follows this convention,
 Shared helpers: helpers.py (`assert_close`, `randn`, `DEVICE`) and hf_fixtures.py (small random transformers
 checkpoints; `real_tokenizer_path()`, the real Mistral-7B / SOLAR tokenizer.model from the mistral-common package).
 
-Guard: Triton's interpreter up to 3.6 cannot run loop kernels with numpy >= 2.4 (fastsolar.compat). In that
+Guard: Triton's interpreter up to 3.6 cannot run loop kernels with numpy >= 2.4 (fastsolar.versions). In that
 environment such tests are reported as skipped with the reason, instead of failing with numpy's
 "only 0-dimensional arrays can be converted to Python scalars"; any other failure still fails.
 """
@@ -45,17 +45,17 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 sys.path.insert(0, os.path.dirname(__file__))  # lets tests import helpers.py
 
-from fastsolar import compat  # noqa: E402  (after TRITON_INTERPRET: fastsolar imports triton)
+from fastsolar import versions  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-_INTERPRETER_CONFLICT = compat.interpreter_numpy_conflict() if INTERPRETER else None
+_INTERPRETER_CONFLICT = versions.interpreter_numpy_conflict() if INTERPRETER else None
 GPU_SKIP_REASON = "CUDA-only test (@pytest.mark.gpu) and no CUDA device here"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    versions = {name: compat.installed_version(name) for name in ("torch", "triton", "numpy", "transformers")}
+    found = {name: versions.installed_version(name) for name in ("torch", "triton", "numpy", "transformers")}
     lines = [
-        "fastsolar: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "fastsolar: " + ", ".join(f"{k} {v}" for k, v in found.items()),
         "fastsolar: " + ("CUDA: " + torch.cuda.get_device_name(0) if CUDA else "no CUDA: kernels run under the Triton "
                          "interpreter, @pytest.mark.gpu tests skip"),
     ]
@@ -153,7 +153,7 @@ def _caused_by_interpreter_conflict(exc: BaseException | None) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if compat.INTERPRETER_NUMPY_ERROR in str(exc):
+        if versions.INTERPRETER_NUMPY_ERROR in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -206,3 +206,11 @@ def bench_script():
     for name in set(sys.modules) - modules:
         if name.startswith("bench_") or os.path.dirname(getattr(sys.modules[name], "__file__", None) or "") == bench:
             del sys.modules[name]
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """As on a machine with exactly one visible GPU, cuda:0, for code that checks devices without using them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

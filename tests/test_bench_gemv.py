@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsolar import compat
+from fastsolar import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_gemv_rotary_cache_and_quant_gemm_sections(kernels_bench):
     text = kb.markdown(res)
     assert "| down (swiglu, +residual) | 2 | int8 |" in text and "| 2 | fused (1 launch) |" in text
     assert f"| gate_up | {kb.REHEARSAL.prefill} | float8_e4m3fn |" in text
-    conflict = compat.interpreter_numpy_conflict()
+    conflict = versions.interpreter_numpy_conflict()
     if conflict and any(r["check"] == f"skipped: {conflict}" for s in sections for r in res[s]):
         pytest.skip(conflict)  # the rows name it: this interpreter cannot run the loop kernels they check
     gemv = res["gemv"]

@@ -12,11 +12,10 @@ import copy
 
 import pytest
 import torch
-
-import fastsolar.model as model_mod
-from fastsolar import Solar, SolarConfig, ops
-from fastsolar.gemv_choice import force_gemv
 from helpers import DEVICE, assert_close, left_pad
+
+from fastsolar import Solar, SolarConfig, memory, ops
+from fastsolar.ops.gemv_choice import force_gemv
 
 CONFIG = SolarConfig(
     vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -171,11 +170,12 @@ def test_forward_refuses_bad_input(model: Solar, ids: torch.Tensor, error: type,
 
 
 def test_cache_too_big_is_refused(model: Solar, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_mod, "free_device_memory", lambda device: 2**20)
+    monkeypatch.setattr(memory, "free_memory", lambda device: (2**20, "faked for the test"))
     old = model.cache
     model.cache = None
     try:
-        with pytest.raises(MemoryError, match=r"KV cache \(2, 4, 128, 1, 32\) needs .* GiB .* only 0.00 GiB is free"):
+        with pytest.raises(memory.InsufficientMemoryError, match=r"the KV cache \(2, 4, 128, 1, 32\) does not fit on "
+                           r".* only 1.05 MB is free \(faked for the test\)\. Lower the batch size"):
             model.setup_cache(4, 128)
     finally:
         model.cache = old

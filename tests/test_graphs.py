@@ -1,18 +1,18 @@
-"""fastsolar.graphs: batch validation, the static-buffer step (CPU, capture=False) against the eager step, recapture
+"""fastsolar.decoding.graphs: batch validation, the static-buffer step (CPU, capture=False) against the eager step, recapture
 rules; on CUDA, the captured step and graphed generate against eager."""
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
 
-from fastsolar import graphs
+import fastsolar.decoding.generate as gen_mod
+from fastsolar import Solar
 from fastsolar.config import SolarConfig
-from fastsolar.graphs import CudaGraphLoop, CudaGraphStep, GraphPool, check_batch, weights_signature
-from fastsolar.model import Solar
-from fastsolar.sampling import Sampler
-
+from fastsolar.decoding import graphs
+from fastsolar.decoding.generate import generate
+from fastsolar.decoding.graphs import CudaGraphLoop, CudaGraphStep, GraphPool, check_batch, weights_signature
+from fastsolar.decoding.sampling import Sampler
+from fastsolar.model import quant
 
 SMALL = SolarConfig(
     vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -21,7 +21,7 @@ SMALL = SolarConfig(
 
 
 class ToySampler:
-    """A small stand-in for fastsolar.sampling.Sampler with the same kinds of state: per-row device params,
+    """A small stand-in for fastsolar.decoding.sampling.Sampler with the same kinds of state: per-row device params,
     a seen-token mask (repetition penalty) and a generator; greedy rows take argmax, others an exponential
     race. Enough to prove that warm-up does not leak state into the real steps."""
 
@@ -38,7 +38,7 @@ class ToySampler:
         self.seen.zero_()
         self.generator.manual_seed(seed)
 
-    # The state protocol fastsolar.graphs relies on (the same as fastsolar.sampling.Sampler's).
+    # The state protocol fastsolar.decoding.graphs relies on (the same as fastsolar.decoding.sampling.Sampler's).
     def snapshot(self):
         return [t.clone() for t in (self.temperature, self.penalty, self.seen)], self.generator.get_state()
 
@@ -229,10 +229,9 @@ def test_default_capture_follows_device():
 
 
 def test_generate_with_static_step_equals_eager_generate(monkeypatch):
-    """fastsolar.generate with its step hook routed to CudaGraphStep(capture=False) (what the CUDA wiring does,
+    """fastsolar.decoding.generate with its step hook routed to CudaGraphStep(capture=False) (what the CUDA wiring does,
     minus capture) gives eager generate's tokens: greedy, sampled with a seed, penalised, over repeated calls
     and two batch sizes (the real Sampler, reset in place, reused)."""
-    gen_mod = pytest.importorskip("fastsolar.generate")
     model = make_model()
     runs = [
         (3, dict(temperature=0.0)),
@@ -265,7 +264,6 @@ def test_generate_loop_bookkeeping_inside_the_step(monkeypatch):
     """With EOS ids the per-token bookkeeping (pad after EOS, finish steps, history, next input, positions)
     runs inside the recorded loop body: the static path gives eager generate's tokens and trimming, and a
     stream's "all finished?" check for step t - 1 is read only after step t is queued (no stall)."""
-    gen_mod = pytest.importorskip("fastsolar.generate")
     model = make_model(seed=1)
     ids = prompts_for(2, 5, 9)
     free = gen_mod.generate(model, ids, 12, eos_token_id=[])[:, 5:].tolist()
@@ -323,6 +321,9 @@ def test_replaced_weights_are_recaptured():
     ff.w_gate_up.weight.data = ff.w_gate_up.weight.data.flip(0).contiguous()  # same Parameter, new storage
     got, want = run()
     assert pool.captures == 3 and torch.equal(got, want)
+    quant.quantize(model, "int8", only=["layers.0.attention.wo"])  # a layer replaced by a quantised one
+    got, want = run()
+    assert pool.captures == 4 and torch.equal(got, want)
     assert len(pool.entries) == 1, "entries over old weights are dropped"
 
 
@@ -382,10 +383,6 @@ def test_captured_step_with_row_map_equals_eager_on_cuda():
 
 @pytest.mark.gpu("CUDA graph capture")
 def test_graphed_generate_matches_eager_on_cuda():
-    if importlib.util.find_spec("fastsolar.generate") is None:
-        pytest.skip("fastsolar.generate is not there yet")
-    from fastsolar.generate import generate
-
     model = make_model(torch.device("cuda"), torch.bfloat16)
     pool = graphs.shared_pool(model)
     sampled = dict(temperature=[0.8, 0.0, 1.1], top_k=[50, 0, 0], top_p=[0.9, 1.0, 1.0], repetition_penalty=1.2, seed=3)
@@ -394,7 +391,7 @@ def test_graphed_generate_matches_eager_on_cuda():
         eager = generate(model, ids, 12, cuda_graphs=False, eos_token_id=[], **kw)
         captures = pool.captures
         graphed = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], **kw)
-        assert pool.captures > captures, "generate(cuda_graphs=True) did not use fastsolar.graphs (see _make_step)"
+        assert pool.captures > captures, "generate(cuda_graphs=True) did not use fastsolar.decoding.graphs (see _make_step)"
         again = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], **kw)  # graph reused across calls
         assert pool.captures == captures + 1
         assert torch.equal(graphed, eager), f"batch {b} {kw}: {graphed[:, 11:].tolist()} != {eager[:, 11:].tolist()}"

@@ -1,4 +1,4 @@
-"""The transformers-shaped surface (fastsolar.hf_compat): the SOLAR model cards' code runs with only the import
+"""The transformers-shaped surface (fastsolar.hf.compat): the SOLAR model cards' code runs with only the import
 changed and prints what transformers prints; each alias gives what its native argument gives; each refused
 argument is refused by name.
 
@@ -16,13 +16,13 @@ import shutil
 
 import pytest
 import torch
+from hf_fixtures import EOS_ID, build_hf_model, plant_eos, real_tokenizer_path, save
 
 from fastsolar import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, Solar, Tokenizer
-from fastsolar.chat import SOLAR_CHAT_TEMPLATE
-from fastsolar.generate import generate as native_generate
-from fastsolar.hf_compat import resolve_device_map
-from fastsolar.sampling import Sampler, SamplingParams, process_logits
-from hf_fixtures import EOS_ID, build_hf_model, plant_eos, real_tokenizer_path, save
+from fastsolar.decoding.generate import generate as native_generate
+from fastsolar.decoding.sampling import Sampler
+from fastsolar.hf.compat import resolve_device_map
+from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 
@@ -293,26 +293,44 @@ def test_min_new_tokens_matches_transformers(model, hf32, prompt, card):
 
 
 def test_min_new_tokens_processing_matches_transformers_processor():
-    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+    """The Sampler's EOS ban, step by step, against transformers' own processors (MinNewTokensLengthLogitsProcessor,
+    and MinLengthLogitsProcessor with min_length = prompt + min_new_tokens) as the reference, with an EOS id the
+    argmax of every row at every step: greedy rows pick the argmax of transformers' processed scores, no row ever
+    picks a token transformers bans, and at the boundary step (the first one the ban no longer covers) every row
+    takes its EOS. Greedy alone and greedy mixed with sampled rows."""
+    from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
 
+    b, v, prompt_len, min_new, eos = 3, 50, 5, 3, [2, 7]
+    processors = [MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=prompt_len, min_new_tokens=min_new,
+                                                    eos_token_id=eos),
+                  MinLengthLogitsProcessor(min_length=prompt_len + min_new, eos_token_id=eos)]
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 50, generator=g)
-    params = SamplingParams.build(3, 50, "cpu")
-    sampler = Sampler(3, 50, "cpu")
-    sampler.reset(min_new_tokens=3, eos_token_ids=[2, 7])
-    hf = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=5, min_new_tokens=3, eos_token_id=[2, 7])
-    for t in range(5):
-        banned = sampler.eos_mask & (sampler.step < sampler.min_new_tokens)
-        theirs = hf(torch.zeros(3, 5 + t, dtype=torch.long), logits.clone())
-        torch.testing.assert_close(process_logits(logits, params, banned=banned), theirs, rtol=0, atol=0)
-        sampler(logits)  # advances the device-side step counter
+    for temperature in (0.0, [0.0, 1.0, 0.7]):
+        sampler = Sampler(b, v, "cpu")
+        sampler.reset(temperature=temperature, seed=1, min_new_tokens=min_new, eos_token_ids=eos)
+        greedy = torch.tensor(temperature if isinstance(temperature, list) else [temperature] * b) == 0
+        for t in range(min_new + 2):  # t tokens chosen so far: the prefill's pick is step 0
+            logits = torch.randn(b, v, generator=g)
+            logits[[0, 1, 2], [2, 7, 2]] = 30.0  # an EOS far ahead of every other token
+            history = torch.randint(3, v, (b, prompt_len + t), generator=g)
+            theirs = [proc(history, logits.clone()) for proc in processors]
+            assert torch.equal(theirs[0], theirs[1])
+            before = logits.clone()
+            picked = sampler(logits)
+            assert torch.equal(logits, before), "the sampler must not modify the logits"
+            assert torch.isfinite(theirs[0].gather(1, picked[:, None])).all(), (t, picked.tolist())
+            assert torch.equal(picked[greedy], theirs[0].argmax(-1)[greedy]), (t, picked.tolist())
+            if t < min_new:
+                assert not set(picked.tolist()) & set(eos), (t, picked.tolist())
+            else:
+                assert picked.tolist() == [2, 7, 2], (t, picked.tolist())
 
 
 def test_min_new_tokens_on_the_graph_step_path(model, prompt, card, monkeypatch):
     """The CUDA-graph step's bookkeeping (warm-up runs, then state restored) must not advance the EOS ban's
     step counter: the static-buffer path (capture=False on CPU) gives the eager tokens."""
-    import fastsolar.generate as gen
-    from fastsolar.graphs import CudaGraphLoop
+    import fastsolar.decoding.generate as gen
+    from fastsolar.decoding.graphs import CudaGraphLoop
 
     # Just enough to block the planted EOS (step card[1] - 1): a counter off by the warm-up runs would not.
     kwargs = dict(max_new_tokens=card[1] + 6, min_new_tokens=card[1])

@@ -1,6 +1,6 @@
 """fastsolar.patch_hf: a transformers Llama/Mistral running fastsolar's kernels, on the test device
 (compiled kernels on CUDA, the Triton interpreter on a CPU), for every transformers version in
-fastsolar.compat.SUPPORTED_TRANSFORMERS (CI runs this file at both ends of the range)."""
+fastsolar.versions.SUPPORTED_TRANSFORMERS (CI runs this file at both ends of the range)."""
 from __future__ import annotations
 
 import collections
@@ -12,10 +12,11 @@ from packaging.version import Version
 
 transformers = pytest.importorskip("transformers")
 
-from fastsolar import kernels as K  # noqa: E402
-from fastsolar.hf_patch import ATTN_IMPLEMENTATION, PATCHED_ATTR, patch_hf, unpatch_hf  # noqa: E402
-from fastsolar.ops import force_kernels  # noqa: E402
 from helpers import DEVICE, assert_close  # noqa: E402
+
+from fastsolar import kernels as K  # noqa: E402
+from fastsolar.hf.patch import ATTN_IMPLEMENTATION, PATCHED_ATTR, patch_hf, unpatch_hf  # noqa: E402
+from fastsolar.ops import force_kernels  # noqa: E402
 
 KERNELS = ("rms_norm", "add_rms_norm", "apply_rotary", "swiglu", "attention")
 SEQ = 9
@@ -171,15 +172,15 @@ def test_refuses_unsupported_models(monkeypatch):
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2))
     _refused(bare, TypeError, "got LlamaModel")
-    import fastsolar.compat
+    import fastsolar.versions
 
-    monkeypatch.setattr(fastsolar.compat, "SUPPORTED_TRANSFORMERS", SpecifierSet(">=4.40,<4.41"))
+    monkeypatch.setattr(fastsolar.versions, "SUPPORTED_TRANSFORMERS", SpecifierSet(">=4.40,<4.41"))
     _refused(_tiny("llama"), ValueError, r"supports transformers >=4.40,<4.41 \(tested at both ends\); this is 5\.")
 
 
 def test_version_gate_and_cache_api():
     """The supported range holds its two tested ends and nothing outside; the cache argument follows the version."""
-    from fastsolar.compat import SUPPORTED_TRANSFORMERS, check_transformers, transformers_cache_api
+    from fastsolar.versions import SUPPORTED_TRANSFORMERS, check_transformers, transformers_cache_api
 
     for v in ("5.17.0", "5.24.0", "5.25.0", "5.25.1"):
         assert Version(v) in SUPPORTED_TRANSFORMERS, v

@@ -6,18 +6,19 @@ differ only in depth give the per-layer and the fixed cost. The budget is the is
 per layer (today: qkv GEMV with its RMSNorm, rotary + cache write, one-launch decode attention, o GEMV with
 the residual add, gate_up GEMV with its RMSNorm, down GEMV with SwiGLU and the residual add), and a few for
 embedding, step bookkeeping, final norm + lm_head and the sampler. Main before issue 9: 12 per layer + 7.
-Quantised weights (int8 / FP8, fastsolar.quant) keep the same budget: the GEMVs read them as they are.
+Quantised weights (int8 / FP8, fastsolar.model.quant) keep the same budget: the GEMVs read them as they are.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-
-from fastsolar import Solar, SolarConfig, ops, quant
-from fastsolar.gemv_choice import force_gemv
-from fastsolar.sampling import Sampler
 from helpers import DEVICE
 from launch_count import count_launches
+
+from fastsolar import Solar, SolarConfig, ops
+from fastsolar.decoding.sampling import Sampler
+from fastsolar.model import quant
+from fastsolar.ops.gemv_choice import force_gemv
 
 PER_LAYER_BUDGET = 6
 FIXED_BUDGET = 6

@@ -1,4 +1,4 @@
-"""fastsolar.loader: strict, safetensors-only loading of Hugging Face checkpoints into fused parameters."""
+"""fastsolar.checkpoint.loader: strict, safetensors-only loading of Hugging Face checkpoints into fused parameters."""
 from __future__ import annotations
 
 import json
@@ -7,15 +7,15 @@ import os
 import shutil
 from pathlib import Path
 
+import hf_fixtures as F
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import hf_fixtures as F
-from fastsolar import hf_keys, loader, memory
+from fastsolar import Solar, memory
+from fastsolar.checkpoint import hf_keys, loader
+from fastsolar.checkpoint.loader import load_model, resolve_dtype
 from fastsolar.config import SolarConfig
-from fastsolar.loader import load_model, resolve_dtype
-from fastsolar.model import Solar
 
 # Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
 pytestmark = pytest.mark.cpu_only
@@ -305,7 +305,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_bit_identical_to_safetensors(checkpoints, monkeypatch, layout, stored, target):
     """Straight reads (same dtype) and staged conversions, with chunks far smaller than the tensors and
     the page cache dropped behind the reader, place exactly the bits a plain safetensors copy gives."""
-    from fastsolar import shards
+    from fastsolar.checkpoint import shards
 
     monkeypatch.setattr(shards, "CHUNK_BYTES", 4096)
     if layout == "sharded":  # the shards look cold, so they are dropped from the page cache behind the reader
@@ -339,7 +339,7 @@ def test_refuses_what_does_not_fit_before_allocating(sharded_dir, monkeypatch):
     msg = str(e.value)
     assert isinstance(e.value, MemoryError)
     assert f"checkpoint {sharded_dir} does not fit on cpu" in msg
-    assert f"its weights take {weights / 1e6:.2f} MB as float32 ({need / 1e9:.2f} GB with a" in msg
+    assert f"it takes {weights / 1e6:.2f} MB as float32 ({need / 1e9:.2f} GB with a" in msg
     assert "only 3.00 MB is free (faked for the test)" in msg
     assert f"as bfloat16 its weights take {weights / 2e6:.2f} MB" in msg
     assert "quantise it" in msg and "a machine with more memory" in msg
@@ -415,7 +415,7 @@ def test_host_free_memory_is_asked():
 @pytest.mark.parametrize("target", DTYPES, ids=lambda d: str(d)[6:])
 def test_cuda_load_bit_identical_to_cpu(checkpoints, monkeypatch, target):
     """The pinned-buffer, side-stream upload (with GPU-side dtype conversion) places the CPU loader's bits."""
-    from fastsolar import shards
+    from fastsolar.checkpoint import shards
 
     monkeypatch.setattr(shards, "CHUNK_BYTES", 4096)  # many chunks through the pinned ring
     d = checkpoints[torch.bfloat16, "sharded"]

@@ -1,12 +1,12 @@
 """fastsolar against transformers on the same saved weights: logits, greedy tokens, cache paths, batching."""
 from __future__ import annotations
 
+import hf_fixtures as F
 import pytest
 import torch
-
-import hf_fixtures as F
-from fastsolar.model import Solar
 from helpers import DEVICE, assert_close, left_pad
+
+from fastsolar import Solar
 
 RTOL, ATOL = 1e-5, 1e-5
 N_NEW = 32

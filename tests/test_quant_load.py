@@ -7,13 +7,15 @@ import json
 import shutil
 from pathlib import Path
 
+import hf_fixtures as F
 import pytest
 import torch
+from helpers import assert_close
 from safetensors.torch import save_file
 
-import hf_fixtures as F
-from fastsolar import Solar, SolarConfig, loader, memory, quant
-from helpers import assert_close
+from fastsolar import Solar, SolarConfig, memory
+from fastsolar.checkpoint import loader
+from fastsolar.model import quant
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -56,7 +58,7 @@ def test_quantize_at_load_equals_quantising_the_loaded_model(ckpt, monkeypatch, 
     """Streaming quantisation, part by part into the fused q/k/v and gate/up rows, gives exactly the
     weights and scales of quantising the whole loaded model; nothing unquantised is left behind. With
     1000-byte chunks (250 fp32 elements: every row boundary falls inside a chunk) rows are carried over."""
-    from fastsolar import shards
+    from fastsolar.checkpoint import shards
 
     if chunk is not None:
         monkeypatch.setattr(shards, "CHUNK_BYTES", chunk)
@@ -331,13 +333,13 @@ def test_unknown_quantize_refused_first(ckpt, no_weight_reads, bad):
         ("Tesla T4", (7, 5), "fp8", r"quantize='fp8' needs .* 8\.9 or newer; Tesla T4 on cuda:0 is sm_75$"),
     ],
 )
-def test_card_without_the_mode_refused(ckpt, monkeypatch, no_weight_reads, card, capability, mode, message):
+def test_card_without_the_mode_refused(ckpt, monkeypatch, no_weight_reads, one_gpu, card, capability, mode, message):
     monkeypatch.setattr(quant, "_cuda_device_capability", lambda device: (capability, card))
     with pytest.raises(ValueError, match=message):
         Solar.from_pretrained(ckpt, device="cuda:0", quantize=mode)
 
 
-def test_stored_fp8_on_a100_refused(hf_model, tmp_path, monkeypatch, no_weight_reads):
+def test_stored_fp8_on_a100_refused(hf_model, tmp_path, monkeypatch, no_weight_reads, one_gpu):
     d, _ = write_fp8_checkpoint(hf_model, tmp_path / "fp8", "tensor")
     monkeypatch.setattr(quant, "_cuda_device_capability", lambda device: ((8, 0), "NVIDIA A100-SXM4-40GB"))
     with pytest.raises(ValueError, match="quantize='fp8' needs .* NVIDIA A100-SXM4-40GB"):

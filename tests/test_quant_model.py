@@ -15,10 +15,11 @@ import math
 
 import pytest
 import torch
-
-from fastsolar import Solar, SolarConfig, ops, quant
-from fastsolar.gemv_choice import force_gemv
 from helpers import DEVICE, ON_GPU, assert_close, left_pad
+
+from fastsolar import Solar, SolarConfig, ops
+from fastsolar.model import quant
+from fastsolar.ops.gemv_choice import force_gemv
 
 MODES = ("int8", "fp8")
 FP8_OK = not ON_GPU or torch.cuda.get_device_capability() >= (8, 9)
@@ -99,9 +100,9 @@ def test_static_decode_path_equals_eager(small_models, monkeypatch):
     """The CUDA-graph wiring minus the capture (CudaGraphLoop(capture=False): static buffers, the whole loop
     body per token) on FP8 weights and the fused GEMVs gives eager generate's tokens, over two calls (the
     recording is reused)."""
-    from fastsolar.graphs import CudaGraphLoop, shared_pool
+    from fastsolar.decoding.graphs import CudaGraphLoop, shared_pool
 
-    gen_mod = importlib.import_module("fastsolar.generate")
+    gen_mod = importlib.import_module("fastsolar.decoding.generate")
 
     model = copy.deepcopy(small_models["fp8"])
     ids, mask = left_padded([5, 2], seed=3, vocab=SMALL.vocab_size)

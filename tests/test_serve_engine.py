@@ -8,13 +8,13 @@ import time
 
 import pytest
 import torch
+from helpers import DEVICE
 
 from fastsolar import Solar, Tokenizer
-from fastsolar.sampling import SamplingParams, process_logits
+from fastsolar.decoding.sampling import SamplingParams, process_logits
 from fastsolar.serve import rng
 from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, QueueFull, Request
 from fastsolar.serve.sampler import RowParams, RowSampler
-from helpers import DEVICE
 
 WAIT_S = 60.0  # bound on every wait for the engine thread (the CPU may be shared and slow)
 

@@ -1,4 +1,4 @@
-"""fastsolar.shards.read_tensors, the one reader of safetensors data (the loader's and Depth Up-Scaling's):
+"""fastsolar.checkpoint.shards.read_tensors, the one reader of safetensors data (the loader's and Depth Up-Scaling's):
 every byte arrives once per request, in order, through staging buffers or straight into a destination;
 buffers are refilled only after the consumer's fence; errors name the file and stop the reader thread."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastsolar import shards
-from fastsolar.shards import read_tensor_headers, read_tensors
+from fastsolar.checkpoint import shards
+from fastsolar.checkpoint.shards import read_tensor_headers, read_tensors
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_upscale_streams_identically_when_dropping_behind(tmp_path, monkeypatch)
     """Depth Up-Scaling through the reader: the same bytes with tiny chunks and drop-behind as without."""
     import hf_fixtures as F
 
-    upscale = importlib.import_module("fastsolar.upscale")
+    upscale = importlib.import_module("fastsolar.checkpoint.upscale")
     base = F.save(F.build_hf_model(num_hidden_layers=4, seed=2), tmp_path / "base", max_shard_size="100KB")
     upscale.upscale(base, tmp_path / "plain", drop=1, max_shard_size="150KB", progress=False)
     monkeypatch.setattr(shards, "CHUNK_BYTES", 1000)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-
-from fastsolar.chat import SOLAR_CHAT_TEMPLATE, StopStringFilter
-from fastsolar.tokenizer import Tokenizer
 from hf_fixtures import real_tokenizer_path
+
+from fastsolar import Tokenizer
+from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE, StopStringFilter
 
 # Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
 pytestmark = pytest.mark.cpu_only

@@ -1,7 +1,6 @@
-"""Depth Up-Scaling (fastsolar.upscale): layer map, config mapping, checkpoint writing, refusals."""
+"""Depth Up-Scaling (fastsolar.checkpoint.upscale): layer map, config mapping, checkpoint writing, refusals."""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -12,13 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastsolar.config import SolarConfig
-from fastsolar.upscale import (
+from fastsolar.checkpoint.upscale import (
     layer_map,
     parse_size,
     upscale,
     upscale_config,
 )
+from fastsolar.config import SolarConfig
 
 # Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
 pytestmark = pytest.mark.cpu_only
@@ -168,8 +167,12 @@ def test_upscaled_config_index_and_files(base, upscaled):
         with safe_open(str(out / shard), framework="pt") as h:
             keys = set(h.keys())
             assert keys == {k for k, v in index["weight_map"].items() if v == shard}
-            shard_bytes = sum(h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in keys)
-        assert shard_bytes <= 100_000 or len(keys) == 1
+            sizes = {k: h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in keys}
+        shard_bytes = sum(sizes.values())
+        if any(size > 100_000 for size in sizes.values()):  # a tensor larger than a shard stands alone
+            assert len(keys) == 1, sizes
+        else:
+            assert shard_bytes <= 100_000, sizes
         total += shard_bytes
     assert index["metadata"]["total_size"] == total
     for name, data in EXTRA_FILES.items():
@@ -197,8 +200,7 @@ def test_transformers_and_fastsolar_load_the_result(base, upscaled):
         got, want = hf(ids).logits, ref(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
-    pytest.importorskip("fastsolar.loader", reason="fastsolar.loader not written yet")
-    from fastsolar.model import Solar
+    from fastsolar import Solar
 
     solar = Solar.from_pretrained(out, dtype=torch.float32)
     assert solar.config.num_hidden_layers == 12
@@ -230,7 +232,7 @@ def test_unknown_keys_carried_over_and_single_file(base, tmp_path):
 def test_dry_run_writes_nothing(base, tmp_path, caplog):
     _, d = base
     out = tmp_path / "never"
-    with caplog.at_level(logging.INFO, logger="fastsolar.upscale"):
+    with caplog.at_level(logging.INFO, logger="fastsolar.checkpoint.upscale"):
         mapping = upscale(d, out, drop=DROP, dry_run=True, progress=False)
     assert mapping == layer_map(N_BASE, DROP)
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -38,7 +38,7 @@ from fastsolar.serve.sampler import RowParams
 from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 if TYPE_CHECKING:
-    from fastsolar.tokenizer import Tokenizer
+    from fastsolar.text.tokenizer import SentencePieceTokenizer as Tokenizer
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks whether its client is still there
 

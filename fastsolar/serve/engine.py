@@ -6,7 +6,7 @@ Each running request lives in its own row of the cache (`model.setup_cache(max_b
    rows=)`, at most `prefill_tokens` padded tokens per prefill so a burst of long prompts cannot exhaust
    memory); the logits of each prompt's last token give its first token at once;
 2. decode: all running requests advance one token in one step, batch row i mapped onto its cache row
-   through a device tensor -- `fastsolar.graphs.CudaGraphStep`, which on CUDA replays one captured graph
+   through a device tensor -- `fastsolar.decoding.graphs.CudaGraphStep`, which on CUDA replays one captured graph
    per batch size (and sampling mode) and elsewhere runs the same static-buffer path eagerly;
 3. a request leaves at its EOS, a stop string or `max_tokens` (or when its client cancels, at the next
    step); its row is free for the next admission.
@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastsolar.chat import TextStream
-from fastsolar.sampling import SamplingParams
+from fastsolar.decoding.graphs import CudaGraphStep, GraphPool
+from fastsolar.decoding.sampling import SamplingParams
 from fastsolar.serve.sampler import RowParams, RowSampler
+from fastsolar.text.chat import TextStream
 
 if TYPE_CHECKING:
-    from fastsolar.tokenizer import Tokenizer
+    from fastsolar.text.tokenizer import SentencePieceTokenizer as Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +174,6 @@ class Engine:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> "Engine":
-        from fastsolar.graphs import CudaGraphStep, GraphPool
-
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
         self.model.setup_cache(self.max_batch, self.context)

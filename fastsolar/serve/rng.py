@@ -9,7 +9,7 @@ own 64-bit key (from the request's seed) and step counter as device tensors, and
     E[j] = -log(u[j]) ~ Exp(1)
 
 feeds the exponential race `argmax(p / E)`, which draws token j with probability p[j] (the same trick
-fastsolar.sampling.Sampler uses with torch's generator).
+fastsolar.decoding.sampling.Sampler uses with torch's generator).
 
 The hash is murmur3's 32-bit finaliser (`fmix32`, a bijection with full avalanche) keyed twice:
 

@@ -1,16 +1,16 @@
 """Sampling state kept per KV-cache row, for a batch whose rows come and go.
 
-`fastsolar.sampling.Sampler` keeps its parameters per *batch* row and one generator for the whole batch,
+`fastsolar.decoding.sampling.Sampler` keeps its parameters per *batch* row and one generator for the whole batch,
 which is right for one `generate` call. A serving engine decodes whichever requests are running as batch rows
 0..b-1, each living in its own cache row; so `RowSampler` keeps everything per *cache* row -- the sampling
 parameters (the same `SamplingParams` buffers, filled by the same code), the repetition-penalty seen-mask, a
 64-bit seed and a step counter -- and `select(rows)` says which cache row each batch row is before a call.
 
 `sampler(logits [b, V]) -> tokens [b]` then gathers the selected rows' state, runs transformers' logits
-processing (`fastsolar.sampling.process_logits`), takes the argmax for greedy rows and an exponential race
+processing (`fastsolar.decoding.sampling.process_logits`), takes the argmax for greedy rows and an exponential race
 with counter-based noise (`fastsolar.serve.rng`) for sampled ones, and advances the rows' counters and
 seen-masks. It never syncs with the host and reads the row map from a device buffer, so
-`fastsolar.graphs.CudaGraphStep(model, sampler)` can capture it; `mode` (which processing stages run: the
+`fastsolar.decoding.graphs.CudaGraphStep(model, sampler)` can capture it; `mode` (which processing stages run: the
 union over the selected rows) is part of each graph's key. A row's tokens depend only on its own logits,
 parameters, seed and counter: greedy rows get exactly what `generate` gives them alone, and a seeded row
 draws the same noise whatever runs beside it.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastsolar.sampling import DeviceState, SamplingParams, process_logits
+from fastsolar.decoding.sampling import DeviceState, SamplingParams, process_logits
 from fastsolar.serve import rng
 
 

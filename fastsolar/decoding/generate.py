@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from fastsolar.sampling import DeviceState, PerRow, Sampler, check_sampling_args
+from fastsolar.decoding.graphs import CudaGraphLoop
+from fastsolar.decoding.sampling import DeviceState, PerRow, Sampler, check_sampling_args
 
 CHECK_EVERY = 16  # decode steps between host checks for "every row has finished"
 CACHE_ROUND = 256  # cache lengths are rounded up to a multiple of this so later calls can reuse the cache
@@ -248,8 +249,6 @@ def _get_loop(model: Any, batch: int, capacity: int, n_eos: int) -> DecodeLoop:
 def _make_advance(model: Any, sampler: Sampler, loop: DecodeLoop, cuda_graphs: bool) -> Callable[[], None]:
     """One whole step on the loop's buffers: `loop.advance(model, sampler)`, eager or captured in a graph."""
     if cuda_graphs:
-        from fastsolar.graphs import CudaGraphLoop
-
         return CudaGraphLoop(model, sampler, loop)
     return lambda: loop.advance(model, sampler)
 

@@ -21,9 +21,9 @@ SOLAR's 48 layers: new 0..23 <- base 0..23, new 24..47 <- base 8..31.
   copied verbatim.
 
 Memory stays bounded by a few staging buffers (about 100 MB): the base tensors are streamed in output
-order by `fastsolar.shards.read_tensors` (the loader's reader: sequential reads on a reader thread, no
+order by `fastsolar.checkpoint.shards.read_tensors` (the loader's reader: sequential reads on a reader thread, no
 memory mapping) and appended to their output shard, whose header is computed up front from the base
-files' headers (`fastsolar.shards.read_tensor_headers`: shapes and dtypes are known before any data is
+files' headers (`fastsolar.checkpoint.shards.read_tensor_headers`: shapes and dtypes are known before any data is
 read). A base that was not in the page cache is dropped from it behind the reader, each range after
 its last use (a repeated layer only after its second read).
 Nothing is unpickled: a `.bin` (pickle) base is refused. The work happens in a hidden temporary
@@ -48,9 +48,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fastsolar.checkpoint.loader import INDEX_FILE, SINGLE_FILE, checkpoint_files
+from fastsolar.checkpoint.shards import TensorHeader, read_tensor_headers, read_tensors
 from fastsolar.config import SolarConfig, read_config_json
-from fastsolar.loader import INDEX_FILE, SINGLE_FILE, checkpoint_files
-from fastsolar.shards import TensorHeader, read_tensor_headers, read_tensors
 
 logger = logging.getLogger(__name__)
 

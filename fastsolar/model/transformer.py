@@ -18,19 +18,18 @@ Three entry points share one layer stack:
 Both use cache rows 0..b-1 by default; `rows` maps batch row i onto cache row rows[i] instead, so a
 serving engine can keep each request in its own row of one static cache while requests come and go.
 
-A linear layer may be quantised (fastsolar.quant.QuantLinear: int8 / FP8 `weight` plus an fp32
+A linear layer may be quantised (fastsolar.model.quant.QuantLinear: int8 / FP8 `weight` plus an fp32
 `weight_scale` per output row, swapped in by the loader or `quant.quantize`); every product passes the
 layer's scale (`_scale`: None for a plain nn.Linear) with its weight, and the ops handle both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastsolar import ops
+from fastsolar import memory, ops
 from fastsolar.config import SolarConfig
 
 
@@ -146,8 +145,9 @@ class Block(nn.Module):
         return self.feed_forward(h, self.ffn_norm, self.eps)
 
 
-class Solar(nn.Module):
-    """SOLAR-10.7B and its Llama-2 / Mistral relatives, for inference."""
+class Transformer(nn.Module):
+    """SOLAR-10.7B and its Llama-2 / Mistral relatives, for inference: weights and config, and the three
+    forward passes (module docstring). Loading and generation live above it (`fastsolar.Solar`)."""
 
     def __init__(self, config: SolarConfig) -> None:
         super().__init__()
@@ -159,27 +159,6 @@ class Solar(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.cache: KVCache | None = None
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_dir: str | Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-        quantize: str | None = None,
-        **hf_kwargs,
-    ) -> "Solar":
-        """Load a Hugging Face checkpoint directory (sharded or single safetensors); see `fastsolar.loader`.
-        transformers' `torch_dtype` / `device_map` are accepted too (`fastsolar.hf_compat`).
-
-        `quantize="fp8"` or `"int8"` quantises the linear layers (per output channel) as they load, halving
-        their memory and the bytes each decode step reads; FP8 needs sm_89+, int8 sm_80+ (see fastsolar.quant).
-        """
-        from fastsolar.hf_compat import load_kwargs
-        from fastsolar.loader import load_model
-
-        return load_model(cls, model_dir, quantize=quantize, **load_kwargs(device=device, dtype=dtype, **hf_kwargs))
 
     @property
     def device(self) -> torch.device:
@@ -228,7 +207,8 @@ class Solar(nn.Module):
         c = self.config
         shape = (c.num_hidden_layers, max_batch, max_seq, c.num_key_value_heads, c.head_dim)
         self.cache = old = None  # release the old cache before measuring free memory
-        _check_fits(self, 2 * torch.Size(shape).numel() * self.dtype.itemsize, shape)
+        memory.check_fits(f"the KV cache {shape}", self.device, self.dtype, 2 * torch.Size(shape).numel() * self.dtype.itemsize,
+                          advice="Lower the batch size or the maximum sequence length.")
         # A normal tensor even when called under inference_mode (as generate does), so that prefill and
         # decode can also be used under plain no_grad afterwards.
         with torch.inference_mode(False):
@@ -296,49 +276,3 @@ class Solar(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-
-    def generate(
-        self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs
-    ) -> torch.Tensor:
-        """Prompt plus new tokens, like transformers' `generate`; see `fastsolar.generate.generate` for the
-        native arguments and `fastsolar.hf_compat` for transformers' (do_sample, max_length, ...)."""
-        from fastsolar.generate import generate
-        from fastsolar.hf_compat import generate_kwargs
-
-        return generate(self, **generate_kwargs(input_ids, max_new_tokens, **kwargs))
-
-    def stream(self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs):
-        """Yield each new step's tokens `[batch]` as they come; see `fastsolar.generate.stream` (the same
-        arguments as `generate`, transformers' included)."""
-        from fastsolar.generate import stream
-        from fastsolar.hf_compat import generate_kwargs
-
-        return stream(self, **generate_kwargs(input_ids, max_new_tokens, **kwargs))
-
-
-def free_device_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device; None where the runtime cannot tell (CPU)."""
-    if device.type != "cuda":
-        return None
-    # Blocks torch's caching allocator holds but no tensor uses (a released cache, freed activations)
-    # are free for our purposes, though the driver counts them as used.
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return torch.cuda.mem_get_info(device)[0] + cached
-
-
-# Activations and a prefill's logits need room too: keep a margin rather than fail mid-run.
-CACHE_MARGIN_BYTES = 512 * 2**20
-
-
-def _check_fits(model: nn.Module, cache_bytes: int, shape: tuple[int, ...]) -> None:
-    """Refuse a cache that would not fit next to the weights in free device memory."""
-    device = next(model.parameters()).device
-    free = free_device_memory(device)
-    if free is None or cache_bytes + CACHE_MARGIN_BYTES <= free:
-        return
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    raise MemoryError(
-        f"KV cache {tuple(shape)} needs {cache_bytes / 2**30:.2f} GiB (+{CACHE_MARGIN_BYTES / 2**30:.1f} GiB "
-        f"working margin) but only {free / 2**30:.2f} GiB is free on {device} (weights take "
-        f"{weights / 2**30:.2f} GiB); lower the batch size or max sequence length"
-    )

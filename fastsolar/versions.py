@@ -70,7 +70,7 @@ def check_transformers() -> Version:
         raise ValueError(
             f"patch_hf supports transformers {wanted} (tested at both ends); this is {version}. The patched "
             f"forwards mirror those versions' Llama/Mistral code. Install one (pip install \"transformers{wanted}\"), "
-            "or, after tests/test_hf_patch.py passes on a new version, widen fastsolar.compat.SUPPORTED_TRANSFORMERS"
+            "or, after tests/test_hf_patch.py passes on a new version, widen fastsolar.versions.SUPPORTED_TRANSFORMERS"
         )
     return version
 

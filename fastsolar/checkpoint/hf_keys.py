@@ -3,7 +3,7 @@
 `KEY_MAP` rows are `(hf_pattern, our_pattern, part)`: `{i}` stands for the layer index; `part` is None for a
 one-to-one copy, or the index of the row block inside a fused parameter (see `fused_parts`).
 `IGNORED` lists the only checkpoint keys that are skipped on purpose; every other unknown key is an error.
-Checkpoints quantised elsewhere (compressed-tensors, see fastsolar.quant_load) add a `weight_scale` beside
+Checkpoints quantised elsewhere (compressed-tensors, see fastsolar.checkpoint.quant_load) add a `weight_scale` beside
 each quantised linear weight (`SCALE_KEY_MAP`, mapped like the weight) and may carry activation scales
 (`ACTIVATION_SCALES`), which fastsolar does not use: it quantises weights only.
 """
@@ -111,7 +111,7 @@ def map_key(hf_key: str) -> tuple[str, str, int | None] | None:
 
 def expected_keys(config: Any) -> list[str]:
     """Every Hugging Face key a checkpoint for `config` must hold (lm_head left out when tied; the scales of
-    a quantised checkpoint come on top, fastsolar.quant_load says which)."""
+    a quantised checkpoint come on top, fastsolar.checkpoint.quant_load says which)."""
     keys = []
     for hf, _ours, _part in KEY_MAP:
         if hf == LM_HEAD and config.tie_word_embeddings:

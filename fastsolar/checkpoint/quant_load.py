@@ -1,4 +1,4 @@
-"""How quantised weights enter a model at load time (used by fastsolar.loader).
+"""How quantised weights enter a model at load time (used by fastsolar.checkpoint.loader).
 
 Two ways in:
 
@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
-from fastsolar import hf_keys
-from fastsolar.quant import MODE_OF_DTYPE, quantize_rows
+from fastsolar.checkpoint import hf_keys
+from fastsolar.model.quant import MODE_OF_DTYPE, quantize_rows
 
 logger = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """Load a Hugging Face safetensors checkpoint (sharded or single file) straight into a fastsolar model.
 
-The model is built on the meta device; the headers of all shards are read (`fastsolar.shards`, which
-`fastsolar.upscale` uses too) and checked strictly against the config: unknown, missing, mis-shaped and
+The model is built on the meta device; the headers of all shards are read (`fastsolar.checkpoint.shards`, which
+`fastsolar.checkpoint.upscale` uses too) and checked strictly against the config: unknown, missing, mis-shaped and
 non-float keys are reported together in one ValueError. Then, still before anything is allocated, the
 bytes the weights need on the target device (`fastsolar.memory.weight_bytes`) are compared with what is
 free there, and a checkpoint that does not fit is refused (InsufficientMemoryError naming the sizes).
 Only then is every parameter allocated once, on the target device in the target dtype, and filled from
-the checkpoint at disk speed: each shard is read sequentially by `fastsolar.shards.read_tensors` on a
+the checkpoint at disk speed: each shard is read sequentially by `fastsolar.checkpoint.shards.read_tensors` on a
 reader thread while the previous chunk is placed into its (fused q/k/v, gate/up) row slice. On a CPU, a
 tensor already in the target dtype is read straight into its parameter; otherwise chunks are staged and
 converted, and on CUDA they are uploaded from pinned buffers with non-blocking copies on a side stream, so
@@ -17,7 +17,7 @@ Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
 With `quantize`, or for a checkpoint quantised elsewhere, the linear layers are built quantised (int8/FP8
 weights, fp32 scales: the memory check counts those bytes) and each weight is quantised on the target
 device as its chunks arrive, so the device never holds more than the quantised model plus a chunk in
-flight; fastsolar.quant_load says how (and which quantised checkpoints it reads).
+flight; fastsolar.checkpoint.quant_load says how (and which quantised checkpoints it reads).
 """
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fastsolar import hf_keys, memory, quant, quant_load
+from fastsolar import memory
+from fastsolar.checkpoint import hf_keys, quant_load
+from fastsolar.checkpoint.shards import TensorHeader, listing, read_tensor_headers, read_tensors
 from fastsolar.config import SolarConfig, read_config_json
-from fastsolar.shards import TensorHeader, listing, read_tensor_headers, read_tensors
+from fastsolar.devices import resolve_device
+from fastsolar.model import quant
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +66,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return _DTYPE_NAMES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}") from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | None]:
@@ -224,7 +218,7 @@ class _Placer:
     """Copies staged chunks of checkpoint bytes into their parameter slices, converting the dtype, or hands
     them to the copy's `quant_load.Sink` (quantising a weight as it arrives, spreading a per-tensor scale).
 
-    On CUDA (unverified on hardware: no GPU in CI) the chunks come from pinned buffers and are copied with
+    On CUDA the chunks come from pinned buffers and are copied with
     `non_blocking=True` on a side stream, so the upload of one chunk overlaps the disk read of the next and
     the calling thread never waits for the GPU; a dtype change (or a quantisation) happens on the GPU, after
     the raw upload. The event returned for each chunk tells the reader when its staging buffer may be
@@ -313,12 +307,12 @@ def load_model(
     the weights do not fit in the memory free on `device`; all before any parameter is allocated.
     """
     t0 = time.perf_counter()
+    device = resolve_device(device)
     quantize = quant.check_mode(quantize)
     model_dir = Path(model_dir)
     config = SolarConfig.from_pretrained(model_dir)
     stored = quant_load.read_quantization(read_config_json(model_dir))
     mode = quant_load.resolve_mode(quantize, stored, model_dir)
-    device = resolve_device(device)
     quant.check_device(mode, device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
     shards, weight_map = checkpoint_files(model_dir)

@@ -1,10 +1,5 @@
 """CUDA-graph captured decoding: a step for serving engines, and the whole per-token loop body for generate.
 
-UNVERIFIED ON HARDWARE: written and CPU-tested for logic only (static buffers, state snapshot/restore
-around warm-up, recapture rules, token equality with the eager step via the `capture=False` path). The
-first checks to run on a GPU are tests/test_graphs.py::test_graphed_generate_matches_eager_on_cuda and
-bench/gpu_check.sh.
-
 Two captured calls (docs/ARCHITECTURE.md, "Generation"):
 
 - `CudaGraphStep(model, sampler)(tokens [b], positions [b], rows=None) -> next_tokens [b]`
@@ -254,9 +249,9 @@ def _resolve_capture(model: Any, capture: bool | None) -> bool:
 class CudaGraphStep:
     """`step(tokens [b], positions [b], rows=None) -> next_tokens [b]` =
     `sampler(model.decode(tokens, positions, rows))`, captured in a CUDA graph per exact batch size (the
-    serving engine's step; module docstring). Unverified on hardware.
+    serving engine's step; module docstring).
 
-    `sampler` is a `fastsolar.sampling.Sampler` (or anything with its call and `snapshot()` / `restore()` /
+    `sampler` is a `fastsolar.decoding.sampling.Sampler` (or anything with its call and `snapshot()` / `restore()` /
     `generators()`). capture: True captures CUDA graphs (needs the model on CUDA); False runs the very same
     static-buffer path (key, warm-up, state restore, static buffers, clone-out) eagerly, which is how the CPU
     tests prove it gives the eager step's tokens; None means "capture when the model is on CUDA".

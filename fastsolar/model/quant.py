@@ -19,7 +19,7 @@ embedding table (quantising it would need a second copy of the table).
 
 `quantize(model, mode)` converts a loaded model in place; `quantized_copy(model, mode)` makes a second
 model that shares everything but the quantised linears with the first (the benchmark's engines);
-`fastsolar.loader` quantises each weight as it streams from the checkpoint (see `Solar.from_pretrained`).
+`fastsolar.checkpoint.loader` quantises each weight as it streams from the checkpoint (see `Solar.from_pretrained`).
 """
 from __future__ import annotations
 
@@ -200,9 +200,6 @@ def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None) 
         setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode))
     if names:
         logger.debug("quantised %d linear layers to %s", len(names), mode)
-        from fastsolar.graphs import shared_pool
-
-        shared_pool(model).clear()  # graphs captured before would replay the old layers
     return model
 
 

@@ -9,9 +9,9 @@ the test suite runs the whole kernel path of a tiny model under the Triton inter
 The matrix products come with their neighbours: `norm_linear` (RMSNorm then x @ W.T), `swiglu_linear`
 (SwiGLU of a fused gate|up row then x @ W.T, plus a residual) and `linear` (x @ W.T plus a residual). On the
 kernel path, up to `K.GEMV_MAX_M` rows (decode) run either the fused Triton GEMV (one launch) or cuBLAS
-with the separate small kernels, whichever fastsolar.gemv_choice found faster for the shape; more rows
+with the separate small kernels, whichever fastsolar.ops.gemv_choice found faster for the shape; more rows
 (prefill) take cuBLAS. `scale` (fp32 [N]) is the per-output-channel scale of an int8/fp8 weight
-(fastsolar.quant): the GEMV reads the 8-bit weight as it is, cuBLAS gets it widened to the activations'
+(fastsolar.model.quant): the GEMV reads the 8-bit weight as it is, cuBLAS gets it widened to the activations'
 dtype with the scale folded in (kernels.dequantize), and prefill runs the quantised GEMM kernel
 (kernels.quant_matmul) instead of cuBLAS. Off the kernel path every product is kernels.gemv_ref
 (dequantise, then matmul).
@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from fastsolar import gemv_choice
 from fastsolar import kernels as K
+from fastsolar.ops import gemv_choice
 
 _forced: bool | None = {"1": True, "0": False}.get(os.environ.get("FASTSOLAR_KERNELS", ""))
 

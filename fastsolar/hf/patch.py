@@ -3,7 +3,7 @@
 `patch_hf(model)` makes a loaded `LlamaForCausalLM` or `MistralForCausalLM` (SOLAR loads as Llama) run
 fastsolar's kernels, in place, and returns it. Everything else (weights, cache, `generate`, sampling,
 output capture) stays transformers'. Supported transformers versions: `SUPPORTED_TRANSFORMERS`
-(fastsolar/compat.py, where every version gate lives): 5.17 through 5.25, whose decoder/attention code the
+(fastsolar/versions.py, where every version gate lives): 5.17 through 5.25, whose decoder/attention code the
 patched forwards mirror and which CI checks with tests/test_hf_patch.py at both ends. Another version is
 refused rather than patched on trust: widen the range after running that test file against it. Within the
 range the attention forward's cache argument was renamed (`past_key_values` before 5.24, `cache` since,
@@ -62,8 +62,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastsolar import compat, ops
-from fastsolar.compat import SUPPORTED_TRANSFORMERS
+from fastsolar import ops, versions
+from fastsolar.versions import SUPPORTED_TRANSFORMERS
+
 #: The name under which the attention function (and its mask function) is registered in transformers.
 ATTN_IMPLEMENTATION = "fastsolar"
 #: Attribute set on a patched model.
@@ -84,7 +85,7 @@ def _transformers_api() -> types.SimpleNamespace:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return types.SimpleNamespace(attention_functions=ALL_ATTENTION_FUNCTIONS, sdpa=sdpa_attention_forward,
-                                 cache=compat.transformers_cache_api())
+                                 cache=versions.transformers_cache_api())
 
 
 def _autograd(*tensors: torch.Tensor) -> bool:
@@ -235,7 +236,7 @@ def fastsolar_attention(
 def _check_transformers() -> None:
     import transformers
 
-    compat.check_transformers()
+    versions.check_transformers()
     try:
         from transformers import AttentionInterface  # noqa: F401
         from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401

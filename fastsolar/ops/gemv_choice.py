@@ -5,8 +5,8 @@ A fused kernel that loses to cuBLAS must never ship, and which one wins depends 
 So the first time a shape runs on a CUDA device, both candidates are timed on that call's own inputs
 (`measure`: each captured in a CUDA graph and replayed, as a decode step runs them, so the Python launch cost
 that a captured step never pays does not decide the pick; median of a few samples) and the faster is kept for
-the rest of the process, per (op kind, device, dtypes, M, N, K); one INFO line on the `fastsolar.gemv_choice` logger
-names the pick and both times. `FASTSOLAR_GEMV=triton|cublas` in the environment, or `force_gemv(...)`,
+the rest of the process, per (op kind, device, dtypes, M, N, K); one INFO line on the
+`fastsolar.ops.gemv_choice` logger names the pick and both times. `FASTSOLAR_GEMV=triton|cublas` in the environment, or `force_gemv(...)`,
 forces either. Nothing is timed without a CUDA device (the Triton interpreter's times mean nothing), nor
 while a CUDA graph is being captured (a sync there would break the capture; a graph step's warm-up runs
 first, so its shapes are decided by then): those calls take cuBLAS without remembering it. Tests force
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastsolar.gemv_choice")  # the logger name the docs give for the picks
 
 CANDIDATES = ("triton", "cublas")
 

@@ -21,7 +21,8 @@ starts at the previous emit point and emits the difference, holding text back wh
 so far).
 
 The rest of transformers' tokenizer surface (`tokenizer(text, return_tensors="pt", padding=...)`,
-`apply_chat_template(..., tokenize=...)`, `from_pretrained` options) is translated in `fastsolar.hf_compat`.
+`apply_chat_template(..., tokenize=...)`, `from_pretrained` options) is `fastsolar.Tokenizer` (fastsolar/api.py),
+this class with transformers' arguments translated by `fastsolar.hf.compat`.
 """
 from __future__ import annotations
 
@@ -29,12 +30,9 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastsolar.chat import SOLAR_CHAT_TEMPLATE, render_chat_template, stop_strings_for
-
-if TYPE_CHECKING:
-    from fastsolar.hf_compat import BatchEncoding
+from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE, render_chat_template, stop_strings_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ _REPLACEMENT = "\ufffd"
 _MAX_PENDING_BYTES = 4
 
 
-class Tokenizer:
+class SentencePieceTokenizer:
     """sentencepiece model plus special ids and chat template; see the module docstring for semantics."""
 
     def __init__(
@@ -101,14 +99,11 @@ class Tokenizer:
             logger.warning("pad_token %r is not a piece of %s; the tokenizer has no pad id", tokens["pad_token"], path)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> "Tokenizer":
+    def from_pretrained(cls, model_dir: str | Path, **options: Any) -> "SentencePieceTokenizer":
         """Load `tokenizer.model` from a checkpoint directory, with its chat template, special-token strings
         and add_bos_token / add_eos_token / padding_side from `chat_template.jinja` / `tokenizer_config.json`
-        where present (else SOLAR's format). transformers-style options (padding_side, pad_token,
-        add_bos_token, ...) override them; see `fastsolar.hf_compat.tokenizer_options`."""
-        from fastsolar.hf_compat import tokenizer_options
-
-        options = tokenizer_options(**kwargs)
+        where present (else SOLAR's format). `options` (padding_side, truncation_side, add_bos_token,
+        add_eos_token, pad_token; checked by `fastsolar.hf.compat.tokenizer_options`) override them."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -291,25 +286,7 @@ class Tokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
-    # -- transformers' call -------------------------------------------------------------------
-
-    def __call__(self, text: str | list[str], **kwargs: Any) -> "BatchEncoding":
-        """transformers' `tokenizer(text or texts, return_tensors=..., padding=..., ...)`: a BatchEncoding of
-        input_ids and attention_mask; see `fastsolar.hf_compat.call_tokenizer`."""
-        from fastsolar.hf_compat import call_tokenizer
-
-        return call_tokenizer(self, text, **kwargs)
-
     # -- chat ----------------------------------------------------------------------------------
-
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
-        """transformers' `apply_chat_template`, same arguments and defaults: `tokenize=False` gives the prompt
-        text for a conversation (a list of {"role", "content"}; roles system/user/assistant); the default
-        `tokenize=True` gives that text tokenized without added special tokens, as a BatchEncoding
-        (`return_dict=False`: the input_ids). See `fastsolar.hf_compat.chat_template_call`."""
-        from fastsolar.hf_compat import chat_template_call
-
-        return chat_template_call(self, conversation, **kwargs)
 
     def encode_chat(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Token ids of the rendered conversation, starting with bos (the prompt to generate a reply from).
@@ -332,7 +309,7 @@ class Tokenizer:
         return stop_strings_for(self.chat_template)
 
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.model_file)!r}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}({str(self.model_file)!r}, vocab_size={self.vocab_size})"
 
 
 class StreamDecoder:
@@ -344,7 +321,7 @@ class StreamDecoder:
     applied to the same piece in both (and therefore cancelling out except at the true start).
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: SentencePieceTokenizer) -> None:
         self.tokenizer = tokenizer
         self._ids: list[int] = []
         self._read = 0  # ids[:_read] have been emitted

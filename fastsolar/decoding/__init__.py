@@ -1,0 +1,2 @@
+"""Decoding: on-device sampling (`sampling`), the generation loop (`generate`) and CUDA-graph decode steps
+(`graphs`)."""

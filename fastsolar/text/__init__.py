@@ -1,0 +1,2 @@
+"""Text: the sentencepiece tokenizer and its streaming decoder (`tokenizer`), chat templates, stop strings and
+streamed text (`chat`)."""
