@@ -64,24 +64,63 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
     return info
 
 
-def do_bench_ms(fn: Callable[[], Any], *, warmup: int = 25, rep: int = 100, repeats: int = 2,
-                graph: bool = False) -> tuple[float, float]:
-    """(median ms, spread %) of `fn` on CUDA: triton's do_bench median (CUDA events, L2 flushed; a CUDA-graph
-    replay when `graph`), measured `repeats` times, the fastest kept; spread = (slowest - fastest) / fastest."""
-    import triton.testing as tt
+#: A timed row's input sets together hold more than this many times the L2 cache, so every set is streamed from
+#: device memory, never replayed out of L2 (the H200 has 60 MB of it).
+L2_MULTIPLE = 3
+#: The most input sets one ring holds: a lap launches every set once, and capture time grows with the launches.
+RING_MAX = 8192
+SAMPLES = 3  # timed samples per row, median kept; spread = (slowest - fastest) / fastest
+SAMPLE_S = 0.005  # each sample replays the lap graph this long at least
 
-    meds = []
-    for _ in range(repeats):
-        if graph:
-            meds.append(tt.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
-        else:
-            meds.append(tt.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    best = min(meds)
-    return best, 100.0 * (max(meds) - best) / best
+
+def ring_size(nbytes: int, l2_bytes: int | None, cap: int = RING_MAX) -> int:
+    """How many copies of a case's inputs (`nbytes` each) a ring needs to hold more than L2_MULTIPLE x the L2
+    (1 where the L2 size is unknown), at most `cap`."""
+    if not l2_bytes:
+        return 1
+    return max(1, min(cap, L2_MULTIPLE * l2_bytes // max(1, nbytes) + 1))
+
+
+def from_memory(ring: int, nbytes: int, l2_bytes: int | None) -> bool:
+    """Whether a ring of `ring` input sets of `nbytes` each is read from device memory (it exceeds 3x the L2)."""
+    return bool(l2_bytes) and ring * nbytes > L2_MULTIPLE * l2_bytes
+
+
+def graph_ring_ms(fns: list[Callable[[], Any]], samples: int = SAMPLES, sample_s: float = SAMPLE_S) -> tuple[float, float]:
+    """(median ms per call, spread %) of one lap over `fns` (each a call on its own inputs) captured in a CUDA graph
+    and replayed: warm-up on a side stream (compiles, cuBLAS handles), capture, one replay to size the samples, then
+    `samples` timings of enough replays to last `sample_s` each (CUDA events)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+
+    def timed(laps: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(laps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / laps
+
+    lap_ms = timed(1)
+    laps = max(1, min(1000, int(sample_s * 1e3 / max(lap_ms, 1e-6)) + 1))
+    meds = sorted(timed(laps) / len(fns) for _ in range(samples))
+    return statistics.median(meds), 100.0 * (meds[-1] - meds[0]) / meds[0]
 
 
 def host_ms(fn: Callable[[], Any], *, warmup: int = 3, samples: int = 5, repeats: int = 2) -> tuple[float, float]:
-    """do_bench_ms on the host clock: the median of `samples` calls, `repeats` times, fastest kept, spread %."""
+    """Host-clock timing: the median of `samples` calls, `repeats` times, fastest kept, spread %."""
     for _ in range(warmup):
         fn()
     meds = []
@@ -96,10 +135,10 @@ def host_ms(fn: Callable[[], Any], *, warmup: int = 3, samples: int = 5, repeats
     return best, 100.0 * (max(meds) - best) / best
 
 
-def copy_bandwidth(device: torch.device | str = "cuda", gib: float | None = None, **timing) -> dict[str, Any]:
+def copy_bandwidth(device: torch.device | str = "cuda", gib: float | None = None) -> dict[str, Any]:
     """The memory-bound ceiling: a copy_ of a `gib` GiB buffer on `device` (default 1 GiB on CUDA, 64 MiB on a
-    host), GB/s = (bytes read + bytes written) / median time; timed by do_bench_ms on CUDA (`timing` is passed
-    on to it), by the host clock elsewhere. Returns bytes, ms, spread_pct, gbs and a one-line method."""
+    host), GB/s = (bytes read + bytes written) / median time; timed by CUDA-graph replay on CUDA (the buffer is
+    many times the L2), by the host clock elsewhere. Returns bytes, ms, spread_pct, gbs and a one-line method."""
     import torch
 
     device = torch.device(device)
@@ -109,14 +148,14 @@ def copy_bandwidth(device: torch.device | str = "cuda", gib: float | None = None
     dst = torch.empty_like(src)
     if on_cuda:
         with torch.cuda.device(device):
-            ms, spread = do_bench_ms(lambda: dst.copy_(src), **timing)
+            ms, spread = graph_ring_ms([lambda: dst.copy_(src)])
     else:
         ms, spread = host_ms(lambda: dst.copy_(src))
     nbytes = 2 * src.numel() * src.element_size()
     del src, dst
     if on_cuda:
         torch.cuda.empty_cache()
-    how = "triton do_bench median" if on_cuda else "host clock median"
+    how = "CUDA-graph replay median" if on_cuda else "host clock median"
     return {"bytes": nbytes, "ms": ms, "spread_pct": spread, "gbs": nbytes / ms / 1e6,
             "method": f"bench/common.py copy_bandwidth(): copy_ of {gib:g} GiB, {how}, spread {spread:.1f}%"}
 
@@ -153,3 +192,36 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def test_results(path: str | os.PathLike, label: str | None = None) -> dict[str, Any]:
+    """What tests/conftest.py's --results-jsonl file says (for one phase `label`, or all): counts by outcome, the
+    failed tests with their first message line, and tests that started but never reported (killed or hung)."""
+    counts: dict[str, int] = {}
+    failed: list[tuple[str, str]] = []
+    started: dict[str, None] = {}
+    try:
+        lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if label is not None and r.get("label") != label:
+            continue
+        if r["outcome"] == "started":
+            started[r["nodeid"]] = None
+            continue
+        if r["when"] == "teardown":
+            started.pop(r["nodeid"], None)
+        outcome = r["outcome"] if r["when"] == "call" or r["outcome"] != "passed" else None
+        if outcome is None:
+            continue
+        if r["when"] != "call" and outcome == "failed":
+            outcome = "error"
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome in ("failed", "error"):
+            failed.append((r["nodeid"], r.get("message", "")))
+    return {"counts": counts, "failed": failed, "unfinished": list(started)}

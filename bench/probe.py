@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Calibration probe: what cuBLAS gets out of the card for SOLAR's decode GEMVs, and where one decode step's
 time goes. Run on one CUDA GPU (bench/gpu_check.sh runs it); `--rehearse` runs the same code on a CPU.
+The parts run in the order --parts gives (default: the profile first, the more valuable of the two).
 
 1. gemv: torch.nn.functional.linear (cuBLAS) of x [M, K] by a bf16 weight [N, K] at M = 1 and 8, for
    SOLAR-10.7B's five weight shapes: 4096->6144 (fused q/k/v), 4096->4096 (o), 4096->28672 (fused
    gate/up), 14336->4096 (down), 4096->32000 (lm_head). Without L2 reuse: the products run over a ring of
    weight copies holding more than 3x the L2 cache, each copy read once per lap, so every product streams its
    weight from memory; a CUDA graph of one lap is replayed (no launch gaps) and timed with CUDA events,
-   median of 3 timings. GB/s = (weight + x + y bytes) / time, against the copy bandwidth measured first
+   median of 3 samples (common.graph_ring_ms). GB/s = (weight + x + y bytes) / time, against the copy bandwidth measured first
    (bench/common.py copy_bandwidth: bytes read + written). Each product is checked against fp32 first.
 2. profile: one decode step of the full 48-layer SOLAR-10.7B (random bf16 weights, bench/engines.random_solar)
    after a prefill of --context tokens, captured in a CUDA graph by fastsolar's CudaGraphStep (sampler greedy),
@@ -29,10 +30,10 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
-from common import copy_bandwidth, decode_step_bytes, device_info, host_ms, import_fastsolar, markdown_table, write_json
+from common import (copy_bandwidth, decode_step_bytes, device_info, graph_ring_ms, host_ms, import_fastsolar,
+                    markdown_table, ring_size, write_json)
 
 #: SOLAR-10.7B's decode weight shapes: (name, K = in features, N = out features).
 SOLAR_SHAPES = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096),
@@ -41,7 +42,7 @@ REHEARSAL_SHAPES = tuple((n, k // 64, m // 64) for n, k, m in SOLAR_SHAPES)
 
 #: Kernel kinds for the profile, first match wins (lower-cased substrings of the kernel's name).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("attn", "attention", "decode_split", "decode_reduce", "flash", "sdpa")),
+    ("attention", ("attn", "attention", "_decode_kernel", "decode_split", "decode_reduce", "flash", "sdpa")),
     ("gemm/gemv", ("gemm", "gemv", "nvjet", "cutlass", "cublas", "xmma", "matmul", "splitk", "aten::mm",
                    "aten::addmm", "aten::bmm")),
     ("norm", ("rms", "norm")),
@@ -70,40 +71,6 @@ def rel_err(out, ref) -> float:
 # ------------------------------------------------------------------------------------------------- gemv
 
 
-def _lap_timer(fn: Callable[[], Any], device: str) -> Callable[[int], float]:
-    """`time(laps) -> seconds` for `laps` runs of fn: a CUDA graph of one lap replayed (CUDA events) on CUDA,
-    the host clock elsewhere."""
-    import torch
-
-    if device != "cuda":
-        def host(laps: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(laps):
-                fn()
-            return time.perf_counter() - t0
-        return host
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture: cuBLAS picks its kernel and workspace
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-
-    def replay(laps: int) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(laps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    return replay
-
-
 def gemv_rows(shapes, batches, device: str, dtype, l2_bytes: int | None, copy_gbs: float | None):
     """Yield one row per (shape, M): µs per product, GB/s, % of copy bandwidth, TFLOP/s, the check."""
     import torch
@@ -111,7 +78,7 @@ def gemv_rows(shapes, batches, device: str, dtype, l2_bytes: int | None, copy_gb
 
     for name, k, n in shapes:
         w_bytes = n * k * dtype.itemsize
-        ring = max(2, math.ceil(3 * (l2_bytes or 0) / w_bytes) + 1)
+        ring = max(2, ring_size(w_bytes, l2_bytes))
         weights = [(torch.randn(n, k, device=device) * 0.02).to(dtype) for _ in range(ring)]
         for m in batches:
             x = torch.randn(m, k, device=device).to(dtype)
@@ -121,18 +88,17 @@ def gemv_rows(shapes, batches, device: str, dtype, l2_bytes: int | None, copy_gb
             try:
                 check = rel_err(F.linear(x, weights[0]), x.float() @ weights[0].float().T)
 
-                def lap() -> None:
-                    for w, y in zip(weights, outs):
-                        torch.mm(x, w.t(), out=y)  # F.linear's product, into a fixed output (graph-safe)
-
-                timer = _lap_timer(lap, device)
-                est = ring * w_bytes / ((copy_gbs or 1.0) * 0.5e9)  # one lap at half the copy rate, seconds
-                laps = max(3, math.ceil(0.03 / max(est, 1e-9))) if device == "cuda" else 1
-                times = [timer(laps) / (laps * ring) for _ in range(3)]
-                s = statistics.median(times)
+                # F.linear's product, into a fixed output (graph-safe), one per weight copy of the ring
+                fns = [lambda w=w, y=y, x=x: torch.mm(x, w.t(), out=y) for w, y in zip(weights, outs)]
+                if device == "cuda":
+                    ms, spread = graph_ring_ms(fns)
+                else:
+                    ms, spread = host_ms(lambda: [f() for f in fns], warmup=1, samples=3, repeats=1)
+                    ms /= ring
+                s = ms / 1e3
                 nbytes = w_bytes + (m * k + m * n) * dtype.itemsize
                 gbs = nbytes / s / 1e9
-                row.update(us=s * 1e6, spread_pct=100 * (max(times) - min(times)) / min(times), gbs=gbs,
+                row.update(us=s * 1e6, spread_pct=spread, gbs=gbs,
                            pct_copy=100 * gbs / copy_gbs if copy_gbs else None, tflops=2 * m * n * k / s / 1e12,
                            rel_err=check, check="ok" if check <= 1e-2 else f"BAD ({check:.1e})")
             except Exception as e:  # noqa: BLE001 - recorded; the other shapes still run
@@ -298,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here (rewritten after every row)")
-    ap.add_argument("--parts", default="gemv,profile", help="comma-separated subset of gemv,profile")
+    ap.add_argument("--parts", default="profile,gemv",
+                    help="comma-separated subset of profile,gemv, run in the order given (default profile,gemv)")
     ap.add_argument("--batches", default="1,8", help="GEMV rows M (default 1,8)")
     ap.add_argument("--profile-batch", type=int, default=1, help="decode batch of the profiled step (default 1)")
     ap.add_argument("--context", type=int, default=512, help="cached tokens before the profiled step (default 512)")
@@ -329,25 +296,28 @@ def main(argv: list[str] | None = None) -> int:
     save = (lambda: write_json(args.json, res)) if args.json else (lambda: None)
     save()
     failed = False
-    if "gemv" in parts:
-        res["gemv"] = []
-        l2 = int(info["l2_mib"] * 2**20) if info.get("l2_mib") else None
-        for row in gemv_rows(shapes, [int(b) for b in args.batches.split(",") if b], device, dtype, l2, copy_gbs):
-            res["gemv"].append(row)
-            failed |= not str(row.get("check", "")).startswith("ok")
-            print(f"[gemv] {row['shape']} {row['K']}->{row['N']} M={row['M']}: {_f(row.get('us'), '.1f')} µs "
-                  f"{_f(row.get('gbs'), '.0f')} GB/s ({_f(row.get('pct_copy'), '.0f')}% copy) {row.get('check')}",
-                  flush=True)
+    for part in parts:
+        if part == "gemv":
+            res["gemv"] = []
+            l2 = int(info["l2_mib"] * 2**20) if info.get("l2_mib") else None
+            for row in gemv_rows(shapes, [int(b) for b in args.batches.split(",") if b], device, dtype, l2, copy_gbs):
+                res["gemv"].append(row)
+                failed |= not str(row.get("check", "")).startswith("ok")
+                print(f"[gemv] {row['shape']} {row['K']}->{row['N']} M={row['M']}: {_f(row.get('us'), '.1f')} µs "
+                      f"{_f(row.get('gbs'), '.0f')} GB/s ({_f(row.get('pct_copy'), '.0f')}% copy) {row.get('check')}",
+                      flush=True)
+                save()
+        elif part == "profile":
+            try:
+                res["profile"] = profile_decode(preset, args.layers, args.profile_batch, args.context, args.replays,
+                                                device, dtype, copy_gbs)
+            except Exception as e:  # noqa: BLE001 - keep the other part's rows; say what broke
+                traceback.print_exc()
+                res["profile"] = {"error": f"{type(e).__name__}: {e}"}
+                failed = True
             save()
-    if "profile" in parts:
-        try:
-            res["profile"] = profile_decode(preset, args.layers, args.profile_batch, args.context, args.replays,
-                                            device, dtype, copy_gbs)
-        except Exception as e:  # noqa: BLE001 - keep the GEMV rows; say what broke
-            traceback.print_exc()
-            res["profile"] = {"error": f"{type(e).__name__}: {e}"}
-            failed = True
-        save()
+        else:
+            ap.error(f"unknown part {part!r}; choose from profile,gemv")
     res["complete"] = True
     save()
     print("\n" + markdown(res), flush=True)

@@ -4,9 +4,10 @@
     python bench/report.py OUT                        # print the README
     python bench/report.py OUT --into bench/results   # copy OUT's files to bench/results/<date>-<card>/ + README.md
 
-Runs anywhere (no GPU needed): it only reads summary.json, the JUnit XMLs and the JSON files the phases wrote,
-and renders them with the scripts' own markdown functions. A follow-up run (`--phase compile`) goes to the
-same folder: its files are added (summary.json as summary-<phases>.json) and the README is rebuilt from all.
+Runs anywhere (no GPU needed): it only reads summary.json (with the plan: each phase's counted work and H200
+estimate beside what it took), tests.jsonl and the JSON files the phases wrote, and renders them with the
+scripts' own markdown functions. A follow-up run (`--phase compile,...`) goes to the same folder: its files are
+added (summary.json, gpu_check.log and tests.jsonl as <name>-<phases>.<ext>) and the README is rebuilt from all.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import json
 import re
 import shutil
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,34 @@ def _load(folder: Path, name: str) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _junit(path: Path) -> str:
-    """Counts and the failed tests of a JUnit XML."""
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    lines = [f"{n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, {n['failures']} failed, "
-             f"{n['errors']} errors, {n['skipped']} skipped (of {n['tests']})."]
-    for case in root.iter("testcase"):
-        for kind in ("failure", "error"):
-            bad = case.find(kind)
-            if bad is not None:
-                msg = (bad.get("message") or "").splitlines()[0][:200] if bad.get("message") else ""
-                lines.append(f"- {kind.upper()} `{case.get('classname')}::{case.get('name')}`: {msg}")
-    return "\n".join(lines)
+def _tests(paths: list[Path], label: str) -> str:
+    """Counts, failures and unfinished tests of one pytest phase, from the tests*.jsonl files."""
+    from common import test_results
+
+    counts: dict[str, int] = {}
+    lines: list[str] = []
+    for path in paths:
+        res = test_results(path, label)
+        for k, n in res["counts"].items():
+            counts[k] = counts.get(k, 0) + n
+        lines += [f"- FAILED `{nodeid}`: {msg}" for nodeid, msg in res["failed"]]
+        lines += [f"- UNFINISHED (killed or hung) `{nodeid}`" for nodeid in res["unfinished"]]
+    if not counts and not lines:
+        return ""
+    return "\n".join([", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".", *lines])
+
+
+def _plan(plan: dict[str, Any], phases: dict[str, Any]) -> list[str]:
+    """The plan's counted work and H200 estimate beside what each phase took."""
+    rows = [f"| {p['phase']} | {'optional' if p['optional'] else 'mandatory'} | {p.get('work') or ''} | "
+            f"{p['estimate_s']} | {p['cap_s']} | {phases.get(p['phase'], {}).get('seconds', '')} | "
+            f"{phases.get(p['phase'], {}).get('status', 'not in this run')} |" for p in plan["phases"]]
+    fu = plan["follow_up"]
+    return [f"Plan (H200 estimates from counted work; mandatory {plan['mandatory_estimate_s']} s of "
+            f"{plan['mandatory_limit_s']} s; follow-up {fu['budget_s']} s runs {', '.join(fu['runs']) or 'nothing'}"
+            f"{'; left: ' + ', '.join(fu['left']) if fu['left'] else ''}):", "",
+            "| phase | kind | counted work | estimate s | cap s | took s | status |", "|---|---|---|---:|---:|---:|---|",
+            *rows, *([""] + [f"PLAN PROBLEM: {x}" for x in plan["problems"]] if plan["problems"] else []), ""]
 
 
 def folder_name(summary: dict[str, Any]) -> str:
@@ -84,11 +98,17 @@ def readme(folder: Path) -> str:
         if s.get("follow_up"):
             out += ["", f"Follow-up for what did not run: `{s['follow_up']}`"]
         out.append("")
-    for xml, what in (("pytest-gpu.xml", "CUDA-only tests (`-m gpu`)"), ("pytest-suite.xml", "the rest of the suite")):
-        if (folder / xml).is_file():
-            out += [f"## Tests: {what}", "", _junit(folder / xml), ""]
+        if s.get("plan"):
+            out += _plan(s["plan"], s.get("phases", {}))
+    tests = sorted(folder.glob("tests*.jsonl"))
+    for label, what in (("gpu-tests", "CUDA-only tests (`-m 'gpu and not heavy'`)"), ("gpu-heavy", "heavy CUDA tests"),
+                        ("suite", "the rest of the suite")):
+        text = _tests(tests, label)
+        if text:
+            out += [f"## Tests: {what}", "", text, ""]
     sections = (("probe.json", "Calibration probe (bench/probe.py)", "probe"),
-                ("kernels.json", "Kernels (bench/kernel_bench.py)", "kernel_bench"),
+                ("kernels.json", "Kernels: the decode path (bench/kernel_bench.py)", "kernel_bench"),
+                ("kernels-rest.json", "Kernels: the rest (bench/kernel_bench.py)", "kernel_bench"),
                 ("bench.json", "End to end (bench/run.py)", "run"),
                 ("compile.json", "hf-compile (bench/run.py --engines hf-compile)", "run"))
     for name, heading, module in sections:
@@ -114,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     follow_up = dest.joinpath("summary.json").exists()
     for f in sorted(p for p in args.out.iterdir() if p.is_file()):
         target = dest / f.name
-        if follow_up and f.name in ("summary.json", "gpu_check.log"):
+        if follow_up and f.name in ("summary.json", "gpu_check.log", "tests.jsonl"):
             phases = "-".join(n for n in summary.get("phases", {}) if n != "info") or "info"
             target = dest / f"{f.stem}-{phases}{f.suffix}"
         shutil.copy2(f, target)

@@ -13,6 +13,8 @@ Markers (registered in pyproject.toml). Every test file follows this convention,
   device code, so a GPU adds nothing (tokenizer, loader, config, CLI, ahead-of-time compile, CPU benchmark
   runs, ...). It still runs everywhere by default; bench/gpu_check.sh deselects it (`-m "not cpu_only"`) to
   spend the lent GPU's minutes on what only a GPU can check.
+- `@pytest.mark.heavy(seconds)`: a CUDA test that takes about `seconds` (a minute or more) on a lent H100/H200;
+  bench/gpu_check.sh plans with the figure and runs such tests in their own phase, after the valuable ones.
 - Neither: the test runs on the test device (`helpers.DEVICE`): compiled kernels on CUDA, the interpreter
   on a CPU. Such tests build their tensors and models on `helpers.DEVICE`.
 
@@ -26,6 +28,7 @@ environment such tests are reported as skipped with the reason, instead of faili
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -63,7 +66,22 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--graphs-first", action="store_true",
-                     help="run tests whose id mentions CUDA graphs first (bench/gpu_check.sh: the riskiest first)")
+                     help="run tests whose id mentions CUDA graphs first, then the quantised ones (bench/gpu_check.sh: "
+                          "the riskiest and most valuable first)")
+    parser.addoption("--results-jsonl", metavar="PATH",
+                     help="append one JSON line per test as it starts and per report as it comes (bench/gpu_check.sh: "
+                          "nothing is lost when the run is killed)")
+    parser.addoption("--results-label", default="", help="a label written into each --results-jsonl line")
+    parser.addoption("--collect-json", metavar="PATH",
+                     help="write the collected tests (nodeid and markers) as JSON: bench/gpu_check.sh's plan counts them")
+
+
+QUANTISED_IDS = ("quant", "int8", "fp8")
+
+
+def _value_order(item: pytest.Item) -> int:
+    nodeid = item.nodeid.lower()
+    return 0 if "graph" in nodeid else 1 if any(k in nodeid for k in QUANTISED_IDS) else 2
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -74,7 +92,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 why = marker.args[0] if marker.args else marker.kwargs.get("reason")
                 item.add_marker(pytest.mark.skip(reason=f"{GPU_SKIP_REASON}: {why}" if why else GPU_SKIP_REASON))
     if config.getoption("--graphs-first"):
-        items.sort(key=lambda item: "graph" not in item.nodeid.lower())  # stable: the rest keep their order
+        items.sort(key=_value_order)  # stable: each group keeps its order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    path = session.config.getoption("--collect-json")
+    if not path:
+        return
+    items = []
+    for item in session.items:
+        marks: dict[str, object] = {}
+        for m in item.iter_markers():
+            marks.setdefault(m.name, m.args[0] if m.args else True)
+        items.append({"nodeid": item.nodeid, "marks": marks})
+    with open(path, "w") as f:
+        json.dump(items, f, default=str)
+
+
+class ResultsFile:
+    """--results-jsonl: one JSON line as each test starts and one per report (setup, call, teardown) as it comes,
+    appended and closed each time, so a run killed at any moment keeps every finished test's result and names the
+    one it was in. Registered on the xdist controller (or a plain run) only: workers' reports reach it there."""
+
+    def __init__(self, path: str, label: str) -> None:
+        self.path, self.label = path, label
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**record, "label": self.label}) + "\n")
+
+    def pytest_runtest_logstart(self, nodeid: str, location) -> None:
+        self._write({"nodeid": nodeid, "when": "start", "outcome": "started"})
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        message = ""
+        if report.failed or report.skipped:
+            message = next((line for line in reversed(report.longreprtext.splitlines()) if line.strip()), "")[:300]
+        self._write({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                     "duration": round(report.duration, 3), "message": message})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--results-jsonl")
+    if path and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(ResultsFile(path, config.getoption("--results-label")), "fastsolar-results-jsonl")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -139,6 +139,7 @@ def test_step_bytes_and_table(bench_script):
 
 
 @pytest.mark.gpu("the CUDA engines need a CUDA device")
+@pytest.mark.heavy(90)  # 6 engines x 2 batch sizes in a subprocess: 60-100 s on an H200
 def test_bench_cuda_engines_small(tmp_path):
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
     names = ["fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "fastsolar-int8"] + (["fastsolar-fp8"] if fp8 else [])

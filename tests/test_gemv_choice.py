@@ -3,9 +3,10 @@ shape takes on the kernel path, picked by timing both once per shape, or forced.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fastsolar import gemv_choice, ops
-from fastsolar.kernels.gemv import gemv_ref
+from fastsolar.kernels.gemv import gemv, gemv_ref
 from helpers import assert_close, randn
 from launch_count import count_launches
 
@@ -30,6 +31,37 @@ def fresh_choices(monkeypatch):
     monkeypatch.setattr(gemv_choice, "can_time", lambda device: True)
     monkeypatch.setattr(gemv_choice, "measure", fake_measure)
     return times, timed
+
+
+def test_choice_times_replays_not_launches():
+    """The candidates are timed as a decode step runs them, replayed from a graph: the median over the samples of
+    each burst's time per replay, after one untimed replay (the graph's upload)."""
+    replays = []
+    bursts = iter([12.0, 9.0, 30.0, 10.0, 11.0])  # ms per burst of REPLAYS replays
+
+    def elapsed(run):
+        before = len(replays)
+        run()
+        assert len(replays) - before == gemv_choice.REPLAYS
+        return next(bursts)
+
+    ms = gemv_choice.replay_median_ms(lambda: replays.append(1), elapsed)
+    assert len(replays) == 1 + gemv_choice.REPLAYS * gemv_choice.SAMPLES
+    assert ms == 11.0 / gemv_choice.REPLAYS
+
+
+@pytest.mark.gpu("CUDA graph capture of a candidate")
+def test_choice_measure_captures_once():
+    """measure() runs the candidate in Python twice (warm-up, capture) whatever the replays, and times the replays."""
+    calls = []
+    x, w = randn(1, 1, 4096, dtype=torch.bfloat16), randn(4096, 4096, scale=0.02, dtype=torch.bfloat16)
+
+    def candidate():
+        calls.append(1)
+        return gemv(x, w)
+
+    ms = gemv_choice.measure(candidate)
+    assert len(calls) == 2 and 0 < ms < 10
 
 
 @pytest.mark.parametrize("faster", ["triton", "cublas"])

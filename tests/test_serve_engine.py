@@ -182,8 +182,17 @@ def make_engine(ckpt):
         e.stop()
 
 
+def no_engine_running() -> None:
+    """References are computed before an engine starts, never beside it: generate on this thread while the engine
+    thread decodes would share the split-K workspaces with it, and could run during its CUDA-graph capture (nothing
+    else may run then)."""
+    running = [t.name for t in threading.enumerate() if t.name == "fastsolar-engine" and t.is_alive()]
+    assert not running, "a reference computed while an engine thread runs: compute it before starting the engine"
+
+
 def alone(ref: Solar, tok: Tokenizer, prompt: list[int], max_tokens: int, **sampling):
     """What generate gives one prompt: (text, finish_reason, completion tokens) with EOS ending it."""
+    no_engine_running()
     ids = torch.tensor([prompt], device=ref.device)
     new = ref.generate(ids, max_tokens, **sampling)[0, len(prompt):].tolist()
     eos = set(ref.config.eos_token_ids)
@@ -200,8 +209,9 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "Once upon a
 
 def test_engine_greedy_equals_generate_while_requests_come_and_go(ckpt, make_engine):
     _, tok, ref = ckpt
-    engine = make_engine(max_batch=3)
     budgets = [12, 5, 20, 9, 16, 3, 14, 7]
+    expected = [alone(ref, tok, tok.encode(p), n) for p, n in zip(PROMPTS, budgets)]
+    engine = make_engine(max_batch=3)
     collectors = [Collector() for _ in PROMPTS]
     # Three now; the rest while those run, so they join a batch mid-generation and reuse freed rows.
     for i in range(3):
@@ -213,8 +223,7 @@ def test_engine_greedy_equals_generate_while_requests_come_and_go(ckpt, make_eng
         engine.submit(Request(f"r{i}", tok.encode(PROMPTS[i]), budgets[i], RowParams(temperature=0.0)), collectors[i])
     for i, c in enumerate(collectors):
         c.wait()
-        text, reason, n = alone(ref, tok, tok.encode(PROMPTS[i]), budgets[i])
-        assert (c.text, c.last.finish_reason, c.last.completion_tokens) == (text, reason, n), i
+        assert (c.text, c.last.finish_reason, c.last.completion_tokens) == expected[i], i
         assert c.last.prompt_tokens == len(tok.encode(PROMPTS[i]))
     assert engine.rows_used == {0, 1, 2}
     assert max(engine.batch_sizes) == 3 and len(engine.batch_sizes) > 1
@@ -230,15 +239,16 @@ def test_engine_greedy_equals_generate_while_requests_come_and_go(ckpt, make_eng
 
 def test_engine_greedy_with_repetition_penalty_equals_generate(ckpt, make_engine):
     _, tok, ref = ckpt
-    engine = make_engine(max_batch=4)
     params = RowParams(temperature=0.0, repetition_penalty=1.3)
     prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    expected = [alone(ref, tok, p, 15, repetition_penalty=1.3)[:2] for p in prompts]
+    engine = make_engine(max_batch=4)
     collectors = [Collector() for _ in prompts]
     for i, p in enumerate(prompts):
         # Mixed with a sampled request, so the step runs the penalty and sampling stages for every row.
         engine.submit(Request(f"p{i}", p, 15, params if i else RowParams(temperature=1.0, seed=1)), collectors[i])
     for i, c in enumerate(collectors[1:], 1):
-        assert (c.wait().text, c.last.finish_reason) == alone(ref, tok, prompts[i], 15, repetition_penalty=1.3)[:2]
+        assert (c.wait().text, c.last.finish_reason) == expected[i]
 
 
 def test_seeded_sampling_is_the_same_whatever_else_runs(ckpt, make_engine):
@@ -268,11 +278,12 @@ def test_seeded_sampling_is_the_same_whatever_else_runs(ckpt, make_engine):
 
 def test_engine_eos_and_length(ckpt, make_engine):
     _, tok, ref = ckpt
-    engine = make_engine(max_batch=2)
     prompt = tok.encode(PROMPTS[1])
+    no_engine_running()
+    tokens = ref.generate(torch.tensor([prompt], device=ref.device), 12, eos_token_id=[])[0, len(prompt):].tolist()
+    engine = make_engine(max_batch=2)
     full = Collector()
     engine.submit(Request("full", prompt, 12, RowParams(temperature=0.0), ignore_eos=True), full)
-    tokens = ref.generate(torch.tensor([prompt], device=ref.device), 12, eos_token_id=[])[0, len(prompt):].tolist()
     assert full.wait().text == tok.decode(tokens) and full.last.finish_reason == "length"
     # A later token made the EOS: the request ends at its first occurrence ("stop"), counted but not shown.
     k = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])
@@ -331,6 +342,17 @@ def test_stop_drains_running_requests(ckpt, make_engine):
     assert c.finished.is_set() and c.last.finish_reason == "length" and c.last.completion_tokens == 30
 
 
+def test_references_are_never_computed_beside_a_running_engine(ckpt, make_engine):
+    """The guard the engine tests rely on: alone() refuses to run while an engine thread is alive (the race a GPU
+    would hit: generate sharing split-K workspaces with the engine's steps, or running during its graph capture)."""
+    _, tok, ref = ckpt
+    engine = make_engine(max_batch=1)
+    with pytest.raises(AssertionError, match="before starting the engine"):
+        alone(ref, tok, tok.encode(PROMPTS[0]), 2)
+    engine.stop()
+    assert alone(ref, tok, tok.encode(PROMPTS[0]), 2)[2] >= 1
+
+
 @pytest.mark.parametrize("request_kw, param, fragment", [
     (dict(prompt=[]), "prompt", "empty"),
     (dict(prompt=[1, 10**6]), "prompt", "outside the vocabulary"),
@@ -363,11 +385,12 @@ def test_engine_arguments_are_checked(ckpt):
 def test_engine_with_cuda_graphs_equals_generate(ckpt, make_engine):
     """On CUDA the decode steps replay captured graphs (one per batch size): greedy still equals generate."""
     _, tok, ref = ckpt
+    expected = [alone(ref, tok, tok.encode(p), 10 + i)[:2] for i, p in enumerate(PROMPTS)]
     engine = make_engine(max_batch=4)
     assert engine.cuda_graphs
     collectors = [Collector() for _ in PROMPTS]
     for i, p in enumerate(PROMPTS):
         engine.submit(Request(f"g{i}", tok.encode(p), 10 + i, RowParams(temperature=0.0)), collectors[i])
     for i, c in enumerate(collectors):
-        assert (c.wait().text, c.last.finish_reason) == alone(ref, tok, tok.encode(PROMPTS[i]), 10 + i)[:2]
+        assert (c.wait().text, c.last.finish_reason) == expected[i]
     assert all(e.graph is not None for e in engine.step.pool.entries.values())

@@ -3,9 +3,10 @@ small kernels it replaces (kernels/gemv.py fuses RMSNorm / SwiGLU before and the
 
 A fused kernel that loses to cuBLAS must never ship, and which one wins depends on the card and the shape.
 So the first time a shape runs on a CUDA device, both candidates are timed on that call's own inputs
-(`measure`: triton.testing.do_bench, median, L2 flushed between runs) and the faster is kept for the rest of
-the process, per (op kind, device, dtypes, M, N, K); one INFO line on the `fastsolar.ops.gemv_choice` logger
-names the pick and both times. `FASTSOLAR_GEMV=triton|cublas` in the environment, or `force_gemv(...)`,
+(`measure`: each captured in a CUDA graph and replayed, as a decode step runs them, so the Python launch cost
+that a captured step never pays does not decide the pick; median of a few samples) and the faster is kept for
+the rest of the process, per (op kind, device, dtypes, M, N, K); one INFO line on the
+`fastsolar.ops.gemv_choice` logger names the pick and both times. `FASTSOLAR_GEMV=triton|cublas` in the environment, or `force_gemv(...)`,
 forces either. Nothing is timed without a CUDA device (the Triton interpreter's times mean nothing), nor
 while a CUDA graph is being captured (a sync there would break the capture; a graph step's warm-up runs
 first, so its shapes are decided by then): those calls take cuBLAS without remembering it. Tests force
@@ -55,11 +56,46 @@ def forced() -> str | None:
     return _forced
 
 
-def measure(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of fn() on the current CUDA stream (tests replace this with a fake timer)."""
-    import triton.testing
+REPLAYS, SAMPLES = 20, 5  # graph replays per timed sample, samples per candidate (median kept)
 
-    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+def measure(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of one fn() replayed from a CUDA graph: a warm-up call on a side stream (compiles,
+    cuBLAS's choice of kernel and workspace), one capture, then `replay_median_ms` (tests replace this with a
+    fake timer). fn runs twice in Python, whatever the replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return replay_median_ms(graph.replay, _event_ms)
+
+
+def _event_ms(run: Callable[[], Any]) -> float:
+    """Milliseconds the device takes for what run() queues (CUDA events around it)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def replay_median_ms(replay: Callable[[], Any], elapsed_ms: Callable[[Callable[[], Any]], float],
+                     replays: int = REPLAYS, samples: int = SAMPLES) -> float:
+    """The median over `samples` of `elapsed_ms` for `replays` back-to-back replays, per replay (one replay first,
+    untimed: the first replay uploads the graph)."""
+    replay()
+
+    def burst() -> None:
+        for _ in range(replays):
+            replay()
+
+    times = sorted(elapsed_ms(burst) / replays for _ in range(samples))
+    return times[len(times) // 2]
 
 
 def can_time(device: torch.device) -> bool:
