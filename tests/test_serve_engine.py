@@ -228,6 +228,34 @@ def test_engine_greedy_equals_generate_while_requests_come_and_go(ckpt, make_eng
     assert m["completion_tokens_total"] == sum(c.last.completion_tokens for c in collectors)
 
 
+def test_generate_on_a_served_model_leaves_the_served_output_unchanged(ckpt, make_engine):
+    """`model.generate` on the very model an engine is serving, run between two of the engine's steps (from a
+    request's sink, on the engine thread): generate decodes in a session of its own, so the served request's
+    cache row is untouched and both get exactly what they get alone."""
+    _, tok, ref = ckpt
+    engine = make_engine(max_batch=2)
+    served, other = tok.encode(PROMPTS[1]), tok.encode(PROMPTS[3])
+    got: list = []
+
+    def interleave(out) -> None:
+        if len(c.outputs) == 3:  # the served request sits in cache row 0 (what generate's rows 0.. would hit)
+            try:
+                got.append(engine.model.generate(torch.tensor([other, other], device=DEVICE), 8, eos_token_id=[]))
+            except Exception as e:  # reported below: a raising sink would only cancel the request
+                got.append(e)
+
+    c = Collector(on_output=interleave)
+    engine.submit(Request("s", served, 20, RowParams(temperature=0.0), ignore_eos=True), c)
+    c.wait()
+    assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
+    new = ref.generate(torch.tensor([served], device=DEVICE), 20, eos_token_id=[])[0, len(served):]
+    want_served = tok.decode(new, skip_special_tokens=True)
+    assert (c.text, c.last.completion_tokens) == (want_served, 20)
+    want_other = ref.generate(torch.tensor([other, other], device=DEVICE), 8, eos_token_id=[])
+    assert torch.equal(got[0], want_other)
+    assert engine.session.rows_in_use == frozenset()
+
+
 def test_engine_greedy_with_repetition_penalty_equals_generate(ckpt, make_engine):
     _, tok, ref = ckpt
     engine = make_engine(max_batch=4)
