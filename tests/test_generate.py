@@ -61,7 +61,7 @@ BAD_INPUTS = [
     (dict(attention_mask=RIGHT_PADDED * 2), "only 0 and 1"),
     (dict(input_ids=IDS[0]), r"shape \[batch, seq\]"),
     (dict(input_ids=IDS.float()), "int64"),
-    (dict(input_ids=torch.full((1, 3), VOCAB, device=DEVICE)), r"token ids must lie in \[0, 997\)"),
+    (dict(input_ids=torch.full((1, 3), VOCAB, device=DEVICE)), r"token id 997 is outside the vocabulary \[0, 997\)"),
 ]
 if not ON_GPU:
     BAD_INPUTS.append((dict(cuda_graphs=True), "cuda_graphs=True needs a model on a CUDA device"))
@@ -206,7 +206,7 @@ def test_sampler_reset_in_place():
     assert [t.data_ptr() for t in buffers] == ptrs
     assert sampler.seen.nonzero().tolist() == [[0, 1], [0, 2], [1, 3]]  # padding marked nothing
     assert sampler.params.top_k.tolist() == [3, 3]
-    assert sampler.mode == (True, True, True, True, False)  # no min_new_tokens: no EOS ban
+    assert sampler.mode == (True, True, True, True, False, True)  # no min_new_tokens: no EOS ban; slots in order
 
 
 @pytest.mark.gpu("host-sync detection needs CUDA")

@@ -303,7 +303,7 @@ def test_min_new_tokens_processing_matches_transformers_processor():
     sampler.reset(min_new_tokens=3, eos_token_ids=[2, 7])
     hf = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=5, min_new_tokens=3, eos_token_id=[2, 7])
     for t in range(5):
-        banned = sampler.eos_mask & (sampler.step < sampler.min_new_tokens)
+        banned = sampler.eos_mask[None, :] & (sampler.counter < sampler.min_new_tokens)[:, None]
         theirs = hf(torch.zeros(3, 5 + t, dtype=torch.long), logits.clone())
         torch.testing.assert_close(process_logits(logits, params, banned=banned), theirs, rtol=0, atol=0)
         sampler(logits)  # advances the device-side step counter

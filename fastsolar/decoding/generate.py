@@ -31,8 +31,9 @@ import torch
 
 from fastsolar.decoding.graphs import CudaGraphLoop
 from fastsolar.decoding.loop import DecodeLoop, DoneProbe
-from fastsolar.decoding.sampling import PerRow, Sampler, check_sampling_args
+from fastsolar.decoding.sampling import PerRow, Sampler, check_sampling_args, row_seeds
 from fastsolar.decoding.session import DecodeSession
+from fastsolar.model import check_token_ids
 
 CHECK_EVERY = 16  # decode steps between host checks for "every row has finished"
 
@@ -46,7 +47,7 @@ class _Request:
     lengths: list[int]  # real tokens per row
     max_new_tokens: int
     sampling: dict[str, Any]
-    seed: int | None
+    seeds: list[int]  # one per row (sampling.row_seeds)
     eos: tuple[int, ...]
     pad: int
     cuda_graphs: bool
@@ -64,7 +65,7 @@ def _validate(
     repetition_penalty: PerRow,
     eos_token_id: int | Sequence[int] | None,
     attention_mask: torch.Tensor | None,
-    seed: int | None,
+    seed: int | Sequence[int] | None,
     cuda_graphs: bool | None,
     min_new_tokens: int = 0,
     pad_token_id: int | None = None,
@@ -114,9 +115,7 @@ def _validate(
         mask = None
         lengths = [width] * b
         real = ids
-    lo, hi = (int(v) for v in torch.aminmax(real))
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}); the prompt holds {lo if lo < 0 else hi}")
+    check_token_ids(real, config.vocab_size)
 
     prompt_len = max(lengths)
     context = config.max_position_embeddings
@@ -139,7 +138,7 @@ def _validate(
     return _Request(
         input_ids=ids, attention_mask=mask, lengths=lengths, max_new_tokens=max_new_tokens,
         sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty),
-        seed=seed, eos=eos, pad=pad, cuda_graphs=bool(cuda_graphs), min_new_tokens=min_new_tokens,
+        seeds=row_seeds(seed, b), eos=eos, pad=pad, cuda_graphs=bool(cuda_graphs), min_new_tokens=min_new_tokens,
     )
 
 
@@ -190,7 +189,7 @@ def _token_loop(session: DecodeSession, req: _Request, check_every: int, out: li
     try:
         right, valid, lens = _right_pad(req)
         sampler = session.sampler(b)
-        sampler.reset(**req.sampling, seed=req.seed, prompt_ids=right, prompt_mask=valid,
+        sampler.reset(**req.sampling, seed=req.seeds, prompt_ids=right, prompt_mask=valid,
                       min_new_tokens=req.min_new_tokens, eos_token_ids=req.eos)
         loop = session.loop(b, len(req.eos))
         loop.start(lens, req.eos, req.pad, n_new)
@@ -222,7 +221,7 @@ def generate(
     repetition_penalty: PerRow = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     attention_mask: torch.Tensor | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     cuda_graphs: bool | None = None,
     min_new_tokens: int = 0,
     pad_token_id: int | None = None,
@@ -232,7 +231,8 @@ def generate(
     model's device, n <= max_new_tokens (shorter when every row reached an EOS, like transformers).
 
     temperature 0 is greedy (argmax); otherwise sample after repetition_penalty, temperature, top_k and
-    top_p, in transformers' order; `seed` makes sampling reproducible. eos_token_id defaults to the config's;
+    top_p, in transformers' order; `seed` makes sampling reproducible: row i draws with seed + i (a list
+    gives each row its own), exactly as a served request with that seed does, whatever else is in the batch. eos_token_id defaults to the config's;
     no EOS is chosen among the first `min_new_tokens` tokens; finished rows are filled with `pad_token_id`
     (default: the config's pad id, else the first EOS id). `session`: the DecodeSession to decode in (its
     cache, sampler and graphs are reused by the next call on it); by default one made for this call.

@@ -33,10 +33,10 @@ Capture:
   the real steps before anything reads them.
 - All graphs of one session share one memory pool (`torch.cuda.graph_pool_handle()`): replays are
   sequential on one stream and each step's output is cloned before another graph replays.
-- RNG: the sampler's own CUDA generator (`sampler.generators()`) is registered with
-  `CUDAGraph.register_generator_state(gen)` before capture, so each replay advances its Philox offset
-  (fresh randomness per replay, the eager stream for the same seed). On a torch without that method, a
-  sampler with its own CUDA generator is refused with a clear error (use eager).
+- RNG: fastsolar's Sampler draws counter-based noise from device counters (no generator), so a replay
+  draws what the eager step would. A stateful object that holds its own CUDA generator (`generators()`)
+  has it registered with `CUDAGraph.register_generator_state(gen)` before capture, so each replay advances
+  its Philox offset; on a torch without that method such an object is refused with a clear error.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ layer's scale (`_scale`: None for a plain nn.Linear) with its weight, and the op
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,20 @@ from torch import nn
 
 from fastsolar import memory, ops
 from fastsolar.config import SolarConfig
+
+
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
+    """ValueError naming the first token id outside the vocabulary [0, vocab_size) (for a tensor: its lowest or
+    highest, one host sync): the one check of token ids, for forward, generate and the server."""
+    if isinstance(ids, torch.Tensor):
+        if ids.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        bad = lo if lo < 0 else (hi if hi >= vocab_size else None)
+    else:
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
 
 
 def _scale(layer: nn.Module) -> torch.Tensor | None:
@@ -258,7 +273,4 @@ class Transformer(nn.Module):
         limit = self.config.max_position_embeddings
         if input_ids.shape[1] > limit:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the context of {limit} tokens")
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # a host sync; forward is not the decode hot path
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        check_token_ids(input_ids, self.config.vocab_size)  # a host sync; forward is not the decode hot path

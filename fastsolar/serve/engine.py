@@ -13,7 +13,8 @@ context)`: its KV cache, graphs and row allocation, shared with no other user of
    step); its row is free for the next admission.
 
 So a new request joins the running batch at the next step instead of waiting for the batch to drain.
-Sampling state is per cache row (`RowSampler`): each request keeps its own parameters and seed, and greedy
+Sampling state is per cache row (`fastsolar.decoding.sampling.Sampler`, the one generate uses): each request
+keeps its own parameters and seed, and greedy
 requests get exactly what `generate` gives them alone. Text is produced here too (`chat.TextStream`: stop
 strings must end a row as soon as they appear); each event goes to the request's `sink` callback, called
 on the engine thread.
@@ -33,9 +34,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastsolar.decoding.graphs import CudaGraphStep
-from fastsolar.decoding.sampling import SamplingParams
+from fastsolar.decoding.sampling import RowParams, Sampler, check_sampling_args
 from fastsolar.decoding.session import DecodeSession
-from fastsolar.serve.sampler import RowParams, RowSampler
+from fastsolar.model import check_token_ids
 from fastsolar.text.chat import TextStream
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ class Engine:
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.rows_used: set[int] = set()
         self.session: DecodeSession | None = None
-        self.sampler: RowSampler | None = None
+        self.sampler: Sampler | None = None
         self.step = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class Engine:
             raise RuntimeError("the engine is already started")
         # Its own session: its cache rows and graphs are the engine's alone; a graph per batch size and mode.
         self.session = DecodeSession(self.model, self.max_batch, self.context, max_graphs=max(16, 4 * self.max_batch))
-        self.sampler = RowSampler(self.max_batch, self.vocab_size, self.model.device)
+        self.sampler = Sampler(self.max_batch, self.vocab_size, self.model.device, coarse_modes=True)
         self.step = CudaGraphStep(self.session, self.sampler, capture=self.cuda_graphs)
         self._accepting = True
         self._t_start = time.perf_counter()
@@ -212,9 +213,10 @@ class Engine:
         n = len(prompt)
         if n == 0:
             raise InvalidRequest("the prompt is empty: at least one token is needed", "prompt")
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        try:
+            check_token_ids(prompt, self.vocab_size)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "prompt") from None
         if n >= self.context:
             raise InvalidRequest(
                 f"the prompt has {n} tokens but the model's context is {self.context} tokens, which leaves no "
@@ -230,12 +232,10 @@ class Engine:
                 f"of {self.context} tokens", "max_tokens", "context_length_exceeded")
         s = request.sampling
         try:
-            SamplingParams.build(1, self.vocab_size, "cpu", temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                 repetition_penalty=s.repetition_penalty)
+            check_sampling_args(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                repetition_penalty=s.repetition_penalty, seed=s.seed)
         except ValueError as e:
             raise InvalidRequest(str(e), str(e).split()[0]) from None
-        if not isinstance(s.seed, int):
-            raise InvalidRequest(f"seed must be an integer, got {s.seed!r}", "seed")
         if any(not isinstance(x, str) or not x for x in request.stop):
             raise InvalidRequest("stop strings must be non-empty strings", "stop")
         return m
