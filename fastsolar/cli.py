@@ -402,6 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _configure_logging(args.verbose)
+        if getattr(args, "device", None) is not None:  # a missing device is named before anything is read
+            from fastsolar.devices import resolve_device
+
+            resolve_device(args.device)
         return int(args._run(args) or 0)
     except (FileNotFoundError, ValueError, TypeError, MemoryError) as e:
         sys.stdout.flush()

@@ -15,8 +15,10 @@ gemv_ref(x, weight, scale=scale), the same product (dequantise, then matmul) for
 Only `fastsolar.kernels` is this package (pip install -e . maps kernels/ there). With the repo root on
 sys.path (`python -c`, a REPL or a notebook started there) a bare `import kernels` finds this folder first, but
 that top-level name belongs to Hugging Face's `kernels` distribution, which transformers imports: so under any
-other name this file hands the import on to whatever the rest of sys.path holds by that name, and raises
-ModuleNotFoundError when nothing does, as if the folder were not there.
+other name this file hands the import on to whatever the rest of sys.path holds by that name. When nothing does,
+the module stays what a folder without __init__.py would give, an empty namespace (no __file__, no version,
+nothing exported, triton not imported): transformers < 5.25 imports `kernels` whenever `find_spec` finds this
+folder, reads that shape as "not installed", and would fail on a ModuleNotFoundError instead.
 """
 if __name__ != "fastsolar.kernels":
     import importlib.machinery
@@ -24,19 +26,22 @@ if __name__ != "fastsolar.kernels":
     import os
     import sys
 
-    def _elsewhere(name: str) -> None:
-        """Import `name` from sys.path without the folder this file sits in, into sys.modules[name]."""
+    def _elsewhere(name: str) -> bool:
+        """Import `name` from sys.path without the folder this file sits in, into sys.modules[name]; False when
+        nothing else on sys.path has that name."""
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
-            del sys.modules[name]
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return False
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # the import statement returns what sys.modules holds once this file has run
         spec.loader.exec_module(module)
+        return True
 
-    _elsewhere(__name__)
+    if not _elsewhere(__name__):
+        __all__: list[str] = []
+        del __file__, _elsewhere, importlib, os, sys
 else:
     from .attention import attention, attention_ref
     from .decode_attention import decode_attention, decode_attention_ref

@@ -145,3 +145,11 @@ def bench_script():
     for name in set(sys.modules) - modules:
         if name.startswith("bench_") or os.path.dirname(getattr(sys.modules[name], "__file__", None) or "") == bench:
             del sys.modules[name]
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """As on a machine with exactly one visible GPU, cuda:0, for code that checks devices without using them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -4,7 +4,10 @@ from __future__ import annotations
 import collections
 import logging
 
+import pytest
 import torch
+
+from fastsolar import quant
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -113,3 +116,33 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
             ids[i, width - len(r):] = r.to(torch.int64)
             mask[i, width - len(r):] = 1
     return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def channel_weights(n: int, k: int, seed: int | None = None) -> torch.Tensor:
+    """A weight [n, k] whose rows have very different magnitudes (log-normal row scales), as trained weights
+    have: a per-channel scale matters, and a kernel that applies the wrong row's scale fails."""
+    g = torch.Generator().manual_seed(seed if seed is not None else 0)
+    rows = torch.exp(1.5 * torch.randn(n, 1, generator=g))
+    return (randn(n, k, seed=seed) * rows.to(DEVICE) * 0.05).to(DEVICE)
+
+
+def quantized_weights(n: int, k: int, mode: str, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """channel_weights(n, k, seed) quantised per output channel by fastsolar.quant: (w_q, scale)."""
+    return quant.quantize_weight(channel_weights(n, k, seed), mode)
+
+
+# The float dtypes every kernel takes, with their test ids (elementwise kernels run all three everywhere).
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOAT_IDS = ["fp32", "fp16", "bf16"]
+
+# Parameters of the kernel tests that run tl.dot (prefill and decode attention): bf16 on CUDA only, and shapes
+# too large for the interpreter on CUDA only.
+BF16_DOT_GPU = pytest.mark.gpu("bf16 tl.dot gives garbage under the Triton interpreter; bf16 is checked on CUDA only")
+LARGE_GPU = pytest.mark.gpu("large shape: too slow for the Triton interpreter")
+DOT_DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float16, id="float16"),
+              pytest.param(torch.bfloat16, marks=BF16_DOT_GPU, id="bfloat16")]
+
+
+def case(*args: object, gpu: bool = False, id: str | None = None):  # noqa: A002 - pytest's name
+    """One parametrize case; `gpu=True` marks it CUDA-only (LARGE_GPU)."""
+    return pytest.param(*args, marks=[LARGE_GPU] if gpu else [], id=id)

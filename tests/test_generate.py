@@ -195,6 +195,35 @@ def test_sampler_frequencies_follow_probabilities():
     assert freq[4] == 0
 
 
+def test_sampler_mixes_greedy_and_sampled_rows():
+    """One batch mixing greedy and sampled rows (per-row temperature, top-k): every greedy row is its logits' argmax
+    at every draw, exactly; every sampled row draws from its own processed distribution (4 row kinds x 1500
+    replicas over 6 tokens, frequencies within 0.05); the same seed gives the same draws, another seed other
+    draws of the sampled rows only. A sampled row never draws a token its own top-k removed."""
+    reps, v = 1500, 6
+    kinds = torch.log(torch.tensor([[0.05, 0.1, 0.15, 0.2, 0.25, 0.25],  # greedy: argmax 4 (first of the tie)
+                                    [0.3, 0.1, 0.2, 0.1, 0.2, 0.1],  # sampled at temperature 1
+                                    [0.1, 0.1, 0.1, 0.1, 0.1, 0.5],  # greedy: argmax 5
+                                    [0.12, 0.4, 0.08, 0.3, 0.05, 0.05]]))  # sampled at temperature 0.5, top_k 3
+    temperature, top_k = [0.0, 1.0, 0.0, 0.5], [0, 0, 2, 3]  # a greedy row's top_k changes nothing
+    logits = kinds.repeat(reps, 1).to(DEVICE)  # row i is kind i % 4
+    sampler = Sampler(4 * reps, v, DEVICE)
+    sampler.reset(temperature=temperature * reps, top_k=top_k * reps, seed=11)
+    tokens = sampler(logits).cpu().view(reps, 4)
+    assert (tokens[:, 0] == 4).all() and (tokens[:, 2] == 5).all(), "a greedy row was not its argmax"
+    probs = {1: kinds[1].softmax(-1), 3: torch.zeros(v)}
+    probs[3][[1, 3, 0]] = (kinds[3][[1, 3, 0]] / 0.5).softmax(-1)  # its top 3 tokens, at temperature 0.5
+    for kind, p in probs.items():
+        freq = torch.bincount(tokens[:, kind], minlength=v).double() / reps
+        assert torch.allclose(freq, p.double(), atol=0.05), (kind, freq.tolist(), p.tolist())
+        assert (freq[p == 0] == 0).all(), f"kind {kind} drew a token its top-k removed: {freq.tolist()}"
+    sampler.reset(temperature=temperature * reps, top_k=top_k * reps, seed=11)
+    assert torch.equal(sampler(logits).cpu().view(reps, 4), tokens), "the same seed must give the same draws"
+    sampler.reset(temperature=temperature * reps, top_k=top_k * reps, seed=12)
+    other = sampler(logits).cpu().view(reps, 4)
+    assert torch.equal(other[:, [0, 2]], tokens[:, [0, 2]]) and not torch.equal(other[:, [1, 3]], tokens[:, [1, 3]])
+
+
 def test_sampler_reset_in_place():
     sampler = Sampler(2, 11, DEVICE)
     buffers = [sampler.seen, *[getattr(sampler.params, f) for f in

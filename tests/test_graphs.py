@@ -3,13 +3,14 @@ rules; on CUDA, the captured step and graphed generate against eager."""
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
 
+import fastsolar.decoding.generate as gen_mod
 from fastsolar import Solar
 from fastsolar.config import SolarConfig
+from fastsolar.decoding.generate import generate
 from fastsolar.decoding.graphs import CudaGraphLoop, CudaGraphStep, WeightStorage, check_batch
 from fastsolar.decoding.sampling import Sampler
 from fastsolar.decoding.session import DecodeSession
@@ -232,7 +233,6 @@ def test_generate_with_static_step_equals_eager_generate(monkeypatch):
     """fastsolar.decoding.generate with its step hook routed to CudaGraphStep(capture=False) (what the CUDA wiring does,
     minus capture) gives eager generate's tokens: greedy, sampled with a seed, penalised, over repeated calls
     and two batch sizes (the real Sampler, reset in place, reused)."""
-    gen_mod = pytest.importorskip("fastsolar.decoding.generate")
     model = make_model()
     runs = [
         (3, dict(temperature=0.0)),
@@ -266,7 +266,6 @@ def test_generate_loop_bookkeeping_inside_the_step(monkeypatch):
     """With EOS ids the per-token bookkeeping (pad after EOS, finish steps, history, next input, positions)
     runs inside the recorded loop body: the static path gives eager generate's tokens and trimming, and a
     stream's "all finished?" check for step t - 1 is read only after step t is queued (no stall)."""
-    gen_mod = pytest.importorskip("fastsolar.decoding.generate")
     model = make_model(seed=1)
     ids = prompts_for(2, 5, 9)
     free = gen_mod.generate(model, ids, 12, eos_token_id=[])[:, 5:].tolist()
@@ -301,7 +300,6 @@ def test_model_deep_copies_after_graph_path_generate(monkeypatch):
     """Decoding attaches nothing to the model: after generate on the graph path (its static-buffer twin on a
     CPU) the model holds only its own attributes, and copy.deepcopy gives a model with the same tokens (a pool
     holding CUDA graphs and streams inside the model made deepcopy raise on CUDA)."""
-    gen_mod = importlib.import_module("fastsolar.decoding.generate")
     model = make_model(seed=2)
     own = set(vars(model))
     made = []
@@ -412,8 +410,6 @@ def test_captured_step_with_row_map_equals_eager_on_cuda():
 
 @pytest.mark.gpu("CUDA graph capture")
 def test_graphed_generate_matches_eager_on_cuda():
-    from fastsolar.decoding.generate import generate
-
     model = make_model(torch.device("cuda"), torch.bfloat16)
     session = DecodeSession(model, 3, 32)
     pool = session.graphs

@@ -20,7 +20,7 @@ from hf_fixtures import EOS_ID, build_hf_model, plant_eos, real_tokenizer_path, 
 
 from fastsolar import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, Solar, Tokenizer
 from fastsolar.decoding.generate import generate as native_generate
-from fastsolar.decoding.sampling import Sampler, SamplingParams, process_logits
+from fastsolar.decoding.sampling import Sampler
 from fastsolar.decoding.session import DecodeSession
 from fastsolar.hf.compat import resolve_device_map
 from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
@@ -293,20 +293,52 @@ def test_min_new_tokens_matches_transformers(model, hf32, prompt, card):
         assert EOS_ID not in out[0, prompt.shape[1]: prompt.shape[1] + 10].tolist()
 
 
-def test_min_new_tokens_processing_matches_transformers_processor():
-    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+def test_min_new_tokens_boundary_matches_transformers(model, hf32, prompt, card):
+    """The planted EOS is the greedy pick at new-token step card[1] - 1. min_new_tokens = card[1] - 1 lifts the ban
+    exactly at that step, so generation still ends there; min_new_tokens = card[1] bans it at that step only. Both
+    against transformers' generate on the same weights."""
+    n_eos, width = card[1], prompt.shape[1]
+    for min_new, ends_at_planted_eos in ((n_eos - 1, True), (n_eos, False)):
+        ours = model.generate(prompt, max_new_tokens=n_eos + 4, min_new_tokens=min_new)
+        theirs = hf32.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_eos + 4,
+                               do_sample=False, min_new_tokens=min_new)
+        assert ours.tolist() == theirs.tolist(), min_new
+        assert (ours[0, width + n_eos - 1] == EOS_ID) == ends_at_planted_eos, (min_new, ours[0, width:].tolist())
+        assert (ours.shape[1] == width + n_eos) == ends_at_planted_eos, (min_new, ours[0, width:].tolist())
 
+
+def test_min_new_tokens_processing_matches_transformers_processor():
+    """The Sampler's EOS ban, step by step, against transformers' own processors (MinNewTokensLengthLogitsProcessor,
+    and MinLengthLogitsProcessor with min_length = prompt + min_new_tokens) as the reference, with an EOS id the
+    argmax of every row at every step: greedy rows pick the argmax of transformers' processed scores, no row ever
+    picks a token transformers bans, and at the boundary step (the first one the ban no longer covers) every row
+    takes its EOS. Greedy alone and greedy mixed with sampled rows."""
+    from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+
+    b, v, prompt_len, min_new, eos = 3, 50, 5, 3, [2, 7]
+    processors = [MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=prompt_len, min_new_tokens=min_new,
+                                                    eos_token_id=eos),
+                  MinLengthLogitsProcessor(min_length=prompt_len + min_new, eos_token_id=eos)]
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 50, generator=g)
-    params = SamplingParams.build(3, 50, "cpu")
-    sampler = Sampler(3, 50, "cpu")
-    sampler.reset(min_new_tokens=3, eos_token_ids=[2, 7])
-    hf = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=5, min_new_tokens=3, eos_token_id=[2, 7])
-    for t in range(5):
-        banned = sampler.eos_mask[None, :] & (sampler.counter < sampler.min_new_tokens)[:, None]
-        theirs = hf(torch.zeros(3, 5 + t, dtype=torch.long), logits.clone())
-        torch.testing.assert_close(process_logits(logits, params, banned=banned), theirs, rtol=0, atol=0)
-        sampler(logits)  # advances the device-side step counter
+    for temperature in (0.0, [0.0, 1.0, 0.7]):
+        sampler = Sampler(b, v, "cpu")
+        sampler.reset(temperature=temperature, seed=1, min_new_tokens=min_new, eos_token_ids=eos)
+        greedy = torch.tensor(temperature if isinstance(temperature, list) else [temperature] * b) == 0
+        for t in range(min_new + 2):  # t tokens chosen so far: the prefill's pick is step 0
+            logits = torch.randn(b, v, generator=g)
+            logits[[0, 1, 2], [2, 7, 2]] = 30.0  # an EOS far ahead of every other token
+            history = torch.randint(3, v, (b, prompt_len + t), generator=g)
+            theirs = [proc(history, logits.clone()) for proc in processors]
+            assert torch.equal(theirs[0], theirs[1])
+            before = logits.clone()
+            picked = sampler(logits)
+            assert torch.equal(logits, before), "the sampler must not modify the logits"
+            assert torch.isfinite(theirs[0].gather(1, picked[:, None])).all(), (t, picked.tolist())
+            assert torch.equal(picked[greedy], theirs[0].argmax(-1)[greedy]), (t, picked.tolist())
+            if t < min_new:
+                assert not set(picked.tolist()) & set(eos), (t, picked.tolist())
+            else:
+                assert picked.tolist() == [2, 7, 2], (t, picked.tolist())
 
 
 def test_min_new_tokens_on_the_graph_step_path(model, prompt, card, monkeypatch):

@@ -82,20 +82,42 @@ def test_bare_kernels_import_in_the_repo_root_reaches_the_distribution_of_that_n
     assert done.stdout.split() == ["True", "7", str(tmp_path / "kernels" / "__init__.py"), "False"]
 
 
-def test_bare_kernels_import_in_the_repo_root_without_that_distribution_is_no_module():
-    # sys.path without the entries that hold a `kernels` other than ours: as on a machine without the Hub package.
-    code = textwrap.dedent("""
-        import os, sys
-        sys.path[:] = [p for p in sys.path if not p or not os.path.exists(os.path.join(p, "kernels"))
-                       or os.path.abspath(p) == os.getcwd()]
-        try:
-            import kernels
-        except ModuleNotFoundError as e:
-            print(e.name, "kernels" in sys.modules, "triton" in sys.modules)
+# sys.path without the entries that hold a `kernels` other than ours: as on a machine without the Hub package.
+WITHOUT_HUB_KERNELS = textwrap.dedent("""
+    import os, sys
+    sys.path[:] = [p for p in sys.path if not p or not os.path.exists(os.path.join(p, "kernels"))
+                   or os.path.abspath(p) == os.getcwd()]
+""")
+
+
+def test_bare_kernels_import_in_the_repo_root_without_that_distribution_is_an_empty_namespace():
+    """As a folder without __init__.py would be: nothing exported, no __file__, no version, triton unimported."""
+    code = WITHOUT_HUB_KERNELS + textwrap.dedent("""
+        import kernels
+        public = [n for n in vars(kernels) if not n.startswith("_")]
+        print(public, getattr(kernels, "__file__", None), hasattr(kernels, "__version__"), "triton" in sys.modules)
     """)
     done = _python(code, ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["kernels", "False", "False"]
+    assert done.stdout.split("\n")[0] == "[] None False False"
+
+
+def test_transformers_probe_in_the_repo_root_without_that_distribution_says_not_installed():
+    """transformers < 5.25 (which does not require the Hub package) imports `kernels` when find_spec finds our folder:
+    it must then read "not installed", not fail."""
+    try:
+        importlib.metadata.version("kernels")
+        pytest.skip("the Hub `kernels` package is installed (transformers >= 5.25 requires it and cannot run without)")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    code = WITHOUT_HUB_KERNELS + textwrap.dedent("""
+        from transformers.utils.import_utils import is_kernels_available
+        from transformers import LlamaConfig
+        print(is_kernels_available(), LlamaConfig.__name__)
+    """)
+    done = _python(code, ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "LlamaConfig"]
 
 
 def test_no_script_or_test_module_takes_an_installed_distributions_name():

@@ -1,12 +1,10 @@
-"""Weight-only quantisation: the per-channel quantiser, QuantLinear, the quant_matmul kernel (prefill) and
-how fastsolar.ops routes quantised products (decode: the fused GEMVs, tests/test_gemv.py; prefill: quant_matmul).
+"""Weight-only quantisation: the per-channel quantiser, QuantLinear, and how fastsolar.ops routes quantised
+products (decode: the fused GEMVs, tests/kernels/test_gemv.py; prefill: quant_matmul,
+tests/kernels/test_quant_matmul.py).
 
 Kernel results are compared with the float64 run of the dequantise-then-matmul reference (gemv_ref with
 scale=, the one reference of both kernels), allowing at most 2x the error that reference makes at the input
-dtype (helpers.assert_close with `baseline=`); outputs are NaN-poisoned, inputs checked untouched. Shapes are
-odd on purpose: N and K not multiples of any tile, K not a multiple of BLOCK_K, M just past the GEMV's 8
-rows (small-M tiles) and prefill sizes. bf16 activations need a GPU (the interpreter's bf16 tl.dot is
-garbage); int8 and fp8 weights load fine under it.
+dtype (helpers.assert_close with `baseline=`).
 """
 from __future__ import annotations
 
@@ -16,25 +14,10 @@ from torch import nn
 
 from fastsolar import gemv_choice, ops, quant
 from fastsolar.kernels.gemv import gemv_ref
-from fastsolar.kernels.quant_matmul import quant_matmul, quant_matmul_launch_config
-from helpers import DEVICE, ON_GPU, ULP, assert_close, poison, randn
+from fastsolar.kernels.quant_matmul import quant_matmul
+from helpers import DEVICE, ULP, assert_close, channel_weights, quantized_weights, randn
 
 MODES = ("int8", "fp8")
-X_DTYPES = [torch.float32, torch.float16]
-X_IDS = ["fp32", "fp16"]
-FP8_OK = not ON_GPU or torch.cuda.get_device_capability() >= (8, 9)
-
-
-def weights(n: int, k: int, seed: int | None = None) -> torch.Tensor:
-    """Rows of very different magnitudes (log-normal row scales), as trained weights have: a per-channel
-    scale matters, and a kernel that applies the wrong row's scale fails."""
-    g = torch.Generator().manual_seed(seed if seed is not None else 0)
-    rows = torch.exp(1.5 * torch.randn(n, 1, generator=g))
-    return (randn(n, k, seed=seed) * rows.to(DEVICE) * 0.05).to(DEVICE)
-
-
-def quantized(n: int, k: int, mode: str, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return quant.quantize_weight(weights(n, k, seed), mode)
 
 
 # ------------------------------------------------------------------------------------------- quantiser
@@ -42,7 +25,7 @@ def quantized(n: int, k: int, mode: str, seed: int | None = None) -> tuple[torch
 
 @pytest.mark.parametrize("mode", MODES)
 def test_quantiser_scales_and_rounding(mode):
-    w = weights(7, 301, seed=1)
+    w = channel_weights(7, 301, seed=1)
     w[3] = 0.0  # an all-zero row
     w[5, 17] = -w[5].abs().max() * 3  # a negative absmax
     q, s = quant.quantize_weight(w, mode)
@@ -69,7 +52,7 @@ def test_quantiser_scales_and_rounding(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_quantiser_chunks_and_dtypes_agree(mode, monkeypatch):
-    w = weights(37, 50, seed=2)
+    w = channel_weights(37, 50, seed=2)
     q, s = quant.quantize_weight(w, mode)
     qb, sb = quant.quantize_weight(w.to(torch.bfloat16), mode)
     q16, s16 = quant.quantize_weight(w.to(torch.bfloat16).float(), mode)
@@ -85,7 +68,7 @@ def test_quantiser_chunks_and_dtypes_agree(mode, monkeypatch):
 
 
 def test_quantiser_refuses_non_finite_and_bad_modes():
-    w = weights(4, 8, seed=3)
+    w = channel_weights(4, 8, seed=3)
     w[2, 5] = float("inf")
     with pytest.raises(ValueError, match="non-finite values \\(row 2 of 4\\)"):
         quant.quantize_weight(w, "int8")
@@ -143,36 +126,15 @@ def test_quantized_copy_shares_everything_else():
     assert quant.parameter_bytes(twin) < quant.parameter_bytes(base)
 
 
-# ------------------------------------------------------------------------------------------------ kernel
-
-SHAPES = [(9, 97, 67), (13, 33, 257), (16, 64, 512), (11, 1, 130), (17, 97, 300), (113, 45, 64)]
-
-
-@pytest.mark.parametrize("dtype", X_DTYPES, ids=X_IDS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_quant_matmul_matches_reference(shape, mode, dtype):
-    m, n, k = shape
-    x = randn(m, k, dtype=dtype)
-    q, s = quantized(n, k, mode)
-    x0, q0, s0 = x.clone(), q.clone(), s.clone()
-    out = poison(torch.empty(m, n, dtype=dtype, device=DEVICE))
-    y = quant_matmul(x, q, s, out=out)
-    assert y is out
-    assert_close(y, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s), rtol=ULP[dtype],
-                 msg=f"quant_matmul {shape} {mode} {dtype}")
-    assert torch.equal(x, x0) and torch.equal(q.float(), q0.float()) and torch.equal(s, s0), "inputs modified"
+# ------------------------------------------------------------------------------------------------ routing
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_quant_matmul_leading_dims_and_strided_rows(mode):
-    q, s = quantized(19, 70, mode, seed=4)
-    wide = randn(2, 5, 100)
-    x = wide[..., 10:80]  # rows of a wider tensor: a row stride, no copy
+def test_ops_linear_routes_prefill_to_quant_matmul(mode):
+    """ops.linear with 10 rows (prefill) runs the quant_matmul kernel when forced and the reference otherwise."""
+    q, s = quantized_weights(19, 70, mode, seed=4)
+    x = randn(2, 5, 100)[..., 10:80]
     y = quant_matmul(x, q, s)
-    assert y.shape == (2, 5, 19)
-    assert_close(y, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s))
-    # ops.linear (10 rows: prefill) runs the kernel when forced and the reference otherwise.
     with ops.force_kernels(True):
         assert_close(ops.linear(x, q, scale=s), y.double(), atol=0.0)
     with ops.force_kernels(False):
@@ -192,7 +154,7 @@ def test_ops_route_quantised_products(monkeypatch, rows, gemv):
     for name in ("gemv", "quant_matmul", "dequantize"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
-    q, s = quantized(21, 40, "fp8", seed=8)
+    q, s = quantized_weights(21, 40, "fp8", seed=8)
     x, res, g = randn(rows, 40, dtype=torch.float16), randn(rows, 21, dtype=torch.float16), randn(40) + 1.0
     gate_up = randn(rows, 80, dtype=torch.float16)
     cases = {"linear": (x, dict(residual=res)), "norm_linear": (x, dict(norm_weight=g.half(), eps=1e-5)),
@@ -207,61 +169,3 @@ def test_ops_route_quantised_products(monkeypatch, rows, gemv):
                      rtol=ULP[x_in.dtype], msg=f"{op} rows={rows} {gemv}")
     expected = "quant_matmul" if rows > 8 else {"triton": "gemv", "cublas": "dequantize"}[gemv]
     assert calls == [expected] * 3, calls
-
-
-@pytest.mark.gpu("bf16 tl.dot gives garbage under the Triton interpreter")
-@pytest.mark.parametrize("mode", [m for m in MODES if m == "int8" or FP8_OK])
-@pytest.mark.parametrize("shape", [(1, 4096, 4096), (8, 6144, 4096), (77, 1000, 14336), (512, 4096, 4096)], ids=str)
-def test_quant_matmul_bf16_on_gpu(shape, mode):
-    m, n, k = shape
-    x = randn(m, k, dtype=torch.bfloat16)
-    q, s = quantized(n, k, mode)
-    out = poison(torch.empty(m, n, dtype=torch.bfloat16, device=DEVICE))
-    quant_matmul(x, q, s, out=out)
-    assert_close(out, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s))
-
-
-def test_quant_matmul_launch_configs():
-    """Tiles are powers of two >= 16 (tl.dot), short prefills get the small-M tiles, EVEN_K is exact."""
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for m in (1, 8, 16, 17, 64, 65, 4096):
-            for k in (64, 100, 4096, 14336):
-                cfg = quant_matmul_launch_config(m, k, dtype)
-                for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-                    assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (key, cfg)
-                assert cfg["EVEN_K"] == (k % cfg["BLOCK_K"] == 0)
-                smem = cfg["num_stages"] * cfg["BLOCK_K"] * (cfg["BLOCK_M"] * dtype.itemsize + cfg["BLOCK_N"])
-                assert smem <= 164 * 1024, (cfg, smem)  # sm_80's opt-in limit
-    assert quant_matmul_launch_config(1, 4096, torch.bfloat16)["BLOCK_M"] == 16
-    assert quant_matmul_launch_config(512, 4096, torch.bfloat16)["BLOCK_M"] == 128
-
-
-@pytest.mark.parametrize(
-    "make, error, message",
-    [
-        (lambda x, q, s: (x, q.float(), s), TypeError, "weight has dtype float32; supported: int8, float8_e4m3fn"),
-        (lambda x, q, s: (x, q, s[:-1]), ValueError, r"scale must have shape \[9\] .* got \(8,\)"),
-        (lambda x, q, s: (x, q, s.half()), TypeError, "scale has dtype float16; supported: float32"),
-        (lambda x, q, s: (x[:, :-1], q, s), ValueError, r"x must have last dimension 12 .* got shape \(3, 11\)"),
-        (lambda x, q, s: (x, q[None], s), ValueError, "weight must have 2 dimensions"),
-        (lambda x, q, s: (x.int(), q, s), TypeError, "x has dtype int32"),
-        (lambda x, q, s: (x.to("meta"), q, s), ValueError, "x is on meta; Triton kernels need a CUDA tensor"),
-        (lambda x, q, s: (x, q.T.contiguous().T, s), ValueError, "weight must have a contiguous last dimension"),
-    ],
-    ids=["weight-dtype", "scale-shape", "scale-dtype", "k-mismatch", "weight-3d", "x-dtype", "device", "col-major"],
-)
-def test_quant_matmul_refuses_bad_input(make, error, message):
-    x = randn(3, 12)
-    q, s = quantized(9, 12, "int8", seed=5)
-    with pytest.raises(error, match=message):
-        quant_matmul(*make(x, q, s))
-
-
-def test_quant_matmul_out_and_empty():
-    q, s = quantized(9, 12, "fp8", seed=6)
-    x = randn(3, 12)
-    with pytest.raises(ValueError, match=r"out must have shape \(3, 9\)"):
-        quant_matmul(x, q, s, out=torch.empty(3, 8, device=DEVICE))
-    with pytest.raises(TypeError, match="out has dtype float16"):
-        quant_matmul(x, q, s, out=torch.empty(3, 9, dtype=torch.float16, device=DEVICE))
-    assert quant_matmul(randn(0, 12), q, s).shape == (0, 9)

@@ -333,13 +333,13 @@ def test_unknown_quantize_refused_first(ckpt, no_weight_reads, bad):
         ("Tesla T4", (7, 5), "fp8", r"quantize='fp8' needs .* 8\.9 or newer; Tesla T4 on cuda:0 is sm_75$"),
     ],
 )
-def test_card_without_the_mode_refused(ckpt, monkeypatch, no_weight_reads, card, capability, mode, message):
+def test_card_without_the_mode_refused(ckpt, monkeypatch, no_weight_reads, one_gpu, card, capability, mode, message):
     monkeypatch.setattr(quant, "_cuda_device_capability", lambda device: (capability, card))
     with pytest.raises(ValueError, match=message):
         Solar.from_pretrained(ckpt, device="cuda:0", quantize=mode)
 
 
-def test_stored_fp8_on_a100_refused(hf_model, tmp_path, monkeypatch, no_weight_reads):
+def test_stored_fp8_on_a100_refused(hf_model, tmp_path, monkeypatch, no_weight_reads, one_gpu):
     d, _ = write_fp8_checkpoint(hf_model, tmp_path / "fp8", "tensor")
     monkeypatch.setattr(quant, "_cuda_device_capability", lambda device: ((8, 0), "NVIDIA A100-SXM4-40GB"))
     with pytest.raises(ValueError, match="quantize='fp8' needs .* NVIDIA A100-SXM4-40GB"):

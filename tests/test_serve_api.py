@@ -368,8 +368,9 @@ def test_disconnect_frees_its_row_and_429_beyond_the_queue(served, slow):
         served.wait_metrics(lambda m: m["running"] == 8, "8 running requests")
         # Two more wait in the queue (max_queue 2) ...
         short = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
-        waiting = [threading.Thread(target=lambda: httpx.post(served.url + COMPLETIONS, json=short, timeout=WAIT_S))
-                   for _ in range(2)]
+        queued_responses = []
+        waiting = [threading.Thread(target=lambda: queued_responses.append(
+            httpx.post(served.url + COMPLETIONS, json=short, timeout=WAIT_S))) for _ in range(2)]
         for w in waiting:
             w.start()
         served.wait_metrics(lambda m: m["queued"] == 2, "2 queued requests")
@@ -378,15 +379,26 @@ def test_disconnect_frees_its_row_and_429_beyond_the_queue(served, slow):
         assert r.status_code == 429
         err = r.json()["error"]
         assert "at capacity" in err["message"] and err["code"] == "queue_full" and err["type"] == "rate_limit_error"
-        # A client that goes away frees its row at once: a queued request takes it, the batch stays full.
+        # A client that goes away frees its row at once: a queued request takes it, the batch stays full. Decode
+        # steps of 0.5 s keep the admitted 3-token request running well past the poll that sees it leave the queue.
+        served.delay["s"] = 0.5
         cm, _ = streams.pop(0)
         cm.__exit__(None, None, None)
         m = served.wait_metrics(lambda m: m["requests_cancelled"] > before["requests_cancelled"], "the cancel")
         m = served.wait_metrics(lambda m: m["queued"] < 2, "a queued request to get the freed row")
-        assert m["running"] == 8 or m["requests_finished"] > before["requests_finished"]
+        assert (m["queued"], m["running"], m["requests_finished"]) == (1, 8, before["requests_finished"]), m
+        served.delay["s"] = 0.02
         for w in waiting:
             w.join(WAIT_S)
             assert not w.is_alive()
+        # Both queued requests were served in full, each with what generate gives its prompt alone.
+        text, finish, tokens = alone(served, served.tok.encode(short["prompt"]), 3, ignore_eos=True)
+        assert len(queued_responses) == 2
+        for r in queued_responses:
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert [(c["text"], c["finish_reason"]) for c in body["choices"]] == [(text, finish)], body
+            assert body["usage"]["completion_tokens"] == tokens == 3, body
     finally:
         for cm, _ in streams:
             cm.__exit__(None, None, None)

@@ -167,8 +167,12 @@ def test_upscaled_config_index_and_files(base, upscaled):
         with safe_open(str(out / shard), framework="pt") as h:
             keys = set(h.keys())
             assert keys == {k for k, v in index["weight_map"].items() if v == shard}
-            shard_bytes = sum(h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in keys)
-        assert shard_bytes <= 100_000 or len(keys) == 1
+            sizes = {k: h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in keys}
+        shard_bytes = sum(sizes.values())
+        if any(size > 100_000 for size in sizes.values()):  # a tensor larger than a shard stands alone
+            assert len(keys) == 1, sizes
+        else:
+            assert shard_bytes <= 100_000, sizes
         total += shard_bytes
     assert index["metadata"]["total_size"] == total
     for name, data in EXTRA_FILES.items():
@@ -196,7 +200,6 @@ def test_transformers_and_fastsolar_load_the_result(base, upscaled):
         got, want = hf(ids).logits, ref(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
-    pytest.importorskip("fastsolar.checkpoint.loader", reason="fastsolar.checkpoint.loader not written yet")
     from fastsolar import Solar
 
     solar = Solar.from_pretrained(out, dtype=torch.float32)

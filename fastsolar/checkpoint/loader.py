@@ -38,6 +38,7 @@ from fastsolar import memory
 from fastsolar.checkpoint import hf_keys, quant_load
 from fastsolar.checkpoint.shards import TensorHeader, listing, read_tensor_headers, read_tensors
 from fastsolar.config import SolarConfig, read_config_json
+from fastsolar.devices import resolve_device
 from fastsolar.model import quant
 
 logger = logging.getLogger(__name__)
@@ -65,15 +66,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return _DTYPE_NAMES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}") from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | None]:
@@ -315,12 +307,12 @@ def load_model(
     the weights do not fit in the memory free on `device`; all before any parameter is allocated.
     """
     t0 = time.perf_counter()
+    device = resolve_device(device)
     quantize = quant.check_mode(quantize)
     model_dir = Path(model_dir)
     config = SolarConfig.from_pretrained(model_dir)
     stored = quant_load.read_quantization(read_config_json(model_dir))
     mode = quant_load.resolve_mode(quantize, stored, model_dir)
-    device = resolve_device(device)
     quant.check_device(mode, device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
     shards, weight_map = checkpoint_files(model_dir)

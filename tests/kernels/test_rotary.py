@@ -1,9 +1,9 @@
-"""Tests for the elementwise kernels: rms_norm / add_rms_norm, apply_rotary, swiglu.
+"""apply_rotary and rotary_cache_write (kernels/rotary.py) against the float64 run of their torch reference,
+and the kernel's own sin/cos against fp64.
 
-Every kernel result is compared with the float64 run of its torch reference, allowing at most
-2x the error torch itself makes at the input dtype (helpers.assert_close with `baseline=`).
-Outputs are passed in NaN-poisoned so an element the kernel skips fails the comparison, and
-inputs are checked to be untouched. Same code runs under the interpreter (CPU) and compiled (CUDA).
+Every kernel result may be at most 2x as wrong as torch itself at the input dtype (helpers.assert_close with
+`baseline=`). Outputs and caches are passed in NaN-poisoned so an element the kernel skips fails the
+comparison, and inputs are checked to be untouched. Same code runs under the interpreter (CPU) and compiled (CUDA).
 """
 from __future__ import annotations
 
@@ -14,13 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsolar.kernels.rms_norm import (
-    add_rms_norm,
-    add_rms_norm_ref,
-    rms_norm,
-    rms_norm_launch_config,
-    rms_norm_ref,
-)
 from fastsolar.kernels.rotary import (
     _sincos,
     apply_rotary,
@@ -30,145 +23,13 @@ from fastsolar.kernels.rotary import (
     rotary_inv_freq,
     rotary_launch_config,
 )
-from fastsolar.kernels.swiglu import swiglu, swiglu_launch_config, swiglu_ref
-from helpers import DEVICE, assert_close, poison, randn
+from helpers import DEVICE, FLOAT_DTYPES, FLOAT_IDS, assert_close, poison, randn
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["fp32", "fp16", "bf16"]
-EPS = 1e-5
 THETA = 10000.0
 
 
 def _d(t: torch.Tensor) -> torch.Tensor:
     return t.double()
-
-
-def _weight(n: int, dtype: torch.dtype) -> torch.Tensor:
-    # Around 1 like trained norm weights, but not all ones so a skipped multiply shows.
-    return (1.0 + 0.5 * randn(n, dtype=torch.float32)).to(dtype)
-
-
-# ----------------------------------------------------------------------------------- rms_norm
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [(1, 4096), (113, 4096), (17, 3000), (2, 3, 123), (123,)], ids=str)
-def test_rms_norm(shape, dtype):
-    n = shape[-1]
-    x = randn(*shape, dtype=dtype, scale=3.0)
-    w = _weight(n, dtype)
-    x0, w0 = x.clone(), w.clone()
-    out = poison(torch.empty_like(x))
-    y = rms_norm(x, w, EPS, out=out)
-    assert y is out and y.dtype == dtype
-    assert_close(y, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS), msg=f"rms_norm {shape} {dtype}")
-    assert torch.equal(x, x0) and torch.equal(w, w0), "inputs modified"
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_rms_norm_strided_rows(dtype):
-    # Rows that are a slice of a wider tensor: a row stride, no copy needed.
-    wide = randn(2, 5, 200, dtype=dtype)
-    x = wide[..., 30:153]
-    w = _weight(123, dtype)
-    wide0 = wide.clone()
-    y = rms_norm(x, w, EPS)
-    assert y.is_contiguous()
-    assert_close(y, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS))
-    # A transposed (strided last dim) input takes the documented copy path.
-    xt = randn(123, 7, dtype=dtype).t()
-    assert_close(rms_norm(xt, w, EPS), rms_norm_ref(_d(xt), _d(w), EPS), baseline=rms_norm_ref(xt, w, EPS))
-    assert torch.equal(wide, wide0)
-
-
-def test_rms_norm_strided_out():
-    x = randn(3, 123)
-    w = _weight(123, torch.float32)
-    big = poison(torch.empty(3, 300, device=DEVICE))
-    out = big[:, 100:223]
-    rms_norm(x, w, EPS, out=out)
-    assert_close(out, rms_norm_ref(_d(x), _d(w), EPS), baseline=rms_norm_ref(x, w, EPS))
-    assert big[:, :100].isnan().all() and big[:, 223:].isnan().all(), "wrote outside the out view"
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 17, 3000), (3, 123)], ids=str)
-def test_add_rms_norm(shape, dtype):
-    n = shape[-1]
-    x = randn(*shape, dtype=dtype)
-    r = randn(*shape, dtype=dtype, scale=4.0)
-    w = _weight(n, dtype)
-    x0, r0, w0 = x.clone(), r.clone(), w.clone()
-    out, out_h = poison(torch.empty_like(x)), poison(torch.empty_like(x))
-    y, h = add_rms_norm(x, r, w, EPS, out=out, out_h=out_h)
-    assert y is out and h is out_h
-    y_base, h_base = add_rms_norm_ref(x, r, w, EPS)
-    y_exp, h_exp = add_rms_norm_ref(_d(x), _d(r), _d(w), EPS)
-    # One fp32 add rounded to T is exactly torch's T add: h must match bit for bit.
-    assert torch.equal(h, h_base), "h differs from torch's x + residual"
-    assert_close(y, y_exp, baseline=y_base, msg=f"add_rms_norm {shape} {dtype}")
-    assert torch.equal(x, x0) and torch.equal(r, r0) and torch.equal(w, w0), "inputs modified"
-
-
-def test_add_rms_norm_in_place_residual_and_strided():
-    # The documented in-place use, out_h=residual (the model itself lets add_rms_norm allocate h),
-    # must be safe: each program reads its whole row before writing it. x is a strided row view.
-    wide = randn(2, 9, 1000, dtype=torch.float16)
-    x = wide[..., 100:223]
-    r = randn(2, 9, 123, dtype=torch.float16)
-    w = _weight(123, torch.float16)
-    wide0 = wide.clone()
-    y_base, h_base = add_rms_norm_ref(x, r, w, EPS)
-    y_exp, _ = add_rms_norm_ref(_d(x), _d(r), _d(w), EPS)
-    out = poison(torch.empty_like(r))
-    y, h = add_rms_norm(x, r, w, EPS, out=out, out_h=r)
-    assert y is out and h is r and torch.equal(r, h_base)
-    assert_close(y, y_exp, baseline=y_base)
-    assert torch.equal(wide, wide0), "x's base tensor modified"
-
-
-def test_rms_norm_bad_inputs():
-    x = randn(4, 64)
-    w = _weight(64, torch.float32)
-    with pytest.raises(TypeError, match="x has dtype int64"):
-        rms_norm(torch.ones(4, 64, dtype=torch.int64, device=DEVICE), w, EPS)
-    with pytest.raises(TypeError, match="weight has dtype int32"):
-        rms_norm(x, torch.ones(64, dtype=torch.int32, device=DEVICE), EPS)
-    with pytest.raises(ValueError, match="weight has 63 elements but x's last dim is 64"):
-        rms_norm(x, _weight(63, torch.float32), EPS)
-    with pytest.raises(ValueError, match="weight must have 1 dimensions"):
-        rms_norm(x, w[None], EPS)
-    with pytest.raises(ValueError, match=r"hidden size\) must be in \[1, 65536\]"):
-        rms_norm(randn(1, 65537), _weight(65537, torch.float32), EPS)
-    with pytest.raises(ValueError, match="eps must be a finite number"):
-        rms_norm(x, w, -1.0)
-    with pytest.raises(ValueError, match="eps must be a finite number"):
-        rms_norm(x, w, float("nan"))
-    with pytest.raises(TypeError, match="eps must be a Python int or float, got Tensor"):
-        rms_norm(x, w, torch.tensor(EPS, device=DEVICE))  # a 0-d tensor would sync with the device
-    with pytest.raises(TypeError, match="eps must be a Python int or float"):
-        add_rms_norm(x, x, w, torch.tensor(EPS))
-    with pytest.raises(ValueError, match=r"out must have shape \(4, 64\)"):
-        rms_norm(x, w, EPS, out=torch.empty(4, 65, device=DEVICE))
-    with pytest.raises(TypeError, match="out has dtype float16"):
-        rms_norm(x, w, EPS, out=torch.empty(4, 64, dtype=torch.float16, device=DEVICE))
-    with pytest.raises(ValueError, match="residual must have x's shape"):
-        add_rms_norm(x, randn(4, 1, 64), w, EPS)
-    with pytest.raises(TypeError, match="residual has dtype torch.float16 but x has torch.float32"):
-        add_rms_norm(x, randn(4, 64, dtype=torch.float16), w, EPS)
-    with pytest.raises(ValueError, match="out_h must have a contiguous last dimension"):
-        add_rms_norm(x, x, w, EPS, out_h=torch.empty(64, 4, device=DEVICE).t())
-
-
-def test_rms_norm_launch_config():
-    assert rms_norm_launch_config(4096) == {"BLOCK": 4096, "num_warps": 8, "num_stages": 1}
-    assert rms_norm_launch_config(123)["BLOCK"] == 128
-    assert rms_norm_launch_config(16384)["num_warps"] == 16
-    with pytest.raises(ValueError, match="hidden size"):
-        rms_norm_launch_config(0)
-
-
-# ------------------------------------------------------------------------------------- rotary
 
 
 def _positions(b: int, s: int, starts: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -194,7 +55,7 @@ ROTARY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 @pytest.mark.parametrize("case", ROTARY_CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}kv{c[3]}d{c[4]}")
 def test_apply_rotary_fused_qkv_views(case, dtype):
     b, s, nh, nkv, d, starts = case
@@ -212,7 +73,7 @@ def test_apply_rotary_fused_qkv_views(case, dtype):
     assert torch.equal(qkv, qkv0), "inputs modified"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=FLOAT_IDS)
 def test_apply_rotary_contiguous_new_outputs(dtype):
     b, s, nh, nkv, d = 2, 5, 4, 2, 128
     q = randn(b, s, nh, d, dtype=dtype)
@@ -251,7 +112,7 @@ _DECODE_CACHE_CASES = [
 ]
 ROTARY_CACHE_CASES = [
     *[pytest.param(c, dt, id=f"decode-b{c[0]}s{c[1]}h{c[2]}kv{c[3]}d{c[4]}r{c[7]}-{i}")
-      for c in _DECODE_CACHE_CASES for dt, i in zip(DTYPES, DT_IDS)],
+      for c in _DECODE_CACHE_CASES for dt, i in zip(FLOAT_DTYPES, FLOAT_IDS)],
     # Prefills (the interpreter runs one program per token and head block: one dtype each).
     pytest.param((1, 17, 8, 1, 64, [0], 2, None), torch.bfloat16, id="prefill-s17-gqa8-bf16"),
     pytest.param((1, 113, 2, 2, 32, [0], 3, [1]), torch.float16, id="prefill-s113-mapped-fp16"),
@@ -329,7 +190,7 @@ def test_apply_rotary_ref_matches_transformers():
                                    rope_theta=THETA, max_position_embeddings=4096)
     rope = LlamaRotaryEmbedding(cfg).to(DEVICE)
     b, s, d = 2, 6, 64
-    for dtype in DTYPES:
+    for dtype in FLOAT_DTYPES:
         q = randn(b, s, 4, d, dtype=dtype)
         k = randn(b, s, 1, d, dtype=dtype)
         pos = _positions(b, s, [3, 1000], torch.int64)
@@ -426,56 +287,40 @@ def test_rotary_launch_config():
         rotary_launch_config(4, 1, 7)
 
 
-# ------------------------------------------------------------------------------------- swiglu
+def test_apply_rotary_contiguous_inputs_strided_outs():
+    """Contiguous q and k rotated into head slices of wider NaN-poisoned buffers (strides not q's or k's): each
+    output at its own strides, nothing written outside the slices."""
+    b, s, nh, nkv, d = 2, 5, 4, 2, 64
+    q, k = randn(b, s, nh, d), randn(b, s, nkv, d)
+    pos = _positions(b, s, [3, 700], torch.int64)
+    q_big = poison(torch.empty(b, s, nh + 2, d, device=DEVICE))
+    k_big = poison(torch.empty(b, s, nkv + 3, d, device=DEVICE))
+    apply_rotary(q, k, pos, THETA, q_out=q_big[:, :, 1:nh + 1], k_out=k_big[:, :, 2:nkv + 2])
+    q_exp, k_exp = apply_rotary_ref(_d(q), _d(k), pos, THETA)
+    q_base, k_base = apply_rotary_ref(q, k, pos, THETA)
+    assert_close(q_big[:, :, 1:nh + 1], q_exp, baseline=q_base)
+    assert_close(k_big[:, :, 2:nkv + 2], k_exp, baseline=k_base)
+    assert q_big[:, :, [0, nh + 1]].isnan().all() and k_big[:, :, [0, 1, nkv + 2]].isnan().all(), \
+        "wrote outside the out views"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [(1, 14336), (17, 3000), (2, 3, 123), (5,)], ids=str)
-def test_swiglu(shape, dtype):
-    g = randn(*shape, dtype=dtype, scale=4.0)  # wide enough to reach silu's saturated tails
-    u = randn(*shape, dtype=dtype)
-    g0, u0 = g.clone(), u.clone()
-    out = poison(torch.empty_like(g))
-    y = swiglu(g, u, out=out)
-    assert y is out
-    assert_close(y, swiglu_ref(_d(g), _d(u)), baseline=swiglu_ref(g, u), msg=f"swiglu {shape} {dtype}")
-    assert torch.equal(g, g0) and torch.equal(u, u0), "inputs modified"
+def test_rotary_cache_write_contiguous_inputs_strided_q_out():
+    """Contiguous q, k, v; rotated q into a head slice of a wider NaN-poisoned buffer (strides not q's), k and v
+    into their cache slots: nothing written outside the q_out view."""
+    b, s, nh, nkv, d, max_seq = 2, 3, 4, 2, 32, 8
+    q, k, v = randn(b, s, nh, d), randn(b, s, nkv, d), randn(b, s, nkv, d)
+    pos = _positions(b, s, [0, 4], torch.int32)
 
+    def caches(dtype: torch.dtype) -> list[torch.Tensor]:
+        return [poison(torch.empty(b, max_seq, nkv, d, dtype=dtype, device=DEVICE)) for _ in range(2)]
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_swiglu_fused_gate_up_views(dtype):
-    # gate and up as the halves of one [tokens, 2 * I] projection output: strided rows, no copy.
-    gu = randn(2, 7, 2 * 300, dtype=dtype, scale=3.0)
-    g, u = gu[..., :300], gu[..., 300:]
-    gu0 = gu.clone()
-    y = swiglu(g, u)
-    assert y.shape == g.shape and y.is_contiguous()
-    assert_close(y, swiglu_ref(_d(g), _d(u)), baseline=swiglu_ref(g, u))
-    # A strided output view and a transposed (copied) input as well.
-    big = poison(torch.empty(2, 7, 500, dtype=dtype, device=DEVICE))
-    swiglu(g, u, out=big[..., 100:400])
-    assert_close(big[..., 100:400], swiglu_ref(_d(g), _d(u)), baseline=swiglu_ref(g, u))
-    assert big[..., :100].isnan().all() and big[..., 400:].isnan().all()
-    gt = randn(33, 9, dtype=dtype).t()
-    ut = randn(9, 33, dtype=dtype)
-    assert_close(swiglu(gt, ut), swiglu_ref(_d(gt), _d(ut)), baseline=swiglu_ref(gt, ut))
-    assert torch.equal(gu, gu0)
-
-
-def test_swiglu_bad_inputs():
-    g = randn(4, 8)
-    with pytest.raises(ValueError, match=r"up must have gate's shape \(4, 8\)"):
-        swiglu(g, randn(4, 9))
-    with pytest.raises(TypeError, match="up has dtype torch.bfloat16 but gate has torch.float32"):
-        swiglu(g, randn(4, 8, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="gate has dtype int64"):
-        swiglu(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), g)
-    with pytest.raises(ValueError, match=r"out must have shape \(4, 8\)"):
-        swiglu(g, g, out=torch.empty(8, 4, device=DEVICE))
-    with pytest.raises(ValueError, match="out must have a contiguous last dimension"):
-        swiglu(g, g, out=torch.empty(8, 4, device=DEVICE).t())
-
-
-def test_swiglu_launch_config():
-    cfg = swiglu_launch_config()
-    assert set(cfg) == {"BLOCK", "num_warps", "num_stages"} and cfg["BLOCK"] % 128 == 0
+    (k_got, v_got), (k_exp, v_exp) = caches(torch.float32), caches(torch.float64)
+    k_base, v_base = caches(torch.float32)
+    q_big = poison(torch.empty(b, s, nh + 1, d, device=DEVICE))
+    rotary_cache_write(q, k, v, pos, THETA, k_got, v_got, q_out=q_big[:, :, 1:])
+    q_exp = rotary_cache_write_ref(_d(q), _d(k), _d(v), pos, THETA, k_exp, v_exp)
+    q_base = rotary_cache_write_ref(q, k, v, pos, THETA, k_base, v_base)
+    assert_close(q_big[:, :, 1:], q_exp, baseline=q_base)
+    assert q_big[:, :, 0].isnan().all(), "wrote outside the q_out view"
+    assert_close(k_got, k_exp, baseline=k_base)  # NaN where nothing was written
+    assert torch.equal(v_got.nan_to_num(7.0), v_base.nan_to_num(7.0)), "v is copied exactly"
