@@ -82,7 +82,7 @@ REHEARSAL_BUDGET_S = 170
 # The rehearsal runs every phase whatever its speed: short caps, a token minimum.
 REHEARSAL_PLAN = tuple(replace(p, cap_s=60, min_s=5) for p in PLAN)
 # Rehearsal: the same phases and code paths on a CPU, with the smallest selections that still exercise them.
-REHEARSAL_TESTS = {"gpu-tests": ["tests/test_graphs.py"], "suite": ["tests/test_graphs.py", "-k", "check_batch or snapshot"]}
+REHEARSAL_TESTS = {"gpu-tests": ["tests/decoding/test_graphs.py"], "suite": ["tests/decoding/test_graphs.py", "-k", "check_batch or snapshot"]}
 REHEARSAL_BENCH = ["--device", "cpu", "--preset", "tiny", "--layers", "1", "--batch-sizes", "1", "--prompt-len", "4",
                    "--new-tokens", "2", "--repeats", "1"]
 
