@@ -197,6 +197,7 @@ class FastsolarEngine(Engine):
     ) -> None:
         super().__init__()
         self.name, self.graphs, self.kernels = name, graphs, kernels
+        self.session = None
         self.model = bench.fastsolar_model() if quantize is None else bench.quantized_model(quantize)
         self.weight_bytes = decode_weight_bytes(self.model)
         if quantize is not None:
@@ -206,24 +207,25 @@ class FastsolarEngine(Engine):
     def gen(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         from fastsolar import ops
         from fastsolar.decoding.generate import generate
+        from fastsolar.decoding.session import DecodeSession
 
+        # One decode session (cache and graphs) reused across calls, as a serving loop would hold it.
+        b, need = ids.shape[0], ids.shape[1] + n
+        if self.session is None or not self.session.fits(b, need):
+            self.session = None  # the old cache freed before the new one is checked against free memory
+            self.session = DecodeSession(self.model, b, need)
         with ops.force_kernels(self.kernels):
-            out = generate(self.model, ids, n, temperature=0.0, eos_token_id=[], cuda_graphs=self.graphs)
-        if self.graphs and n > 1:  # n > 1: at least one decode step ran, so a graph must have been captured
-            from fastsolar.decoding.graphs import shared_pool
-
-            if shared_pool(self.model).captures == 0:
-                raise RuntimeError("cuda_graphs=True but no CUDA graph was captured")
+            out = generate(self.model, ids, n, temperature=0.0, eos_token_id=[], cuda_graphs=self.graphs,
+                           session=self.session)
+        # n > 1: at least one decode step ran, so a graph must have been captured
+        if self.graphs and n > 1 and self.session.graphs.captures == 0:
+            raise RuntimeError("cuda_graphs=True but no CUDA graph was captured")
         return out[:, ids.shape[1]:]
 
     def close(self) -> None:
-        if self.graphs:
-            from fastsolar.decoding.graphs import shared_pool
-
-            pool = shared_pool(self.model)
-            if pool.captures:
-                self.notes.append(f"{pool.captures} graph captures")
-            pool.clear()
+        if self.graphs and self.session is not None and self.session.graphs.captures:
+            self.notes.append(f"{self.session.graphs.captures} graph captures")
+        self.session = None
         self.model = None
 
 

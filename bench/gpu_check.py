@@ -109,10 +109,10 @@ REHEARSAL_BUDGET_S = 330
 REHEARSAL_PLAN = tuple(replace(p, cap_s=60, min_s=5) for p in PLAN)
 #: pytest phases: their marker selection (the lent run) and the rehearsal's smallest selection with the same paths.
 PYTEST_PHASES = {
-    "gpu-tests": ("gpu and not heavy and not cpu_only", gpu_plan.GPU_TEST_COMPILES, ["tests/test_graphs.py"]),
+    "gpu-tests": ("gpu and not heavy and not cpu_only", gpu_plan.GPU_TEST_COMPILES, ["tests/decoding/test_graphs.py"]),
     "gpu-heavy": ("heavy and not cpu_only", 0.0, ["tests/test_bench.py"]),
     "suite": ("not gpu and not cpu_only and not heavy", gpu_plan.SUITE_TEST_COMPILES,
-              ["tests/test_graphs.py", "-k", "check_batch or snapshot"]),
+              ["tests/decoding/test_graphs.py", "-k", "check_batch or snapshot"]),
 }
 #: bench/kernel_bench.py's sections by phase: the decode path first.
 KERNEL_SECTIONS = {"kernels": ["gemv", "decode"], "kernels-rest": ["rotary_cache", "attention", "memory_ops", "quant_gemm"]}

@@ -133,6 +133,7 @@ def profile_decode(preset: str, layers: int | None, batch: int, context: int, re
     from fastsolar.config import SolarConfig
     from fastsolar.decoding.graphs import CudaGraphStep
     from fastsolar.decoding.sampling import Sampler
+    from fastsolar.decoding.session import DecodeSession
 
     on_cuda = device == "cuda"
     config = SolarConfig.preset(preset).replace(eos_token_id=None)
@@ -146,14 +147,14 @@ def profile_decode(preset: str, layers: int | None, batch: int, context: int, re
     out: dict[str, Any] = {"preset": preset, "layers": config.num_hidden_layers, "batch": batch, "context": context,
                            "replays": replays, "dtype": str(dtype).replace("torch.", ""), "note": note}
     with torch.inference_mode():
-        model.setup_cache(batch, context + 64)
+        session = DecodeSession(model, batch, context + 64)
         ids = torch.randint(3, config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(1))
         seqlens = torch.full((batch,), context, dtype=torch.int32, device=dev)
         sampler = Sampler(batch, config.vocab_size, dev)
         sampler.reset(temperature=0.0)
-        tokens = sampler(model.prefill(ids.to(dev), seqlens))
+        tokens = sampler(session.prefill(ids.to(dev), seqlens))
         positions = seqlens.to(torch.int64)
-        step = CudaGraphStep(model, sampler)  # captures on CUDA; the same static-buffer path, eager, on a CPU
+        step = CudaGraphStep(session, sampler)  # captures on CUDA; the same static-buffer path, eager, on a CPU
         t1 = time.perf_counter()
         step(tokens, positions)  # warm-up + capture + first replay (every replay rewrites the same cache slot)
         if on_cuda:

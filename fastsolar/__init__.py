@@ -21,6 +21,7 @@ _EXPORTS = {
     "AutoModelForCausalLM": "fastsolar.api",
     "AutoTokenizer": "fastsolar.api",
     "BatchEncoding": "fastsolar.hf.compat",
+    "DecodeSession": "fastsolar.decoding.session",
     "KVCache": "fastsolar.model.transformer",
     "Solar": "fastsolar.api",
     "SolarConfig": "fastsolar.config",

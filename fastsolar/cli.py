@@ -98,14 +98,14 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max
 def _check_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:  # also refuses nan
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.repetition_penalty > 0:
-        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    from fastsolar.decoding.sampling import check_sampling_args
+
+    try:  # the one check generate and the server make too, its message naming the option
+        check_sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     _check_dtype(args)
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)

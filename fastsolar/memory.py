@@ -1,6 +1,6 @@
 """How many bytes a model needs on a device, how many are free there, and the refusal when it does not fit.
 
-The loader and `setup_cache` ask before they allocate anything, so a checkpoint that cannot fit is refused with the sizes
+The loader and `KVCache.allocate` ask before they allocate anything, so a checkpoint that cannot fit is refused with the sizes
 instead of being OOM-killed (host) or hitting a CUDA out-of-memory error halfway through the load.
 
 - `weight_bytes(shapes, dtype, tensor_bytes=None)`: the bytes of the parameters in `dtype`, or what a
@@ -9,7 +9,7 @@ instead of being OOM-killed (host) or hitting a CUDA out-of-memory error halfway
   holds unused; CPU: psutil's available memory when psutil is installed, else `MemAvailable` from
   /proc/meminfo, lowered to a container's cgroup limit when one is set.
 - `check_fits(...)` raises InsufficientMemoryError (a MemoryError) naming the sizes and what to do: the one
-  memory check, for a checkpoint's weights (the loader) and for a KV cache (`setup_cache`).
+  memory check, for a checkpoint's weights (the loader) and for a KV cache (`model.KVCache.allocate`).
 - `advise_huge_pages(t)`: fresh host memory for the weights faulted in 2 MiB at a time (Linux THP advice).
 """
 from __future__ import annotations

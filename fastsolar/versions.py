@@ -2,7 +2,7 @@
 
 - transformers: `patch_hf` mirrors the Llama/Mistral decoder and attention code of the versions in
   `SUPPORTED_TRANSFORMERS` and refuses any other (`check_transformers`). The range is what the suite tests:
-  CI runs tests/test_hf_patch.py (and the other transformers-dependent files) on its lowest release (5.17,
+  CI runs tests/hf/test_hf_patch.py (and the other transformers-dependent files) on its lowest release (5.17,
   the lent GPU image's) and on its newest. Within the range one thing changed that the patched attention
   forward must follow: from 5.24 the attention forward's cache argument is `cache` (was `past_key_values`)
   and it hands its kwargs to `cache.update` (`transformers_cache_api`).
@@ -70,7 +70,7 @@ def check_transformers() -> Version:
         raise ValueError(
             f"patch_hf supports transformers {wanted} (tested at both ends); this is {version}. The patched "
             f"forwards mirror those versions' Llama/Mistral code. Install one (pip install \"transformers{wanted}\"), "
-            "or, after tests/test_hf_patch.py passes on a new version, widen fastsolar.versions.SUPPORTED_TRANSFORMERS"
+            "or, after tests/hf/test_hf_patch.py passes on a new version, widen fastsolar.versions.SUPPORTED_TRANSFORMERS"
         )
     return version
 

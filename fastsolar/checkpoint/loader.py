@@ -350,7 +350,6 @@ def load_model(
         placer.finish()
     model.eval()
     model.requires_grad_(False)
-    model.cache = None
     seconds = time.perf_counter() - t0
     logger.info(
         "loaded %s (%d layers, %.2fB parameters, %.2f GB read from %d shard(s)) onto %s as %s%s in %.1f s "

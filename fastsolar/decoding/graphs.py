@@ -2,12 +2,12 @@
 
 Two captured calls (docs/ARCHITECTURE.md, "Generation"):
 
-- `CudaGraphStep(model, sampler)(tokens [b], positions [b], rows=None) -> next_tokens [b]`
-  = `sampler(model.decode(tokens, positions, rows))`: the serving engine's step. tokens/positions (and the
+- `CudaGraphStep(session, sampler)(tokens [b], positions [b], rows=None) -> next_tokens [b]`
+  = `sampler(session.decode(tokens, positions, rows))`: the serving engine's step. tokens/positions (and the
   cache-row map `rows`, when given) are copied into the graph's static input buffers, the graph replays,
   and a clone of the static output comes back (the next replay cannot overwrite what the caller holds).
   One recording serves any row map; a step with a map and one without are different graphs.
-- `CudaGraphLoop(model, sampler, loop)()`: generate's loop body, `loop.advance(model, sampler)` (decode,
+- `CudaGraphLoop(session, sampler, loop)()`: generate's loop body, `loop.advance(session, sampler)` (decode,
   sample, positions += 1, EOS bookkeeping, the token written into the loop's history and fed back as the
   next input), all on the loop's device buffers, so a token costs one `graph.replay()` and nothing else.
   Its key is checked once, when it is made (at the start of a generate call); calling it only replays.
@@ -16,12 +16,13 @@ Batch sizes are exact: one graph per batch size, captured lazily on first use. T
 buckets, because the sampler (per-row params, seen-mask, generator) and possibly the KV cache are sized
 to the real batch, and at small batch the step is bound by reading the weights anyway.
 
-Reuse and recapture: graphs live in a `GraphPool` attached to the model (`shared_pool(model)`), so they
-outlive one `generate` call. A graph is reused while its `GraphKey` is unchanged: what it is (step or loop),
+Reuse and recapture: graphs live in the `GraphPool` of the decode session that owns the KV cache they write
+(fastsolar.decoding.session.DecodeSession), so they outlive one `generate` call on that session and never
+touch another session's cache. A graph is reused while its `GraphKey` is unchanged: what it is (step or loop),
 batch size and input dtypes, the sampler object and its host-side `mode` flags (a Sampler `reset` in place
 keeps its graphs valid; a new Sampler is a recapture), the loop object, the KV cache's storage, the
-weights' storage (`weights_signature`: replacing a parameter, or its `.data`, after capture records anew
-instead of replaying into freed memory), and `fastsolar.ops.mode()` (the kernel and GEMV choices). Graphs
+weights' storage (`WeightStorage.signature()`, checked at every replay of a step: replacing a layer, a
+parameter or its `.data` after capture records anew instead of replaying into freed memory), and `fastsolar.ops.mode()` (the kernel and GEMV choices). Graphs
 of a cache that is gone are dropped; at most `max_graphs` are kept (least recently used dropped first).
 
 Capture:
@@ -30,12 +31,12 @@ Capture:
   stream). They really run the step, so the sampler (and loop) state is snapshotted before and restored
   after through their own `snapshot()` / `restore()`; the KV cache writes of a warm-up are overwritten by
   the real steps before anything reads them.
-- All graphs of one model share one memory pool (`torch.cuda.graph_pool_handle()`): replays are
+- All graphs of one session share one memory pool (`torch.cuda.graph_pool_handle()`): replays are
   sequential on one stream and each step's output is cloned before another graph replays.
-- RNG: the sampler's own CUDA generator (`sampler.generators()`) is registered with
-  `CUDAGraph.register_generator_state(gen)` before capture, so each replay advances its Philox offset
-  (fresh randomness per replay, the eager stream for the same seed). On a torch without that method, a
-  sampler with its own CUDA generator is refused with a clear error (use eager).
+- RNG: fastsolar's Sampler draws counter-based noise from device counters (no generator), so a replay
+  draws what the eager step would. A stateful object that holds its own CUDA generator (`generators()`)
+  has it registered with `CUDAGraph.register_generator_state(gen)` before capture, so each replay advances
+  its Philox offset; on a torch without that method such an object is refused with a clear error.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def check_batch(batch: int, max_batch: int) -> None:
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if batch > max_batch:
-        raise ValueError(f"batch {batch} exceeds the KV cache's max_batch {max_batch}; call setup_cache first")
+        raise ValueError(f"batch {batch} exceeds the KV cache's max_batch {max_batch}; make a DecodeSession with more rows")
 
 
 class GraphKey(NamedTuple):
@@ -81,41 +82,33 @@ class GraphKey(NamedTuple):
     sampler_mode: Any
     loop_id: int | None  # the DecodeLoop a loop graph reads and writes
     cache: tuple  # addresses, shapes, strides, dtypes, devices of cache.k and cache.v
-    weights: tuple  # weights_signature(model)
+    weights: tuple  # WeightStorage.signature(): where the weights are
     ops_mode: tuple  # fastsolar.ops.mode(): kernels and GEMV choices
 
 
-def _cache_signature(model: Any) -> tuple:
-    cache = getattr(model, "cache", None)
-    if cache is None:
-        raise RuntimeError("the model has no KV cache: call model.setup_cache(...) and prefill before decoding")
+def _cache_signature(cache: Any) -> tuple:
     return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device)) for t in (cache.k, cache.v))
 
 
-# Parameters (re)registered anywhere bump this, so a model's cached parameter list is rebuilt: a
-# `module.weight = nn.Parameter(...)` after capture is seen without walking the model on every step.
-_registrations = [0]
+class WeightStorage:
+    """Where a model's weights live, cheap to ask at every replay: `signature()` is the address of every
+    parameter and buffer. The module tree is walked once; each call then reads each module's child and tensor
+    slots directly, so a replaced layer (quantize), a re-registered parameter and new `.data` all change the
+    answer without a walk per step (a changed child walks the tree again)."""
 
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._walk()
 
-def _count_registration(module: torch.nn.Module, name: str, param: Any) -> None:
-    _registrations[0] += 1
+    def _walk(self) -> None:
+        modules = list(self.model.modules())
+        self._children = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
+        self._slots = [(d, name) for m in modules for d in (m._parameters, m._buffers) for name in d]
 
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-
-
-def weights_signature(model: Any) -> tuple:
-    """Addresses of every parameter and buffer of `model`: what a captured graph reads its weights from.
-    Cheap per call (one data_ptr() per tensor): the list of tensors is cached until a parameter is registered
-    anywhere; `p.data = other` keeps the list but changes the address, which this sees too."""
-    if not isinstance(model, torch.nn.Module):
-        return ()
-    cached = model.__dict__.get("_fastsolar_weights")
-    if cached is None or cached[0] != _registrations[0]:
-        tensors = [*model.parameters(), *model.buffers()]
-        cached = (_registrations[0], tensors)
-        object.__setattr__(model, "_fastsolar_weights", cached)
-    return tuple(t.data_ptr() for t in cached[1])
+    def signature(self) -> tuple:
+        if any(d.get(name) is not child for d, name, child in self._children):
+            self._walk()
+        return tuple(t.data_ptr() for d, name in self._slots if (t := d.get(name)) is not None)
 
 
 @dataclass
@@ -142,7 +135,7 @@ class GraphEntry:
 
 
 class GraphPool:
-    """The graphs of one model, reused across generate calls; see the module docstring."""
+    """The graphs of one decode session, reused across its calls; see the module docstring."""
 
     def __init__(self, max_graphs: int = 16) -> None:
         self.max_graphs = max_graphs
@@ -221,25 +214,12 @@ class GraphPool:
         return entry
 
 
-_POOL_ATTR = "_fastsolar_graph_pool"
-
-
-def shared_pool(model: Any) -> GraphPool:
-    """The GraphPool attached to `model` (made on first use), so graphs persist across generate calls."""
-    pool = model.__dict__.get(_POOL_ATTR)
-    if pool is None:
-        pool = GraphPool()
-        object.__setattr__(model, _POOL_ATTR, pool)
-    return pool
-
-
 def graphs_supported() -> bool:
     """Whether this torch can capture a step that uses a custom (non-default) CUDA generator."""
     return hasattr(torch.cuda, "CUDAGraph") and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
-def _resolve_capture(model: Any, capture: bool | None) -> bool:
-    device = _model_device(model)
+def _resolve_capture(device: torch.device, capture: bool | None) -> bool:
     capture = (device.type == "cuda") if capture is None else capture
     if capture and device.type != "cuda":
         raise ValueError(f"CUDA graph capture needs the model on CUDA, it is on {device}")
@@ -248,43 +228,38 @@ def _resolve_capture(model: Any, capture: bool | None) -> bool:
 
 class CudaGraphStep:
     """`step(tokens [b], positions [b], rows=None) -> next_tokens [b]` =
-    `sampler(model.decode(tokens, positions, rows))`, captured in a CUDA graph per exact batch size (the
-    serving engine's step; module docstring).
+    `sampler(session.decode(tokens, positions, rows))`, captured in a CUDA graph per exact batch size (the
+    serving engine's step; module docstring). The graphs live in `session.graphs`.
 
-    `sampler` is a `fastsolar.decoding.sampling.Sampler` (or anything with its call and `snapshot()` / `restore()` /
-    `generators()`). capture: True captures CUDA graphs (needs the model on CUDA); False runs the very same
-    static-buffer path (key, warm-up, state restore, static buffers, clone-out) eagerly, which is how the CPU
-    tests prove it gives the eager step's tokens; None means "capture when the model is on CUDA".
+    `sampler` is a `fastsolar.decoding.sampling.Sampler` (or anything with its call and `snapshot()` /
+    `restore()` / `generators()`). capture: True captures CUDA graphs (needs the model on CUDA); False runs the
+    very same static-buffer path (key, warm-up, state restore, static buffers, clone-out) eagerly, which is how
+    the CPU tests prove it gives the eager step's tokens; None means "capture when the model is on CUDA".
     """
 
-    def __init__(
-        self,
-        model: Any,
-        sampler: Any,
-        *,
-        capture: bool | None = None,
-        warmup_runs: int = 2,
-        pool: GraphPool | None = None,
-    ) -> None:
-        self.model = model
+    def __init__(self, session: Any, sampler: Any, *, capture: bool | None = None, warmup_runs: int = 2) -> None:
+        self.session = session
         self.sampler = sampler
-        self.capture = _resolve_capture(model, capture)
+        self.capture = _resolve_capture(session.device, capture)
         self.warmup_runs = warmup_runs
-        self.pool = pool if pool is not None else shared_pool(model)
+
+    @property
+    def pool(self) -> GraphPool:
+        return self.session.graphs
 
     def key(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> GraphKey:
         """Everything a captured step bakes in; a graph is valid for a call only if this key is unchanged."""
-        cache = _cache_signature(self.model)
+        cache = self.session.cache
         b = tokens.shape[0]
         if tokens.dim() != 1 or positions.shape != tokens.shape:
             raise ValueError(f"tokens and positions must both be [batch], got {tuple(tokens.shape)} and {tuple(positions.shape)}")
         if rows is None:
-            check_batch(b, self.model.cache.max_batch)
+            check_batch(b, cache.max_batch)
         elif rows.shape != tokens.shape:
             raise ValueError(f"rows must be [batch] like tokens, got {tuple(rows.shape)} and {tuple(tokens.shape)}")
         return GraphKey("step", b, tokens.dtype, positions.dtype, None if rows is None else rows.dtype,
-                        id(self.sampler), getattr(self.sampler, "mode", None), None, cache,
-                        weights_signature(self.model), ops.mode())
+                        id(self.sampler), getattr(self.sampler, "mode", None), None, _cache_signature(cache),
+                        self.session.weights.signature(), ops.mode())
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -295,8 +270,8 @@ class CudaGraphStep:
                                tokens=torch.empty_like(tokens).copy_(tokens),
                                positions=torch.empty_like(positions).copy_(positions),
                                rows=None if rows is None else torch.empty_like(rows).copy_(rows))
-            model, sampler = self.model, self.sampler
-            entry.run = lambda: sampler(model.decode(entry.tokens, entry.positions, entry.rows))
+            session, sampler = self.session, self.sampler
+            entry.run = lambda: sampler(session.decode(entry.tokens, entry.positions, entry.rows))
             self.pool.record(entry, (sampler,), tokens.device, self.capture, self.warmup_runs)
             self.pool.add(entry)
         entry.tokens.copy_(tokens)
@@ -307,40 +282,27 @@ class CudaGraphStep:
 
 
 class CudaGraphLoop:
-    """generate's loop body `loop.advance(model, sampler)` captured in one CUDA graph (module docstring):
-    `CudaGraphLoop(model, sampler, loop)()` advances the loop by one token with one replay. The key is
+    """generate's loop body `loop.advance(session, sampler)` captured in one CUDA graph (module docstring):
+    `CudaGraphLoop(session, sampler, loop)()` advances the loop by one token with one replay. The key is
     checked and the graph recorded (if needed) when it is made. capture as in CudaGraphStep."""
 
     def __init__(
-        self,
-        model: Any,
-        sampler: Any,
-        loop: Any,
-        *,
-        capture: bool | None = None,
-        warmup_runs: int = 2,
-        pool: GraphPool | None = None,
+        self, session: Any, sampler: Any, loop: Any, *, capture: bool | None = None, warmup_runs: int = 2
     ) -> None:
-        self.pool = pool if pool is not None else shared_pool(model)
+        self.pool = session.graphs
         tokens, positions = loop.tokens, loop.positions
-        check_batch(tokens.shape[0], model.cache.max_batch if model.cache is not None else 0)
+        check_batch(tokens.shape[0], session.cache.max_batch)
         key = GraphKey("loop", tokens.shape[0], tokens.dtype, positions.dtype, None, id(sampler),
-                       getattr(sampler, "mode", None), id(loop), _cache_signature(model),
-                       weights_signature(model), ops.mode())
+                       getattr(sampler, "mode", None), id(loop), _cache_signature(session.cache),
+                       session.weights.signature(), ops.mode())
         entry = self.pool.lookup(key)
         if entry is None:
-            entry = GraphEntry(key=key, held=(sampler, loop), run=lambda: loop.advance(model, sampler))
-            self.pool.record(entry, (sampler, loop), tokens.device, _resolve_capture(model, capture), warmup_runs)
+            entry = GraphEntry(key=key, held=(sampler, loop), run=lambda: loop.advance(session, sampler))
+            self.pool.record(entry, (sampler, loop), tokens.device, _resolve_capture(session.device, capture),
+                             warmup_runs)
             self.pool.add(entry)
         self.entry = entry
 
     @torch.inference_mode()
     def __call__(self) -> None:
         self.entry.replay()
-
-
-def _model_device(model: Any) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    return next(model.parameters()).device

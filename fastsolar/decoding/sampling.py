@@ -5,27 +5,37 @@ transformers' order and with its exact float math (RepetitionPenaltyLogitsProces
 TopKLogitsWarper, TopPLogitsWarper). Rows with temperature 0 are greedy: only the penalty applies to them,
 as in transformers' greedy search (their warper parameters are neutral by construction).
 
-`Sampler` holds the per-row parameters and the seen-token mask as device buffers for one batch size and
-refills them in place on `reset`, so a CUDA graph that captured `sampler(logits)` stays valid across
-generate calls as long as `Sampler.mode` (host flags choosing which stages run) is unchanged: a graph
-cache must include `mode` in its key. Calling the sampler never syncs with the host.
+`Sampler` is the one sampler of generate, stream and the server. It keeps everything per *slot* (a row of
+the KV cache): the parameters (`SamplingParams` buffers), the repetition-penalty seen-mask, a 64-bit seed and a
+draw counter, and `min_new_tokens`. `reset(...)` fills slots 0..b-1 for a generate call; `assign(slot,
+RowParams, prompt)` one slot for a served request; `select(rows)` says which slot each batch row is (through a
+device buffer, so one captured graph serves any row map). `sampler(logits [b, V]) -> tokens [b]` runs
+transformers' processing, takes the argmax for greedy rows (exactly) and an exponential race with
+counter-based noise (`fastsolar.decoding.rng`: a pure function of seed, counter and token) for sampled ones,
+and advances the rows' counters and seen-masks. A row's tokens depend only on its own logits, parameters, seed
+and counter, so a seeded request draws the same tokens alone or in any batch, through `generate`, `stream`,
+the CLI and the server: one int `seed` gives row i of a call `seed + i` (`row_seeds`).
 
-`min_new_tokens` (transformers' MinNewTokensLengthLogitsProcessor): the EOS ids are banned (-inf) while
-fewer than that many tokens have been chosen. The count is a device-side step counter the sampler
-advances on every call while the ban is on (the prefill's pick is step 0), so the ban lifts inside a
+`mode` (host flags: which stages run, the union over the selected rows, and whether the rows are slots 0..b-1
+in order) is part of a captured graph's key. Calling the sampler never syncs with the host.
+
+`min_new_tokens` (transformers' MinNewTokensLengthLogitsProcessor): the EOS ids are banned (-inf) while a row
+has drawn fewer than that many tokens (its counter; the prefill's pick is draw 0), so the ban lifts inside a
 captured graph too, without a host sync.
 
-Its device state is explicit: `state_tensors()` (the parameter buffers, the seen mask and the EOS-ban
-state) and `generator`; `snapshot()` / `restore(snap)` copy them out and back (a graph step's warm-up runs
-the sampler for real and must leave no trace), and `generators()` names the generator a CUDA graph must
-register.
+Its device state is explicit: `state_tensors()` (the counters and seen-masks: what a call writes);
+`snapshot()` / `restore(snap)` copy them out and back (a graph step's warm-up runs the sampler for real and
+must leave no trace). There is no torch.Generator to register with a graph.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from fastsolar.decoding import rng
 
 Number = int | float
 PerRow = Number | Sequence[Number] | torch.Tensor | None
@@ -38,10 +48,15 @@ def check_sampling_args(
     top_p: PerRow = None,
     repetition_penalty: PerRow = 1.0,
     min_new_tokens: int = 0,
+    seed: int | Sequence[int] | None = None,
 ) -> None:
-    """Raise ValueError for out-of-range sampling parameters (scalars or per-row sequences)."""
+    """Raise ValueError for out-of-range sampling parameters (scalars or per-row sequences): the one check of
+    them, for generate, stream, the CLI and the server."""
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+    if any(s is not None and (isinstance(s, bool) or not isinstance(s, int)) for s in seeds):
+        raise ValueError(f"seed must be an integer (or one per row), got {seed!r}")
     for name, value, ok, rule in (
         ("temperature", temperature, lambda v: v >= 0, ">= 0 (0 means greedy)"),
         ("top_k", top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0 (0 or None disables it)"),
@@ -223,36 +238,113 @@ class DeviceState:
             g.set_state(state)
 
 
-class Sampler(DeviceState):
-    """Device-resident sampling state for a batch of `batch` rows; `sampler(logits) -> tokens [b] int64`."""
+#: The host flags of a sampling step (`Sampler.mode`): which stages run for the selected rows.
+MODE_FLAGS = ("penalize", "sample", "use_top_k", "use_top_p", "suppress_eos")
 
-    def __init__(self, batch: int, vocab_size: int, device: torch.device | str) -> None:
-        self.batch = batch
+
+@dataclass(frozen=True)
+class RowParams:
+    """One request's sampling parameters (checked by `check_sampling_args` when a row is assigned)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    min_new_tokens: int = 0
+
+
+def row_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
+    """Each row's seed for a call of `batch` rows: a list gives each row its own; one int gives row i
+    `seed + i` (so row 0 of any call with seed s draws as a request with seed s does); None draws a base
+    seed from torch's default generator (reproducible under torch.manual_seed)."""
+    check_sampling_args(seed=seed)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"seed has {len(seed)} values for a batch of {batch}")
+        return list(seed)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return [seed + i for i in range(batch)]
+
+
+class Sampler(DeviceState):
+    """Sampling state per slot (a row of the KV cache) for `slots` slots; `sampler(logits [b, V]) -> tokens [b]`
+    where batch row i is slot `rows[i]` (`select`; slots 0..b-1 after `reset`). See the module docstring.
+
+    `coarse_modes`: a batch with any sampled row runs the top-k and top-p stages for all of them (neutral rows
+    come out unchanged), so a serving engine records 4 graphs per batch size instead of 16.
+    """
+
+    def __init__(self, slots: int, vocab_size: int, device: torch.device | str, *, coarse_modes: bool = False) -> None:
+        self.slots = slots
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        self.params = SamplingParams.empty(batch, vocab_size, self.device)
-        self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=self.device)
-        self.generator = torch.Generator(device=self.device)
-        self._tiny = torch.finfo(torch.float32).tiny
-        # min_new_tokens: EOS ids banned while step < min_new_tokens; step counts calls since reset.
+        self.coarse_modes = coarse_modes
+        self.params = SamplingParams.empty(slots, vocab_size, self.device)
+        self._tensors = [f.name for f in dataclasses.fields(self.params) if isinstance(getattr(self.params, f.name), torch.Tensor)]
+        self.seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=self.device)
+        self.key = torch.zeros(slots, 2, dtype=torch.int64, device=self.device)  # seed words (low, high)
+        self.counter = torch.zeros(slots, dtype=torch.int64, device=self.device)  # tokens drawn since assigned
+        self.min_new_tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-        self.min_new_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.suppress_eos = False
+        self.batch_rows = torch.arange(slots, dtype=torch.int64, device=self.device)  # batch row i -> slot
+        self.index = torch.arange(vocab_size, dtype=torch.int64, device=self.device)
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self._has_eos = False
+        self._slot_flags: dict[int, tuple[bool, ...]] = {}
+        self._mode: tuple[bool, ...] = (False,) * (len(MODE_FLAGS) + 1)
 
-    @property
-    def mode(self) -> tuple[bool, ...]:
-        """Host flags fixing which stages `__call__` runs; part of any captured graph's identity."""
-        return (*self.params.mode, self.suppress_eos)
+    # -- filling slots (host side, between steps) ---------------------------------------------------------
 
-    def state_tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every device tensor the sampler reads or writes when called."""
-        p = self.params
-        return (p.temperature, p.divisor, p.inv_divisor, p.top_k, p.top_p_threshold, p.penalty, p.inv_penalty,
-                self.seen, self.eos_mask, self.min_new_tokens, self.step)
+    def set_eos(self, eos_token_ids: Sequence[int]) -> None:
+        """The EOS ids `min_new_tokens` bans (the model's, shared by every slot)."""
+        eos = sorted({int(e) for e in eos_token_ids})
+        if eos and not 0 <= eos[0] <= eos[-1] < self.vocab_size:
+            raise ValueError(f"eos_token_ids {eos} must lie in [0, {self.vocab_size})")
+        self.eos_mask.zero_()
+        self.eos_mask[eos] = True
+        self._has_eos = bool(eos)
 
-    def generators(self) -> list[torch.Generator]:
-        return [self.generator]
+    def assign(self, slot: int, params: RowParams, prompt_ids: Sequence[int] | torch.Tensor = ()) -> None:
+        """Give slot `slot` a request's parameters, seed and prompt (marked seen for the repetition penalty),
+        its draw counter back at 0. Raises ValueError for invalid values."""
+        self.fill(range(slot, slot + 1), temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                  repetition_penalty=params.repetition_penalty, seed=[params.seed],
+                  min_new_tokens=params.min_new_tokens)
+        if self._slot_flags[slot][0] and len(prompt_ids):
+            ids = torch.as_tensor(prompt_ids, dtype=torch.int64).to(self.device)
+            self.seen[slot].index_fill_(0, ids, True)
+
+    def fill(
+        self,
+        slots: range,
+        *,
+        temperature: PerRow = 0.0,
+        top_k: PerRow = None,
+        top_p: PerRow = None,
+        repetition_penalty: PerRow = 1.0,
+        seed: int | Sequence[int] | None = None,
+        min_new_tokens: int = 0,
+    ) -> None:
+        """Refill the contiguous slots `slots` in place from scalars or per-row values (validated), seeds
+        as `row_seeds` gives them; their seen-masks cleared and counters zeroed."""
+        check_sampling_args(min_new_tokens=min_new_tokens)
+        n = len(slots)
+        one = SamplingParams.build(n, self.vocab_size, "cpu", temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty)
+        sl = slice(slots.start, slots.stop)
+        for name in self._tensors:
+            getattr(self.params, name)[sl].copy_(getattr(one, name))
+        words = [rng.seed_words(s) for s in row_seeds(seed, n)]
+        self.key[sl].copy_(torch.tensor(words, dtype=torch.int64))
+        self.counter[sl] = 0
+        self.min_new_tokens[sl] = min_new_tokens
+        self.seen[sl] = False
+        ban = min_new_tokens > 0 and self._has_eos
+        for slot, t, k, thr, pen in zip(slots, one.temperature.tolist(), one.top_k.tolist(),
+                                        one.top_p_threshold.tolist(), one.penalty.tolist()):
+            self._slot_flags[slot] = (pen != 1.0, t > 0, k < self.vocab_size, thr >= 0, ban)
 
     def reset(
         self,
@@ -261,33 +353,20 @@ class Sampler(DeviceState):
         top_k: PerRow = None,
         top_p: PerRow = None,
         repetition_penalty: PerRow = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         prompt_ids: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         min_new_tokens: int = 0,
         eos_token_ids: Sequence[int] = (),
     ) -> None:
-        """Refill every buffer in place. `prompt_ids` [b, s] with `prompt_mask` [b, s] (True = real token)
-        marks the prompt's tokens as seen for the repetition penalty; `eos_token_ids` are banned for the
-        first `min_new_tokens` calls."""
-        self.params.fill(self.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty)
-        check_sampling_args(min_new_tokens=min_new_tokens)
-        eos = sorted({int(e) for e in eos_token_ids})
-        if eos and not 0 <= eos[0] <= eos[-1] < self.vocab_size:
-            raise ValueError(f"eos_token_ids {eos} must lie in [0, {self.vocab_size})")
-        self.eos_mask.zero_()
-        self.eos_mask[eos] = True
-        self.min_new_tokens.fill_(min_new_tokens)
-        self.step.zero_()
-        self.suppress_eos = min_new_tokens > 0 and bool(eos)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
-        self.seen.zero_()
-        if prompt_ids is not None and self.params.penalize:
-            b = prompt_ids.shape[0]
+        """A generate call's batch in slots 0..b-1 (b: prompt_ids' rows, else every slot), selected in
+        order. `prompt_ids` [b, s] with `prompt_mask` [b, s] (True = real token) marks the prompt's tokens as
+        seen for the repetition penalty; `eos_token_ids` are banned for each row's first `min_new_tokens`."""
+        b = prompt_ids.shape[0] if prompt_ids is not None else self.slots
+        self.set_eos(eos_token_ids)
+        self.fill(range(b), temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, seed=seed, min_new_tokens=min_new_tokens)
+        if prompt_ids is not None and any(self._slot_flags[r][0] for r in range(b)):
             ids = prompt_ids.to(self.device, torch.int64)
             if prompt_mask is not None:
                 # Padding goes to an extra column that is dropped, so it marks nothing.
@@ -295,19 +374,62 @@ class Sampler(DeviceState):
             marks = torch.zeros(b, self.vocab_size + 1, dtype=torch.bool, device=self.device)
             marks.scatter_(1, ids, True)
             self.seen[:b].copy_(marks[:, : self.vocab_size])
+        self.select(torch.arange(b, device=self.device), list(range(b)))
+
+    def release(self, slot: int) -> None:
+        """Forget a finished request's flags, so they no longer widen the mode of later batches."""
+        self._slot_flags.pop(slot, None)
+
+    def select(self, rows: torch.Tensor, host_rows: Sequence[int]) -> None:
+        """The next calls' batch row i is slot rows[i] (`rows` a device tensor, `host_rows` the same on the
+        host, read only for the host-side mode flags)."""
+        self.batch_rows[: rows.shape[0]].copy_(rows)
+        flags = [self._slot_flags[r] for r in host_rows]
+        mode = [any(f[i] for f in flags) for i in range(len(MODE_FLAGS))]
+        if self.coarse_modes and mode[1]:
+            mode[2] = mode[3] = True
+        # The buffers' host flags describe the selection, so `params` is the SamplingParams of these rows.
+        self.params.penalize, self.params.sample, self.params.use_top_k, self.params.use_top_p = mode[:4]
+        # Slots 0..b-1 in order (a generate call) are read as slices: no gather per parameter and step.
+        self._mode = (*mode, list(host_rows) == list(range(len(host_rows))))
+
+    # -- the device step -------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> tuple[bool, ...]:
+        """Host flags fixing which stages `__call__` runs for the selected rows (MODE_FLAGS, then whether the
+        rows are slots 0..b-1 in order); part of a captured graph's key."""
+        return self._mode
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What a call writes: the draw counters and seen-masks (the noise is counter-based: no generator)."""
+        return self.counter, self.seen
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        banned = self.eos_mask & (self.step < self.min_new_tokens) if self.suppress_eos else None
-        scores = process_logits(logits, self.params, self.seen, banned)
+        # b is the batch size the graph was recorded for (a static shape), not a per-step value.
+        b = logits.shape[0]
+        penalize, sample, use_top_k, use_top_p, suppress_eos, in_order = self._mode
+        rows = slice(0, b) if in_order else self.batch_rows[:b]
+        params = dataclasses.replace(self.params, **{name: getattr(self.params, name)[rows] for name in self._tensors},
+                                     penalize=penalize, sample=sample, use_top_k=use_top_k, use_top_p=use_top_p)
+        counter = self.counter[rows]
+        banned = self.eos_mask[None, :] & (counter < self.min_new_tokens[rows])[:, None] if suppress_eos else None
+        scores = process_logits(logits, params, self.seen[rows] if penalize else None, banned)
         tokens = scores.argmax(dim=-1)
-        if self.params.sample:
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, without a host sync.
+        if sample:
+            # Exponential race: argmax(p / E) with E ~ Exp(1) from each row's own counter-based noise draws
+            # from p without a host sync.
             probs = scores.softmax(dim=-1)
-            noise = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(self._tiny)
-            sampled = (probs / noise).argmax(dim=-1)
-            tokens = torch.where(self.params.temperature > 0, sampled, tokens)
-        if self.params.penalize:
-            self.seen.scatter_(1, tokens[:, None], True)
-        if self.suppress_eos:  # only the EOS ban reads the counter; without it the step stays as it was
-            self.step.add_(1)
+            sampled = (probs / rng.exponential(self.key[rows], counter, self.index)).argmax(dim=-1)
+            tokens = torch.where(params.temperature > 0, sampled, tokens)
+        if sample or suppress_eos:  # only the noise and the EOS ban read the counter
+            if in_order:
+                self.counter[rows].add_(1)
+            else:
+                self.counter.index_put_((rows,), counter + 1)
+        if penalize:
+            if in_order:
+                self.seen[rows].scatter_(1, tokens[:, None], True)
+            else:
+                self.seen.index_put_((rows, tokens), self._true)
         return tokens

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastsolar.checkpoint.loader import resolve_dtype
+from fastsolar.decoding.generate import OPTIONS as GENERATE_OPTIONS
 from fastsolar.text.chat import render_chat_template
 
 if TYPE_CHECKING:
@@ -243,10 +244,7 @@ _GENERATE_REFUSED: dict[str, tuple[tuple, str]] = {
     "negative_prompt_attention_mask": (_NONE, "classifier-free guidance is not implemented"),
     "custom_generate": (_NONE, "custom generation loops are not supported"),
 }
-_GENERATE_NATIVE = {
-    "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "attention_mask", "seed",
-    "cuda_graphs", "min_new_tokens", "pad_token_id",
-}
+_GENERATE_NATIVE = set(GENERATE_OPTIONS)  # generate's own keyword options pass through as they are
 
 
 def _given(value: Any, default: Any) -> bool:

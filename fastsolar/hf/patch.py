@@ -4,7 +4,7 @@
 fastsolar's kernels, in place, and returns it. Everything else (weights, cache, `generate`, sampling,
 output capture) stays transformers'. Supported transformers versions: `SUPPORTED_TRANSFORMERS`
 (fastsolar/versions.py, where every version gate lives): 5.17 through 5.25, whose decoder/attention code the
-patched forwards mirror and which CI checks with tests/test_hf_patch.py at both ends. Another version is
+patched forwards mirror and which CI checks with tests/hf/test_hf_patch.py at both ends. Another version is
 refused rather than patched on trust: widen the range after running that test file against it. Within the
 range the attention forward's cache argument was renamed (`past_key_values` before 5.24, `cache` since,
 when it also started handing its kwargs to `cache.update`); the patched forward accepts either name and

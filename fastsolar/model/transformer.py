@@ -11,12 +11,14 @@ Triton kernels on CUDA and their torch references elsewhere; this file imports n
 
 Three entry points share one layer stack:
 - `model(input_ids)`: full logits `[batch, seq, vocab]`, no cache (what tests compare with transformers).
-- `prefill(input_ids, seqlens, rows=None)`: right-padded prompts written into the static KV cache from
+- `prefill(input_ids, seqlens, cache, rows=None)`: right-padded prompts written into a static `KVCache` from
   position 0; returns the logits of each row's last real token.
-- `decode(tokens, positions, rows=None)`: one token per row at per-row device positions; graph-safe (no
+- `decode(tokens, positions, cache, rows=None)`: one token per row at per-row device positions; graph-safe (no
   host sync, no value-dependent shapes), so it can be captured in a CUDA graph.
 Both use cache rows 0..b-1 by default; `rows` maps batch row i onto cache row rows[i] instead, so a
 serving engine can keep each request in its own row of one static cache while requests come and go.
+The cache is an argument: the model holds weights and config only, and whoever decodes owns its cache
+(fastsolar.decoding.session.DecodeSession), handed to every layer as a `CacheView`.
 
 A linear layer may be quantised (fastsolar.model.quant.QuantLinear: int8 / FP8 `weight` plus an fp32
 `weight_scale` per output row, swapped in by the loader or `quant.quantize`); every product passes the
@@ -24,6 +26,7 @@ layer's scale (`_scale`: None for a plain nn.Linear) with its weight, and the op
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,20 @@ from fastsolar import memory, ops
 from fastsolar.config import SolarConfig
 
 
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
+    """ValueError naming the first token id outside the vocabulary [0, vocab_size) (for a tensor: its lowest or
+    highest, one host sync): the one check of token ids, for forward, generate and the server."""
+    if isinstance(ids, torch.Tensor):
+        if ids.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        bad = lo if lo < 0 else (hi if hi >= vocab_size else None)
+    else:
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
+
+
 def _scale(layer: nn.Module) -> torch.Tensor | None:
     """A quantised linear layer's per-output-channel scale; None for an unquantised one."""
     return getattr(layer, "weight_scale", None)
@@ -40,10 +57,30 @@ def _scale(layer: nn.Module) -> torch.Tensor | None:
 
 @dataclass
 class KVCache:
-    """Static key/value cache for all layers: `[layers, max_batch, max_seq, n_kv_heads, head_dim]`."""
+    """Static key/value cache for all layers: `[layers, max_batch, max_seq, n_kv_heads, head_dim]`. Owned by
+    whoever decodes (fastsolar.decoding.session.DecodeSession), never by the model."""
 
     k: torch.Tensor
     v: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, config: SolarConfig, max_batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
+    ) -> "KVCache":
+        """An uninitialised cache of `max_batch` rows x `max_seq` positions, after checking that it fits the
+        model's context and the memory free on `device` (memory.InsufficientMemoryError)."""
+        for name, value in (("max_batch", max_batch), ("max_seq", max_seq)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_seq > config.max_position_embeddings:
+            raise ValueError(f"max_seq {max_seq} exceeds the model's context of {config.max_position_embeddings} tokens")
+        shape = (config.num_hidden_layers, max_batch, max_seq, config.num_key_value_heads, config.head_dim)
+        memory.check_fits(f"the KV cache {shape}", device, dtype, 2 * torch.Size(shape).numel() * dtype.itemsize,
+                          advice="Lower the batch size or the maximum sequence length.")
+        # Normal tensors even when made under inference_mode (as generate does), so that prefill and decode can
+        # also run under plain no_grad afterwards.
+        with torch.inference_mode(False):
+            return cls(k=torch.empty(shape, device=device, dtype=dtype), v=torch.empty(shape, device=device, dtype=dtype))
 
     @property
     def max_batch(self) -> int:
@@ -55,11 +92,17 @@ class KVCache:
 
 
 @dataclass
-class DecodeSlots:
-    """Where a decode step writes and reads the cache: computed once per step, shared by every layer."""
+class CacheView:
+    """What one pass does with the cache, computed once and handed to every layer: write each token's key and
+    value at (rows[i], positions[i, t]), then attend over the cache, as a prefill from position 0 (`seqlens`
+    None) or as a decode step whose rows hold `seqlens` valid positions after the write."""
 
-    rows: torch.Tensor | None  # [b] cache row of each batch row (a caller's map); None: rows 0..b-1
-    seqlens: torch.Tensor  # [b] int32 valid cache positions after the write (pos + 1)
+    cache: KVCache
+    rows: torch.Tensor | None  # [b] cache row of each batch row; None: rows 0..b-1
+    seqlens: torch.Tensor | None  # decode: [b] int32 valid positions after the write (pos + 1); prefill: None
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k[i], self.cache.v[i]
 
 
 class Attention(nn.Module):
@@ -79,32 +122,29 @@ class Attention(nn.Module):
         norm_weight: torch.Tensor,
         eps: float,
         positions: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        slots: DecodeSlots | None = None,
-        rows: torch.Tensor | None = None,
+        view: CacheView | None,
+        layer: int,
     ) -> torch.Tensor:
-        """h + attention(rms_norm(h)) for the residual stream h `[b, s, hidden]`; positions `[b, s]`. With
-        `cache` (this layer's `[max_batch, max_seq, kv, d]` views): a decode step when `slots` is given,
-        else a prefill from position 0 into cache rows `rows` (default 0..b-1)."""
+        """h + attention(rms_norm(h)) for the residual stream h `[b, s, hidden]`; positions `[b, s]`. Without a
+        cache view: causal attention over h alone; with one: a prefill or a decode step through layer `layer`
+        of the cache (CacheView)."""
         b, s, _ = h.shape
         qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight, scale=_scale(self.wqkv))
         q, k, v = qkv.view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        if cache is None:
+        if view is None:
             q, k = ops.apply_rotary(q, k, positions, self.theta)
             o = ops.attention(q, k, v, causal=True)
         else:
             # One launch rotates q and k and writes k, v into their cache slots; attention then reads the
             # keys from the cache (a decode step its whole history, a prefill just its own prompt).
-            k_cache, v_cache = cache
-            rows = slots.rows if slots is not None else rows
+            k_cache, v_cache = view.layer(layer)
+            rows = view.rows
             q = ops.rotary_cache_write(q, k, v, positions, self.theta, k_cache, v_cache, rows=rows)
-            if slots is not None:
-                if rows is None:
-                    k_cache, v_cache = k_cache[:b], v_cache[:b]
-                o = ops.decode_attention(q[:, 0], k_cache, v_cache, slots.seqlens, rows=rows).unsqueeze(1)
-            elif rows is None:
-                o = ops.attention(q, k_cache[:b, :s], v_cache[:b, :s], causal=True)
+            if rows is None:  # batch row i is cache row i
+                k_cache, v_cache = k_cache[:b], v_cache[:b]
+            if view.seqlens is not None:
+                o = ops.decode_attention(q[:, 0], k_cache, v_cache, view.seqlens, rows=rows).unsqueeze(1)
             else:
                 o = ops.attention(q, k_cache[:, :s], v_cache[:, :s], causal=True, rows=rows)
         return ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight, residual=h,
@@ -132,16 +172,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.feed_forward = FeedForward(config)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        positions: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor] | None,
-        slots: DecodeSlots | None,
-        rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The residual stream after this layer."""
-        h = self.attention(h, self.attention_norm, self.eps, positions, cache, slots, rows)
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, view: CacheView | None, layer: int) -> torch.Tensor:
+        """The residual stream after this layer (layer `layer` of the cache view, if any)."""
+        h = self.attention(h, self.attention_norm, self.eps, positions, view, layer)
         return self.feed_forward(h, self.ffn_norm, self.eps)
 
 
@@ -158,7 +191,6 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.cache: KVCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -168,19 +200,11 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def _layers(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        use_cache: bool,
-        slots: DecodeSlots | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, view: CacheView | None) -> torch.Tensor:
         """Run the layer stack; returns the residual stream `[b, s, hidden]` (before the final norm)."""
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            cache = (self.cache.k[i], self.cache.v[i]) if use_cache else None
-            h = layer(h, positions, cache, slots, rows)
+            h = layer(h, positions, view, i)
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -192,63 +216,40 @@ class Transformer(nn.Module):
         self._check_ids(input_ids)
         b, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        return self._logits(self._layers(input_ids, positions, use_cache=False))
-
-    def setup_cache(self, max_batch: int, max_seq: int) -> KVCache:
-        """Allocate (or keep, if large enough) the static KV cache, after checking that it fits."""
-        if max_seq > self.config.max_position_embeddings:
-            raise ValueError(
-                f"max_seq {max_seq} exceeds the model's context of {self.config.max_position_embeddings} tokens"
-            )
-        old = self.cache
-        if (old is not None and old.max_batch >= max_batch and old.max_seq >= max_seq
-                and old.k.dtype == self.dtype and old.k.device == self.device):
-            return old
-        c = self.config
-        shape = (c.num_hidden_layers, max_batch, max_seq, c.num_key_value_heads, c.head_dim)
-        self.cache = old = None  # release the old cache before measuring free memory
-        memory.check_fits(f"the KV cache {shape}", self.device, self.dtype, 2 * torch.Size(shape).numel() * self.dtype.itemsize,
-                          advice="Lower the batch size or the maximum sequence length.")
-        # A normal tensor even when called under inference_mode (as generate does), so that prefill and
-        # decode can also be used under plain no_grad afterwards.
-        with torch.inference_mode(False):
-            self.cache = KVCache(
-                k=torch.empty(shape, device=self.device, dtype=self.dtype),
-                v=torch.empty(shape, device=self.device, dtype=self.dtype),
-            )
-        return self.cache
+        return self._logits(self._layers(input_ids, positions, None))
 
     def prefill(
-        self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, seqlens: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Write right-padded prompts `[b, s]` (row i real for its first seqlens[i] tokens) into the cache
-        from position 0, into cache rows `rows` [b] (distinct; default 0..b-1); returns the logits
-        `[b, vocab]` of each row's last real token. Other cache rows are left as they are."""
+        """Write right-padded prompts `[b, s]` (row i real for its first seqlens[i] tokens) into `cache` from
+        position 0, into cache rows `rows` [b] (distinct; default 0..b-1); returns the logits `[b, vocab]` of
+        each row's last real token. Other cache rows are left as they are."""
         b, s = input_ids.shape
-        if self.cache is None or self.cache.max_seq < s or (rows is None and self.cache.max_batch < b):
-            raise RuntimeError(f"prefill of batch {b} x {s} tokens needs setup_cache(max_batch>={b}, max_seq>={s})")
+        if cache.max_seq < s or (rows is None and cache.max_batch < b):
+            raise ValueError(f"a prefill of batch {b} x {s} tokens needs a cache of at least {b} rows x {s} "
+                             f"positions; this one has {cache.max_batch} x {cache.max_seq}")
         if rows is not None:
-            rows = self._check_rows(rows, b)
+            rows = self._check_rows(rows, b, cache.max_batch)
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         # Right padding plus causal masking leaves every real token's attention exact; padded slots
         # land in the cache beyond seqlens, where decode never reads and later steps overwrite.
-        h = self._layers(input_ids, positions, use_cache=True, rows=rows)
+        h = self._layers(input_ids, positions, CacheView(cache, rows, None))
         last = h[torch.arange(b, device=h.device), seqlens.to(h.device).long() - 1]
         return self._logits(last)
 
     def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """One step: tokens `[b]` at cache positions `[b]` (device tensors) in cache rows `rows` [b] (a device
         tensor of distinct rows, default 0..b-1; not checked, that would sync); returns logits `[b, vocab]`."""
         b = tokens.shape[0]
         if rows is not None and tuple(rows.shape) != (b,):
             raise ValueError(f"rows must have shape [{b}] (one cache row per token), got {tuple(rows.shape)}")
-        slots = DecodeSlots(rows=rows, seqlens=(positions + 1).to(torch.int32))
-        h = self._layers(tokens[:, None], positions[:, None], use_cache=True, slots=slots)
+        view = CacheView(cache, rows, (positions + 1).to(torch.int32))
+        h = self._layers(tokens[:, None], positions[:, None], view)
         return self._logits(h[:, 0])
 
-    def _check_rows(self, rows: torch.Tensor, b: int) -> torch.Tensor:
+    def _check_rows(self, rows: torch.Tensor, b: int, max_batch: int) -> torch.Tensor:
         """`rows` as int64 on the model's device after checking it names b distinct cache rows (a host
         sync: prefill is not captured in a graph)."""
         if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int32, torch.int64):
@@ -256,9 +257,9 @@ class Transformer(nn.Module):
         if tuple(rows.shape) != (b,):
             raise ValueError(f"rows must have shape [{b}] (one cache row per prompt), got {tuple(rows.shape)}")
         values = rows.tolist()
-        bad = [r for r in values if not 0 <= r < self.cache.max_batch]
+        bad = [r for r in values if not 0 <= r < max_batch]
         if bad or len(set(values)) != b:
-            raise ValueError(f"rows {values} must be distinct cache rows in [0, {self.cache.max_batch})")
+            raise ValueError(f"rows {values} must be distinct cache rows in [0, {max_batch})")
         return rows.to(self.device, torch.int64)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
@@ -272,7 +273,4 @@ class Transformer(nn.Module):
         limit = self.config.max_position_embeddings
         if input_ids.shape[1] > limit:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the context of {limit} tokens")
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # a host sync; forward is not the decode hot path
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        check_token_ids(input_ids, self.config.vocab_size)  # a host sync; forward is not the decode hot path

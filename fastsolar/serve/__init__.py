@@ -2,7 +2,6 @@
 
 - `engine.py`: the continuous-batching loop (one thread owns the model; requests join and leave the
   running decode batch one step at a time, each in its own cache row);
-- `sampler.py`, `rng.py`: sampling state per cache row, with counter-based per-request randomness;
 - `schemas.py`, `errors.py`, `api.py`: request validation, OpenAI-shaped errors, the FastAPI routes;
 - `server.py`: uvicorn, binding and graceful shutdown.
 
@@ -13,8 +12,8 @@ The HTTP parts need the `serve` extra (`pip install 'fastsolar[serve]'`); the en
     model, tok = Solar.from_pretrained(d, device="cuda"), Tokenizer.from_pretrained(d)
     run(create_app(Engine(model, tok, max_batch=8), tok, "solar"), port=8000)
 """
+from fastsolar.decoding.sampling import RowParams
 from fastsolar.serve.engine import Engine, Output, Request
-from fastsolar.serve.sampler import RowParams
 
 
 def __getattr__(name: str):

@@ -30,11 +30,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 
+from fastsolar.decoding.sampling import RowParams
 from fastsolar.serve import errors
 from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, Output, QueueFull
 from fastsolar.serve.engine import Request as EngineRequest
 from fastsolar.serve.errors import APIError
-from fastsolar.serve.sampler import RowParams
 from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 if TYPE_CHECKING:

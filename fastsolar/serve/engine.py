@@ -1,8 +1,9 @@
 """Continuous batching: one thread owns the model and serves every request from one static KV cache.
 
-Each running request lives in its own row of the cache (`model.setup_cache(max_batch, context)`). The loop:
+Each running request lives in its own row of the engine's own decode session (`DecodeSession(model, max_batch,
+context)`: its KV cache, graphs and row allocation, shared with no other user of the model). The loop:
 
-1. admit: waiting requests take free rows and are prefilled together (right-padded, `model.prefill(...,
+1. admit: waiting requests claim free rows and are prefilled together (right-padded, `session.prefill(...,
    rows=)`, at most `prefill_tokens` padded tokens per prefill so a burst of long prompts cannot exhaust
    memory); the logits of each prompt's last token give its first token at once;
 2. decode: all running requests advance one token in one step, batch row i mapped onto its cache row
@@ -12,7 +13,8 @@ Each running request lives in its own row of the cache (`model.setup_cache(max_b
    step); its row is free for the next admission.
 
 So a new request joins the running batch at the next step instead of waiting for the batch to drain.
-Sampling state is per cache row (`RowSampler`): each request keeps its own parameters and seed, and greedy
+Sampling state is per cache row (`fastsolar.decoding.sampling.Sampler`, the one generate uses): each request
+keeps its own parameters and seed, and greedy
 requests get exactly what `generate` gives them alone. Text is produced here too (`chat.TextStream`: stop
 strings must end a row as soon as they appear); each event goes to the request's `sink` callback, called
 on the engine thread.
@@ -31,9 +33,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastsolar.decoding.graphs import CudaGraphStep, GraphPool
-from fastsolar.decoding.sampling import SamplingParams
-from fastsolar.serve.sampler import RowParams, RowSampler
+from fastsolar.decoding.graphs import CudaGraphStep
+from fastsolar.decoding.sampling import RowParams, Sampler, check_sampling_args
+from fastsolar.decoding.session import DecodeSession
+from fastsolar.model import check_token_ids
 from fastsolar.text.chat import TextStream
 
 if TYPE_CHECKING:
@@ -156,7 +159,6 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._active: list[Ticket] = []
-        self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out row 0 first
         self._accepting = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -168,7 +170,8 @@ class Engine:
              "completion_tokens", "decode_steps"), 0))
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.rows_used: set[int] = set()
-        self.sampler: RowSampler | None = None
+        self.session: DecodeSession | None = None
+        self.sampler: Sampler | None = None
         self.step = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -176,11 +179,10 @@ class Engine:
     def start(self) -> "Engine":
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
-        self.model.setup_cache(self.max_batch, self.context)
-        self.sampler = RowSampler(self.max_batch, self.vocab_size, self.model.device)
-        # Its own pool: generate's graphs elsewhere cannot evict ours; a graph per batch size and mode.
-        self.step = CudaGraphStep(self.model, self.sampler, capture=self.cuda_graphs,
-                                  pool=GraphPool(max_graphs=max(16, 4 * self.max_batch)))
+        # Its own session: its cache rows and graphs are the engine's alone; a graph per batch size and mode.
+        self.session = DecodeSession(self.model, self.max_batch, self.context, max_graphs=max(16, 4 * self.max_batch))
+        self.sampler = Sampler(self.max_batch, self.vocab_size, self.model.device, coarse_modes=True)
+        self.step = CudaGraphStep(self.session, self.sampler, capture=self.cuda_graphs)
         self._accepting = True
         self._t_start = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="fastsolar-engine", daemon=True)
@@ -211,9 +213,10 @@ class Engine:
         n = len(prompt)
         if n == 0:
             raise InvalidRequest("the prompt is empty: at least one token is needed", "prompt")
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        try:
+            check_token_ids(prompt, self.vocab_size)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "prompt") from None
         if n >= self.context:
             raise InvalidRequest(
                 f"the prompt has {n} tokens but the model's context is {self.context} tokens, which leaves no "
@@ -229,12 +232,10 @@ class Engine:
                 f"of {self.context} tokens", "max_tokens", "context_length_exceeded")
         s = request.sampling
         try:
-            SamplingParams.build(1, self.vocab_size, "cpu", temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                 repetition_penalty=s.repetition_penalty)
+            check_sampling_args(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                repetition_penalty=s.repetition_penalty, seed=s.seed)
         except ValueError as e:
             raise InvalidRequest(str(e), str(e).split()[0]) from None
-        if not isinstance(s.seed, int):
-            raise InvalidRequest(f"seed must be an integer, got {s.seed!r}", "seed")
         if any(not isinstance(x, str) or not x for x in request.stop):
             raise InvalidRequest("stop strings must be non-empty strings", "stop")
         return m
@@ -317,13 +318,13 @@ class Engine:
         """Waiting requests that get a row now, within the prefill token budget (caller holds the lock)."""
         taken: list[Ticket] = []
         width = 0
-        while self._waiting and self._free:
+        while self._waiting and len(self.session.rows_in_use) < self.max_batch:
             nxt = self._waiting[0]
             w = max(width, len(nxt.request.prompt))
             if taken and (len(taken) + 1) * w > self.prefill_tokens:
                 break
             self._waiting.popleft()
-            nxt.row = self._free.pop()
+            (nxt.row,) = self.session.claim(1)
             self.rows_used.add(nxt.row)
             self._active.append(nxt)
             taken.append(nxt)
@@ -340,7 +341,7 @@ class Engine:
         host_rows = [t.row for t in tickets]
         rows = torch.tensor(host_rows, dtype=torch.int64, device=device)
         self.sampler.select(rows, host_rows)
-        logits = self.model.prefill(ids.to(device), torch.tensor(lens, device=device), rows=rows)
+        logits = self.session.prefill(ids.to(device), torch.tensor(lens, device=device), rows=rows)
         tokens = self.sampler(logits).tolist()
         now = time.perf_counter()
         self._count(now, len(tokens))
@@ -409,7 +410,7 @@ class Engine:
         with self._cond:
             if t in self._active:
                 self._active.remove(t)
-                self._free.append(t.row)
+                self.session.release([t.row])
                 self.sampler.release(t.row)
             self._cond.notify_all()
 

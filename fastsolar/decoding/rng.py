@@ -8,8 +8,8 @@ own 64-bit key (from the request's seed) and step counter as device tensors, and
     u[j] = hash(key, t, j) in (0, 1)          (24 random bits, never 0 or 1)
     E[j] = -log(u[j]) ~ Exp(1)
 
-feeds the exponential race `argmax(p / E)`, which draws token j with probability p[j] (the same trick
-fastsolar.decoding.sampling.Sampler uses with torch's generator).
+feeds the exponential race `argmax(p / E)` of fastsolar.decoding.sampling.Sampler, which draws token j with
+probability p[j].
 
 The hash is murmur3's 32-bit finaliser (`fmix32`, a bijection with full avalanche) keyed twice:
 

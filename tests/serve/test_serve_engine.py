@@ -11,10 +11,9 @@ import torch
 from helpers import DEVICE
 
 from fastsolar import Solar, Tokenizer
-from fastsolar.decoding.sampling import SamplingParams, process_logits
-from fastsolar.serve import rng
+from fastsolar.decoding import rng
+from fastsolar.decoding.sampling import RowParams, Sampler, SamplingParams, process_logits
 from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, QueueFull, Request
-from fastsolar.serve.sampler import RowParams, RowSampler
 
 WAIT_S = 60.0  # bound on every wait for the engine thread (the CPU may be shared and slow)
 
@@ -55,7 +54,7 @@ def test_rng_is_uniform_and_streams_are_uncorrelated():
 def test_row_sampler_draws_follow_probabilities():
     rows, vocab, calls = 64, 6, 60
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
-    sampler = RowSampler(rows, vocab, DEVICE)
+    sampler = Sampler(rows, vocab, DEVICE, coarse_modes=True)
     for r in range(rows):
         sampler.assign(r, RowParams(temperature=1.0, seed=1000 + r))
     all_rows = torch.arange(rows, device=DEVICE)
@@ -73,10 +72,10 @@ def test_row_sampler_sampled_row_is_the_exponential_race_over_its_own_noise():
     """One sampled row, no top-k / top-p of its own (though the sampling mode runs both stages): the token is
     argmax(p / E) with p transformers' processed distribution and E this row's counter-based noise."""
     vocab = 301
-    sampler = RowSampler(4, vocab, DEVICE)
+    sampler = Sampler(4, vocab, DEVICE, coarse_modes=True)
     sampler.assign(2, RowParams(temperature=0.8, seed=99))
     sampler.select(torch.tensor([2], device=DEVICE), [2])
-    assert sampler.mode == (False, True, True, True)
+    assert sampler.mode == (False, True, True, True, False, False)  # sampling widened to top-k/p; slot 2 not in order
     g = torch.Generator().manual_seed(5)
     ref = SamplingParams.build(1, vocab, DEVICE, temperature=0.8)
     assert (ref.use_top_k, ref.use_top_p) == (False, False)
@@ -99,7 +98,7 @@ def test_row_sampler_row_result_independent_of_batch():
         5: RowParams(temperature=0.0, repetition_penalty=1.5),
     }
     prompts = {r: [r + 1, 2 * r + 3, 11] for r in params}
-    together, alone = RowSampler(6, vocab, DEVICE), RowSampler(6, vocab, DEVICE)
+    together, alone = Sampler(6, vocab, DEVICE, coarse_modes=True), Sampler(6, vocab, DEVICE, coarse_modes=True)
     for s in (together, alone):
         for r, p in params.items():
             s.assign(r, p, prompts[r])
@@ -118,9 +117,9 @@ def test_row_sampler_row_result_independent_of_batch():
         for i, r in enumerate(order):
             if params[r].temperature == 0 and params[r].repetition_penalty == 1:
                 assert batch[i] == int(logits[i].argmax())
-    assert together.mode == (True, True, True, True)
+    assert together.mode == (True, True, True, True, False, False)
     # Greedy with a penalty is transformers' processing then argmax (checked against process_logits directly).
-    fresh = RowSampler(6, vocab, DEVICE)
+    fresh = Sampler(6, vocab, DEVICE, coarse_modes=True)
     fresh.assign(5, params[5], prompts[5])
     fresh.select(torch.tensor([5], device=DEVICE), [5])
     logits = torch.randn(1, vocab, generator=g).to(DEVICE)
@@ -235,6 +234,58 @@ def test_engine_greedy_equals_generate_while_requests_come_and_go(ckpt, make_eng
     m = engine.metrics()
     assert m["running"] == 0 and m["queued"] == 0 and m["requests_finished"] == len(PROMPTS)
     assert m["completion_tokens_total"] == sum(c.last.completion_tokens for c in collectors)
+
+
+def test_generate_on_a_served_model_leaves_the_served_output_unchanged(ckpt, make_engine):
+    """`model.generate` on the very model an engine is serving, run between two of the engine's steps (from a
+    request's sink, on the engine thread): generate decodes in a session of its own, so the served request's
+    cache row is untouched and both get exactly what they get alone."""
+    _, tok, ref = ckpt
+    engine = make_engine(max_batch=2)
+    served, other = tok.encode(PROMPTS[1]), tok.encode(PROMPTS[3])
+    got: list = []
+
+    def interleave(out) -> None:
+        if len(c.outputs) == 3:  # the served request sits in cache row 0 (what generate's rows 0.. would hit)
+            try:
+                got.append(engine.model.generate(torch.tensor([other, other], device=DEVICE), 8, eos_token_id=[]))
+            except Exception as e:  # reported below: a raising sink would only cancel the request
+                got.append(e)
+
+    c = Collector(on_output=interleave)
+    engine.submit(Request("s", served, 20, RowParams(temperature=0.0), ignore_eos=True), c)
+    c.wait()
+    assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
+    new = ref.generate(torch.tensor([served], device=DEVICE), 20, eos_token_id=[])[0, len(served):]
+    want_served = tok.decode(new, skip_special_tokens=True)
+    assert (c.text, c.last.completion_tokens) == (want_served, 20)
+    want_other = ref.generate(torch.tensor([other, other], device=DEVICE), 8, eos_token_id=[])
+    assert torch.equal(got[0], want_other)
+    assert engine.session.rows_in_use == frozenset()
+
+
+def test_same_seed_same_tokens_through_generate_stream_and_the_engine(ckpt, make_engine):
+    """One sampler for all: a seeded, sampled request gives the same tokens through `generate` (alone, and as
+    row 0 of a batch), `stream` and the serving engine (beside other requests, in another cache row)."""
+    _, tok, ref = ckpt
+    prompt = tok.encode(PROMPTS[2])
+    sampling = dict(temperature=0.9, top_p=0.95, top_k=40, repetition_penalty=1.1)
+    ids = torch.tensor([prompt], device=DEVICE)
+    new = ref.generate(ids, 16, eos_token_id=[], seed=42, **sampling)[0, len(prompt):]
+    streamed = torch.stack(list(ref.stream(ids, 16, eos_token_id=[], seed=42, **sampling)), dim=1)[0]
+    other = tok.encode(PROMPTS[0])[:len(prompt)]
+    pair = torch.tensor([prompt, other + [other[-1]] * (len(prompt) - len(other))], device=DEVICE)
+    batched = ref.generate(pair, 16, eos_token_id=[], seed=42, **sampling)[0, len(prompt):]
+    assert torch.equal(streamed, new) and torch.equal(batched, new)
+    assert not torch.equal(new, ref.generate(ids, 16, eos_token_id=[], seed=43, **sampling)[0, len(prompt):])
+
+    engine = make_engine(max_batch=3)
+    busy = Collector()
+    engine.submit(Request("o", tok.encode(PROMPTS[4]), 16, RowParams(temperature=1.0, seed=7)), busy)
+    served = Collector()
+    engine.submit(Request("s", prompt, 16, RowParams(seed=42, **sampling), ignore_eos=True), served)
+    assert served.wait().text == tok.decode(new.tolist(), skip_special_tokens=True)
+    busy.wait()
 
 
 def test_engine_greedy_with_repetition_penalty_equals_generate(ckpt, make_engine):

@@ -36,7 +36,7 @@ from fastsolar.serve.server import address, make_server  # noqa: E402
 
 MODEL = "tiny"
 WAIT_S = 60.0  # bound on any wait (the shared CPU can be slow); the tests take far less when it is not
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

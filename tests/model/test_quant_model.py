@@ -100,7 +100,8 @@ def test_static_decode_path_equals_eager(small_models, monkeypatch):
     """The CUDA-graph wiring minus the capture (CudaGraphLoop(capture=False): static buffers, the whole loop
     body per token) on FP8 weights and the fused GEMVs gives eager generate's tokens, over two calls (the
     recording is reused)."""
-    from fastsolar.decoding.graphs import CudaGraphLoop, shared_pool
+    from fastsolar.decoding.graphs import CudaGraphLoop
+    from fastsolar.decoding.session import DecodeSession
 
     gen_mod = importlib.import_module("fastsolar.decoding.generate")
 
@@ -110,10 +111,10 @@ def test_static_decode_path_equals_eager(small_models, monkeypatch):
     with ops.force_kernels(True), force_gemv("triton"):
         eager = model.generate(ids, **kw)
         monkeypatch.setattr(gen_mod, "_make_advance",
-                            lambda m, sampler, loop, graphs_: CudaGraphLoop(m, sampler, loop, capture=False))
-        pool = shared_pool(model)
-        assert torch.equal(model.generate(ids, **kw), eager)
-        assert torch.equal(model.generate(ids, **kw), eager) and pool.captures == 1
+                            lambda s, sampler, loop, graphs_: CudaGraphLoop(s, sampler, loop, capture=False))
+        session = DecodeSession(model, 2, 8)
+        assert torch.equal(model.generate(ids, session=session, **kw), eager)
+        assert torch.equal(model.generate(ids, session=session, **kw), eager) and session.graphs.captures == 1
 
 
 @pytest.mark.gpu("bf16 tl.dot cannot run under the Triton interpreter; CUDA graph capture")

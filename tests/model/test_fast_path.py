@@ -14,7 +14,8 @@ import pytest
 import torch
 from helpers import DEVICE, assert_close, left_pad
 
-from fastsolar import Solar, SolarConfig, memory, ops
+from fastsolar import KVCache, Solar, SolarConfig, memory, ops
+from fastsolar.decoding.session import DecodeSession
 from fastsolar.ops.gemv_choice import force_gemv
 
 CONFIG = SolarConfig(
@@ -75,13 +76,13 @@ def test_decode_logits_match_full_forward_on_kernels(model: Solar) -> None:
     n_prompt = 7
     with torch.inference_mode(), ops.force_kernels(True):
         full = model(ids)
-        model.setup_cache(1, 32)
-        model.cache.k.fill_(float("nan"))  # slots the decode must never read
-        model.cache.v.fill_(float("nan"))
-        steps = [model.prefill(ids[:, :n_prompt], torch.tensor([n_prompt], device=DEVICE))]
+        cache = KVCache.allocate(model.config, 1, 32, model.device, model.dtype)
+        cache.k.fill_(float("nan"))  # slots the decode must never read
+        cache.v.fill_(float("nan"))
+        steps = [model.prefill(ids[:, :n_prompt], torch.tensor([n_prompt], device=DEVICE), cache)]
         pos = torch.tensor([n_prompt], device=DEVICE)
         for t in range(n_prompt, ids.shape[1]):
-            steps.append(model.decode(ids[:, t], pos))
+            steps.append(model.decode(ids[:, t], pos, cache))
             pos += 1
     got = torch.stack(steps, dim=1)
     assert_close(got[:, :-1], full[:, n_prompt - 1:-1], atol=2e-4, rtol=1e-4, msg="decode vs full forward")
@@ -96,28 +97,27 @@ def test_row_map_prefill_and_decode(model: Solar, kernels: bool, gemv: str | Non
     b, _ = left_padded([9], seed=22)
     with torch.inference_mode(), ops.force_kernels(kernels), force_gemv(gemv):
         full_a, full_b = model(a), model(b)
-        model.cache = None
-        model.setup_cache(4, 32)
-        model.cache.k.fill_(float("nan"))
-        model.cache.v.fill_(float("nan"))
+        cache = KVCache.allocate(model.config, 4, 32, model.device, model.dtype)
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
         n_a, n_b = 6, 4
         # a goes into row 2 first and decodes alone for two steps; then b is prefilled into row 0.
-        first = model.prefill(a[:, :n_a], torch.tensor([n_a], device=DEVICE), rows=torch.tensor([2], device=DEVICE))
+        first = model.prefill(a[:, :n_a], torch.tensor([n_a], device=DEVICE), cache, rows=torch.tensor([2], device=DEVICE))
         pos_a = torch.tensor([n_a], device=DEVICE)
         steps_a = [first]
         for t in range(n_a, n_a + 2):
-            steps_a.append(model.decode(a[:, t], pos_a, rows=torch.tensor([2], device=DEVICE)))
+            steps_a.append(model.decode(a[:, t], pos_a, cache, rows=torch.tensor([2], device=DEVICE)))
             pos_a += 1
-        steps_b = [model.prefill(b[:, :n_b], torch.tensor([n_b], device=DEVICE), rows=torch.tensor([0], device=DEVICE))]
+        steps_b = [model.prefill(b[:, :n_b], torch.tensor([n_b], device=DEVICE), cache, rows=torch.tensor([0], device=DEVICE))]
         rows = torch.tensor([0, 2], device=DEVICE)  # batch row 0 -> cache row 0 (b), 1 -> 2 (a)
         pos = torch.tensor([n_b, n_a + 2], device=DEVICE)
         for _ in range(4):
             tokens = torch.stack([b[0, pos[0]], a[0, pos[1]]])
-            logits = model.decode(tokens, pos, rows=rows)
+            logits = model.decode(tokens, pos, cache, rows=rows)
             steps_b.append(logits[0:1])
             steps_a.append(logits[1:2])
             pos += 1
-        assert torch.isnan(model.cache.k[:, [1, 3]]).all(), "rows no request maps to were written"
+        assert torch.isnan(cache.k[:, [1, 3]]).all(), "rows no request maps to were written"
     got_a, got_b = torch.stack(steps_a, dim=1), torch.stack(steps_b, dim=1)
     assert_close(got_a, full_a[:, n_a - 1:n_a + 6], atol=2e-4, rtol=1e-4, msg="row 2 (joined first)")
     assert_close(got_b, full_b[:, n_b - 1:n_b + 4], atol=2e-4, rtol=1e-4, msg="row 0 (joined later)")
@@ -126,26 +126,29 @@ def test_row_map_prefill_and_decode(model: Solar, kernels: bool, gemv: str | Non
 def test_row_map_is_checked(model: Solar) -> None:
     ids, _ = left_padded([5, 5], seed=23)
     lens = torch.tensor([5, 5], device=DEVICE)
-    model.cache = None
-    model.setup_cache(3, 16)
+    cache = KVCache.allocate(model.config, 3, 16, model.device, model.dtype)
     for rows, message in (([0, 0], "must be distinct"), ([1, 3], r"in \[0, 3\)"), ([1], r"shape \[2\]")):
         with pytest.raises(ValueError, match=message):
-            model.prefill(ids, lens, rows=torch.tensor(rows, device=DEVICE))
+            model.prefill(ids, lens, cache, rows=torch.tensor(rows, device=DEVICE))
     with pytest.raises(TypeError, match="rows must be an int64"):
-        model.prefill(ids, lens, rows=torch.tensor([0.0, 1.0], device=DEVICE))
+        model.prefill(ids, lens, cache, rows=torch.tensor([0.0, 1.0], device=DEVICE))
     with pytest.raises(ValueError, match=r"rows must have shape \[2\]"):
-        model.decode(ids[:, 0], lens, rows=torch.tensor([0], device=DEVICE))
+        model.decode(ids[:, 0], lens, cache, rows=torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match=r"a prefill of batch 2 x 17 tokens needs a cache of at least 2 rows x 17"):
+        model.prefill(torch.ones(2, 17, dtype=torch.int64, device=DEVICE), lens, cache)
 
 
 def test_cache_bookkeeping_across_calls(model: Solar) -> None:
-    """A second generate call reuses the cache, and a stale longer prompt in it does not leak."""
+    """A second generate call on one session reuses its cache, and a stale longer prompt in it does not leak."""
     long_ids, long_mask = left_padded([40, 33], seed=4)
     short_ids, short_mask = left_padded([3, 8], seed=5)
+    session = DecodeSession(model, 2, 64)
+    cache = session.cache
     with ops.force_kernels(True):
-        model.generate(long_ids, max_new_tokens=3, attention_mask=long_mask, eos_token_id=[])
-        cache = model.cache
-        again = model.generate(short_ids, max_new_tokens=5, attention_mask=short_mask, eos_token_id=[])
-        assert model.cache is cache, "a cache big enough for the call must be reused"
+        model.generate(long_ids, max_new_tokens=3, attention_mask=long_mask, eos_token_id=[], session=session)
+        again = model.generate(short_ids, max_new_tokens=5, attention_mask=short_mask, eos_token_id=[],
+                               session=session)
+    assert session.cache is cache and not session.rows_in_use
     fresh = Solar(CONFIG).to(DEVICE).eval()
     fresh.load_state_dict(model.state_dict())
     with ops.force_kernels(False):
@@ -171,19 +174,16 @@ def test_forward_refuses_bad_input(model: Solar, ids: torch.Tensor, error: type,
 
 def test_cache_too_big_is_refused(model: Solar, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "free_memory", lambda device: (2**20, "faked for the test"))
-    old = model.cache
-    model.cache = None
-    try:
-        with pytest.raises(memory.InsufficientMemoryError, match=r"the KV cache \(2, 4, 128, 1, 32\) does not fit on "
-                           r".* only 1.05 MB is free \(faked for the test\)\. Lower the batch size"):
-            model.setup_cache(4, 128)
-    finally:
-        model.cache = old
+    with pytest.raises(memory.InsufficientMemoryError, match=r"the KV cache \(2, 4, 128, 1, 32\) does not fit on "
+                       r".* only 1.05 MB is free \(faked for the test\)\. Lower the batch size"):
+        DecodeSession(model, 4, 128)
 
 
 def test_cache_longer_than_context_is_refused(model: Solar) -> None:
     with pytest.raises(ValueError, match="max_seq 129 exceeds the model's context of 128 tokens"):
-        model.setup_cache(1, 129)
+        DecodeSession(model, 1, 129)
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1, got 0"):
+        DecodeSession(model, 0, 16)
 
 
 @pytest.mark.gpu("bf16 tl.dot cannot run under the Triton interpreter")
@@ -196,12 +196,11 @@ def test_bf16_kernel_model_against_fp32_reference(model: Solar) -> None:
     lens = torch.full((2,), n, device=DEVICE)
 
     def run(m: Solar) -> tuple[torch.Tensor, torch.Tensor]:
-        m.cache = None
-        m.setup_cache(2, 64)
-        steps = [m.prefill(ids[:, :n], lens)]
+        cache = KVCache.allocate(m.config, 2, 64, m.device, m.dtype)
+        steps = [m.prefill(ids[:, :n], lens, cache)]
         pos = lens.clone()
         for t in range(n, ids.shape[1]):
-            steps.append(m.decode(ids[:, t], pos))
+            steps.append(m.decode(ids[:, t], pos, cache))
             pos += 1
         return m(ids).float(), torch.stack(steps, dim=1).float()
 

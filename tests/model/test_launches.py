@@ -15,7 +15,7 @@ import torch
 from helpers import DEVICE
 from launch_count import count_launches
 
-from fastsolar import Solar, SolarConfig, ops
+from fastsolar import KVCache, Solar, SolarConfig, ops
 from fastsolar.decoding.sampling import Sampler
 from fastsolar.model import quant
 from fastsolar.ops.gemv_choice import force_gemv
@@ -36,13 +36,13 @@ def _step_launches(layers: int, batch: int, mapped: bool, quantize: str | None) 
     sampler.reset()
     rows = torch.arange(batch, device=DEVICE).flip(0) + 1 if mapped else None
     with torch.inference_mode(), ops.force_kernels(True), force_gemv("triton"):
-        model.setup_cache(batch + 1, 32)
+        cache = KVCache.allocate(config, batch + 1, 32, model.device, model.dtype)
         prompt = torch.randint(3, 97, (batch, 3), device=DEVICE)
-        model.prefill(prompt, torch.full((batch,), 3, device=DEVICE), rows=rows)
+        model.prefill(prompt, torch.full((batch,), 3, device=DEVICE), cache, rows=rows)
         tokens, positions = prompt[:, -1], torch.full((batch,), 3, device=DEVICE)
-        sampler(model.decode(tokens, positions, rows))  # first step: workspaces are made once, not counted
+        sampler(model.decode(tokens, positions, cache, rows))  # first step: workspaces are made once, not counted
         positions += 1
-        _, counts = count_launches(lambda: sampler(model.decode(tokens, positions, rows)))
+        _, counts = count_launches(lambda: sampler(model.decode(tokens, positions, cache, rows)))
     return sum(counts.values()), counts
 
 

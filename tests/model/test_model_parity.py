@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import DEVICE, assert_close, left_pad
 
-from fastsolar import Solar
+from fastsolar import KVCache, Solar
 
 RTOL, ATOL = 1e-5, 1e-5
 N_NEW = 32
@@ -90,13 +90,13 @@ def test_prefill_then_decode_equals_full_forward(pair):
     lens = torch.tensor([12, 7], device=DEVICE)
     right = ids[:, :12].clone()
     right[1, 7:] = 0  # row 1 holds only 7 real tokens
-    model.setup_cache(2, 32)
-    logits = model.prefill(right, lens)
+    cache = KVCache.allocate(model.config, 2, 32, model.device, model.dtype)
+    logits = model.prefill(right, lens, cache)
     close(logits, full[torch.arange(2), lens - 1], "prefill")
     positions = lens.clone()
     for _ in range(6):
         tokens = ids[torch.arange(2), positions]
-        logits = model.decode(tokens, positions)
+        logits = model.decode(tokens, positions, cache)
         close(logits, full[torch.arange(2), positions], "decode")
         positions += 1
 

@@ -26,7 +26,7 @@ from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE, StopStringFilter
 # Exercises no device code: CI covers it; bench/gpu_check.sh deselects it (tests/conftest.py).
 pytestmark = pytest.mark.cpu_only
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 STRINGS = [
     "Hello world",

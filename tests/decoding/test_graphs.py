@@ -2,16 +2,18 @@
 rules; on CUDA, the captured step and graphed generate against eager."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import fastsolar.decoding.generate as gen_mod
 from fastsolar import Solar
 from fastsolar.config import SolarConfig
-from fastsolar.decoding import graphs
 from fastsolar.decoding.generate import generate
-from fastsolar.decoding.graphs import CudaGraphLoop, CudaGraphStep, GraphPool, check_batch, weights_signature
+from fastsolar.decoding.graphs import CudaGraphLoop, CudaGraphStep, WeightStorage, check_batch
 from fastsolar.decoding.sampling import Sampler
+from fastsolar.decoding.session import DecodeSession
 from fastsolar.model import quant
 
 SMALL = SolarConfig(
@@ -77,12 +79,12 @@ def make_model(device="cpu", dtype=torch.float32, seed=0) -> Solar:
     return model
 
 
-def decode_run(model: Solar, step, prompts: torch.Tensor, n: int) -> torch.Tensor:
+def decode_run(session: DecodeSession, step, prompts: torch.Tensor, n: int) -> torch.Tensor:
     """What generate does around its step: prefill, then n decode steps; returns the new tokens [b, n]."""
     b, s = prompts.shape
     seqlens = torch.full((b,), s, dtype=torch.int32, device=prompts.device)
     with torch.no_grad():
-        tokens = model.prefill(prompts, seqlens).argmax(-1)
+        tokens = session.prefill(prompts, seqlens).argmax(-1)
     positions = torch.full((b,), s, dtype=torch.int64, device=prompts.device)
     out = []
     for _ in range(n):
@@ -92,10 +94,10 @@ def decode_run(model: Solar, step, prompts: torch.Tensor, n: int) -> torch.Tenso
     return torch.stack(out, 1)
 
 
-def eager_step(model, sampler):
+def eager_step(session, sampler):
     @torch.no_grad()
     def step(tokens, positions):
-        return sampler(model.decode(tokens, positions))
+        return sampler(session.decode(tokens, positions))
 
     return step
 
@@ -115,7 +117,8 @@ def test_check_batch():
 
 
 def test_sampler_snapshot_restores_its_state():
-    """Sampler.snapshot()/restore(): every buffer the sampler writes and its generator, put back in place."""
+    """Sampler.snapshot()/restore(): every buffer the sampler writes (seen-masks and draw counters), put back in
+    place; the noise is counter-based, so a restored sampler draws the same tokens again, with no generator."""
     s = Sampler(2, 10, torch.device("cpu"))
     s.reset(temperature=[0.0, 0.9], repetition_penalty=1.3, seed=3)
     logits = torch.randn(2, 10)
@@ -125,8 +128,9 @@ def test_sampler_snapshot_restores_its_state():
     assert s.seen.any()
     s.restore(snap)
     assert not s.seen.any() and [t.data_ptr() for t in s.state_tensors()] == ptrs
-    assert torch.equal(s(logits), first), "the restored generator must draw the same noise again"
-    assert s.generators() == [s.generator]
+    assert not s.counter.any()
+    assert torch.equal(s(logits), first), "the restored counters must draw the same noise again"
+    assert s.generators() == []
 
 
 def test_static_path_equals_eager_across_runs_batches_and_cache_reallocation():
@@ -134,16 +138,16 @@ def test_static_path_equals_eager_across_runs_batches_and_cache_reallocation():
     clone-out) without capture; its tokens must equal the eager step's token for token."""
     model = make_model()
     dev = torch.device("cpu")
-    model.setup_cache(4, 48)
-    pool = GraphPool()
+    session = DecodeSession(model, 4, 48)
+    pool = session.graphs
     n = 6
 
     def both(b, seed, temps, pens, sampler_e, sampler_g, s=7):
         p = prompts_for(b, s, seed)
         sampler_e.reset(temps, pens, seed)
-        want = decode_run(model, eager_step(model, sampler_e), p, n)
+        want = decode_run(session, eager_step(session, sampler_e), p, n)
         sampler_g.reset(temps, pens, seed)
-        got = decode_run(model, CudaGraphStep(model, sampler_g, capture=False, pool=pool), p, n)
+        got = decode_run(session, CudaGraphStep(session, sampler_g, capture=False), p, n)
         assert torch.equal(got, want), f"batch {b}: static-buffer step {got.tolist()} != eager {want.tolist()}"
         return got
 
@@ -160,56 +164,53 @@ def test_static_path_equals_eager_across_runs_batches_and_cache_reallocation():
     assert pool.captures == 2
     entry = pool.lookup(next(k for k in pool.entries if k.batch == 3))
     assert entry.replays == 2 * n
-    # Cache reallocated (bigger): everything is recorded again and stale entries are dropped.
-    old = model.cache
-    model.setup_cache(8, 64)
-    assert model.cache is not old
-    both(3, 4, [0.0, 0.0, 0.7], [1.0, 1.1, 1.0], e3, g3)
-    assert pool.captures == 3
-    assert len(pool.entries) == 1
     # A new sampler object of the same batch size is recorded afresh (its buffers are other tensors).
     e3b, g3b = ToySampler(3, SMALL.vocab_size, dev), ToySampler(3, SMALL.vocab_size, dev)
     both(3, 5, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], e3b, g3b)
-    assert pool.captures == 4
+    assert pool.captures == 3
+    # Another session of the same model records into its own pool and cache; the first's graphs stay.
+    first = session
+    session = DecodeSession(model, 8, 64)
+    pool = session.graphs
+    both(3, 4, [0.0, 0.0, 0.7], [1.0, 1.1, 1.0], e3, g3)
+    assert pool.captures == 1 and first.graphs.captures == 3 and len(first.graphs.entries) == 3
 
 
 def test_outputs_are_copies_and_errors_are_clear():
     model = make_model()
     sampler = ToySampler(2, SMALL.vocab_size, torch.device("cpu"))
-    step = CudaGraphStep(model, sampler, capture=False)
-    with pytest.raises(RuntimeError, match="setup_cache"):
-        step(torch.tensor([3, 4]), torch.tensor([0, 0]))
-    model.setup_cache(2, 16)
-    model.prefill(prompts_for(2, 4, 0), torch.tensor([4, 4], dtype=torch.int32))
+    session = DecodeSession(model, 2, 16)
+    step = CudaGraphStep(session, sampler, capture=False)
+    session.prefill(prompts_for(2, 4, 0), torch.tensor([4, 4], dtype=torch.int32))
     a = step(torch.tensor([3, 4]), torch.tensor([4, 4]))
     b = step(a, torch.tensor([5, 5]))
     assert a.data_ptr() != b.data_ptr()
-    assert graphs.shared_pool(model) is step.pool  # pool attached to the model, shared by later steps
-    assert CudaGraphStep(model, sampler, capture=False).pool is step.pool
+    assert CudaGraphStep(session, sampler, capture=False).pool is step.pool is session.graphs
+    assert not [k for k in vars(model) if "fastsolar" in k or "graph" in k], "nothing is attached to the model"
     with pytest.raises(ValueError, match="max_batch"):
         step(torch.tensor([1, 2, 3]), torch.tensor([4, 4, 4]))
     with pytest.raises(ValueError, match="CUDA"):
-        CudaGraphStep(model, sampler, capture=True)
+        CudaGraphStep(session, sampler, capture=True)
 
 
 def test_static_path_with_row_map_equals_eager():
     """A step with a cache-row map (a serving engine's batch over free rows): the static-buffer path copies the
     map into its own buffer each call, so one recording serves any map, and tokens equal the eager step's."""
     model = make_model()
-    model.setup_cache(4, 32)
+    session = DecodeSession(model, 4, 32)
     dev = torch.device("cpu")
     prompts = prompts_for(2, 5, 11)
     sampler_e, sampler_g = ToySampler(2, SMALL.vocab_size, dev), ToySampler(2, SMALL.vocab_size, dev)
-    pool = GraphPool()
-    step_g = CudaGraphStep(model, sampler_g, capture=False, pool=pool)
+    pool = session.graphs
+    step_g = CudaGraphStep(session, sampler_g, capture=False)
     for rows in ([3, 1], [0, 2]):
         rows_t = torch.tensor(rows)
         outs = []
-        for sampler, step in ((sampler_e, lambda t, p: sampler_e(model.decode(t, p, rows_t))),
+        for sampler, step in ((sampler_e, lambda t, p: sampler_e(session.decode(t, p, rows_t))),
                               (sampler_g, lambda t, p: step_g(t, p, rows_t))):
             sampler.reset([0.0, 0.8], [1.0, 1.2], 3)
             with torch.no_grad():
-                tokens = model.prefill(prompts, torch.tensor([5, 5], dtype=torch.int32), rows=rows_t).argmax(-1)
+                tokens = session.prefill(prompts, torch.tensor([5, 5], dtype=torch.int32), rows=rows_t).argmax(-1)
             positions = torch.tensor([5, 5])
             seq = []
             for _ in range(4):
@@ -224,8 +225,8 @@ def test_static_path_with_row_map_equals_eager():
 
 
 def test_default_capture_follows_device():
-    model = make_model()
-    assert CudaGraphStep(model, ToySampler(1, SMALL.vocab_size, torch.device("cpu"))).capture is False
+    session = DecodeSession(make_model(), 1, 8)
+    assert CudaGraphStep(session, ToySampler(1, SMALL.vocab_size, torch.device("cpu"))).capture is False
 
 
 def test_generate_with_static_step_equals_eager_generate(monkeypatch):
@@ -242,16 +243,17 @@ def test_generate_with_static_step_equals_eager_generate(monkeypatch):
     prompts = {b: prompts_for(b, 6, b) for b in (2, 3)}
     want = [gen_mod.generate(model, prompts[b], 7, eos_token_id=[], **kw) for b, kw in runs]
 
-    pool = graphs.shared_pool(model)
+    session = DecodeSession(model, 3, 16)
+    pool = session.graphs
     made = []
     original = gen_mod._make_advance
 
-    def make_static_loop(model_, sampler, loop, cuda_graphs):
+    def make_static_loop(session_, sampler, loop, cuda_graphs):
         made.append(loop.tokens.shape[0])
-        return CudaGraphLoop(model_, sampler, loop, capture=False)
+        return CudaGraphLoop(session_, sampler, loop, capture=False)
 
     monkeypatch.setattr(gen_mod, "_make_advance", make_static_loop)
-    got = [gen_mod.generate(model, prompts[b], 7, eos_token_id=[], **kw) for b, kw in runs]
+    got = [gen_mod.generate(model, prompts[b], 7, eos_token_id=[], session=session, **kw) for b, kw in runs]
     monkeypatch.setattr(gen_mod, "_make_advance", original)
     assert made == [3, 3, 2, 3]
     for (b, kw), g, w in zip(runs, got, want):
@@ -272,11 +274,11 @@ def test_generate_loop_bookkeeping_inside_the_step(monkeypatch):
     assert want.shape[1] < 5 + 12, "the case must stop early"
 
     monkeypatch.setattr(gen_mod, "_make_advance",
-                        lambda m, sampler, loop, graphs_: CudaGraphLoop(m, sampler, loop, capture=False))
+                        lambda s, sampler, loop, graphs_: CudaGraphLoop(s, sampler, loop, capture=False))
     assert torch.equal(gen_mod.generate(model, ids, 12, eos_token_id=eos), want)
 
     events = []
-    probe_cls = gen_mod._DoneProbe
+    probe_cls = gen_mod.DoneProbe
 
     class Probe(probe_cls):
         def post(self, step):
@@ -287,25 +289,49 @@ def test_generate_loop_bookkeeping_inside_the_step(monkeypatch):
             events.append(("read", self.step, int(self.loop.step)))
             return super().all_done()
 
-    monkeypatch.setattr(gen_mod, "_DoneProbe", Probe)
+    monkeypatch.setattr(gen_mod, "DoneProbe", Probe)
     streamed = torch.stack(list(gen_mod.stream(model, ids, 12, eos_token_id=eos)), dim=1)
     assert torch.equal(streamed, want[:, 5:])
     reads = [(step, queued) for kind, step, queued in events if kind == "read"]
     assert reads and all(queued == step + 2 for step, queued in reads), f"a check waited on its own step: {events}"
 
 
+def test_model_deep_copies_after_graph_path_generate(monkeypatch):
+    """Decoding attaches nothing to the model: after generate on the graph path (its static-buffer twin on a
+    CPU) the model holds only its own attributes, and copy.deepcopy gives a model with the same tokens (a pool
+    holding CUDA graphs and streams inside the model made deepcopy raise on CUDA)."""
+    model = make_model(seed=2)
+    own = set(vars(model))
+    made = []
+
+    def static_loop(session, sampler, loop, cuda_graphs):
+        made.append(session)
+        return CudaGraphLoop(session, sampler, loop, capture=False)
+
+    monkeypatch.setattr(gen_mod, "_make_advance", static_loop)
+    ids = prompts_for(2, 5, 3)
+    out = gen_mod.generate(model, ids, 6, eos_token_id=[], temperature=[0.0, 0.8], seed=4)
+    assert made and made[0].graphs.captures == 1, "the graph path ran"
+    assert set(vars(model)) == own
+    twin = copy.deepcopy(model)
+    assert torch.equal(gen_mod.generate(twin, ids, 6, eos_token_id=[], temperature=[0.0, 0.8], seed=4), out)
+
+
 def test_replaced_weights_are_recaptured():
     """The key covers the weights' storage: a parameter replaced after recording (a new Parameter, or new
     .data) records the step again instead of replaying over freed memory; an in-place copy keeps it."""
     model = make_model()
-    model.setup_cache(2, 32)
-    pool = GraphPool()
+    session = DecodeSession(model, 2, 32)
+    pool = session.graphs
     sampler = ToySampler(2, SMALL.vocab_size, torch.device("cpu"))
-    step = CudaGraphStep(model, sampler, capture=False, pool=pool)
+    step = CudaGraphStep(session, sampler, capture=False)
     prompts = prompts_for(2, 5, 4)
 
     def run():
-        return decode_run(model, step, prompts, 3), decode_run(model, eager_step(model, sampler), prompts, 3)
+        return decode_run(session, step, prompts, 3), decode_run(session, eager_step(session, sampler), prompts, 3)
+
+    def weights_signature(m):
+        return WeightStorage(m).signature()  # walked afresh: what the session's cached walk must agree with
 
     run()
     assert pool.captures == 1
@@ -314,7 +340,7 @@ def test_replaced_weights_are_recaptured():
     with torch.no_grad():
         ff.w_down.weight.copy_(ff.w_down.weight * 1.5)  # same storage: still valid
     run()
-    assert pool.captures == 1 and weights_signature(model) == signature
+    assert pool.captures == 1 and weights_signature(model) == signature == session.weights.signature()
     ff.w_down.weight = torch.nn.Parameter(ff.w_down.weight.detach() * -1.0)  # re-registered
     got, want = run()
     assert pool.captures == 2 and torch.equal(got, want)
@@ -324,6 +350,7 @@ def test_replaced_weights_are_recaptured():
     quant.quantize(model, "int8", only=["layers.0.attention.wo"])  # a layer replaced by a quantised one
     got, want = run()
     assert pool.captures == 4 and torch.equal(got, want)
+    assert session.weights.signature() == weights_signature(model)
     assert len(pool.entries) == 1, "entries over old weights are dropped"
 
 
@@ -335,8 +362,8 @@ def test_replaced_weights_are_recaptured():
 def test_captured_step_equals_eager_on_cuda(dtype):
     dev = torch.device("cuda")
     model = make_model(dev, dtype)
-    model.setup_cache(4, 64)
-    pool = GraphPool()
+    session = DecodeSession(model, 4, 64)
+    pool = session.graphs
     for b, seed in ((3, 1), (1, 2), (3, 3)):
         p = prompts_for(b, 9, seed, dev)
         temps = [0.0] * b
@@ -344,8 +371,8 @@ def test_captured_step_equals_eager_on_cuda(dtype):
         se, sg = ToySampler(b, SMALL.vocab_size, dev), ToySampler(b, SMALL.vocab_size, dev)
         se.reset(temps, [1.2] * b, seed)
         sg.reset(temps, [1.2] * b, seed)
-        want = decode_run(model, eager_step(model, se), p, 8)
-        got = decode_run(model, CudaGraphStep(model, sg, capture=True, pool=pool), p, 8)
+        want = decode_run(session, eager_step(session, se), p, 8)
+        got = decode_run(session, CudaGraphStep(session, sg, capture=True), p, 8)
         torch.cuda.synchronize()
         assert torch.equal(got, want), f"batch {b}: graphed {got.tolist()} != eager {want.tolist()}"
     assert pool.captures == 3 and all(e.graph is not None for e in pool.entries.values())
@@ -356,19 +383,19 @@ def test_captured_step_with_row_map_equals_eager_on_cuda():
     """The serving engine's contract captured for real: one graph per batch size serves any row map."""
     dev = torch.device("cuda")
     model = make_model(dev, torch.bfloat16)
-    model.setup_cache(5, 64)
-    pool = GraphPool()
+    session = DecodeSession(model, 5, 64)
+    pool = session.graphs
     sampler_e, sampler_g = ToySampler(2, SMALL.vocab_size, dev), ToySampler(2, SMALL.vocab_size, dev)
-    step_g = CudaGraphStep(model, sampler_g, capture=True, pool=pool)
+    step_g = CudaGraphStep(session, sampler_g, capture=True)
     prompts = prompts_for(2, 7, 3, dev)
     for rows in ([4, 1], [0, 3]):
         rows_t = torch.tensor(rows, device=dev)
         outs = []
-        for sampler, step in ((sampler_e, lambda t, p: sampler_e(model.decode(t, p, rows_t))),
+        for sampler, step in ((sampler_e, lambda t, p: sampler_e(session.decode(t, p, rows_t))),
                               (sampler_g, lambda t, p: step_g(t, p, rows_t))):
             sampler.reset([0.0, 0.8], [1.0, 1.2], 3)
             with torch.inference_mode():
-                tokens = model.prefill(prompts, torch.tensor([7, 7], device=dev), rows=rows_t).argmax(-1)
+                tokens = session.prefill(prompts, torch.tensor([7, 7], device=dev), rows=rows_t).argmax(-1)
                 positions = torch.tensor([7, 7], device=dev)
                 seq = []
                 for _ in range(6):
@@ -384,15 +411,16 @@ def test_captured_step_with_row_map_equals_eager_on_cuda():
 @pytest.mark.gpu("CUDA graph capture")
 def test_graphed_generate_matches_eager_on_cuda():
     model = make_model(torch.device("cuda"), torch.bfloat16)
-    pool = graphs.shared_pool(model)
+    session = DecodeSession(model, 3, 32)
+    pool = session.graphs
     sampled = dict(temperature=[0.8, 0.0, 1.1], top_k=[50, 0, 0], top_p=[0.9, 1.0, 1.0], repetition_penalty=1.2, seed=3)
     for b, kw in ((1, {}), (3, {}), (3, sampled)):
         ids = prompts_for(b, 11, b, "cuda")
         eager = generate(model, ids, 12, cuda_graphs=False, eos_token_id=[], **kw)
         captures = pool.captures
-        graphed = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], **kw)
-        assert pool.captures > captures, "generate(cuda_graphs=True) did not use fastsolar.decoding.graphs (see _make_step)"
-        again = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], **kw)  # graph reused across calls
+        graphed = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], session=session, **kw)
+        assert pool.captures > captures, "generate(cuda_graphs=True) did not use fastsolar.decoding.graphs"
+        again = generate(model, ids, 12, cuda_graphs=True, eos_token_id=[], session=session, **kw)  # reused
         assert pool.captures == captures + 1
         assert torch.equal(graphed, eager), f"batch {b} {kw}: {graphed[:, 11:].tolist()} != {eager[:, 11:].tolist()}"
         assert torch.equal(again, eager), f"batch {b} {kw}, second graphed call"

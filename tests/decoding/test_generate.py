@@ -6,10 +6,11 @@ import pytest
 import torch
 from helpers import DEVICE, ON_GPU
 
-from fastsolar import Solar
+from fastsolar import KVCache, Solar
 from fastsolar.config import SolarConfig
 from fastsolar.decoding.generate import generate, stream
 from fastsolar.decoding.sampling import Sampler, SamplingParams, process_logits
+from fastsolar.decoding.session import DecodeSession
 
 VOCAB, CONTEXT, PAD, EOS = 997, 64, 0, 2
 
@@ -60,7 +61,7 @@ BAD_INPUTS = [
     (dict(attention_mask=RIGHT_PADDED * 2), "only 0 and 1"),
     (dict(input_ids=IDS[0]), r"shape \[batch, seq\]"),
     (dict(input_ids=IDS.float()), "int64"),
-    (dict(input_ids=torch.full((1, 3), VOCAB, device=DEVICE)), r"token ids must lie in \[0, 997\)"),
+    (dict(input_ids=torch.full((1, 3), VOCAB, device=DEVICE)), r"token id 997 is outside the vocabulary \[0, 997\)"),
 ]
 if not ON_GPU:
     BAD_INPUTS.append((dict(cuda_graphs=True), "cuda_graphs=True needs a model on a CUDA device"))
@@ -68,14 +69,18 @@ if not ON_GPU:
 
 @pytest.mark.parametrize("entry", ["generate", "stream"])
 @pytest.mark.parametrize("bad, message", BAD_INPUTS, ids=[m[:24] for _, m in BAD_INPUTS])
-def test_bad_input_refused_before_compute(bad, message, entry):
+def test_bad_input_refused_before_compute(bad, message, entry, monkeypatch):
     fresh = tiny_model()
     kwargs = dict(input_ids=IDS, max_new_tokens=4)
     kwargs.update(bad)
     fn = generate if entry == "generate" else stream
+
+    def must_not_allocate(*args, **kwargs):
+        raise AssertionError("a KV cache was allocated before the arguments were checked")
+
+    monkeypatch.setattr(KVCache, "allocate", must_not_allocate)
     with pytest.raises(ValueError, match=message):
         fn(fresh, kwargs.pop("input_ids"), kwargs.pop("max_new_tokens"), **kwargs)
-    assert fresh.cache is None
 
 
 def test_context_limit_is_inclusive(model):
@@ -230,7 +235,7 @@ def test_sampler_reset_in_place():
     assert [t.data_ptr() for t in buffers] == ptrs
     assert sampler.seen.nonzero().tolist() == [[0, 1], [0, 2], [1, 3]]  # padding marked nothing
     assert sampler.params.top_k.tolist() == [3, 3]
-    assert sampler.mode == (True, True, True, True, False)  # no min_new_tokens: no EOS ban
+    assert sampler.mode == (True, True, True, True, False, True)  # no min_new_tokens: no EOS ban; slots in order
 
 
 @pytest.mark.gpu("host-sync detection needs CUDA")
@@ -289,30 +294,36 @@ def test_stream_matches_generate(model):
         assert torch.equal(torch.stack(steps, dim=1), out[:, 8:])
 
 
-def test_repeated_calls_reuse_cache(model):
+def test_repeated_calls_on_one_session_reuse_its_cache(model):
+    """A session given to generate is reused as it is (cache, rows free again after each call); calls without
+    one get the same tokens; a call that does not fit the session is refused, naming both sizes."""
     ids = prompt(2, 9, seed=6)
-    first = model.generate(ids, 10)
-    cache = model.cache
-    k = cache.k
-    second = model.generate(ids, 10)
-    assert torch.equal(first, second)
-    shorter = model.generate(ids[:1, :4], 3)
-    assert model.cache is cache and model.cache.k is k  # big enough: reused, not reallocated
+    session = DecodeSession(model, 2, 24)
+    k = session.cache.k
+    first = model.generate(ids, 10, session=session)
+    assert torch.equal(first, model.generate(ids, 10, session=session))
+    assert torch.equal(first, model.generate(ids, 10))
+    shorter = model.generate(ids[:1, :4], 3, session=session)
+    assert session.cache.k is k and not session.rows_in_use
     assert torch.equal(shorter, model.generate(ids[:1, :4], 3))
+    with pytest.raises(ValueError, match=r"needs a session of at least 2 rows x 25 positions .* has 2 x 24"):
+        model.generate(ids, 16, session=session)
+    with pytest.raises(ValueError, match="a DecodeSession of this model"):
+        model.generate(ids, 4, session=DecodeSession(tiny_model(seed=5), 2, 24))
 
 
 def test_cache_follows_the_model_dtype_and_grad_mode():
-    """A cache kept from before `model.to(dtype)` would no longer match the weights; one made inside
-    generate's inference_mode must still serve prefill/decode under plain no_grad."""
+    """A session's cache made under inference_mode still serves prefill/decode under plain no_grad; after
+    `model.to(dtype)` it no longer matches the weights and is refused, while a new call gets a new cache."""
     model = tiny_model(seed=3)
     ids = prompt(1, 6, seed=7)
-    model.generate(ids, 4)
+    with torch.inference_mode():
+        session = DecodeSession(model, 1, 16)
+    model.generate(ids, 4, session=session)
     with torch.no_grad():  # not inference_mode: the cache must be a normal tensor
-        model.setup_cache(1, 16)
-        model.prefill(ids, torch.tensor([6], device=DEVICE))
-        model.decode(ids[:, 0], torch.tensor([6], device=DEVICE))
-    old = model.cache
+        session.prefill(ids, torch.tensor([6], device=DEVICE))
+        session.decode(ids[:, 0], torch.tensor([6], device=DEVICE))
     model.to(torch.bfloat16)
-    out = model.generate(ids, 4)
-    assert model.cache is not old and model.cache.k.dtype == torch.bfloat16
-    assert out.shape == (1, 10)
+    with pytest.raises(ValueError, match=r"in torch.bfloat16; the given one has 1 x 16 .* in torch.float32"):
+        model.generate(ids, 4, session=session)
+    assert model.generate(ids, 4).shape == (1, 10)

@@ -21,6 +21,7 @@ from hf_fixtures import EOS_ID, build_hf_model, plant_eos, real_tokenizer_path, 
 from fastsolar import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, Solar, Tokenizer
 from fastsolar.decoding.generate import generate as native_generate
 from fastsolar.decoding.sampling import Sampler
+from fastsolar.decoding.session import DecodeSession
 from fastsolar.hf.compat import resolve_device_map
 from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
 
@@ -351,9 +352,10 @@ def test_min_new_tokens_on_the_graph_step_path(model, prompt, card, monkeypatch)
     eager = model.generate(prompt, **kwargs)
     assert eager.shape[1] > prompt.shape[1] + card[1]
     monkeypatch.setattr(gen, "_make_advance",
-                        lambda m, sampler, loop, cuda_graphs: CudaGraphLoop(m, sampler, loop, capture=False))
-    assert torch.equal(model.generate(prompt, **kwargs), eager)
-    assert gen._get_sampler(model, 1).mode[-1] is True  # the ban is part of the graph key
+                        lambda s, sampler, loop, cuda_graphs: CudaGraphLoop(s, sampler, loop, capture=False))
+    session = DecodeSession(model, 1, prompt.shape[1] + kwargs["max_new_tokens"])
+    assert torch.equal(model.generate(prompt, session=session, **kwargs), eager)
+    assert session.sampler(1).mode[-1] is True  # the ban is part of the graph key
 
 
 def test_batch_from_tokenizer_padding_matches_transformers(model, hf32, card):
