@@ -74,6 +74,19 @@ class Tokenizer(SentencePieceTokenizer):
         (padding_side, pad_token, add_bos_token, ...) override them (`fastsolar.hf.compat.tokenizer_options`)."""
         return super().from_pretrained(model_dir, **tokenizer_options(**kwargs))
 
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None, **kwargs: Any) -> Any:
+        """Native `encode(text, bos=True, eos=False)`: the ids of the text as it is. With transformers' keywords
+        (`add_special_tokens=`, `max_length=`, `truncation=`, `return_tensors=`, ...) it is transformers'
+        `encode`: the input_ids of `tokenizer(text, **kwargs)` (special-token strings parsed)."""
+        if not kwargs:
+            return super().encode(text, bos=True if bos is None else bos, eos=bool(eos))
+        if bos is not None or eos is not None:
+            raise TypeError("encode() takes either bos=/eos= (native) or transformers' keywords "
+                            f"({', '.join(sorted(kwargs))}), not both")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return call_tokenizer(self, text, **kwargs)["input_ids"]
+
     def __call__(self, text: str | list[str], **kwargs: Any) -> BatchEncoding:
         """transformers' `tokenizer(text or texts, return_tensors=..., padding=..., ...)`: a BatchEncoding of
         input_ids and attention_mask; see `fastsolar.hf.compat.call_tokenizer`."""

@@ -36,6 +36,8 @@ arguments and what they become:
     padding_side (default the tokenizer's, "left"), return_tensors (None, "pt", "np"),
     return_attention_mask, split_special_tokens. Special-token strings in the text ("<s>", "</s>",
     "<unk>") become their ids unless split_special_tokens=True. Returns a BatchEncoding.
+`tokenizer.encode(text, add_special_tokens=..., ...)`: transformers' `encode`, the input_ids of that call (the
+    native `encode(text, bos=, eos=)` stays as it is when no transformers keyword is given).
 `tokenizer.apply_chat_template(...)`: transformers' signature and defaults (tokenize=True with
     return_dict=True returns a BatchEncoding of the rendered text tokenized without added specials).
 """
@@ -52,7 +54,7 @@ from fastsolar.checkpoint.loader import resolve_dtype
 from fastsolar.text.chat import render_chat_template
 
 if TYPE_CHECKING:
-    from fastsolar.text.tokenizer import SentencePieceTokenizer as Tokenizer
+    from fastsolar.text.base import TokenizerBase as Tokenizer
 
 logger = logging.getLogger(__name__)
 

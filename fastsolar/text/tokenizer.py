@@ -20,19 +20,22 @@ starts at the previous emit point and emits the difference, holding text back wh
 (a character whose bytes have not all arrived). Each push costs O(window), a few tokens, not O(generated
 so far).
 
-The rest of transformers' tokenizer surface (`tokenizer(text, return_tensors="pt", padding=...)`,
+What does not depend on sentencepiece (special tokens under transformers' names, `tokenize`,
+`convert_ids_to_tokens` / `convert_tokens_to_ids`, chat encoding, `save_pretrained`, tokenizer_config.json)
+is `fastsolar.text.base.TokenizerBase`. The rest of transformers' tokenizer surface (`tokenizer(text, return_tensors="pt", padding=...)`,
 `apply_chat_template(..., tokenize=...)`, `from_pretrained` options) is `fastsolar.Tokenizer` (fastsolar/api.py),
 this class with transformers' arguments translated by `fastsolar.hf.compat`.
 """
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE, render_chat_template, stop_strings_for
+from fastsolar.text.base import VERY_LARGE_INTEGER, TokenizerBase, read_tokenizer_config
+from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ _REPLACEMENT = "\ufffd"
 _MAX_PENDING_BYTES = 4
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(TokenizerBase):
     """sentencepiece model plus special ids and chat template; see the module docstring for semantics."""
 
     def __init__(
@@ -54,6 +57,7 @@ class SentencePieceTokenizer:
         add_eos_token: bool = False,
         padding_side: str = "left",
         truncation_side: str = "right",
+        model_max_length: int = VERY_LARGE_INTEGER,
     ) -> None:
         import sentencepiece as spm
 
@@ -95,6 +99,7 @@ class SentencePieceTokenizer:
         self.add_eos_token = add_eos_token
         self.padding_side = padding_side
         self.truncation_side = truncation_side
+        self.model_max_length = model_max_length
         if tokens["pad_token"] is not None and self._piece_id(tokens["pad_token"]) is None:
             logger.warning("pad_token %r is not a piece of %s; the tokenizer has no pad id", tokens["pad_token"], path)
 
@@ -110,7 +115,7 @@ class SentencePieceTokenizer:
         model_file = model_dir / "tokenizer.model"
         if not model_file.is_file():
             raise FileNotFoundError(f"no tokenizer.model in {model_dir} (expected {model_file})")
-        template, special, settings = _read_tokenizer_config(model_dir)
+        template, special, settings = read_tokenizer_config(model_dir)
         if "pad_token" in options:
             special["pad_token"] = options.pop("pad_token")
         settings.update(options)
@@ -124,64 +129,11 @@ class SentencePieceTokenizer:
         i = self.sp.PieceToId(piece)
         return i if self.sp.IdToPiece(i) == piece else None
 
-    @property
-    def bos_token(self) -> str:
-        return self.special_tokens["bos_token"]
-
-    @property
-    def eos_token(self) -> str:
-        return self.special_tokens["eos_token"]
-
-    @property
-    def unk_token(self) -> str | None:
-        return self.special_tokens["unk_token"]
-
-    @property
-    def pad_token(self) -> str | None:
-        return self.special_tokens["pad_token"]
-
-    @pad_token.setter
-    def pad_token(self, piece: str | None) -> None:
-        """`tokenizer.pad_token = tokenizer.eos_token`, the usual way to let a pad-less tokenizer pad."""
-        if piece is not None and self._piece_id(piece) is None:
-            raise ValueError(f"pad_token {piece!r} is not in the vocabulary (fastsolar cannot add tokens)")
-        self.special_tokens["pad_token"] = piece
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.bos_id
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.eos_id
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.unk_id if self.unk_id >= 0 else None
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._piece_id(self.pad_token)
-
-    @pad_token_id.setter
-    def pad_token_id(self, token_id: int | None) -> None:
-        self.pad_token = None if token_id is None else self.sp.IdToPiece(self._check_id(token_id))
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
     # -- encoding / decoding ---------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text` (sentencepiece, dummy prefix added), with bos / eos if asked."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = self.sp.EncodeAsIds(text) if text else []
-        if bos:
-            ids.insert(0, self.bos_id)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+    def _encode_text(self, text: str) -> list[int]:
+        """sentencepiece's ids of `text` (dummy prefix added)."""
+        return self.sp.EncodeAsIds(text)
 
     def encode_specials(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos added) in which the special-token strings ("<s>", "</s>",
@@ -244,39 +196,6 @@ class SentencePieceTokenizer:
                 parts.append(self.sp.IdToPiece(i))
         return "".join(parts)
 
-    def batch_decode(
-        self,
-        sequences: Iterable[Iterable[int]],
-        skip_special_tokens: bool = False,
-        clean_up_tokenization_spaces: bool | None = None,
-    ) -> list[str]:
-        """`decode` of each row of a `[batch, seq]` tensor or array, or of each list of ids."""
-        if hasattr(sequences, "tolist"):
-            sequences = sequences.tolist()
-        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in sequences]
-
-    def _id_list(self, ids: Iterable[int] | int) -> list[int]:
-        if hasattr(ids, "tolist"):  # torch / numpy
-            shape = tuple(getattr(ids, "shape", ()))
-            if len(shape) > 1:
-                raise ValueError(f"decode takes one sequence, got shape {shape}; use batch_decode for a batch")
-            ids = ids.tolist()
-        if isinstance(ids, int) and not isinstance(ids, bool):
-            ids = [ids]
-        return [self._check_id(i) for i in ids]
-
-    def _check_id(self, token_id: Any) -> int:
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            try:
-                token_id = int(token_id.item()) if hasattr(token_id, "item") else token_id
-            except (TypeError, ValueError):
-                pass
-            if isinstance(token_id, bool) or not isinstance(token_id, int):
-                raise TypeError(f"token ids must be integers, got {token_id!r}")
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
-        return token_id
-
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(self._check_id(token_id))
 
@@ -286,27 +205,15 @@ class SentencePieceTokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
-    # -- chat ----------------------------------------------------------------------------------
+    def _save_vocabulary(self, out_dir: Path) -> list[Path]:
+        path = out_dir / "tokenizer.model"
+        if path.resolve() != self.model_file.resolve():
+            shutil.copyfile(self.model_file, path)
+        return [path]
 
-    def encode_chat(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-        """Token ids of the rendered conversation, starting with bos (the prompt to generate a reply from).
-
-        Special-token strings inside the rendered text (templates that write `{{ bos_token }}`) become
-        their ids (`encode_specials`); bos is prepended unless the template already starts with it.
-        """
-        text = render_chat_template(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-            special_tokens=self.special_tokens, **kwargs,
-        )
-        ids = self.encode_specials(text)
-        if not ids or ids[0] != self.bos_id:
-            ids.insert(0, self.bos_id)
-        return ids
-
-    @property
-    def chat_stop_strings(self) -> tuple[str, ...]:
-        """Strings that end an assistant reply besides eos: the SOLAR turn headers the template uses."""
-        return stop_strings_for(self.chat_template)
+    def _config_class(self) -> dict[str, Any]:
+        # legacy=True: the dummy prefix after special tokens too, sentencepiece's own behaviour (SOLAR's setting).
+        return {"tokenizer_class": "LlamaTokenizer", "legacy": True}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.model_file)!r}, vocab_size={self.vocab_size})"
@@ -370,50 +277,3 @@ class StreamDecoder:
         if self._read == len(self._ids):
             return ""
         return self._emit(len(self._ids), self.tokenizer.sp.DecodeIds(self._ids))
-
-
-def _token_string(value: Any) -> str | None:
-    """tokenizer_config stores special tokens as strings or as serialized AddedToken dicts."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str], dict[str, Any]]:
-    """(chat template, special-token strings, Tokenizer settings) from a checkpoint's tokenizer files."""
-    template: str | None = None
-    special: dict[str, str] = {}
-    settings: dict[str, Any] = {}
-    config_path = model_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} must hold a JSON object")
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            s = _token_string(config.get(key))
-            if s is not None:
-                special[key] = s
-        for key in ("add_bos_token", "add_eos_token"):
-            if isinstance(config.get(key), bool):
-                settings[key] = config[key]
-        for key in ("padding_side", "truncation_side"):
-            if config.get(key) in ("left", "right"):
-                settings[key] = config[key]
-        raw = config.get("chat_template")
-        if isinstance(raw, list):  # named templates: [{"name": "default", "template": "..."}, ...]
-            named = {t.get("name"): t.get("template") for t in raw if isinstance(t, Mapping)}
-            raw = named.get("default")
-        if raw is not None and not isinstance(raw, str):
-            raise ValueError(f"{config_path}: chat_template must be a string")
-        template = raw
-    jinja_path = model_dir / "chat_template.jinja"
-    if jinja_path.is_file():
-        template = jinja_path.read_text(encoding="utf-8")
-    if template is not None:
-        logger.debug("using the chat template from %s", model_dir)
-    return template, special, settings

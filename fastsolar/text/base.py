@@ -1,0 +1,296 @@
+"""What every fastsolar tokenizer shares, whatever its vocabulary file: special tokens under transformers' names,
+id checks, the vocabulary lookups (`tokenize`, `convert_ids_to_tokens`, `convert_tokens_to_ids`), chat encoding,
+the tokenizer_config.json reader and `save_pretrained`.
+
+A backend (the sentencepiece `tokenizer.model` one in `tokenizer.py`) supplies the vocabulary: `_encode_text`
+(text as it is, no special-token parsing), `encode_specials`, `_piece_id`, `id_to_piece`, `decode`,
+`stream_decoder` and `_save_vocabulary`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fastsolar.text.chat import render_chat_template, stop_strings_for
+
+logger = logging.getLogger(__name__)
+
+#: transformers' `model_max_length` when tokenizer_config.json names none (`VERY_LARGE_INTEGER`, int(1e30)).
+VERY_LARGE_INTEGER = int(1e30)
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class TokenizerBase:
+    """The vocabulary-independent part of a tokenizer; see the module docstring. Subclasses set `vocab_size`,
+    `bos_id`, `eos_id`, `unk_id`, `special_ids`, `special_tokens`, `chat_template`, `add_bos_token`,
+    `add_eos_token`, `padding_side`, `truncation_side` and `model_max_length`."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    special_ids: frozenset[int]
+    special_tokens: dict[str, str | None]
+    chat_template: str
+    add_bos_token: bool
+    add_eos_token: bool
+    padding_side: str
+    truncation_side: str
+    model_max_length: int
+
+    # -- what a backend supplies -------------------------------------------------------------------
+
+    def _encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_specials(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _piece_id(self, piece: str | None) -> int | None:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
+        raise NotImplementedError
+
+    def _save_vocabulary(self, out_dir: Path) -> list[Path]:
+        raise NotImplementedError
+
+    # -- special tokens (transformers' attribute names) ---------------------------------------------
+
+    @property
+    def bos_token(self) -> str:
+        return self.special_tokens["bos_token"]
+
+    @property
+    def eos_token(self) -> str:
+        return self.special_tokens["eos_token"]
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.special_tokens["unk_token"]
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.special_tokens["pad_token"]
+
+    @pad_token.setter
+    def pad_token(self, piece: str | None) -> None:
+        """`tokenizer.pad_token = tokenizer.eos_token`, the usual way to let a pad-less tokenizer pad."""
+        if piece is not None and self._piece_id(piece) is None:
+            raise ValueError(f"pad_token {piece!r} is not in the vocabulary (fastsolar cannot add tokens)")
+        self.special_tokens["pad_token"] = piece
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_id
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.unk_id if self.unk_id >= 0 else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._piece_id(self.pad_token)
+
+    @pad_token_id.setter
+    def pad_token_id(self, token_id: int | None) -> None:
+        self.pad_token = None if token_id is None else self.id_to_piece(token_id)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # -- encoding ------------------------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text` as it is (special-token strings are not parsed), with bos / eos if asked."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self._encode_text(text) if text else []
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def batch_decode(
+        self,
+        sequences: Iterable[Iterable[int]],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        """`decode` of each row of a `[batch, seq]` tensor or array, or of each list of ids."""
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in sequences]
+
+    def _id_list(self, ids: Iterable[int] | int) -> list[int]:
+        if hasattr(ids, "tolist"):  # torch / numpy
+            shape = tuple(getattr(ids, "shape", ()))
+            if len(shape) > 1:
+                raise ValueError(f"decode takes one sequence, got shape {shape}; use batch_decode for a batch")
+            ids = ids.tolist()
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = [ids]
+        return [self._check_id(i) for i in ids]
+
+    def _check_id(self, token_id: Any) -> int:
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            try:
+                token_id = int(token_id.item()) if hasattr(token_id, "item") else token_id
+            except (TypeError, ValueError):
+                pass
+            if isinstance(token_id, bool) or not isinstance(token_id, int):
+                raise TypeError(f"token ids must be integers, got {token_id!r}")
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        return token_id
+
+    # -- transformers' vocabulary lookups ------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """transformers' `tokenize`: the pieces of `text` (special-token strings in it become their pieces),
+        with the pieces of bos / eos around them when `add_special_tokens` is set and the config adds them."""
+        ids = self.encode_specials(text)
+        if add_special_tokens:
+            ids = [self.bos_id] * self.add_bos_token + ids + [self.eos_id] * self.add_eos_token
+        return [self.id_to_piece(i) for i in ids]
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str | list[str]:
+        """transformers' `convert_ids_to_tokens`: the piece of one id, or the list of pieces of a list of ids
+        (special ids left out with `skip_special_tokens`)."""
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            return self.id_to_piece(ids)
+        return [self.id_to_piece(i) for i in self._id_list(ids) if not (skip_special_tokens and i in self.special_ids)]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int] | None:
+        """transformers' `convert_tokens_to_ids`: the id of one piece, or the ids of a list of pieces; a piece
+        not in the vocabulary gives the unk id (None when there is no unk token), as in transformers."""
+        if isinstance(tokens, str):
+            return self._token_to_id(tokens)
+        return [self._token_to_id(t) for t in tokens]
+
+    def _token_to_id(self, token: str) -> int | None:
+        if not isinstance(token, str):
+            raise TypeError(f"tokens must be strings, got {token!r}")
+        token_id = self._piece_id(token)
+        return token_id if token_id is not None else self.unk_token_id
+
+    # -- chat --------------------------------------------------------------------------------------
+
+    def encode_chat(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Token ids of the rendered conversation, starting with bos (the prompt to generate a reply from).
+
+        Special-token strings inside the rendered text (templates that write `{{ bos_token }}`) become
+        their ids (`encode_specials`); bos is prepended unless the template already starts with it.
+        """
+        text = render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens, **kwargs,
+        )
+        ids = self.encode_specials(text)
+        if not ids or ids[0] != self.bos_id:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    @property
+    def chat_stop_strings(self) -> tuple[str, ...]:
+        """Strings that end an assistant reply besides eos: the SOLAR turn headers the template uses."""
+        return stop_strings_for(self.chat_template)
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path) -> tuple[str, ...]:
+        """transformers' `save_pretrained`: write the vocabulary file, tokenizer_config.json (special tokens,
+        add_bos_token / add_eos_token, sides, model_max_length, the chat template) and special_tokens_map.json
+        into `save_directory` (created if needed), so that this tokenizer and transformers' AutoTokenizer load
+        it back as it is now. Returns the paths written."""
+        out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"save_pretrained needs a directory, and {out} is a file")
+        out.mkdir(parents=True, exist_ok=True)
+        written = self._save_vocabulary(out)
+        specials = {k: v for k, v in self.special_tokens.items() if v is not None}
+        config = {
+            **self._config_class(),
+            **specials,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "model_max_length": self.model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template,
+        }
+        for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+            path = out / name
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(path)
+        return tuple(str(p) for p in written)
+
+    def _config_class(self) -> dict[str, Any]:
+        """The tokenizer_config.json entries that tell transformers which tokenizer class reads the folder."""
+        raise NotImplementedError
+
+
+def _token_string(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or as serialized AddedToken dicts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str], dict[str, Any]]:
+    """(chat template, special-token strings, tokenizer settings) from a checkpoint's tokenizer files:
+    tokenizer_config.json, and chat_template.jinja, which wins over the config's template as in transformers."""
+    template: str | None = None
+    special: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+    config_path = model_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object")
+        for key in SPECIAL_TOKEN_KEYS:
+            s = _token_string(config.get(key))
+            if s is not None:
+                special[key] = s
+        for key in ("add_bos_token", "add_eos_token"):
+            if isinstance(config.get(key), bool):
+                settings[key] = config[key]
+        for key in ("padding_side", "truncation_side"):
+            if config.get(key) in ("left", "right"):
+                settings[key] = config[key]
+        max_len = config.get("model_max_length")
+        if isinstance(max_len, (int, float)) and not isinstance(max_len, bool) and max_len > 0:
+            settings["model_max_length"] = int(max_len)
+        raw = config.get("chat_template")
+        if isinstance(raw, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+            named = {t.get("name"): t.get("template") for t in raw if isinstance(t, Mapping)}
+            raw = named.get("default")
+        if raw is not None and not isinstance(raw, str):
+            raise ValueError(f"{config_path}: chat_template must be a string")
+        template = raw
+    jinja_path = model_dir / "chat_template.jinja"
+    if jinja_path.is_file():
+        template = jinja_path.read_text(encoding="utf-8")
+    if template is not None:
+        logger.debug("using the chat template from %s", model_dir)
+    return template, special, settings
