@@ -23,11 +23,20 @@ VERY_LARGE_INTEGER = int(1e30)
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
+_REPLACEMENT = "\ufffd"
+# A UTF-8 character has at most 4 bytes, so at most 3 of them can be waiting for the rest.
+_MAX_PENDING_BYTES = 4
+
 
 class TokenizerBase:
     """The vocabulary-independent part of a tokenizer; see the module docstring. Subclasses set `vocab_size`,
     `bos_id`, `eos_id`, `unk_id`, `special_ids`, `special_tokens`, `chat_template`, `add_bos_token`,
     `add_eos_token`, `padding_side`, `truncation_side` and `model_max_length`."""
+
+    #: The file in a checkpoint directory that holds the vocabulary, and the tokenizer_config.json settings the
+    #: backend does not take from there.
+    VOCAB_FILE: str
+    CONFIG_IGNORED: tuple[str, ...] = ()
 
     vocab_size: int
     bos_id: int
@@ -56,12 +65,42 @@ class TokenizerBase:
     def id_to_piece(self, token_id: int) -> str:
         raise NotImplementedError
 
-    def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool | None = None) -> str:
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 
     def _save_vocabulary(self, out_dir: Path) -> list[Path]:
         raise NotImplementedError
+
+    def _decode_content(self, ids: list[int]) -> str:
+        """Text of ids none of which is special (what the stream decoder decodes)."""
+        raise NotImplementedError
+
+    def _starts_with_continuation_byte(self, token_id: int) -> bool:
+        """Whether the token's bytes start with a UTF-8 continuation byte (0x80-0xBF)."""
+        raise NotImplementedError
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **options: Any) -> "TokenizerBase":
+        """Load `VOCAB_FILE` from a checkpoint directory, with its chat template, special-token strings and
+        settings from `chat_template.jinja` / `tokenizer_config.json` where present (else SOLAR's template).
+        `options` (padding_side, truncation_side, add_bos_token, add_eos_token, pad_token; checked by
+        `fastsolar.hf.compat.tokenizer_options`) override them."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
+        vocab_file = model_dir / cls.VOCAB_FILE
+        if not vocab_file.is_file():
+            raise FileNotFoundError(f"no {cls.VOCAB_FILE} in {model_dir} (expected {vocab_file})")
+        template, special, settings = read_tokenizer_config(model_dir)
+        for key in cls.CONFIG_IGNORED:
+            settings.pop(key, None)
+        if "pad_token" in options:
+            special["pad_token"] = options.pop("pad_token")
+        settings.update(options)
+        return cls(vocab_file, chat_template=template, special_tokens=special, **settings)
 
     # -- special tokens (transformers' attribute names) ---------------------------------------------
 
@@ -108,6 +147,16 @@ class TokenizerBase:
     def pad_token_id(self, token_id: int | None) -> None:
         self.pad_token = None if token_id is None else self.id_to_piece(token_id)
 
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """transformers' `all_special_tokens`: the bos / eos / unk / pad strings that are set."""
+        return list(dict.fromkeys(v for k in SPECIAL_TOKEN_KEYS if (v := self.special_tokens.get(k)) is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """transformers' `all_special_ids`: the ids of `all_special_tokens`."""
+        return [i for t in self.all_special_tokens if (i := self._piece_id(t)) is not None]
+
     def __len__(self) -> int:
         return self.vocab_size
 
@@ -123,6 +172,21 @@ class TokenizerBase:
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    def decode(
+        self,
+        ids: Iterable[int] | int,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
+        """Text of one sequence of ids (a list, a 1-D tensor or array, or one id), as transformers' `decode`:
+        special ids dropped with `skip_special_tokens=True`, else written as their pieces ("<s>")."""
+        if clean_up_tokenization_spaces:
+            raise ValueError(
+                "clean_up_tokenization_spaces=True is not supported: it strips spaces before punctuation, which "
+                "corrupts the text (transformers 5 ignores it for sentencepiece/BPE tokenizers too)"
+            )
+        return self._decode(self._id_list(ids), skip_special_tokens)
 
     def batch_decode(
         self,
@@ -169,10 +233,11 @@ class TokenizerBase:
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str | list[str]:
         """transformers' `convert_ids_to_tokens`: the piece of one id, or the list of pieces of a list of ids
-        (special ids left out with `skip_special_tokens`)."""
+        (`all_special_ids` left out with `skip_special_tokens`)."""
         if isinstance(ids, int) and not isinstance(ids, bool):
             return self.id_to_piece(ids)
-        return [self.id_to_piece(i) for i in self._id_list(ids) if not (skip_special_tokens and i in self.special_ids)]
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self.id_to_piece(i) for i in self._id_list(ids) if i not in skip]
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int] | None:
         """transformers' `convert_tokens_to_ids`: the id of one piece, or the ids of a list of pieces; a piece
@@ -294,3 +359,62 @@ def read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str], 
     if template is not None:
         logger.debug("using the chat template from %s", model_dir)
     return template, special, settings
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id) -> new text`, `flush() -> rest`; pieces concatenate to `decode`.
+
+    State is a short window of content ids (specials are skipped on arrival). `_ids[:_read]` is text
+    already emitted and starts at a character boundary, so decoding the window and subtracting the
+    decoded emitted part yields exactly the new text, with sentencepiece's first-piece space stripping
+    applied to the same piece in both (and therefore cancelling out except at the true start).
+    """
+
+    def __init__(self, tokenizer: TokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._read = 0  # ids[:_read] have been emitted
+        self._read_text = ""  # decode(ids[:_read])
+
+    def reset(self) -> None:
+        self._ids, self._read, self._read_text = [], 0, ""
+
+    def push(self, token_id: int) -> str:
+        tok = self.tokenizer
+        token_id = tok._check_id(token_id)
+        if token_id in tok.special_ids:
+            return ""
+        self._ids.append(token_id)
+        text = tok._decode_content(self._ids)
+        if not text.endswith(_REPLACEMENT):
+            return self._emit(len(self._ids), text)
+        if len(self._ids) - self._read <= _MAX_PENDING_BYTES:
+            return ""  # perhaps a character still missing bytes
+        # A long run ending in U+FFFD holds invalid bytes that no later token can repair. Emit up to the
+        # last piece that does not start with a UTF-8 continuation byte among the tail that could still be
+        # waiting: everything before such a piece decodes the same whatever follows.
+        n = len(self._ids)
+        cut = n
+        for k in range(n - 1, n - _MAX_PENDING_BYTES, -1):
+            if not tok._starts_with_continuation_byte(self._ids[k]):
+                cut = k
+                break
+        if cut <= self._read:
+            return ""
+        return self._emit(cut, tok._decode_content(self._ids[:cut]))
+
+    def _emit(self, end: int, text: str) -> str:
+        new = text[len(self._read_text):]
+        # Slide the window: what was emitted before this call is dropped, this call's ids become the
+        # prefix that anchors the next decode.
+        dropped = self._read
+        self._ids = self._ids[dropped:]
+        self._read = end - dropped
+        self._read_text = self.tokenizer._decode_content(self._ids[: self._read]) if dropped else text
+        return new
+
+    def flush(self) -> str:
+        """Emit whatever is held back (an unfinished character comes out as U+FFFD, as `decode` has it)."""
+        if self._read == len(self._ids):
+            return ""
+        return self._emit(len(self._ids), self.tokenizer._decode_content(self._ids))

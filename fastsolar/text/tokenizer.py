@@ -30,22 +30,19 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fastsolar.text.base import VERY_LARGE_INTEGER, TokenizerBase, read_tokenizer_config
+from fastsolar.text.base import VERY_LARGE_INTEGER, TokenizerBase
 from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-_REPLACEMENT = "\ufffd"
-# A UTF-8 character has at most 4 bytes, so at most 3 of them can be waiting for the rest.
-_MAX_PENDING_BYTES = 4
-
-
 class SentencePieceTokenizer(TokenizerBase):
     """sentencepiece model plus special ids and chat template; see the module docstring for semantics."""
+
+    VOCAB_FILE = "tokenizer.model"
 
     def __init__(
         self,
@@ -103,24 +100,6 @@ class SentencePieceTokenizer(TokenizerBase):
         if tokens["pad_token"] is not None and self._piece_id(tokens["pad_token"]) is None:
             logger.warning("pad_token %r is not a piece of %s; the tokenizer has no pad id", tokens["pad_token"], path)
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **options: Any) -> "SentencePieceTokenizer":
-        """Load `tokenizer.model` from a checkpoint directory, with its chat template, special-token strings
-        and add_bos_token / add_eos_token / padding_side from `chat_template.jinja` / `tokenizer_config.json`
-        where present (else SOLAR's format). `options` (padding_side, truncation_side, add_bos_token,
-        add_eos_token, pad_token; checked by `fastsolar.hf.compat.tokenizer_options`) override them."""
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory not found: {model_dir}")
-        model_file = model_dir / "tokenizer.model"
-        if not model_file.is_file():
-            raise FileNotFoundError(f"no tokenizer.model in {model_dir} (expected {model_file})")
-        template, special, settings = read_tokenizer_config(model_dir)
-        if "pad_token" in options:
-            special["pad_token"] = options.pop("pad_token")
-        settings.update(options)
-        return cls(model_file, chat_template=template, special_tokens=special, **settings)
-
     # -- special tokens (transformers' attribute names) ---------------------------------------------
 
     def _piece_id(self, piece: str | None) -> int | None:
@@ -162,20 +141,7 @@ class SentencePieceTokenizer(TokenizerBase):
             pos = i + len(s)
         return ids
 
-    def decode(
-        self,
-        ids: Iterable[int] | int,
-        skip_special_tokens: bool = False,
-        clean_up_tokenization_spaces: bool | None = None,
-    ) -> str:
-        """Text of one sequence of ids (a list, a 1-D tensor or array, or one id), as transformers' `decode`:
-        special ids dropped with `skip_special_tokens=True`, else written as their pieces ("<s>")."""
-        if clean_up_tokenization_spaces:
-            raise ValueError(
-                "clean_up_tokenization_spaces=True is not supported: it strips spaces before punctuation, which "
-                "corrupts sentencepiece text (transformers 5 ignores it for such tokenizers too)"
-            )
-        ids = self._id_list(ids)
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:
             return self.sp.DecodeIds([i for i in ids if i not in self.special_ids])
         parts: list[str] = []
@@ -202,8 +168,12 @@ class SentencePieceTokenizer(TokenizerBase):
     def is_byte(self, token_id: int) -> bool:
         return token_id in self._byte_value
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def _decode_content(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds(ids)
+
+    def _starts_with_continuation_byte(self, token_id: int) -> bool:
+        b = self._byte_value.get(token_id)
+        return b is not None and 0x80 <= b < 0xC0
 
     def _save_vocabulary(self, out_dir: Path) -> list[Path]:
         path = out_dir / "tokenizer.model"
@@ -217,63 +187,3 @@ class SentencePieceTokenizer(TokenizerBase):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.model_file)!r}, vocab_size={self.vocab_size})"
-
-
-class StreamDecoder:
-    """Incremental detokenizer: `push(id) -> new text`, `flush() -> rest`; pieces concatenate to `decode`.
-
-    State is a short window of content ids (specials are skipped on arrival). `_ids[:_read]` is text
-    already emitted and starts at a character boundary, so decoding the window and subtracting the
-    decoded emitted part yields exactly the new text, with sentencepiece's first-piece space stripping
-    applied to the same piece in both (and therefore cancelling out except at the true start).
-    """
-
-    def __init__(self, tokenizer: SentencePieceTokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._read = 0  # ids[:_read] have been emitted
-        self._read_text = ""  # decode(ids[:_read])
-
-    def reset(self) -> None:
-        self._ids, self._read, self._read_text = [], 0, ""
-
-    def push(self, token_id: int) -> str:
-        tok = self.tokenizer
-        token_id = tok._check_id(token_id)
-        if token_id in tok.special_ids:
-            return ""
-        self._ids.append(token_id)
-        text = tok.sp.DecodeIds(self._ids)
-        if not text.endswith(_REPLACEMENT):
-            return self._emit(len(self._ids), text)
-        if len(self._ids) - self._read <= _MAX_PENDING_BYTES:
-            return ""  # perhaps a character still missing bytes
-        # A long run ending in U+FFFD holds invalid bytes that no later token can repair. Emit up to the
-        # last piece that is not a UTF-8 continuation byte among the tail that could still be waiting:
-        # everything before such a piece decodes the same whatever follows.
-        n = len(self._ids)
-        cut = n
-        for k in range(n - 1, n - _MAX_PENDING_BYTES, -1):
-            b = tok._byte_value.get(self._ids[k])
-            if b is None or not 0x80 <= b < 0xC0:
-                cut = k
-                break
-        if cut <= self._read:
-            return ""
-        return self._emit(cut, tok.sp.DecodeIds(self._ids[:cut]))
-
-    def _emit(self, end: int, text: str) -> str:
-        new = text[len(self._read_text):]
-        # Slide the window: what was emitted before this call is dropped, this call's ids become the
-        # prefix that anchors the next decode.
-        dropped = self._read
-        self._ids = self._ids[dropped:]
-        self._read = end - dropped
-        self._read_text = self.tokenizer.sp.DecodeIds(self._ids[: self._read]) if dropped else text
-        return new
-
-    def flush(self) -> str:
-        """Emit whatever is held back (an unfinished character comes out as U+FFFD, as `decode` has it)."""
-        if self._read == len(self._ids):
-            return ""
-        return self._emit(len(self._ids), self.tokenizer.sp.DecodeIds(self._ids))
