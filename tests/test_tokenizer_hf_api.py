@@ -10,13 +10,12 @@ with sentencepiece's own pieces on every text.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from hf_fixtures import real_tokenizer_path
+from hf_fixtures import make_tokenizer_module, real_tokenizer_path
 from test_tokenizer import STRINGS
 
 from fastsolar import AutoTokenizer, Tokenizer
@@ -26,8 +25,6 @@ from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.cpu_only
-
-DATA = Path(__file__).parent / "data"
 
 # Leading spaces, runs of spaces and a space after a special token (sentencepiece adds its dummy prefix there
 # too, legacy Llama behaviour): transformers 5's converted tokenizer differs from sentencepiece on these.
@@ -49,10 +46,7 @@ def _real(d: Path) -> None:
 
 
 def _small(d: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_tokenizer", DATA / "make_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.train_tokenizer(d)
+    make_tokenizer_module().train_tokenizer(d)
 
 
 @pytest.fixture(scope="module", params=["real", "small"])

@@ -9,13 +9,13 @@ a pad token.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
 from pathlib import Path
 
 import pytest
+from hf_fixtures import make_tokenizer_module
 from test_tokenizer import STRINGS
 
 from fastsolar import AutoTokenizer, Tokenizer, TokenizerFast
@@ -23,8 +23,6 @@ from fastsolar import AutoTokenizer, Tokenizer, TokenizerFast
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.cpu_only
-
-DATA = Path(__file__).parent / "data"
 
 EXTRA = [
     "<|begin_of_text|>Hi<|eot_id|>", "a <think>b</think> c", "x<|pad|>y", "<|eot_id|><|eot_id|>",
@@ -35,17 +33,10 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": " Hi there. "}, {"role": "user", "content": "And   now?"}]
 
 
-def _make():
-    spec = importlib.util.spec_from_file_location("make_tokenizer", DATA / "make_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=["chat_template.jinja", "tokenizer_config.json"])
 def json_dir(request, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok_json")
-    _make().train_tokenizer_json(d, template_file=request.param == "chat_template.jinja")
+    make_tokenizer_module().train_tokenizer_json(d, template_file=request.param == "chat_template.jinja")
     return d
 
 
@@ -181,7 +172,7 @@ def test_save_pretrained_round_trips(json_dir, tmp_path):
 
 def test_from_pretrained_picks_by_file(json_dir, tmp_path):
     sp_dir = tmp_path / "sp"
-    _make().train_tokenizer(sp_dir)
+    make_tokenizer_module().train_tokenizer(sp_dir)
     both = tmp_path / "both"
     shutil.copytree(json_dir, both)
     shutil.copy(sp_dir / "tokenizer.model", both / "tokenizer.model")

@@ -1,15 +1,17 @@
-"""What every fastsolar tokenizer shares, whatever its vocabulary file: special tokens under transformers' names,
-id checks, the vocabulary lookups (`tokenize`, `convert_ids_to_tokens`, `convert_tokens_to_ids`), chat encoding,
-the tokenizer_config.json reader and `save_pretrained`.
+"""What every fastsolar tokenizer shares, whatever its vocabulary file: `from_pretrained`, special tokens under
+transformers' names, id checks, `decode` / `batch_decode`, the vocabulary lookups (`tokenize`,
+`convert_ids_to_tokens`, `convert_tokens_to_ids`), chat encoding, the streaming decoder, the tokenizer_config.json
+reader and `save_pretrained`.
 
-A backend (the sentencepiece `tokenizer.model` one in `tokenizer.py`) supplies the vocabulary: `_encode_text`
-(text as it is, no special-token parsing), `encode_specials`, `_piece_id`, `id_to_piece`, `decode`,
-`stream_decoder` and `_save_vocabulary`.
+A backend (sentencepiece's `tokenizer.model` in `tokenizer.py`, the tokenizers library's `tokenizer.json` in
+`tokenizer_json.py`) supplies the vocabulary: `_encode_text` (text as it is, no special-token parsing),
+`encode_specials`, `_piece_id`, `id_to_piece`, `_decode`, `_decode_content` and `_starts_with_continuation_byte`.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,8 @@ _MAX_PENDING_BYTES = 4
 
 
 class TokenizerBase:
-    """The vocabulary-independent part of a tokenizer; see the module docstring. Subclasses set `vocab_size`,
+    """The vocabulary-independent part of a tokenizer; see the module docstring. Subclasses set `vocab_file`,
+    `vocab_size`,
     `bos_id`, `eos_id`, `unk_id`, `special_ids`, `special_tokens`, `chat_template`, `add_bos_token`,
     `add_eos_token`, `padding_side`, `truncation_side` and `model_max_length`."""
 
@@ -38,6 +41,7 @@ class TokenizerBase:
     VOCAB_FILE: str
     CONFIG_IGNORED: tuple[str, ...] = ()
 
+    vocab_file: Path
     vocab_size: int
     bos_id: int
     eos_id: int
@@ -69,7 +73,10 @@ class TokenizerBase:
         raise NotImplementedError
 
     def _save_vocabulary(self, out_dir: Path) -> list[Path]:
-        raise NotImplementedError
+        path = out_dir / self.VOCAB_FILE
+        if path.resolve() != self.vocab_file.resolve():
+            shutil.copyfile(self.vocab_file, path)
+        return [path]
 
     def _decode_content(self, ids: list[int]) -> str:
         """Text of ids none of which is special (what the stream decoder decodes)."""
@@ -308,6 +315,9 @@ class TokenizerBase:
     def _config_class(self) -> dict[str, Any]:
         """The tokenizer_config.json entries that tell transformers which tokenizer class reads the folder."""
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.vocab_file)!r}, vocab_size={self.vocab_size})"
 
 
 def _token_string(value: Any) -> str | None:

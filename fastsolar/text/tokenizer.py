@@ -29,7 +29,6 @@ this class with transformers' arguments translated by `fastsolar.hf.compat`.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ class SentencePieceTokenizer(TokenizerBase):
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path} is not a sentencepiece model: {e}") from None
         self.sp = sp
-        self.model_file = path
+        self.vocab_file = self.model_file = path
         self.vocab_size: int = sp.GetPieceSize()
         self.bos_id: int = sp.bos_id()
         self.eos_id: int = sp.eos_id()
@@ -175,15 +174,6 @@ class SentencePieceTokenizer(TokenizerBase):
         b = self._byte_value.get(token_id)
         return b is not None and 0x80 <= b < 0xC0
 
-    def _save_vocabulary(self, out_dir: Path) -> list[Path]:
-        path = out_dir / "tokenizer.model"
-        if path.resolve() != self.model_file.resolve():
-            shutil.copyfile(self.model_file, path)
-        return [path]
-
     def _config_class(self) -> dict[str, Any]:
         # legacy=True: the dummy prefix after special tokens too, sentencepiece's own behaviour (SOLAR's setting).
         return {"tokenizer_class": "LlamaTokenizer", "legacy": True}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.model_file)!r}, vocab_size={self.vocab_size})"

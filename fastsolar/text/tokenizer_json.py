@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -81,7 +80,7 @@ class JsonTokenizer(TokenizerBase):
         except Exception as e:  # tokenizers raises its own Exception subclass on a malformed file
             raise ValueError(f"{path} is not a tokenizers tokenizer.json: {e}") from None
         self._tk_plain.encode_special_tokens = True
-        self.tokenizer_file = path
+        self.vocab_file = path
         self.vocab_size: int = self.tk.get_vocab_size(with_added_tokens=True)
         tokens = dict.fromkeys(SPECIAL_TOKEN_KEYS)
         tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
@@ -122,11 +121,11 @@ class JsonTokenizer(TokenizerBase):
                 head, tail = full[:start], full[start + len(body):]
                 if head not in ([], [self.bos_id]) or tail not in ([], [self.eos_id]):
                     raise ValueError(
-                        f"{self.tokenizer_file}: the post-processor adds {self.convert_ids_to_tokens(head)} before and "
+                        f"{self.vocab_file}: the post-processor adds {self.convert_ids_to_tokens(head)} before and "
                         f"{self.convert_ids_to_tokens(tail)} after a text; fastsolar supports bos before and eos after"
                     )
                 return head, tail
-        raise ValueError(f"{self.tokenizer_file}: the post-processor changes the text's own ids")
+        raise ValueError(f"{self.vocab_file}: the post-processor changes the text's own ids")
 
     # -- the vocabulary --------------------------------------------------------------------------------
 
@@ -165,17 +164,9 @@ class JsonTokenizer(TokenizerBase):
             return False
         return 0x80 <= first < 0xC0
 
-    def _save_vocabulary(self, out_dir: Path) -> list[Path]:
-        path = out_dir / "tokenizer.json"
-        if path.resolve() != self.tokenizer_file.resolve():
-            shutil.copyfile(self.tokenizer_file, path)
-        return [path]
-
     def _config_class(self) -> dict[str, Any]:
         return {"tokenizer_class": "PreTrainedTokenizerFast"}
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.tokenizer_file)!r}, vocab_size={self.vocab_size})"
 
 
 def _uses_byte_level(path: Path) -> bool:
