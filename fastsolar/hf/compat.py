@@ -519,7 +519,7 @@ def chat_template_call(
 
 
 _TOKENIZER_LOAD_REFUSED: dict[str, tuple[tuple, str]] = {
-    "use_fast": ((None, True, False), ""),  # one tokenizer (sentencepiece) either way
+    "use_fast": ((None, True, False), ""),  # the checkpoint's files pick the tokenizer either way
     "trust_remote_code": ((None, True, False), ""),  # nothing from the checkpoint is ever run
     "legacy": ((None, True), "fastsolar encodes as sentencepiece does, with the dummy prefix after special "
                              "tokens too (transformers' legacy=True, SOLAR's setting)"),
