@@ -95,6 +95,16 @@ def test_batch_matches_transformers(json_dir, kwargs):
     assert _plain(tok(texts, **kwargs)) == _plain(hf(texts, **kwargs))
 
 
+def test_truncation_at_model_max_length(tok, hf):
+    long = "Hello world, how are you today? " * 80
+    assert len(hf(long).input_ids) > 512
+    for kwargs in (dict(truncation=True), dict(truncation=True, add_special_tokens=False), dict(max_length=20)):
+        ours = tok(long, **kwargs).input_ids
+        assert ours == hf(long, **kwargs).input_ids
+        assert len(ours) == kwargs.get("max_length", 512)
+    assert tok(long).input_ids == hf(long).input_ids  # no truncation asked: the whole text
+
+
 def test_decode_matches_transformers(tok, hf):
     rng = random.Random(0)
     cases = [hf.encode(t) + [4] for t in TEXTS]

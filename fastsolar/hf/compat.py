@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastsolar.checkpoint.loader import resolve_dtype
+from fastsolar.text.base import VERY_LARGE_INTEGER
 from fastsolar.text.chat import render_chat_template
 
 if TYPE_CHECKING:
@@ -407,6 +408,10 @@ def call_tokenizer(
             raise TypeError(f"{where} must be a str, got {type(t).__name__}")
     pad_to = _choice("padding", padding, _PADDING)
     do_truncate = max_length is not None if truncation is None else _choice("truncation", truncation, _TRUNCATION)
+    # truncation=True without max_length cuts at the tokenizer's model_max_length, as in transformers (which
+    # leaves the text whole when that is its "no limit" sentinel).
+    cut_at = max_length if max_length is not None or tok.model_max_length >= VERY_LARGE_INTEGER else (
+        tok.model_max_length)
     if max_length is not None:
         _check_int("max_length", max_length, 1)
     if pad_to_multiple_of is not None:
@@ -421,10 +426,10 @@ def call_tokenizer(
     rows = []
     for t in texts:
         ids = tok.encode(t, bos=False) if split_special_tokens else tok.encode_specials(t)
-        if do_truncate and max_length is not None:
-            room = max_length - len(head) - len(tail)
+        if do_truncate and cut_at is not None:
+            room = cut_at - len(head) - len(tail)
             if room < 0:
-                raise ValueError(f"max_length {max_length} is shorter than the {len(head) + len(tail)} special tokens")
+                raise ValueError(f"max_length {cut_at} is shorter than the {len(head) + len(tail)} special tokens")
             if len(ids) > room:
                 ids = ids[:room] if _side("truncation_side", tok.truncation_side) == "right" else ids[len(ids) - room:]
         rows.append(head + ids + tail)
