@@ -206,3 +206,23 @@ def test_from_pretrained_picks_by_file(json_dir, tmp_path):
     (no_bos / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="bos_token '<s>' is not a token"):
         AutoTokenizer.from_pretrained(no_bos)
+
+
+def test_post_processor_adding_other_tokens_is_refused(json_dir, tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import processors
+
+    d = tmp_path / "odd"
+    shutil.copytree(json_dir, d)
+    tk = RustTokenizer.from_file(str(d / "tokenizer.json"))
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A <|end_of_text|>", special_tokens=[("<|end_of_text|>", tk.token_to_id("<|end_of_text|>"))])
+    tk.save(str(d / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"adds \[\] before and \['<\|end_of_text\|>'\] after a text"):
+        AutoTokenizer.from_pretrained(d)
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A <|eot_id|>", special_tokens=[("<|eot_id|>", tk.token_to_id("<|eot_id|>"))])
+    tk.save(str(d / "tokenizer.json"))
+    eos_after = AutoTokenizer.from_pretrained(d)
+    assert (eos_after.add_bos_token, eos_after.add_eos_token) == (False, True)
+    assert eos_after("Hi").input_ids == transformers.PreTrainedTokenizerFast.from_pretrained(str(d))("Hi").input_ids
