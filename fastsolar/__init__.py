@@ -26,6 +26,7 @@ _EXPORTS = {
     "Solar": "fastsolar.api",
     "SolarConfig": "fastsolar.config",
     "Tokenizer": "fastsolar.api",
+    "TokenizerFast": "fastsolar.api",
     "patch_hf": "fastsolar.hf.patch",
     "upscale": "fastsolar.checkpoint.upscale",
 }

@@ -4,7 +4,7 @@
 what sits above it: `from_pretrained` (fastsolar.checkpoint.loader), `generate` / `stream`
 (fastsolar.decoding.generate) and transformers' argument names for both (fastsolar.hf.compat). `Tokenizer`
 is the sentencepiece tokenizer (fastsolar.text.tokenizer) with transformers' call, `apply_chat_template` and
-`from_pretrained` options. Living here keeps the model and the tokenizer free of imports from the layers
+`from_pretrained` options, and `TokenizerFast` the same over a `tokenizer.json` checkpoint. Living here keeps the model and the tokenizer free of imports from the layers
 that use them.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fastsolar.hf.compat import (
 )
 from fastsolar.model import Transformer
 from fastsolar.text.tokenizer import SentencePieceTokenizer
+from fastsolar.text.tokenizer_json import JsonTokenizer
 
 
 class Solar(Transformer):
@@ -65,14 +66,21 @@ class Solar(Transformer):
         return decoding.stream(self, **generate_kwargs(input_ids, max_new_tokens, **kwargs))
 
 
-class Tokenizer(SentencePieceTokenizer):
-    """The SOLAR / Llama-2 tokenizer (fastsolar.text.tokenizer) with transformers' call surface."""
+class _TransformersCalls:
+    """transformers' call surface, added to either tokenizer backend of the text layer."""
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> "Tokenizer":
-        """`tokenizer.model` and its settings from a checkpoint directory; transformers-style options
-        (padding_side, pad_token, add_bos_token, ...) override them (`fastsolar.hf.compat.tokenizer_options`)."""
-        return super().from_pretrained(model_dir, **tokenizer_options(**kwargs))
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None, **kwargs: Any) -> Any:
+        """Native `encode(text, bos=True, eos=False)`: the ids of the text as it is. With transformers' keywords
+        (`add_special_tokens=`, `max_length=`, `truncation=`, `return_tensors=`, ...) it is transformers'
+        `encode`: the input_ids of `tokenizer(text, **kwargs)` (special-token strings parsed)."""
+        if not kwargs:
+            return super().encode(text, bos=True if bos is None else bos, eos=bool(eos))
+        if bos is not None or eos is not None:
+            raise TypeError("encode() takes either bos=/eos= (native) or transformers' keywords "
+                            f"({', '.join(sorted(kwargs))}), not both")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return call_tokenizer(self, text, **kwargs)["input_ids"]
 
     def __call__(self, text: str | list[str], **kwargs: Any) -> BatchEncoding:
         """transformers' `tokenizer(text or texts, return_tensors=..., padding=..., ...)`: a BatchEncoding of
@@ -85,6 +93,40 @@ class Tokenizer(SentencePieceTokenizer):
         `tokenize=True` gives that text tokenized without added special tokens, as a BatchEncoding
         (`return_dict=False`: the input_ids). See `fastsolar.hf.compat.chat_template_call`."""
         return chat_template_call(self, conversation, **kwargs)
+
+
+class Tokenizer(_TransformersCalls, SentencePieceTokenizer):
+    """The SOLAR / Llama-2 tokenizer (fastsolar.text.tokenizer, sentencepiece's `tokenizer.model`) with
+    transformers' call surface."""
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> "Tokenizer | TokenizerFast":
+        """The checkpoint's tokenizer with its settings: `tokenizer.model` (a `Tokenizer`) when the directory has
+        one, else `tokenizer.json` (a `TokenizerFast`); transformers-style options (padding_side, pad_token,
+        add_bos_token, ...) override the settings (`fastsolar.hf.compat.tokenizer_options`)."""
+        options = tokenizer_options(**kwargs)
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
+        if (model_dir / "tokenizer.model").is_file():
+            return super().from_pretrained(model_dir, **options)
+        if (model_dir / "tokenizer.json").is_file():
+            return TokenizerFast.from_pretrained(model_dir, **kwargs)
+        raise FileNotFoundError(
+            f"no tokenizer in {model_dir}: it has neither tokenizer.model (sentencepiece) nor tokenizer.json "
+            "(the tokenizers library)"
+        )
+
+
+class TokenizerFast(_TransformersCalls, JsonTokenizer):
+    """A `tokenizer.json` tokenizer (fastsolar.text.tokenizer_json, the `tokenizers` library; Llama-3-class
+    byte-level BPE) with transformers' call surface: what `Tokenizer.from_pretrained` / `AutoTokenizer` give
+    for a checkpoint without `tokenizer.model`."""
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> "TokenizerFast":
+        """`tokenizer.json` and its settings from a checkpoint directory; options as `Tokenizer.from_pretrained`."""
+        return super().from_pretrained(model_dir, **tokenizer_options(**kwargs))
 
 
 class AutoModelForCausalLM:
@@ -107,10 +149,10 @@ class AutoTokenizer:
         raise TypeError("AutoTokenizer is not instantiated; use AutoTokenizer.from_pretrained(dir)")
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *inputs: Any, **kwargs: Any) -> Tokenizer:
+    def from_pretrained(cls, model_dir: str | Path, *inputs: Any, **kwargs: Any) -> Tokenizer | TokenizerFast:
         if inputs:
             raise TypeError("from_pretrained() takes the checkpoint directory and keyword arguments only")
         return Tokenizer.from_pretrained(model_dir, **kwargs)
 
 
-__all__ = ["AutoModelForCausalLM", "AutoTokenizer", "Solar", "Tokenizer"]
+__all__ = ["AutoModelForCausalLM", "AutoTokenizer", "Solar", "Tokenizer", "TokenizerFast"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs, so --help stays fast
-    from fastsolar.api import Solar, Tokenizer
+    from fastsolar.api import Solar, Tokenizer, TokenizerFast
 
 logger = logging.getLogger("fastsolar")
 
@@ -74,7 +74,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="checkpoint directory (config.json, *.safetensors, tokenizer.model)")
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer.model or tokenizer.json)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto",
                    help="weight dtype: auto (the checkpoint's), float16, bfloat16 or float32")
@@ -121,7 +121,7 @@ def _check_dtype(args: argparse.Namespace) -> None:
             raise ValueError(f"--dtype: {e}") from None
 
 
-def load_tokenizer(model_dir: str) -> "Tokenizer":
+def load_tokenizer(model_dir: str) -> "Tokenizer | TokenizerFast":
     from fastsolar.api import Tokenizer
 
     return Tokenizer.from_pretrained(model_dir)

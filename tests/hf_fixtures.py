@@ -83,6 +83,32 @@ def shard_files(model_dir: Path) -> list[Path]:
     return sorted(Path(model_dir).glob("*.safetensors"))
 
 
+def make_tokenizer_module():
+    """tests/data/make_tokenizer.py (the tiny sentencepiece and tokenizer.json trainers), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tokenizer", Path(__file__).parent / "data" / "make_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_json_checkpoint(model_dir: Path, *, seed: int = 1) -> Path:
+    """A tiny random Llama (float32) whose only tokenizer is the Llama-3-style byte-level BPE tokenizer.json of
+    tests/data/make_tokenizer.py (403 tokens: bos 0, eos <|eot_id|> 4), saved as transformers saves it."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=403, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=4,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(model_dir)
+    make_tokenizer_module().train_tokenizer_json(model_dir)
+    return Path(model_dir)
+
+
 # -- the real SOLAR / Mistral tokenizer ----------------------------------------------------------------
 
 REAL_TOKENIZER_SHA256_PREFIX = "dadfd56d"

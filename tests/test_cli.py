@@ -294,6 +294,37 @@ def test_generate_quantized_end_to_end(tiny_checkpoint, tok, capsys, monkeypatch
     assert out == tok.decode(new) + "\n"
 
 
+@pytest.fixture(scope="session")
+def tiny_json_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Llama whose only tokenizer is a Llama-3-style byte-level BPE tokenizer.json."""
+    pytest.importorskip("transformers")
+    from hf_fixtures import build_json_checkpoint
+
+    return build_json_checkpoint(tmp_path_factory.mktemp("tiny_llama_json"))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generate_end_to_end_with_tokenizer_json(tiny_json_checkpoint, capsys, chat):
+    """The CLI on a tokenizer.json checkpoint prints what transformers' tokenizer and greedy generate give."""
+    import transformers
+
+    prompt = "The capital of France is 日本 😀"
+    rc, out, err = run(["generate", tiny_json_checkpoint, "--prompt", prompt, "--max-new-tokens", "12",
+                        "--device", "cpu", "--dtype", "float32", *(["--chat"] if chat else [])], capsys)
+    assert rc == 0, err
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(tiny_json_checkpoint))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tiny_json_checkpoint), dtype=torch.float32).eval()
+    if chat:
+        ids = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_dict=False)
+    else:
+        ids = hf_tok(prompt).input_ids
+    assert ids[0] == 0 and ids.count(0) == 1
+    new = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=4)[0, len(ids):]
+    assert len(new) > 0
+    assert out == hf_tok.decode(new, skip_special_tokens=True) + "\n"
+
+
 def test_chat_end_to_end(tiny_checkpoint, capsys, monkeypatch):
     seen = []
     real = Tokenizer.encode_chat

@@ -61,6 +61,24 @@ IGNORED: tuple[str, ...] = (
 # The key of the output projection, absent from checkpoints with tied embeddings.
 LM_HEAD = "lm_head.weight"
 
+_LAYER_INDEX_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The config.json values that a checkpoint's tensor shapes fix exactly: vocab_size and hidden_size (the
+    embedding), intermediate_size (layer 0's gate projection) and num_hidden_layers (the layer indices)."""
+    found: dict[str, int] = {}
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed is not None and len(embed) == 2:
+        found["vocab_size"], found["hidden_size"] = embed
+    gate = shapes.get("model.layers.0.mlp.gate_proj.weight")
+    if gate is not None and len(gate) == 2:
+        found["intermediate_size"] = gate[0]
+    layers = {int(m.group(1)) for k in shapes if (m := _LAYER_INDEX_RE.match(k))}
+    if layers:
+        found["num_hidden_layers"] = max(layers) + 1
+    return found
+
 
 def fused_parts(config: Any) -> dict[str, tuple[int, ...]]:
     """Row count of each part of each fused parameter pattern, from a SolarConfig."""

@@ -149,21 +149,39 @@ def _plan(
             continue
         plan.append(_Copy(header, name, rows))
     missing = [k for k in [*hf_keys.expected_keys(config), *scale_keys] if k not in headers]
-    problems = []
-    if missing:
-        problems.append(listing("missing keys", missing))
-    if unexpected:
-        problems.append(listing("unexpected keys", sorted(unexpected)))
-    if bad_shape:
-        problems.append(listing("keys with the wrong shape", bad_shape))
-    if bad_dtype:
-        problems.append(listing(f"keys not stored as floats ({', '.join(_FLOAT_DTYPES)})", bad_dtype))
-    if problems:
-        raise ValueError(
-            f"checkpoint does not match its config ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"vocab {config.vocab_size}): " + "; ".join(problems)
-        )
+    groups = [
+        ("missing keys", missing),
+        ("unexpected keys", sorted(unexpected)),
+        ("keys with the wrong shape", bad_shape),
+        (f"keys not stored as floats ({', '.join(_FLOAT_DTYPES)})", bad_dtype),
+    ]
+    if any(items for _, items in groups):
+        raise ValueError(_mismatch_message(config, headers, groups))
     return sorted(plan, key=lambda c: (c.header.file, c.header.offset))
+
+
+#: Checkpoint keys a config/weights mismatch names, across all its kinds; the rest are counted, so the error
+#: stays one short line however many keys a wrong config.json value touches.
+_NAMED_KEYS = 3
+
+
+def _mismatch_message(
+    config: SolarConfig, headers: dict[str, TensorHeader], groups: list[tuple[str, list[str]]]
+) -> str:
+    """One line: the config.json values the shapes contradict, then each kind of problem counted, the first
+    `_NAMED_KEYS` keys named (with expected and found shapes)."""
+    found = hf_keys.config_from_shapes({k: tuple(h.shape) for k, h in headers.items()})
+    wrong = [f"{k} {getattr(config, k)} (weights: {v})" for k, v in found.items() if getattr(config, k) != v]
+    head = f"config.json disagrees with the weights: {', '.join(wrong)}" if wrong else (
+        f"checkpoint does not match its config ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"vocab {config.vocab_size})"
+    )
+    parts, budget = [], _NAMED_KEYS
+    for title, items in groups:
+        if items:
+            parts.append(listing(title, items, limit=budget))
+            budget -= min(budget, len(items))
+    return f"{head}; " + "; ".join(parts)
 
 
 def _check_index(headers: dict[str, TensorHeader], weight_map: dict[str, Path]) -> None:

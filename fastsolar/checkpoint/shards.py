@@ -53,11 +53,12 @@ CHUNK_BYTES = 32 * 2**20
 READ_AHEAD = 3
 
 
-def listing(title: str, items: list[str]) -> str:
-    """`"N title: a, b, ... and K more"`: error messages list at most 20 names."""
-    shown = items[:_MAX_LISTED]
+def listing(title: str, items: list[str], limit: int = _MAX_LISTED) -> str:
+    """`"N title: a, b, ... and K more"`: error messages list at most `limit` names (20 by default); with
+    `limit=0`, only `"N title"`."""
+    shown = items[:limit]
     more = f", ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
-    return f"{len(items)} {title}: {', '.join(shown)}{more}"
+    return f"{len(items)} {title}: {', '.join(shown)}{more}" if shown else f"{len(items)} {title}"
 
 
 @dataclass(frozen=True)

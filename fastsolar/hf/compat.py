@@ -36,6 +36,8 @@ arguments and what they become:
     padding_side (default the tokenizer's, "left"), return_tensors (None, "pt", "np"),
     return_attention_mask, split_special_tokens. Special-token strings in the text ("<s>", "</s>",
     "<unk>") become their ids unless split_special_tokens=True. Returns a BatchEncoding.
+`tokenizer.encode(text, add_special_tokens=..., ...)`: transformers' `encode`, the input_ids of that call (the
+    native `encode(text, bos=, eos=)` stays as it is when no transformers keyword is given).
 `tokenizer.apply_chat_template(...)`: transformers' signature and defaults (tokenize=True with
     return_dict=True returns a BatchEncoding of the rendered text tokenized without added specials).
 """
@@ -50,10 +52,11 @@ import torch
 
 from fastsolar.checkpoint.loader import resolve_dtype
 from fastsolar.decoding.generate import OPTIONS as GENERATE_OPTIONS
+from fastsolar.text.base import VERY_LARGE_INTEGER
 from fastsolar.text.chat import render_chat_template
 
 if TYPE_CHECKING:
-    from fastsolar.text.tokenizer import SentencePieceTokenizer as Tokenizer
+    from fastsolar.text.base import TokenizerBase as Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -403,6 +406,10 @@ def call_tokenizer(
             raise TypeError(f"{where} must be a str, got {type(t).__name__}")
     pad_to = _choice("padding", padding, _PADDING)
     do_truncate = max_length is not None if truncation is None else _choice("truncation", truncation, _TRUNCATION)
+    # truncation=True without max_length cuts at the tokenizer's model_max_length, as in transformers (which
+    # leaves the text whole when that is its "no limit" sentinel).
+    cut_at = max_length if max_length is not None or tok.model_max_length >= VERY_LARGE_INTEGER else (
+        tok.model_max_length)
     if max_length is not None:
         _check_int("max_length", max_length, 1)
     if pad_to_multiple_of is not None:
@@ -417,10 +424,10 @@ def call_tokenizer(
     rows = []
     for t in texts:
         ids = tok.encode(t, bos=False) if split_special_tokens else tok.encode_specials(t)
-        if do_truncate and max_length is not None:
-            room = max_length - len(head) - len(tail)
+        if do_truncate and cut_at is not None:
+            room = cut_at - len(head) - len(tail)
             if room < 0:
-                raise ValueError(f"max_length {max_length} is shorter than the {len(head) + len(tail)} special tokens")
+                raise ValueError(f"max_length {cut_at} is shorter than the {len(head) + len(tail)} special tokens")
             if len(ids) > room:
                 ids = ids[:room] if _side("truncation_side", tok.truncation_side) == "right" else ids[len(ids) - room:]
         rows.append(head + ids + tail)
@@ -515,7 +522,7 @@ def chat_template_call(
 
 
 _TOKENIZER_LOAD_REFUSED: dict[str, tuple[tuple, str]] = {
-    "use_fast": ((None, True, False), ""),  # one tokenizer (sentencepiece) either way
+    "use_fast": ((None, True, False), ""),  # the checkpoint's files pick the tokenizer either way
     "trust_remote_code": ((None, True, False), ""),  # nothing from the checkpoint is ever run
     "legacy": ((None, True), "fastsolar encodes as sentencepiece does, with the dummy prefix after special "
                              "tokens too (transformers' legacy=True, SOLAR's setting)"),

@@ -20,29 +20,28 @@ starts at the previous emit point and emits the difference, holding text back wh
 (a character whose bytes have not all arrived). Each push costs O(window), a few tokens, not O(generated
 so far).
 
-The rest of transformers' tokenizer surface (`tokenizer(text, return_tensors="pt", padding=...)`,
+What does not depend on sentencepiece (special tokens under transformers' names, `tokenize`,
+`convert_ids_to_tokens` / `convert_tokens_to_ids`, chat encoding, `save_pretrained`, tokenizer_config.json)
+is `fastsolar.text.base.TokenizerBase`. The rest of transformers' tokenizer surface (`tokenizer(text, return_tensors="pt", padding=...)`,
 `apply_chat_template(..., tokenize=...)`, `from_pretrained` options) is `fastsolar.Tokenizer` (fastsolar/api.py),
 this class with transformers' arguments translated by `fastsolar.hf.compat`.
 """
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE, render_chat_template, stop_strings_for
+from fastsolar.text.base import VERY_LARGE_INTEGER, TokenizerBase
+from fastsolar.text.chat import SOLAR_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-_REPLACEMENT = "\ufffd"
-# A UTF-8 character has at most 4 bytes, so at most 3 of them can be waiting for the rest.
-_MAX_PENDING_BYTES = 4
-
-
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(TokenizerBase):
     """sentencepiece model plus special ids and chat template; see the module docstring for semantics."""
+
+    VOCAB_FILE = "tokenizer.model"
 
     def __init__(
         self,
@@ -54,6 +53,7 @@ class SentencePieceTokenizer:
         add_eos_token: bool = False,
         padding_side: str = "left",
         truncation_side: str = "right",
+        model_max_length: int = VERY_LARGE_INTEGER,
     ) -> None:
         import sentencepiece as spm
 
@@ -66,7 +66,7 @@ class SentencePieceTokenizer:
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path} is not a sentencepiece model: {e}") from None
         self.sp = sp
-        self.model_file = path
+        self.vocab_file = self.model_file = path
         self.vocab_size: int = sp.GetPieceSize()
         self.bos_id: int = sp.bos_id()
         self.eos_id: int = sp.eos_id()
@@ -95,26 +95,9 @@ class SentencePieceTokenizer:
         self.add_eos_token = add_eos_token
         self.padding_side = padding_side
         self.truncation_side = truncation_side
+        self.model_max_length = model_max_length
         if tokens["pad_token"] is not None and self._piece_id(tokens["pad_token"]) is None:
             logger.warning("pad_token %r is not a piece of %s; the tokenizer has no pad id", tokens["pad_token"], path)
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **options: Any) -> "SentencePieceTokenizer":
-        """Load `tokenizer.model` from a checkpoint directory, with its chat template, special-token strings
-        and add_bos_token / add_eos_token / padding_side from `chat_template.jinja` / `tokenizer_config.json`
-        where present (else SOLAR's format). `options` (padding_side, truncation_side, add_bos_token,
-        add_eos_token, pad_token; checked by `fastsolar.hf.compat.tokenizer_options`) override them."""
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory not found: {model_dir}")
-        model_file = model_dir / "tokenizer.model"
-        if not model_file.is_file():
-            raise FileNotFoundError(f"no tokenizer.model in {model_dir} (expected {model_file})")
-        template, special, settings = _read_tokenizer_config(model_dir)
-        if "pad_token" in options:
-            special["pad_token"] = options.pop("pad_token")
-        settings.update(options)
-        return cls(model_file, chat_template=template, special_tokens=special, **settings)
 
     # -- special tokens (transformers' attribute names) ---------------------------------------------
 
@@ -124,64 +107,11 @@ class SentencePieceTokenizer:
         i = self.sp.PieceToId(piece)
         return i if self.sp.IdToPiece(i) == piece else None
 
-    @property
-    def bos_token(self) -> str:
-        return self.special_tokens["bos_token"]
-
-    @property
-    def eos_token(self) -> str:
-        return self.special_tokens["eos_token"]
-
-    @property
-    def unk_token(self) -> str | None:
-        return self.special_tokens["unk_token"]
-
-    @property
-    def pad_token(self) -> str | None:
-        return self.special_tokens["pad_token"]
-
-    @pad_token.setter
-    def pad_token(self, piece: str | None) -> None:
-        """`tokenizer.pad_token = tokenizer.eos_token`, the usual way to let a pad-less tokenizer pad."""
-        if piece is not None and self._piece_id(piece) is None:
-            raise ValueError(f"pad_token {piece!r} is not in the vocabulary (fastsolar cannot add tokens)")
-        self.special_tokens["pad_token"] = piece
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.bos_id
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.eos_id
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.unk_id if self.unk_id >= 0 else None
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._piece_id(self.pad_token)
-
-    @pad_token_id.setter
-    def pad_token_id(self, token_id: int | None) -> None:
-        self.pad_token = None if token_id is None else self.sp.IdToPiece(self._check_id(token_id))
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
     # -- encoding / decoding ---------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text` (sentencepiece, dummy prefix added), with bos / eos if asked."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = self.sp.EncodeAsIds(text) if text else []
-        if bos:
-            ids.insert(0, self.bos_id)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+    def _encode_text(self, text: str) -> list[int]:
+        """sentencepiece's ids of `text` (dummy prefix added)."""
+        return self.sp.EncodeAsIds(text)
 
     def encode_specials(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos added) in which the special-token strings ("<s>", "</s>",
@@ -210,20 +140,7 @@ class SentencePieceTokenizer:
             pos = i + len(s)
         return ids
 
-    def decode(
-        self,
-        ids: Iterable[int] | int,
-        skip_special_tokens: bool = False,
-        clean_up_tokenization_spaces: bool | None = None,
-    ) -> str:
-        """Text of one sequence of ids (a list, a 1-D tensor or array, or one id), as transformers' `decode`:
-        special ids dropped with `skip_special_tokens=True`, else written as their pieces ("<s>")."""
-        if clean_up_tokenization_spaces:
-            raise ValueError(
-                "clean_up_tokenization_spaces=True is not supported: it strips spaces before punctuation, which "
-                "corrupts sentencepiece text (transformers 5 ignores it for such tokenizers too)"
-            )
-        ids = self._id_list(ids)
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:
             return self.sp.DecodeIds([i for i in ids if i not in self.special_ids])
         parts: list[str] = []
@@ -244,176 +161,19 @@ class SentencePieceTokenizer:
                 parts.append(self.sp.IdToPiece(i))
         return "".join(parts)
 
-    def batch_decode(
-        self,
-        sequences: Iterable[Iterable[int]],
-        skip_special_tokens: bool = False,
-        clean_up_tokenization_spaces: bool | None = None,
-    ) -> list[str]:
-        """`decode` of each row of a `[batch, seq]` tensor or array, or of each list of ids."""
-        if hasattr(sequences, "tolist"):
-            sequences = sequences.tolist()
-        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in sequences]
-
-    def _id_list(self, ids: Iterable[int] | int) -> list[int]:
-        if hasattr(ids, "tolist"):  # torch / numpy
-            shape = tuple(getattr(ids, "shape", ()))
-            if len(shape) > 1:
-                raise ValueError(f"decode takes one sequence, got shape {shape}; use batch_decode for a batch")
-            ids = ids.tolist()
-        if isinstance(ids, int) and not isinstance(ids, bool):
-            ids = [ids]
-        return [self._check_id(i) for i in ids]
-
-    def _check_id(self, token_id: Any) -> int:
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            try:
-                token_id = int(token_id.item()) if hasattr(token_id, "item") else token_id
-            except (TypeError, ValueError):
-                pass
-            if isinstance(token_id, bool) or not isinstance(token_id, int):
-                raise TypeError(f"token ids must be integers, got {token_id!r}")
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
-        return token_id
-
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(self._check_id(token_id))
 
     def is_byte(self, token_id: int) -> bool:
         return token_id in self._byte_value
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def _decode_content(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds(ids)
 
-    # -- chat ----------------------------------------------------------------------------------
+    def _starts_with_continuation_byte(self, token_id: int) -> bool:
+        b = self._byte_value.get(token_id)
+        return b is not None and 0x80 <= b < 0xC0
 
-    def encode_chat(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-        """Token ids of the rendered conversation, starting with bos (the prompt to generate a reply from).
-
-        Special-token strings inside the rendered text (templates that write `{{ bos_token }}`) become
-        their ids (`encode_specials`); bos is prepended unless the template already starts with it.
-        """
-        text = render_chat_template(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-            special_tokens=self.special_tokens, **kwargs,
-        )
-        ids = self.encode_specials(text)
-        if not ids or ids[0] != self.bos_id:
-            ids.insert(0, self.bos_id)
-        return ids
-
-    @property
-    def chat_stop_strings(self) -> tuple[str, ...]:
-        """Strings that end an assistant reply besides eos: the SOLAR turn headers the template uses."""
-        return stop_strings_for(self.chat_template)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.model_file)!r}, vocab_size={self.vocab_size})"
-
-
-class StreamDecoder:
-    """Incremental detokenizer: `push(id) -> new text`, `flush() -> rest`; pieces concatenate to `decode`.
-
-    State is a short window of content ids (specials are skipped on arrival). `_ids[:_read]` is text
-    already emitted and starts at a character boundary, so decoding the window and subtracting the
-    decoded emitted part yields exactly the new text, with sentencepiece's first-piece space stripping
-    applied to the same piece in both (and therefore cancelling out except at the true start).
-    """
-
-    def __init__(self, tokenizer: SentencePieceTokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._read = 0  # ids[:_read] have been emitted
-        self._read_text = ""  # decode(ids[:_read])
-
-    def reset(self) -> None:
-        self._ids, self._read, self._read_text = [], 0, ""
-
-    def push(self, token_id: int) -> str:
-        tok = self.tokenizer
-        token_id = tok._check_id(token_id)
-        if token_id in tok.special_ids:
-            return ""
-        self._ids.append(token_id)
-        text = tok.sp.DecodeIds(self._ids)
-        if not text.endswith(_REPLACEMENT):
-            return self._emit(len(self._ids), text)
-        if len(self._ids) - self._read <= _MAX_PENDING_BYTES:
-            return ""  # perhaps a character still missing bytes
-        # A long run ending in U+FFFD holds invalid bytes that no later token can repair. Emit up to the
-        # last piece that is not a UTF-8 continuation byte among the tail that could still be waiting:
-        # everything before such a piece decodes the same whatever follows.
-        n = len(self._ids)
-        cut = n
-        for k in range(n - 1, n - _MAX_PENDING_BYTES, -1):
-            b = tok._byte_value.get(self._ids[k])
-            if b is None or not 0x80 <= b < 0xC0:
-                cut = k
-                break
-        if cut <= self._read:
-            return ""
-        return self._emit(cut, tok.sp.DecodeIds(self._ids[:cut]))
-
-    def _emit(self, end: int, text: str) -> str:
-        new = text[len(self._read_text):]
-        # Slide the window: what was emitted before this call is dropped, this call's ids become the
-        # prefix that anchors the next decode.
-        dropped = self._read
-        self._ids = self._ids[dropped:]
-        self._read = end - dropped
-        self._read_text = self.tokenizer.sp.DecodeIds(self._ids[: self._read]) if dropped else text
-        return new
-
-    def flush(self) -> str:
-        """Emit whatever is held back (an unfinished character comes out as U+FFFD, as `decode` has it)."""
-        if self._read == len(self._ids):
-            return ""
-        return self._emit(len(self._ids), self.tokenizer.sp.DecodeIds(self._ids))
-
-
-def _token_string(value: Any) -> str | None:
-    """tokenizer_config stores special tokens as strings or as serialized AddedToken dicts."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _read_tokenizer_config(model_dir: Path) -> tuple[str | None, dict[str, str], dict[str, Any]]:
-    """(chat template, special-token strings, Tokenizer settings) from a checkpoint's tokenizer files."""
-    template: str | None = None
-    special: dict[str, str] = {}
-    settings: dict[str, Any] = {}
-    config_path = model_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} must hold a JSON object")
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            s = _token_string(config.get(key))
-            if s is not None:
-                special[key] = s
-        for key in ("add_bos_token", "add_eos_token"):
-            if isinstance(config.get(key), bool):
-                settings[key] = config[key]
-        for key in ("padding_side", "truncation_side"):
-            if config.get(key) in ("left", "right"):
-                settings[key] = config[key]
-        raw = config.get("chat_template")
-        if isinstance(raw, list):  # named templates: [{"name": "default", "template": "..."}, ...]
-            named = {t.get("name"): t.get("template") for t in raw if isinstance(t, Mapping)}
-            raw = named.get("default")
-        if raw is not None and not isinstance(raw, str):
-            raise ValueError(f"{config_path}: chat_template must be a string")
-        template = raw
-    jinja_path = model_dir / "chat_template.jinja"
-    if jinja_path.is_file():
-        template = jinja_path.read_text(encoding="utf-8")
-    if template is not None:
-        logger.debug("using the chat template from %s", model_dir)
-    return template, special, settings
+    def _config_class(self) -> dict[str, Any]:
+        # legacy=True: the dummy prefix after special tokens too, sentencepiece's own behaviour (SOLAR's setting).
+        return {"tokenizer_class": "LlamaTokenizer", "legacy": True}

@@ -184,23 +184,44 @@ def test_misshaped_key(work_dir):
         Solar.from_pretrained(work_dir, device="cpu")
 
 
-def test_config_more_layers_than_weights(work_dir):
-    rewrite_config(work_dir, num_hidden_layers=4)
-    with pytest.raises(ValueError, match=r"missing keys: .*model\.layers\.2\.input_layernorm\.weight") as e:
+def _one_short_line(error: pytest.ExceptionInfo) -> str:
+    """A config/weights mismatch is one short line naming at most 3 checkpoint keys."""
+    text = str(error.value)
+    assert "\n" not in text and len(text) < 400, text
+    assert text.count("model.") + text.count("lm_head.") <= 3, text
+    return text
+
+
+@pytest.mark.parametrize("changes, start, end", [
+    (dict(num_hidden_layers=4), "num_hidden_layers 4 (weights: 2); 18 missing keys: model.layers.2.input_layernorm"
+                                ".weight, ", ", ... and 15 more"),
+    (dict(num_hidden_layers=1), "num_hidden_layers 1 (weights: 2); 9 unexpected keys: model.layers.1.",
+     ", ... and 6 more"),
+    (dict(hidden_size=128, head_dim=32), "hidden_size 128 (weights: 64); 21 keys with the wrong shape: "
+                                         "model.embed_tokens.weight (expected (997, 128), found (997, 64)), ",
+     ", ... and 18 more"),
+    # The three names go to the missing keys; the wrong shapes (embedding, lm_head) are counted.
+    (dict(vocab_size=1000, num_hidden_layers=3), "vocab_size 1000 (weights: 997), num_hidden_layers 3 (weights: "
+                                                 "2); 9 missing keys: model.layers.2.",
+     ", ... and 6 more; 2 keys with the wrong shape"),
+], ids=["more-layers", "fewer-layers", "hidden-size", "vocab-and-layers"])
+def test_config_disagreeing_with_the_weights(work_dir, changes, start, end):
+    rewrite_config(work_dir, **changes)
+    with pytest.raises(ValueError) as e:
         Solar.from_pretrained(work_dir, device="cpu")
-    assert "model.layers.3.mlp.down_proj.weight" in str(e.value)
+    text = _one_short_line(e)
+    assert text.startswith("config.json disagrees with the weights: " + start) and text.endswith(end), text
 
 
-def test_config_fewer_layers_than_weights(work_dir):
-    rewrite_config(work_dir, num_hidden_layers=1)
-    with pytest.raises(ValueError, match=r"unexpected keys: .*model\.layers\.1\."):
+def test_mismatch_the_config_does_not_explain(work_dir):
+    """A wrong tensor whose config values agree: the config is summed up, the key named with both shapes."""
+    key = "model.layers.1.mlp.down_proj.weight"
+    edit_shard(work_dir, key, lambda t: t.update({key: torch.zeros(64, 8)}))
+    with pytest.raises(ValueError) as e:
         Solar.from_pretrained(work_dir, device="cpu")
-
-
-def test_config_hidden_size_mismatch(work_dir):
-    rewrite_config(work_dir, hidden_size=128, head_dim=32)
-    with pytest.raises(ValueError, match=r"wrong shape: .*model\.embed_tokens\.weight \(expected \(997, 128\)"):
-        Solar.from_pretrained(work_dir, device="cpu")
+    assert _one_short_line(e) == (
+        "checkpoint does not match its config (2 layers, hidden 64, vocab 997); 1 keys with the wrong shape: "
+        "model.layers.1.mlp.down_proj.weight (expected (64, 160), found (64, 8))")
 
 
 def test_bin_only_refused(tmp_path, sharded_dir):

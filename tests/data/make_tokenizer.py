@@ -1,9 +1,11 @@
-"""Train the tiny Llama-style sentencepiece model the tokenizer and CLI tests use.
+"""Train the tiny tokenizers the tokenizer and CLI tests use: a Llama-style sentencepiece model
+(`train_tokenizer`) and a Llama-3-style byte-level BPE tokenizer.json (`train_tokenizer_json`).
 
-Tests call `train_tokenizer(dir)` at session scope (under a second); run this file directly to write
-`tokenizer.model` into a directory of your choice for poking at by hand:
+Tests call them at session scope (under a second each); run this file directly to write `tokenizer.model`
+(or, with --json, tokenizer.json and its tokenizer_config.json) into a directory of your choice:
 
     python tests/data/make_tokenizer.py /tmp/tok
+    python tests/data/make_tokenizer.py --json /tmp/tok-json
 
 Settings mirror Llama-2's tokenizer.model (what SOLAR ships): BPE, byte fallback, digits split, identity
 normalisation, dummy prefix on, whitespace kept as is, unk 0 / bos 1 / eos 2, no pad. The vocabulary is
@@ -73,7 +75,61 @@ def train_tokenizer(out_dir: str | Path) -> Path:
     return path
 
 
+JSON_VOCAB_SIZE = 400
+JSON_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Llama-3's template, shortened: a header per message, <|eot_id|> after each, bos written by the template.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer_json(out_dir: str | Path, *, template_file: bool = True) -> Path:
+    """Write a Llama-3-style checkpoint tokenizer into `out_dir` and return the tokenizer.json path: byte-level
+    BPE (400 tokens) with Llama-3's special tokens, two added non-special tokens (<think>, </think>) and a pad
+    token, a post-processor that puts bos first, tokenizer_config.json (bos <|begin_of_text|>, eos <|eot_id|>,
+    model_max_length 512) and the chat template in chat_template.jinja (`template_file=False`: in
+    tokenizer_config.json instead)."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=JSON_VOCAB_SIZE, special_tokens=JSON_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(corpus().splitlines(), trainer)
+    tk.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
+    tk.add_special_tokens([AddedToken("<|pad|>", normalized=False, special=True)])
+    bos = JSON_SPECIALS[0]
+    tk.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tk.token_to_id(bos))]),
+    ])
+    path = out_dir / "tokenizer.json"
+    tk.save(str(path))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eot_id|>",
+              "model_max_length": 512, "clean_up_tokenization_spaces": False}
+    if template_file:
+        (out_dir / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
+    else:
+        config["chat_template"] = LLAMA3_TEMPLATE
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: make_tokenizer.py OUT_DIR")
-    print(train_tokenizer(sys.argv[1]))
+    args = sys.argv[1:]
+    if len(args) == 2 and args[0] == "--json":
+        print(train_tokenizer_json(args[1]))
+    elif len(args) == 1:
+        print(train_tokenizer(args[0]))
+    else:
+        sys.exit("usage: make_tokenizer.py [--json] OUT_DIR")
