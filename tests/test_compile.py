@@ -207,7 +207,12 @@ def _run_gemv(m, n, k, prologue="plain", residual=False, wdtype=None):
         if wdt in (torch.int8, torch.float8_e4m3fn):
             kw["scale"] = _t(n, dtype=torch.float32)
         x = _t(m, 1, 2 * k if prologue == "swiglu" else k, dtype=dtype)
-        K.gemv(x, _t(n, k, dtype=wdt), **kw)
+        if wdt == "int4":  # packed int4, group 128, fp16 scales (GPTQ's and AWQ's)
+            kw.update(scale=_t(n, k // 128, dtype=torch.float16), zeros=_t(n, k // 128, dtype=torch.uint8),
+                      group_size=128)
+            K.gemv(x, _t(n, k // 8, dtype=torch.int32), **kw)
+        else:
+            K.gemv(x, _t(n, k, dtype=wdt), **kw)
 
     return run
 
@@ -261,6 +266,11 @@ CASES = [
     Case("gemv_down_swiglu_res_m8", "gemv", _run_gemv(8, HIDDEN, INTER, "swiglu", residual=True), dtypes=BF16_ONLY),
     Case("gemv_gate_up_int8_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm", wdtype=torch.int8), dtypes=BF16_ONLY),
     Case("gemv_o_fp8_res_m4", "gemv", _run_gemv(4, HIDDEN, HIDDEN, residual=True, wdtype=torch.float8_e4m3fn),
+         dtypes=BF16_ONLY),
+    # Packed int4 (issue 21): batch 1 and 8, every prologue.
+    Case("gemv_gate_up_int4_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm", wdtype="int4"), dtypes=BF16_ONLY),
+    Case("gemv_o_int4_res_m1", "gemv", _run_gemv(1, HIDDEN, HIDDEN, residual=True, wdtype="int4"), dtypes=BF16_ONLY),
+    Case("gemv_down_int4_swiglu_res_m8", "gemv", _run_gemv(8, HIDDEN, INTER, "swiglu", residual=True, wdtype="int4"),
          dtypes=BF16_ONLY),
     # The weight-only quantised GEMM of prefill (more than 8 rows; decode takes the GEMVs above): 512 tokens
     # into gate_up, 32 rows into qkv, a 12-row prefill into down (the small-M tiles). FP8 only where it runs.
