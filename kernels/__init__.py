@@ -6,7 +6,8 @@
     attention(q, k, v, *, causal=True, scale=None, rows=None)
     decode_attention(q, k_cache, v_cache, seqlens, *, rows=None, scale=None)
     gemv(x, weight, *, scale=None, norm_weight=None, eps=1e-6, swiglu=False, residual=None) -> y  (1..8 rows)
-    quant_matmul(x, weight, scale) -> x @ (scale[:, None] * weight).T   (int8 / float8_e4m3fn weights; prefill)
+    quant_matmul(x, weight, scale) -> x @ (scale[:, None] * weight).T   (int8 / float8_e4m3fn weights; prefill;
+        packed int4 with zeros=, group_size= as well)
     dequantize(weight, scale, dtype) -> scale[:, None] * weight in dtype
     dequantize_int4(qweight, scales, zeros, group_size, dtype) -> W   (packed int4, kernels/_int4.py's layout;
         gemv and gemv_ref take it as weight=qweight, scale=scales, zeros=zeros, group_size=group_size)

@@ -19,7 +19,8 @@ A compile fails the test on:
   `HGMMA` in the SASS).
 
 The weight-only quantised matmul is compiled for int8 weights on both targets and for FP8 (e4m3) weights
-on sm_90 only: FP8 needs sm_89+, and fastsolar.model.quant refuses it on an A100.
+on sm_90 only: FP8 needs sm_89+, and fastsolar.model.quant refuses it on an A100. Packed int4 weights (group 128)
+take both the decode GEMV and the prefill GEMM on both targets.
 
 Set FASTSOLAR_COMPILE_REPORT=path to get a markdown table of every compile's numbers.
 """
@@ -219,7 +220,12 @@ def _run_gemv(m, n, k, prologue="plain", residual=False, wdtype=None):
 
 def _run_quant(rows, n, k, weight_dtype):
     def run(K, dtype):  # a prefill's product: x [rows, k] activations (rows > 8), weight [n, k] quantised
-        K.quant_matmul(_t(rows, k, dtype=dtype), _t(n, k, dtype=weight_dtype), _t(n, dtype=torch.float32))
+        if weight_dtype == "int4":  # packed, group 128, fp16 scales
+            K.quant_matmul(_t(rows, k, dtype=dtype), _t(n, k // 8, dtype=torch.int32),
+                           _t(n, k // 128, dtype=torch.float16), zeros=_t(n, k // 128, dtype=torch.uint8),
+                           group_size=128)
+        else:
+            K.quant_matmul(_t(rows, k, dtype=dtype), _t(n, k, dtype=weight_dtype), _t(n, dtype=torch.float32))
 
     return run
 
@@ -284,6 +290,10 @@ CASES = [
          min_arch=89),
     Case("quant_fp8_m12", "quant_matmul", _run_quant(12, HIDDEN, INTER, torch.float8_e4m3fn), dtypes=BF16_ONLY,
          min_arch=89),
+    Case("quant_int4_prefill", "quant_matmul", _run_quant(512, 2 * INTER, HIDDEN, "int4"), wgmma_on_90=True,
+         dtypes=BF16_ONLY),
+    Case("quant_int4_m32", "quant_matmul", _run_quant(32, QKV, HIDDEN, "int4"), dtypes=BF16_ONLY),
+    Case("quant_int4_m12", "quant_matmul", _run_quant(12, HIDDEN, INTER, "int4"), dtypes=BF16_ONLY),
 ]
 
 
