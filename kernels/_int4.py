@@ -98,12 +98,13 @@ def _check_dtype_ndim(name: str, t: object, *, ndim: int, dtypes: tuple[torch.dt
         raise TypeError(f"{name} must be a {ndim}-d tensor of {allowed}, got {got}")
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int32 [N, K / 8] holding the values 0..15 of q [N, K] (any integer dtype), nibble k % 8 of word k // 8."""
+def pack_int4(q: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
+    """int32 [N, K / 8] holding the values 0..15 of q [N, K] (any integer dtype), nibble k % 8 of word k // 8.
+    check_range=False skips the range check (a host sync) for values already clamped to 0..15."""
     n, k = q.shape
     if k % PACK:
         raise ValueError(f"int4 packing needs K to be a multiple of {PACK}, got K = {k}")
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+    if check_range and q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise ValueError("int4 values must lie in 0..15")
     nib = q.to(torch.int64).view(n, k // PACK, PACK)
     shifts = torch.arange(0, 4 * PACK, 4, device=q.device, dtype=torch.int64)

@@ -316,9 +316,9 @@ def test_quantised_tensors_without_config_refused(hf_model, tmp_path, no_weight_
         Solar.from_pretrained(d, device="cpu")
 
 
-@pytest.mark.parametrize("bad", ["int4", "nf4", "fp16", 8])
+@pytest.mark.parametrize("bad", ["int3", "nf4", "fp16", 8])
 def test_unknown_quantize_refused_first(ckpt, no_weight_reads, bad):
-    with pytest.raises(ValueError, match=r"quantize=.* is not supported; use one of 'fp8', 'int8' or None"):
+    with pytest.raises(ValueError, match=r"quantize=.* is not supported; use one of 'fp8', 'int8', 'int4' or None"):
         Solar.from_pretrained(ckpt, device="cpu", quantize=bad)
     with pytest.raises(ValueError, match="is not supported"):  # before the directory is even looked at
         Solar.from_pretrained("/nonexistent", quantize=bad)

@@ -15,7 +15,8 @@ holds a shard's pages, and a shard that was not in the page cache is dropped fro
 that was stays cached for the next start). A progress bar counts bytes (GB, GB/s) on a terminal.
 Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
 With `quantize`, or for a checkpoint quantised elsewhere, the linear layers are built quantised (int8/FP8
-weights, fp32 scales: the memory check counts those bytes) and each weight is quantised on the target
+weights and fp32 scales, or packed int4 with fp16 group scales and uint8 zeros: the memory check counts those
+bytes) and each weight is quantised on the target
 device as its chunks arrive, so the device never holds more than the quantised model plus a chunk in
 flight; fastsolar.checkpoint.quant_load says how (and which quantised checkpoints it reads).
 """
@@ -132,7 +133,7 @@ def _plan(
             unexpected.append(key)
             continue
         name, pattern, part = mapped
-        full = tuple(params[name].shape)
+        full = quant_load.logical_shape(params[name])
         rows = None
         if part is None:
             expected = full
@@ -299,7 +300,7 @@ def load_model(
     """Build `cls(config)` from a Hugging Face checkpoint directory; eval mode, no gradients, no cache.
 
     `device` defaults to CUDA when available, else CPU; `dtype` (of activations, embeddings and norms)
-    defaults to the config's torch_dtype. `quantize` ("fp8", "int8"; default None) quantises the linear
+    defaults to the config's torch_dtype. `quantize` ("fp8", "int8", "int4"; default None) quantises the linear
     layers as they load; a checkpoint quantised elsewhere loads quantised as stored. Bad `quantize` values, a
     card that cannot run the mode and unsupported quantised checkpoints are refused before anything else.
     Raises ValueError for a checkpoint that does not match its config (or a corrupt or truncated shard,

@@ -2,12 +2,13 @@
 
 Two ways in:
 
-- `quantize="fp8" | "int8"` on an ordinary bf16/fp16/fp32 checkpoint: every quantisable linear becomes a
+- `quantize="fp8" | "int8" | "int4"` on an ordinary bf16/fp16/fp32 checkpoint: every quantisable linear becomes a
   `QuantLinear` before anything is allocated, and each checkpoint tensor is quantised on the target device
   as its bytes stream in (`QuantizingCopy`, which the loader hands each chunk the shard reader delivers):
   every complete row is quantised as soon as it is in, a row cut by a chunk boundary waits for the rest.
-  Fused q/k/v and gate/up are quantised part by part: the scales are per output row, so a part's rows do
-  not depend on the other parts. Peak device memory is the quantised model plus a chunk in flight and its
+  Fused q/k/v and gate/up are quantised part by part: the scales (and int4's zeros) are per output row, so
+  a part's rows do not depend on the other parts. An int4 layer's packed weight is [rows, K / 8] int32, so
+  the loader checks the checkpoint's [rows, K] against `logical_shape`. Peak device memory is the quantised model plus a chunk in flight and its
   fp32 temporaries; host memory is the reader's staging buffers.
 - a checkpoint quantised elsewhere in the layout llm-compressor writes and vLLM reads (`read_quantization`):
   config.json's `quantization_config` with quant_method "compressed-tensors", format "float-quantized" or
@@ -36,7 +37,9 @@ from typing import Any, Protocol
 import torch
 
 from fastsolar.checkpoint import hf_keys
-from fastsolar.model.quant import MODE_OF_DTYPE, quantize_rows
+from fastsolar.model.quant import MODE_OF_DTYPE, STORAGE_DTYPE, quantize_rows
+
+_PACKED = STORAGE_DTYPE["int4"]  # int4 weights hold 8 inputs per element
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def _refuse(what: str) -> ValueError:
         f"config.json: {what}. fastsolar loads pre-quantised checkpoints only as compressed-tensors FP8 "
         "(llm-compressor's FP8 / FP8_DYNAMIC: format 'float-quantized' or 'naive-quantized', 8-bit float weights, "
         "per-channel or per-tensor scales, no static activation scales); for anything else, load the original "
-        "bf16 checkpoint with quantize='fp8' or quantize='int8'"
+        "bf16 checkpoint with quantize='fp8' or quantize='int8' (half the bytes), or quantize='int4' (a quarter)"
     )
 
 
@@ -192,6 +195,13 @@ def quantized_layers(headers: dict[str, Any], stored: StoredQuantization | None)
     return quantized, scales
 
 
+def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The [rows, K] a checkpoint stores for `param`: its shape, or [rows, 8 * words] for packed int4."""
+    if param.dtype == _PACKED:
+        return (param.shape[0], param.shape[1] * 8)
+    return tuple(param.shape)
+
+
 def scale_shape_ok(param_name: str, shape: tuple[int, ...], rows: int) -> bool:
     """Whether a stored scale of `shape` fits `rows` rows of `param_name`: per channel [rows, 1] or [rows],
     per tensor [] or [1]."""
@@ -218,9 +228,10 @@ class QuantizingCopy:
     was finite (the error names the checkpoint key).
     """
 
-    def __init__(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.key, self.q, self.scale = key, q, scale
-        self.k = q.shape[1]
+    def __init__(self, key: str, q: torch.Tensor, scale: torch.Tensor, k: int,
+                 zeros: torch.Tensor | None = None) -> None:
+        self.key, self.q, self.scale, self.zeros = key, q, scale, zeros
+        self.k = k  # the checkpoint's row length (q's for 8-bit, 8 x q's for packed int4)
         self.row = 0  # rows quantised so far
         self.carry: torch.Tensor | None = None  # elements of the next row that arrived already
         self.finite: torch.Tensor | None = None
@@ -234,7 +245,9 @@ class QuantizingCopy:
         rows = src.numel() // self.k
         if rows:
             end = self.row + rows
-            ok = quantize_rows(src[: rows * self.k].view(rows, self.k), self.q[self.row:end], self.scale[self.row:end])
+            zeros = self.zeros[self.row:end] if self.zeros is not None else None
+            ok = quantize_rows(src[: rows * self.k].view(rows, self.k), self.q[self.row:end], self.scale[self.row:end],
+                               zeros)
             self.finite = ok if self.finite is None else self.finite & ok
             self.row = end
         rest = src[rows * self.k:]
@@ -269,7 +282,10 @@ def placement(params: dict[str, torch.nn.Parameter], name: str, rows: slice | No
     target = param if rows is None else param[rows]
     if param.dtype in MODE_OF_DTYPE and dtype not in MODE_OF_DTYPE:
         scale = params[name.removesuffix("weight") + "weight_scale"]
-        return QuantizingCopy(key, target, scale if rows is None else scale[rows])
+        zeros = params.get(name.removesuffix("weight") + "weight_zeros")
+        if zeros is not None and rows is not None:
+            zeros = zeros[rows]
+        return QuantizingCopy(key, target, scale if rows is None else scale[rows], shape[-1], zeros)
     if name.endswith(".weight_scale") and math.prod(shape) == 1 and target.numel() != 1:
         return SpreadScale(target)
     return None

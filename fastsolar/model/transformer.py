@@ -19,8 +19,9 @@ Both use cache rows 0..b-1 by default; `rows` maps batch row i onto cache row ro
 serving engine can keep each request in its own row of one static cache while requests come and go.
 
 A linear layer may be quantised (fastsolar.model.quant.QuantLinear: int8 / FP8 `weight` plus an fp32
-`weight_scale` per output row, swapped in by the loader or `quant.quantize`); every product passes the
-layer's scale (`_scale`: None for a plain nn.Linear) with its weight, and the ops handle both.
+`weight_scale` per output row, or packed int4 with group scales and zeros, swapped in by the loader or
+`quant.quantize`); every product passes the layer's quantisation arguments (`_quant`: none for a plain
+nn.Linear) with its weight, and the ops handle each kind.
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ from fastsolar import memory, ops
 from fastsolar.config import SolarConfig
 
 
-def _scale(layer: nn.Module) -> torch.Tensor | None:
-    """A quantised linear layer's per-output-channel scale; None for an unquantised one."""
-    return getattr(layer, "weight_scale", None)
+def _quant(layer: nn.Module) -> dict:
+    """A quantised linear layer's kernel arguments beside its weight (scale=, zeros=, group_size=); {} for an
+    unquantised one."""
+    args = getattr(layer, "kernel_args", None)
+    return args() if args is not None else {}
 
 
 @dataclass
@@ -87,7 +90,7 @@ class Attention(nn.Module):
         `cache` (this layer's `[max_batch, max_seq, kv, d]` views): a decode step when `slots` is given,
         else a prefill from position 0 into cache rows `rows` (default 0..b-1)."""
         b, s, _ = h.shape
-        qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight, scale=_scale(self.wqkv))
+        qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight, **_quant(self.wqkv))
         q, k, v = qkv.view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         if cache is None:
@@ -108,7 +111,7 @@ class Attention(nn.Module):
             else:
                 o = ops.attention(q, k_cache[:, :s], v_cache[:, :s], causal=True, rows=rows)
         return ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight, residual=h,
-                          scale=_scale(self.wo))
+                          **_quant(self.wo))
 
 
 class FeedForward(nn.Module):
@@ -119,8 +122,8 @@ class FeedForward(nn.Module):
 
     def forward(self, h: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
         """h + mlp(rms_norm(h)) for the residual stream h."""
-        gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight, scale=_scale(self.w_gate_up))
-        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h, scale=_scale(self.w_down))
+        gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight, **_quant(self.w_gate_up))
+        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h, **_quant(self.w_down))
 
 
 class Block(nn.Module):
@@ -185,7 +188,7 @@ class Transformer(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm fused with the lm_head."""
-        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, scale=_scale(self.lm_head))
+        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, **_quant(self.lm_head))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""
