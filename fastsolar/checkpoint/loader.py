@@ -107,13 +107,17 @@ class _Copy:
 
 # F8_E4M3 reaches here only for the layers of a compressed-tensors FP8 checkpoint (quant_load checks that first).
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3")
+# A GPTQ / AWQ layer's tensors: int32 qweight and qzeros, scales in a float dtype.
+_INT4_DTYPES = ("I32", "F16", "BF16", "F32")
 
 
 def _plan(
-    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: Iterable[str] = ()
+    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: Iterable[str] = (),
+    stored: quant_load.StoredQuantization | None = None,
 ) -> list[_Copy]:
     """The copies to make, in file order (shard by shard, each front to back); one ValueError for every problem.
-    `scale_keys`: the scales a quantised checkpoint must hold on top of the usual keys."""
+    `scale_keys`: the scales (and int4 zeros) a quantised checkpoint must hold on top of the usual keys;
+    `stored`: its quantization_config (a GPTQ / AWQ layer's tensors have their own shapes and dtypes)."""
     params = dict(model.named_parameters())
     parts = hf_keys.fused_parts(config)
     plan: list[_Copy] = []
@@ -130,7 +134,7 @@ def _plan(
             logger.info("tie_word_embeddings: using embed_tokens for the lm_head; %s in the checkpoint is unused", key)
             continue
         if mapped is None or mapped[0] not in params:
-            unexpected.append(key)
+            unexpected.append(header.key)  # the checkpoint's own name (int4_keys may have renamed it)
             continue
         name, pattern, part = mapped
         full = quant_load.logical_shape(params[name])
@@ -142,14 +146,16 @@ def _plan(
             start = sum(sizes[:part])
             rows = slice(start, start + sizes[part])
             expected = (sizes[part], *full[1:])
-        if tuple(shape) != expected and not quant_load.scale_shape_ok(name, shape, expected[0]):
-            bad_shape.append(f"{key} (expected {expected}, found {tuple(shape)})")
+        int4 = quant_load.int4_stored_ok(params, name, shape, expected[0], stored)
+        if tuple(shape) != expected and not int4 and not quant_load.scale_shape_ok(name, shape, expected[0]):
+            bad_shape.append(f"{header.key} (expected {expected}, found {tuple(shape)})")
             continue
-        if header.dtype not in _FLOAT_DTYPES:
-            bad_dtype.append(f"{key} ({header.dtype} in {header.file.name})")
+        if header.dtype not in (_INT4_DTYPES if int4 else _FLOAT_DTYPES):
+            bad_dtype.append(f"{header.key} ({header.dtype} in {header.file.name})")
             continue
         plan.append(_Copy(header, name, rows))
-    missing = [k for k in [*hf_keys.expected_keys(config), *scale_keys] if k not in headers]
+    missing = [quant_load.stored_key(k, stored) for k in [*hf_keys.expected_keys(config), *scale_keys]
+               if k not in headers]
     problems = []
     if missing:
         problems.append(listing("missing keys", missing))
@@ -320,6 +326,7 @@ def load_model(
     headers = read_tensor_headers(shards)
     if weight_map is not None:
         _check_index(headers, weight_map)
+    headers = quant_load.int4_keys(headers, stored)
     stored_layers, scale_keys = quant_load.quantized_layers(headers, stored)
     if stored is not None:  # activation scales belong to activation quantisation, which is not replayed
         headers = {k: h for k, h in headers.items() if not hf_keys.is_activation_scale(k)}
@@ -327,15 +334,16 @@ def load_model(
     with torch.device("meta"), _SkipInitOnMeta():
         model = cls(config)
     if mode is not None:
-        quant.quantize(model, mode, only=stored_layers if stored is not None else None)
-    plan = _plan(model, config, headers, scale_keys)
+        group = stored.group_size if stored is not None and stored.mode == "int4" else quant.GROUP_SIZE
+        quant.quantize(model, mode, only=stored_layers if stored is not None else None, group_size=group)
+    plan = _plan(model, config, headers, scale_keys, stored)
     _check_memory(model_dir, model, device, dtype)
     _allocate(model, device, dtype)
 
     params = dict(model.named_parameters())
     targets = [(params[c.name] if c.rows is None else params[c.name][c.rows]).view(-1) for c in plan]
     sources = [c.header.torch_dtype for c in plan]
-    sinks = [quant_load.placement(params, c.name, c.rows, c.header.key, c.header.shape, c.header.torch_dtype)
+    sinks = [quant_load.placement(params, c.name, c.rows, c.header.key, c.header.shape, c.header.torch_dtype, stored)
              for c in plan]
     direct = device.type == "cpu"
 

@@ -95,9 +95,9 @@ def check_device(mode: str | None, device: torch.device) -> None:
         )
 
 
-def int4_groups(k: int) -> int:
+def int4_groups(k: int, group_size: int = GROUP_SIZE) -> int:
     """int4 groups per row of K inputs."""
-    return -(-k // GROUP_SIZE)
+    return -(-k // group_size)
 
 
 def _quantize_rows_int4(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor,
@@ -192,7 +192,9 @@ class QuantLinear(nn.Module):
     in their storage dtypes and change only the rest of the model.
     """
 
-    def __init__(self, in_features: int, out_features: int, mode: str, *, device: torch.device | str | None = None):
+    def __init__(self, in_features: int, out_features: int, mode: str, *, device: torch.device | str | None = None,
+                 group_size: int = GROUP_SIZE):
+        """group_size: int4's inputs per group (a checkpoint's; -1: one group per row)."""
         super().__init__()
         mode = check_mode(mode)
         self.in_features, self.out_features = in_features, out_features
@@ -204,8 +206,8 @@ class QuantLinear(nn.Module):
         if mode == "int4":
             if in_features % 8:
                 raise ValueError(f"int4 packs 8 inputs per int32: in_features must be a multiple of 8, got {in_features}")
-            self.group_size = GROUP_SIZE
-            groups = int4_groups(in_features)
+            self.group_size = in_features if group_size == -1 else group_size
+            groups = int4_groups(in_features, self.group_size)
             self.weight = frozen(out_features, in_features // 8, dtype=STORAGE_DTYPE[mode])
             self.weight_scale = frozen(out_features, groups, dtype=INT4_SCALE_DTYPE)
             self.weight_zeros = frozen(out_features, groups, dtype=torch.uint8)
@@ -218,13 +220,16 @@ class QuantLinear(nn.Module):
         return MODE_OF_DTYPE[self.weight.dtype]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str) -> "QuantLinear":
-        """Quantise an existing bias-free nn.Linear (on its device; a meta one gives an empty meta layer)."""
+    def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE) -> "QuantLinear":
+        """Quantise an existing bias-free nn.Linear (on its device; a meta one gives an empty meta layer, of
+        `group_size` for int4: what a loader fills from a GPTQ / AWQ checkpoint)."""
         if linear.bias is not None:
             raise ValueError("QuantLinear has no bias; the model's linear layers are bias-free")
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, mode, device=w.device)
+        layer = cls(linear.in_features, linear.out_features, mode, device=w.device, group_size=group_size)
         if not w.is_meta:
+            if layer.group_size not in (None, GROUP_SIZE):
+                raise ValueError(f"int4 round-to-nearest uses groups of {GROUP_SIZE}, not {group_size}")
             with torch.no_grad():
                 zeros = layer.weight_zeros.data if layer.group_size is not None else None
                 quantize_into(w.detach(), layer.weight.data, layer.weight_scale.data, zeros)
@@ -266,7 +271,8 @@ def quantizable_linears(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Linear) and m.bias is None and m.weight is not embed]
 
 
-def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None) -> nn.Module:
+def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None,
+             group_size: int = GROUP_SIZE) -> nn.Module:
     """Replace the model's linear layers (all of `quantizable_linears`, or the names in `only`) by QuantLinear
     layers of `mode`, in place, quantising their weights one by one (a meta model gets empty meta layers,
     which is how the loader prepares a model it then fills). Returns the model."""
@@ -283,7 +289,7 @@ def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None) 
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode))
+        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode, group_size))
     if names:
         logger.debug("quantised %d linear layers to %s", len(names), mode)
     return model
