@@ -91,3 +91,12 @@ def test_stored_int4_refusals_name_the_problem(hf_model, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unexpected keys.*qweight"):
         Solar.from_pretrained(d, device="cpu")
+
+
+def test_gguf_directory_refused_by_name(hf_model, tmp_path):
+    d = F.save(hf_model, tmp_path / "gguf")
+    for f in d.glob("*.safetensors*"):
+        f.unlink()
+    (d / "solar-10.7b.Q4_K_M.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"GGUF files \(solar-10.7b.Q4_K_M.gguf\).*quantize='int4'"):
+        Solar.from_pretrained(d, device="cpu")

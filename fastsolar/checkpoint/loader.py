@@ -86,6 +86,10 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | Non
     single = model_dir / SINGLE_FILE
     if single.is_file():
         return [single], None
+    ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
+    if ggufs:
+        raise ValueError(f"{model_dir} holds GGUF files ({', '.join(ggufs)}), llama.cpp's format, which fastsolar does "
+                         "not read; load the original safetensors checkpoint (quantize='int4' for 4-bit weights)")
     pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.bin.index.json"))
     if pickles:
         raise ValueError(
