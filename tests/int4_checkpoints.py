@@ -9,7 +9,6 @@ and fp16 scales [G, N] in the packers' orientation; `dequantised` is scales * (q
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,28 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 AWQ_ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map for 4 bits
 
 
-def rtn(w: torch.Tensor, group: int, sym: bool) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """(q int64 [K, N], zeros int64 [G, N] in 1..15, scales fp16 [G, N]) for W [N, K]."""
-    n, k = w.shape
+def g_idx_of(k: int, group: int, perm: np.ndarray | None = None) -> np.ndarray:
+    """GPTQ's g_idx: input k's group; with act-order (`perm`, the order GPTQ quantised the inputs in) input
+    perm[j] is in group j // group_size."""
     g = k if group == -1 else group
-    groups = math.ceil(k / g)
+    if perm is None:
+        return np.arange(k) // g
+    g_idx = np.empty(k, dtype=np.int64)
+    g_idx[perm] = np.arange(k) // g
+    return g_idx
+
+
+def rtn(w: torch.Tensor, g_idx: np.ndarray, sym: bool) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """(q int64 [K, N], zeros int64 [G, N] in 1..15, scales fp16 [G, N]) for W [N, K], the groups given by g_idx."""
+    n, k = w.shape
+    groups = int(g_idx.max()) + 1
     wt = w.t().double()
     q = np.zeros((k, n), dtype=np.int64)
     zeros = np.zeros((groups, n), dtype=np.int64)
     scales = torch.zeros(groups, n, dtype=torch.float16)
     for i in range(groups):
-        blk = wt[i * g:(i + 1) * g]
+        cols = torch.from_numpy(np.nonzero(g_idx == i)[0])
+        blk = wt[cols]
         lo, hi = blk.min(0).values.clamp(max=0), blk.max(0).values.clamp(min=0)
         if sym:
             hi = torch.maximum(-lo, hi)
@@ -41,19 +51,17 @@ def rtn(w: torch.Tensor, group: int, sym: bool) -> tuple[np.ndarray, np.ndarray,
         z = torch.full_like(lo, 8) if sym else torch.round(-lo / s.double()).clamp(1, 15)
         scales[i] = s
         zeros[i] = z.long().numpy()
-        q[i * g:(i + 1) * g] = torch.clamp(torch.round(blk / s.double()) + z, 0, 15).long().numpy()
+        q[cols.numpy()] = torch.clamp(torch.round(blk / s.double()) + z, 0, 15).long().numpy()
     return q, zeros, scales
 
 
-def dequantised(q: np.ndarray, zeros: np.ndarray, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """W [N, K] float64 = scales * (q - zeros), group by group, from the integers (not the packed bytes)."""
-    k = q.shape[0]
-    g_of_k = np.arange(k) // (k if group == -1 else group)
-    w = (torch.from_numpy(q) - torch.from_numpy(zeros[g_of_k])).double() * scales.double()[g_of_k]
+def dequantised(q: np.ndarray, zeros: np.ndarray, scales: torch.Tensor, g_idx: np.ndarray) -> torch.Tensor:
+    """W [N, K] float64 = scales * (q - zeros) of each input's group, from the integers (not the packed bytes)."""
+    w = (torch.from_numpy(q) - torch.from_numpy(zeros[g_idx])).double() * scales.double()[g_idx]
     return w.t().contiguous()
 
 
-def gptq_pack(q: np.ndarray, zeros: np.ndarray, group: int, v1: bool = True) -> dict[str, torch.Tensor]:
+def gptq_pack(q: np.ndarray, zeros: np.ndarray, g_idx: np.ndarray, v1: bool = True) -> dict[str, torch.Tensor]:
     """AutoGPTQ's pack for 4 bits: qweight [K/8, N], qzeros [G, N/8] (v1: zeros - 1, as uint32), g_idx."""
     intweight = q.astype(np.uint32)
     qweight = np.zeros((intweight.shape[0] // 32 * 4, intweight.shape[1]), dtype=np.uint32)
@@ -74,10 +82,8 @@ def gptq_pack(q: np.ndarray, zeros: np.ndarray, group: int, v1: bool = True) -> 
             qzeros[:, col] |= z[:, j] << (4 * (j - i))
         i += 32 // 4
         col += 1
-    k = q.shape[0]
-    g = k if group == -1 else group
     return {"qweight": torch.from_numpy(qweight.astype(np.int32)), "qzeros": torch.from_numpy(qzeros.astype(np.int32)),
-            "g_idx": torch.tensor([i // g for i in range(k)], dtype=torch.int32)}
+            "g_idx": torch.from_numpy(g_idx.astype(np.int32))}
 
 
 def awq_pack(q: np.ndarray, zeros: np.ndarray) -> dict[str, torch.Tensor]:
@@ -95,10 +101,19 @@ def awq_pack(q: np.ndarray, zeros: np.ndarray) -> dict[str, torch.Tensor]:
     return {"qweight": qweight, "qzeros": qzeros}
 
 
-def write(hf_model, out: Path, method: str, group: int, *, sym: bool = False, fmt: str = "gptq"
-          ) -> tuple[Path, dict[str, torch.Tensor]]:
+def _input_order(key: str, k: int, seed: int) -> np.ndarray:
+    """A random act-order permutation of a layer's K inputs, shared by the layers that read the same input
+    (q/k/v, gate/up), as GPTQ's (one Hessian per input) is."""
+    layer = int(key.split(".")[2])
+    role = 0 if "self_attn" in key and "o_proj" not in key else 1 if "gate_proj" in key or "up_proj" in key else key
+    return np.random.default_rng([seed, layer, hash(role) % 1000 if isinstance(role, str) else role]).permutation(k)
+
+
+def write(hf_model, out: Path, method: str, group: int, *, sym: bool = False, fmt: str = "gptq",
+          act_order: bool = False, seed: int = 0) -> tuple[Path, dict[str, torch.Tensor]]:
     """The model saved as a `method` ("gptq" / "awq") checkpoint with transformers' quantization_config; returns
-    the directory and each quantised HF weight key's dequantised weight (float64 [N, K]). lm_head stays float."""
+    the directory and each quantised HF weight key's dequantised weight (float64 [N, K]). lm_head stays float.
+    act_order (GPTQ's desc_act): each layer's inputs quantised in a random order shared by q/k/v and gate/up."""
     from safetensors.torch import load_file, save_file
 
     out = F.save(hf_model, Path(out), max_shard_size="1GB")
@@ -107,15 +122,18 @@ def write(hf_model, out: Path, method: str, group: int, *, sym: bool = False, fm
     want = {}
     for key in [k for k in state if k.endswith(".weight") and any(f".{n}." in k for n in LINEARS)]:
         base = key.removesuffix("weight")
-        q, zeros, scales = rtn(state.pop(key), group, sym)
-        want[key] = dequantised(q, zeros, scales, group)
-        packed = gptq_pack(q, zeros, group, v1=fmt == "gptq") if method == "gptq" else awq_pack(q, zeros)
+        w = state.pop(key)
+        k = w.shape[1]
+        g_idx = g_idx_of(k, group, _input_order(key, k, seed) if act_order else None)
+        q, zeros, scales = rtn(w, g_idx, sym)
+        want[key] = dequantised(q, zeros, scales, g_idx)
+        packed = gptq_pack(q, zeros, g_idx, v1=fmt == "gptq") if method == "gptq" else awq_pack(q, zeros)
         state.update({base + name: t for name, t in packed.items()})
         state[base + "scales"] = scales
     save_file(state, path, metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
     if method == "gptq":
-        qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": sym,
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": sym,
               "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": fmt}
     else:
         qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",

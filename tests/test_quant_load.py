@@ -276,7 +276,6 @@ def test_broken_fp8_checkpoints_are_refused(hf_model, tmp_path, monkeypatch, edi
 @pytest.mark.parametrize(
     "qc, message",
     [
-        ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "GPTQ with act-order"),
         ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "GPTQ with 8-bit weights"),
         ({"quant_method": "gptq", "bits": 4, "group_size": 100}, "GPTQ with group_size 100"),
         ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"},
@@ -302,7 +301,7 @@ def test_broken_fp8_checkpoints_are_refused(hf_model, tmp_path, monkeypatch, edi
         (ct_config(quantization_status="frozen"), "quantization_status 'frozen'"),
         (ct_config(sparsity_config={"format": "sparse-24-bitmask"}), "sparsity_config"),
     ],
-    ids=["gptq-act-order", "gptq-8bit", "gptq-group100", "gptq-marlin", "awq-gemv", "awq-no-zeros", "bnb", "bnb-flags",
+    ids=["gptq-8bit", "gptq-group100", "gptq-marlin", "awq-gemv", "awq-no-zeros", "bnb", "bnb-flags",
          "exl2", "gguf", "hf-fp8-block", "int4-packed", "int8-w8a8", "int4-group", "fp8-block", "static-acts",
          "kv-cache", "frozen", "sparse"],
 )

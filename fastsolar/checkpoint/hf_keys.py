@@ -52,6 +52,13 @@ ZEROS_KEY_MAP: tuple[tuple[str, str, int | None], ...] = tuple(
     for hf, ours, part in KEY_MAP if ours in LINEAR_WEIGHTS
 )
 
+# An act-order int4 layer's input order (GPTQ's `g_idx`, renamed likewise): one per layer, so every part of a
+# fused layer maps onto the whole of it (the loader checks the parts agree).
+PERM_KEY_MAP: tuple[tuple[str, str, int | None], ...] = tuple(
+    (hf.removesuffix("weight") + "weight_perm", ours.removesuffix("weight") + "weight_perm", None)
+    for hf, ours, part in KEY_MAP if ours in LINEAR_WEIGHTS
+)
+
 # Static activation scales some quantised checkpoints carry beside the weight scale; unused by fastsolar.
 ACTIVATION_SCALES: tuple[str, ...] = tuple(
     hf.removesuffix("weight") + "input_scale" for hf, ours, _ in KEY_MAP if ours in LINEAR_WEIGHTS
@@ -88,7 +95,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(pattern).replace(re.escape(LAYER), r"(?P<i>\d+)") + "$")
 
 
-_MAP_RE = tuple((_compile(hf), ours, part) for hf, ours, part in KEY_MAP + SCALE_KEY_MAP + ZEROS_KEY_MAP)
+_MAP_RE = tuple((_compile(hf), ours, part) for hf, ours, part in KEY_MAP + SCALE_KEY_MAP + ZEROS_KEY_MAP + PERM_KEY_MAP)
 _IGNORED_RE = tuple(_compile(p) for p in IGNORED)
 _ACTIVATION_SCALE_RE = tuple(_compile(p) for p in ACTIVATION_SCALES)
 

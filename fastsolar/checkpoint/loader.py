@@ -338,8 +338,9 @@ def load_model(
     with torch.device("meta"), _SkipInitOnMeta():
         model = cls(config)
     if mode is not None:
-        group = stored.group_size if stored is not None and stored.mode == "int4" else quant.GROUP_SIZE
-        quant.quantize(model, mode, only=stored_layers if stored is not None else None, group_size=group)
+        int4 = stored is not None and stored.mode == "int4"
+        quant.quantize(model, mode, only=stored_layers if stored is not None else None,
+                       group_size=stored.group_size if int4 else quant.GROUP_SIZE, act_order=int4 and stored.act_order)
     plan = _plan(model, config, headers, scale_keys, stored)
     _check_memory(model_dir, model, device, dtype)
     _allocate(model, device, dtype)
@@ -361,6 +362,9 @@ def load_model(
         read_tensors([c.header for c in plan], placer, into=into, pin_memory=device.type == "cuda",
                      progress=bar.update)
         placer.finish()
+        for m in model.modules():  # act-order int4: the packed inputs into the order the checkpoint's g_idx gives
+            if isinstance(m, quant.QuantLinear) and hasattr(m, "weight_perm"):
+                m.permute_inputs_()
     model.eval()
     model.requires_grad_(False)
     model.cache = None

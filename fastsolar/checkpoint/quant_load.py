@@ -22,16 +22,19 @@ Two ways in:
   activation quantisation is not replayed: activations stay in the model's dtype (weight-only, which is
   at least as accurate), and activation scales (`input_scale`) are skipped.
 
-- a 4-bit GPTQ or AWQ checkpoint (quant_method "gptq": AutoGPTQ's / GPTQModel's packing, v1 or v2 zeros, no
-  act-order; "awq": AutoAWQ's GEMM packing), read as stored: the config's `group_size` (-1: one group per row)
+- a 4-bit GPTQ or AWQ checkpoint (quant_method "gptq": AutoGPTQ's / GPTQModel's packing, v1 or v2 zeros,
+  act-order or not; "awq": AutoAWQ's GEMM packing), read as stored: the config's `group_size` (-1: one group per row)
   builds int4 `QuantLinear` layers, each layer's `qweight` / `scales` / `qzeros` go to its `weight` /
   `weight_scale` / `weight_zeros` (renamed by `int4_keys`, so the key map and the plan treat them as one more
   quantised layout) and are converted to fastsolar's layout (fastsolar.checkpoint.int4_formats) by a
   `StoredInt4` sink once each tensor has arrived: a transpose for GPTQ's qweight and every scale, nibbles
   re-ordered for AWQ's qweight and every qzeros. A tensor's own bytes are held once on the device meanwhile;
-  nothing is widened. GPTQ's `g_idx` is not read: without act-order (desc_act false) it is k // group_size.
+  nothing is widened. GPTQ's `g_idx` is not read without act-order (desc_act false: it is k // group_size);
+  with act-order it becomes the layer's `weight_perm` (`ActOrder`: the inputs sorted by group, stably, so
+  each group is contiguous; the parts of a fused layer must agree), and once everything is in, each such
+  layer's packed weight is reordered to it (`QuantLinear.permute_inputs_`); the ops gather x to match.
 
-Anything else in `quantization_config` (bitsandbytes, EXL2, GGUF, GPTQ act-order or other bit widths, AWQ's
+Anything else in `quantization_config` (bitsandbytes, EXL2, GGUF, GPTQ of other bit widths, AWQ's
 other packings, int4 or int8 compressed-tensors, static activation scales, block or group scales, a quantised
 KV cache, ...) is refused by name before any tensor is read, and so are quantised tensors in a checkpoint
 that declares no quantisation: nothing quantised is ever loaded as if it were bf16.
@@ -83,12 +86,14 @@ class StoredQuantization:
     group_size: int | None = None  # int4: inputs per group, -1 for one group per row
     zero_offset: int = 0  # int4: added to every stored zero point (GPTQ's v1 format stores zero - 1)
     symmetric: bool | None = None  # int4: what the config says (the stored zeros are used either way)
+    act_order: bool = False  # GPTQ's desc_act: g_idx orders the inputs
 
     def describe(self) -> str:
         if self.mode == "int4":
             groups = "one group per row" if self.group_size == -1 else f"groups of {self.group_size}"
             zeros = {True: ", symmetric", False: ", asymmetric", None: ""}[self.symmetric]
-            return f"{self.method.upper()} 4-bit weights, {groups}{zeros}"
+            order = ", act-order" if self.act_order else ""
+            return f"{self.method.upper()} 4-bit weights, {groups}{zeros}{order}"
         acts = ", dynamic activations (run unquantised)" if self.dynamic_activations else ""
         return f"compressed-tensors FP8 weights, per {'/'.join(self.strategies)} scales{acts}"
 
@@ -97,7 +102,7 @@ def _refuse(what: str) -> ValueError:
     return ValueError(
         f"config.json: {what}. fastsolar loads pre-quantised checkpoints only as compressed-tensors FP8 "
         "(llm-compressor's FP8 / FP8_DYNAMIC: format 'float-quantized' or 'naive-quantized', 8-bit float weights, "
-        "per-channel or per-tensor scales, no static activation scales), 4-bit GPTQ without act-order, or 4-bit "
+        "per-channel or per-tensor scales, no static activation scales), 4-bit GPTQ, or 4-bit "
         "AWQ in its GEMM packing; for anything else, load the original "
         "bf16 checkpoint with quantize='fp8' or quantize='int8' (half the bytes), or quantize='int4' (a quarter)"
     )
@@ -186,9 +191,6 @@ def _read_int4(method: str, qc: dict[str, Any]) -> StoredQuantization:
         raise _refuse(f"quantization_config is {name} with group_size {group!r} (fastsolar reads -1 or a "
                       "multiple of 16)")
     if method == "gptq":
-        if qc.get("desc_act"):
-            raise _refuse("quantization_config is GPTQ with act-order (desc_act=true: a g_idx permutation of the "
-                          "inputs), which fastsolar does not read yet")
         fmt = qc.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise _refuse(f"quantization_config is GPTQ in checkpoint_format {fmt!r} (fastsolar reads 'gptq', "
@@ -203,7 +205,7 @@ def _read_int4(method: str, qc: dict[str, Any]) -> StoredQuantization:
         offset, sym = 0, False
     ignore = tuple(qc.get("modules_to_not_convert") or ())
     return StoredQuantization("int4", (), False, ignore, method=method, group_size=group, zero_offset=offset,
-                              symmetric=sym)
+                              symmetric=sym, act_order=method == "gptq" and bool(qc.get("desc_act")))
 
 
 def int4_keys(headers: dict[str, Any], stored: StoredQuantization | None) -> dict[str, Any]:
@@ -217,7 +219,9 @@ def int4_keys(headers: dict[str, Any], stored: StoredQuantization | None) -> dic
         base, _, suffix = key.rpartition(".")
         known = hf_keys.map_key(base + ".weight") is not None
         if known and suffix == "g_idx" and stored.method == "gptq":
-            continue
+            if not stored.act_order:
+                continue
+            key = f"{base}.weight_perm"
         if known and suffix in INT4_SUFFIXES:
             key = f"{base}.{INT4_SUFFIXES[suffix]}"
         out[key] = h
@@ -229,7 +233,7 @@ def stored_key(key: str, stored: StoredQuantization | None) -> str:
     if stored is None or stored.mode != "int4":
         return key
     base, _, suffix = key.rpartition(".")
-    back = {ours: theirs for theirs, ours in INT4_SUFFIXES.items()}
+    back = {ours: theirs for theirs, ours in INT4_SUFFIXES.items()} | {"weight_perm": "g_idx"}
     return f"{base}.{back[suffix]}" if suffix in back else key
 
 
@@ -250,7 +254,8 @@ def _int4_layers(headers: dict[str, Any], stored: StoredQuantization) -> tuple[s
             raise ValueError(f"checkpoint layer parts are stored differently ({shown}): fastsolar fuses them into one "
                              f"layer ({layer}) and needs them all {stored.method.upper()} int4 or all unquantised")
         quantized.add(layer)
-        needed.extend(k.removesuffix("weight") + extra for k in parts for extra in ("weight_scale", "weight_zeros"))
+        extras = ("weight_scale", "weight_zeros", "weight_perm") if stored.act_order else ("weight_scale", "weight_zeros")
+        needed.extend(k.removesuffix("weight") + extra for k in parts for extra in extras)
     if not quantized:
         raise ValueError(f"config.json declares {stored.describe()} but no linear layer has a qweight")
     return quantized, needed
@@ -327,7 +332,11 @@ def int4_stored_ok(params: dict[str, torch.nn.Parameter], name: str, shape: tupl
         return False
     kind = name.rpartition(".")[2]
     weight = params.get(name.removesuffix(kind) + "weight")
-    if weight is None or weight.dtype != _PACKED or kind not in INT4_SUFFIXES.values():
+    if weight is None or weight.dtype != _PACKED:
+        return False
+    if kind == "weight_perm":
+        return tuple(shape) == (weight.shape[1] * 8,)
+    if kind not in INT4_SUFFIXES.values():
         return False
     k, groups = weight.shape[1] * 8, params[name.removesuffix(kind) + "weight_scale"].shape[1]
     return tuple(shape) == int4_formats.logical_stored_shape(stored.method, kind, rows, k, groups)
@@ -415,6 +424,39 @@ class StoredInt4:
             raise RuntimeError(f"{self.key}: {self.got} of {self.buf.numel()} elements arrived")
 
 
+class ActOrder:
+    """A GPTQ act-order layer's g_idx [K] (group of each input) into its `weight_perm`: the inputs sorted by
+    group, stably. `finish` checks that the sorted groups are each `group_size` consecutive inputs (a g_idx
+    GPTQ writes), and that every part of a fused layer left the same order."""
+
+    def __init__(self, key: str, target: torch.Tensor, group_size: int) -> None:
+        self.key, self.target, self.group_size = key, target, group_size
+        self.buf = torch.empty(target.shape[0], dtype=torch.int64, device=target.device)
+        self.got = 0
+        self.perm: torch.Tensor | None = None
+        self.ok: torch.Tensor | None = None
+
+    def __call__(self, first: int, src: torch.Tensor) -> None:
+        self.buf[first:first + src.numel()].copy_(src)
+        self.got += src.numel()
+        if self.got == self.buf.numel():
+            self.perm = torch.sort(self.buf, stable=True).indices
+            k = self.buf.numel()
+            want = torch.arange(k, device=self.buf.device) // self.group_size
+            self.ok = (self.buf[self.perm] == want).all()
+            self.target.copy_(self.perm)
+
+    def finish(self) -> None:
+        if self.perm is None:
+            raise RuntimeError(f"{self.key}: {self.got} of {self.buf.numel()} elements arrived")
+        if not bool(self.ok):
+            raise ValueError(f"checkpoint tensor {self.key} is no GPTQ g_idx for groups of {self.group_size}: sorted, "
+                             "its groups must each cover group_size consecutive inputs")
+        if not torch.equal(self.perm, self.target):
+            raise ValueError(f"checkpoint tensor {self.key} orders the inputs differently from the other parts of the "
+                             "layer fastsolar fuses it into (q/k/v or gate/up); they must share one g_idx")
+
+
 class SpreadScale:
     """A per-tensor scale ([] or [1]) written to every row of its (part of a) per-channel scale: exact."""
 
@@ -437,6 +479,9 @@ def placement(params: dict[str, torch.nn.Parameter], name: str, rows: slice | No
     target = param if rows is None else param[rows]
     if int4_stored_ok(params, name, shape, target.shape[0], stored):
         method, kind = stored.method, name.rpartition(".")[2]
+        if kind == "weight_perm":
+            k = target.shape[0]
+            return ActOrder(key, target, k if stored.group_size == -1 else stored.group_size)
         convert = {"weight": lambda t: int4_formats.qweight(method, t),
                    "weight_scale": lambda t: int4_formats.scales(t).to(INT4_SCALE_DTYPE),
                    "weight_zeros": lambda t: int4_formats.qzeros(method, t, stored.zero_offset)}[kind]

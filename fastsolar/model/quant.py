@@ -45,7 +45,7 @@ from torch import nn
 
 from fastsolar import ops
 from fastsolar.kernels import dequantize, dequantize_int4  # the references' dequantisations
-from fastsolar.kernels import pack_int4
+from fastsolar.kernels import pack_int4, unpack_int4
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +193,9 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, mode: str, *, device: torch.device | str | None = None,
-                 group_size: int = GROUP_SIZE):
-        """group_size: int4's inputs per group (a checkpoint's; -1: one group per row)."""
+                 group_size: int = GROUP_SIZE, act_order: bool = False):
+        """group_size: int4's inputs per group (a checkpoint's; -1: one group per row). act_order: int4 inputs
+        in GPTQ's act-order, `weight_perm` [in_features]: input k of the packed weight is x's input perm[k]."""
         super().__init__()
         mode = check_mode(mode)
         self.in_features, self.out_features = in_features, out_features
@@ -211,6 +212,10 @@ class QuantLinear(nn.Module):
             self.weight = frozen(out_features, in_features // 8, dtype=STORAGE_DTYPE[mode])
             self.weight_scale = frozen(out_features, groups, dtype=INT4_SCALE_DTYPE)
             self.weight_zeros = frozen(out_features, groups, dtype=torch.uint8)
+            if act_order:
+                self.weight_perm = frozen(in_features, dtype=torch.int64)
+        elif act_order:
+            raise ValueError("act_order is a property of int4 weights")
         else:
             self.weight = frozen(out_features, in_features, dtype=STORAGE_DTYPE[mode])
             self.weight_scale = frozen(out_features, dtype=torch.float32)
@@ -220,16 +225,19 @@ class QuantLinear(nn.Module):
         return MODE_OF_DTYPE[self.weight.dtype]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE,
+                    act_order: bool = False) -> "QuantLinear":
         """Quantise an existing bias-free nn.Linear (on its device; a meta one gives an empty meta layer, of
-        `group_size` for int4: what a loader fills from a GPTQ / AWQ checkpoint)."""
+        `group_size` and `act_order` for int4: what a loader fills from a GPTQ / AWQ checkpoint)."""
         if linear.bias is not None:
             raise ValueError("QuantLinear has no bias; the model's linear layers are bias-free")
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, mode, device=w.device, group_size=group_size)
+        layer = cls(linear.in_features, linear.out_features, mode, device=w.device, group_size=group_size,
+                    act_order=act_order)
         if not w.is_meta:
-            if layer.group_size not in (None, GROUP_SIZE):
-                raise ValueError(f"int4 round-to-nearest uses groups of {GROUP_SIZE}, not {group_size}")
+            if layer.group_size not in (None, GROUP_SIZE) or act_order:
+                raise ValueError(f"int4 round-to-nearest uses groups of {GROUP_SIZE} in input order, not "
+                                 f"group_size={group_size}, act_order={act_order}")
             with torch.no_grad():
                 zeros = layer.weight_zeros.data if layer.group_size is not None else None
                 quantize_into(w.detach(), layer.weight.data, layer.weight_scale.data, zeros)
@@ -248,12 +256,23 @@ class QuantLinear(nn.Module):
         """What the ops take beside the weight: scale=, and for int4 zeros= and group_size=."""
         if self.group_size is None:
             return {"scale": self.weight_scale}
-        return {"scale": self.weight_scale, "zeros": self.weight_zeros, "group_size": self.group_size}
+        args = {"scale": self.weight_scale, "zeros": self.weight_zeros, "group_size": self.group_size}
+        perm = getattr(self, "weight_perm", None)
+        return args if perm is None else {**args, "perm": perm}
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.group_size is not None:
-            return dequantize_int4(self.weight, self.weight_scale, self.weight_zeros, self.group_size, dtype)
-        return dequantize(self.weight, self.weight_scale, dtype)
+        """W of y = x @ W.T in `dtype` (columns in x's order, also for act-order int4)."""
+        if self.group_size is None:
+            return dequantize(self.weight, self.weight_scale, dtype)
+        w = dequantize_int4(self.weight, self.weight_scale, self.weight_zeros, self.group_size, dtype)
+        perm = getattr(self, "weight_perm", None)
+        return w if perm is None else torch.empty_like(w).index_copy_(1, perm, w)
+
+    def permute_inputs_(self) -> None:
+        """Reorder the packed weight's inputs by `weight_perm` (in place): a loader writes an act-order checkpoint's
+        weight in its stored input order, then calls this once the permutation is in."""
+        q = unpack_int4(self.weight).index_select(1, self.weight_perm)
+        self.weight.data.copy_(pack_int4(q, check_range=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, **self.kernel_args())
@@ -272,7 +291,7 @@ def quantizable_linears(model: nn.Module) -> list[str]:
 
 
 def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None,
-             group_size: int = GROUP_SIZE) -> nn.Module:
+             group_size: int = GROUP_SIZE, act_order: bool = False) -> nn.Module:
     """Replace the model's linear layers (all of `quantizable_linears`, or the names in `only`) by QuantLinear
     layers of `mode`, in place, quantising their weights one by one (a meta model gets empty meta layers,
     which is how the loader prepares a model it then fills). Returns the model."""
@@ -289,7 +308,7 @@ def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None,
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode, group_size))
+        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode, group_size, act_order))
     if names:
         logger.debug("quantised %d linear layers to %s", len(names), mode)
     return model

@@ -15,7 +15,10 @@ with the separate small kernels, whichever fastsolar.ops.gemv_choice found faste
 dtype with the scale folded in (kernels.dequantize), and prefill runs the quantised GEMM kernel
 (kernels.quant_matmul) instead of cuBLAS. A packed int4 weight (int32 [N, K / 8], kernels/_int4.py) comes
 with `scale` [N, G], `zeros` [N, G] and `group_size` and takes the same three paths (cuBLAS gets
-kernels.dequantize_int4's widened copy). Off the kernel path every product is kernels.gemv_ref
+kernels.dequantize_int4's widened copy). An act-order int4 weight (GPTQ's desc_act) also has `perm` [K]: its
+input k is x's input perm[k], so the product's input is gathered once (`_permuted`, with the RMSNorm weight or
+both SwiGLU halves alike: a norm's mean square does not depend on the order) and the kernels see contiguous
+groups. Off the kernel path every product is kernels.gemv_ref
 (dequantise, then matmul).
 """
 from __future__ import annotations
@@ -148,6 +151,16 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = No
 Matmul = Callable[..., torch.Tensor]  # (x, weight, **Quant) -> x @ W.T
 
 
+def _permuted(x: torch.Tensor, perm: torch.Tensor | None, *, halves: bool = False) -> torch.Tensor:
+    """x's last dim gathered by `perm` (each half alike with `halves`: SwiGLU's [gate | up]); x when perm is None."""
+    if perm is None:
+        return x
+    if halves:
+        gate, up = x.chunk(2, dim=-1)
+        return torch.cat((gate.index_select(-1, perm), up.index_select(-1, perm)), dim=-1)
+    return x.index_select(-1, perm)
+
+
 def _fused(
     kind: str,
     x: torch.Tensor,
@@ -175,9 +188,11 @@ def norm_linear(
     scale: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     group_size: int | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """rms_norm(x, norm_weight, eps) @ weight.T (the qkv, gate_up and lm_head products)."""
     q = _quant(scale, zeros, group_size)
+    x, norm_weight = _permuted(x, perm), _permuted(norm_weight, perm)
     if not use_kernels(x):
         return K.gemv_ref(x, weight, norm_weight=norm_weight, eps=eps, **q)
     return _fused(
@@ -195,9 +210,11 @@ def swiglu_linear(
     scale: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     group_size: int | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu(gate) * up @ weight.T (+ residual), gate and up the two halves of `gate_up`'s last dim (down)."""
     q = _quant(scale, zeros, group_size)
+    gate_up = _permuted(gate_up, perm, halves=True)
     if not use_kernels(gate_up):
         return K.gemv_ref(gate_up, weight, swiglu=True, residual=residual, **q)
 
@@ -218,9 +235,11 @@ def linear(
     scale: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     group_size: int | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ residual) (the o projection)."""
     q = _quant(scale, zeros, group_size)
+    x = _permuted(x, perm)
     if not use_kernels(x):
         return K.gemv_ref(x, weight, residual=residual, **q)
 
