@@ -153,14 +153,22 @@ def _e4m3_ulp(v: torch.Tensor) -> torch.Tensor:
 
 def rounding_noise_model(base: Solar, mode: str, seed: int) -> Solar:
     """`base` with each quantisable weight perturbed by uniform noise of exactly the size the rounding of
-    the per-channel absmax scale implies, and nothing else changed."""
+    the per-channel absmax scale (int4: the per-group range) implies, and nothing else changed."""
     g = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base)
     with torch.no_grad():
         for name in quant.quantizable_linears(model):
             w = model.get_submodule(name).weight
-            s = w.abs().amax(dim=1, keepdim=True) / quant.QMAX[mode]
-            step = s if mode == "int8" else _e4m3_ulp(w / s) * s
+            if mode == "int4":  # a step per group of GROUP_SIZE inputs: the group's range, 0 included, / 15
+                n, k = w.shape
+                groups = w.new_zeros(n, -(-k // quant.GROUP_SIZE) * quant.GROUP_SIZE)
+                groups[:, :k] = w
+                groups = groups.view(n, -1, quant.GROUP_SIZE)
+                step = (groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)) / 15
+                step = step.repeat_interleave(quant.GROUP_SIZE, dim=1)[:, :k]
+            else:
+                s = w.abs().amax(dim=1, keepdim=True) / quant.QMAX[mode]
+                step = s if mode == "int8" else _e4m3_ulp(w / s) * s
             w.add_((torch.rand(w.shape, generator=g).to(w.device) - 0.5) * step)
     return model
 
@@ -207,7 +215,7 @@ def _logit_error(model: Solar, ids: torch.Tensor, ref: torch.Tensor) -> dict[str
     return {"rms": float(d.pow(2).mean().sqrt()), "mean": float(d.mean()), "max": float(d.max())}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "int4"])
 def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
     base, ids, ref, want = realistic
     q = quant.quantized_copy(base, mode)
@@ -222,7 +230,7 @@ def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
             f"{mode}: logit error {k} {got[k]:.4f} > {BOUND} x rounding's {expect[k]:.4f}"
         # Far below the rounding noise would mean the weights were not really quantised.
         assert got[k] >= expect[k] / BOUND, f"{mode}: logit error {k} {got[k]:.4f} is implausibly small"
-    for why, scale_of in WORSE[mode].items():
+    for why, scale_of in WORSE.get(mode, {}).items():
         bad = _logit_error(with_scales(base, mode, scale_of), ids, ref)
         print(f"  {why} scales: rms {bad['rms']:.4f} mean {bad['mean']:.4f}")
         assert bad["rms"] > BOUND * expect["rms"], f"{mode} with {why} scales passes the bound: the test cannot tell"
@@ -237,7 +245,10 @@ def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
              for row, ref_row in zip(got_tokens[:, 8:], want[:, 8:])]
     print(f"  greedy over 32 tokens: {free:.1%} identical (first divergence at {first}), "
           f"{teacher:.1%} top-1 agreement teacher-forced")
-    assert teacher >= 0.9, f"{mode}: top-1 agreement with the fp32 model {teacher:.1%} < 90%"
+    # int4's steps are 8-16x int8's: its logit error is ~0.2 of the logits' spread here (rounding's share too),
+    # and 84% of the teacher-forced top-1 tokens agree (8-bit: > 95%).
+    need = 0.8 if mode == "int4" else 0.9
+    assert teacher >= need, f"{mode}: top-1 agreement with the fp32 model {teacher:.1%} < {need:.0%}"
 
 
 # --------------------------------------------------------------------------------------------- memory
