@@ -14,6 +14,7 @@ Engines (`--engines`, comma separated, default all; `--exclude` leaves some out)
                    the same random bf16 weights quantised (fastsolar.model.quant.quantized_copy: embeddings and norms
                    shared, not copied), or the checkpoint loaded with quantize="fp8"; needs sm_89+ (skipped below)
   fastsolar-int8   the same with int8 weights; sm_80+
+  fastsolar-int4   the same with int4 weights (groups of 128, round-to-nearest, quantize="int4"); sm_80+
   hf-compile       transformers with cache_implementation="static" + torch.compile(mode="reduce-overhead")
                    (generate's own auto-compile, the gpt-fast technique); CUDA only; a failure is reported
                    in the table, not raised
@@ -83,8 +84,9 @@ class Interrupted(BaseException):
 
 # hf-compile, the slowest, last (a --time-budget skips what is left); the quantised engines after an unquantised
 # one has set the tokens they are matched against.
-ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "fastsolar-fp8", "fastsolar-int8", "hf-compile")
-QUANTIZED = {"fastsolar-fp8": "fp8", "fastsolar-int8": "int8"}
+ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "fastsolar-fp8", "fastsolar-int8", "fastsolar-int4",
+           "hf-compile")
+QUANTIZED = {"fastsolar-fp8": "fp8", "fastsolar-int8": "int8", "fastsolar-int4": "int4"}
 CUDA_ONLY = {
     "fastsolar": "CUDA graphs need a CUDA device",
     "fastsolar-eager": "without CUDA fastsolar runs its torch reference ops: that is the torch-ref engine",
