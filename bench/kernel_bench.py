@@ -14,11 +14,12 @@ What it measures (all bf16, batch 1 unless said, inputs laid out as fastsolar/mo
   to the longest row: all rows hold L tokens here);
 * gemv: every decode product of a SOLAR layer and the lm_head at batch 1 and 8, fused in Triton
   (norm / SwiGLU prologue, residual epilogue, one launch) against cuBLAS plus the separate small
-  kernels fastsolar runs otherwise, for bf16, int8 and (sm_89+) FP8 weights; GB/s of the fewest bytes
-  (weights once, activations) and the pick fastsolar.ops.gemv_choice makes timing the same inputs;
+  kernels fastsolar runs otherwise, for bf16, int8, (sm_89+) FP8 and int4 weights (groups of 128: GB/s
+  counts the packed bytes with their scales and zeros); GB/s of the fewest bytes (weights once,
+  activations) and the pick fastsolar.ops.gemv_choice makes timing the same inputs;
 * rotary_cache: one decode step's fused rotary + KV-cache write (through a row map) against
   apply_rotary plus two indexed copies, the three launches it replaced;
-* quant_gemm: the prefill products of a layer (512 tokens) with int8 and (sm_89+) FP8 weights, the
+* quant_gemm: the prefill products of a layer (512 tokens) with int8, (sm_89+) FP8 and int4 weights, the
   quantised GEMM (kernels/quant_matmul.py: one byte per weight read, tiles dequantised in registers)
   against what cuBLAS needs for them (the weight widened to bf16 with its scale, then the matmul): ms and
   TFLOP/s.
@@ -317,29 +318,38 @@ def _gemv_shapes(S: Sizes) -> dict[str, tuple[int, int, str, bool]]:
 
 
 def _gemv_weight_dtypes(b: Bench) -> list[str]:
-    """The activation dtype's weights, int8, and FP8 where the card converts it (sm_89+; any CPU)."""
+    """The activation dtype's weights, int8, FP8 where the card converts it (sm_89+; any CPU), and int4."""
     out = [str(b.dtype).replace("torch.", ""), "int8"]
     if b.device != "cuda" or b.torch.cuda.get_device_capability() >= (8, 9):
         out.append("float8_e4m3fn")
-    return out
+    return out + ["int4"]
 
 
 def _weight(b: Bench, n: int, k: int, wdtype: str):
-    """(weight [n, k] in `wdtype`, its fp32 scale or None): 8-bit weights quantised as fastsolar does (per-channel
-    absmax, fastsolar.model.quant)."""
+    """(weight [n, k] in `wdtype`, the kernels' quantisation arguments: {} / {"scale"} / int4's {"scale", "zeros",
+    "group_size"}), quantised as fastsolar does (fastsolar.model.quant: per-channel absmax; int4 per group of 128)."""
     torch = b.torch
     w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
+    quant = importlib.import_module("fastsolar.model.quant")
+    if wdtype == "int4":
+        q, scale, zeros = quant.quantize_weight_int4(w)
+        return q, {"scale": scale, "zeros": zeros, "group_size": quant.GROUP_SIZE}
     if wdtype in ("int8", "float8_e4m3fn"):
-        quant = importlib.import_module("fastsolar.model.quant")
-        return quant.quantize_weight(w, quant.MODE_OF_DTYPE[getattr(torch, wdtype)])
-    return w.to(getattr(torch, wdtype)), None
+        q, scale = quant.quantize_weight(w, quant.MODE_OF_DTYPE[getattr(torch, wdtype)])
+        return q, {"scale": scale}
+    return w.to(getattr(torch, wdtype)), {}
+
+
+def _quant_args(kw: dict) -> dict:
+    """The quantisation arguments among a gemv case's keyword arguments."""
+    return {a: kw[a] for a in ("scale", "zeros", "group_size") if a in kw}
 
 
 def _gemv_case(b: Bench, n: int, k: int, prologue: str, residual: bool, m: int, wdtype: str):
     """x, weight and gemv keyword arguments for one product at m rows (8-bit weights: per-channel absmax scale)."""
     x = b.randn(m, 1, 2 * k if prologue == "swiglu" else k)
-    w, scale = _weight(b, n, k, wdtype)
-    kw: dict[str, Any] = {"scale": scale}
+    w, qkw = _weight(b, n, k, wdtype)
+    kw: dict[str, Any] = dict(qkw)
     if prologue == "norm":
         kw.update(norm_weight=b.randn(k, scale=0.1) + 1.0, eps=EPS)
     elif prologue == "swiglu":
@@ -351,11 +361,11 @@ def _gemv_case(b: Bench, n: int, k: int, prologue: str, residual: bool, m: int, 
 
 def _gemv_unfused(b: Bench, ops, x, w, kw):
     """What fastsolar.ops runs instead of the fused kernel: cuBLAS plus the separate small kernels."""
-    K, scale, res = b.K, kw["scale"], kw.get("residual")
+    K, qkw, res = b.K, _quant_args(kw), kw.get("residual")
     if "norm_weight" in kw:
-        return ops._cublas(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, scale)
+        return ops._cublas(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, **qkw)
     a = K.swiglu.swiglu(*x.chunk(2, dim=-1)) if kw.get("swiglu") else x
-    y = ops._cublas(a, w, scale)
+    y = ops._cublas(a, w, **qkw)
     return y if res is None else res + y
 
 
@@ -365,13 +375,13 @@ def _gemv_pick(ops, choice, x, w, kw) -> str:
     choice._choices.clear()
     try:
         with choice.force_gemv(None), ops.force_kernels(True):
-            scale, res = kw["scale"], kw.get("residual")
+            qkw, res = _quant_args(kw), kw.get("residual")
             if "norm_weight" in kw:
-                ops.norm_linear(x, kw["norm_weight"], EPS, w, scale=scale)
+                ops.norm_linear(x, kw["norm_weight"], EPS, w, **qkw)
             elif kw.get("swiglu"):
-                ops.swiglu_linear(x, w, residual=res, scale=scale)
+                ops.swiglu_linear(x, w, residual=res, **qkw)
             else:
-                ops.linear(x, w, residual=res, scale=scale)
+                ops.linear(x, w, residual=res, **qkw)
         picked = list(choice.choices().values())
     finally:
         choice._choices.clear()
@@ -393,9 +403,11 @@ def gemv(b: Bench) -> Iterator[dict]:
                 try:
                     x, w, kw = _gemv_case(b, n, k, prologue, residual, m, wdtype)
                     y = G.gemv(x, w, out=b.poisoned(torch.empty(m, 1, n, dtype=x.dtype, device=b.device)), **kw)
-                    kw32 = {a: (v.float() if isinstance(v, torch.Tensor) and a != "scale" else v) for a, v in kw.items()}
+                    kw32 = {a: (v.float() if isinstance(v, torch.Tensor) and a in ("norm_weight", "residual") else v)
+                            for a, v in kw.items()}
                     status = _check([rel_err(y, G.gemv_ref(x.float(), w, **kw32))])
-                    nbytes = (w.numel() * w.element_size() + x.numel() * x.element_size()
+                    groups = [kw[a] for a in ("scale", "zeros") if wdtype == "int4"]  # int4 reads them per tile
+                    nbytes = (sum(t.numel() * t.element_size() for t in (w, *groups)) + x.numel() * x.element_size()
                               + m * n * x.element_size() * (2 if residual else 1))
                     picked = _gemv_pick(ops, choice, x, w, kw)
                 except Exception as e:  # noqa: BLE001 - recorded in the row; the other cases still run
@@ -458,7 +470,7 @@ def rotary_cache(b: Bench) -> Iterator[dict]:
 
 
 def quant_gemm(b: Bench) -> Iterator[dict]:
-    """A layer's prefill products (S.prefill tokens) with int8 / FP8 weights: kernels/quant_matmul.py against
+    """A layer's prefill products (S.prefill tokens) with int8 / FP8 / int4 weights: kernels/quant_matmul.py against
     cuBLAS on the weight widened to the activations' dtype with its scale (fastsolar.ops' route without the
     kernel), ms and TFLOP/s (2*M*N*K); checked against gemv_ref (dequantise, then matmul) in fp32."""
     torch, S = b.torch, b.S
@@ -467,20 +479,20 @@ def quant_gemm(b: Bench) -> Iterator[dict]:
     shapes = {name.split(" (")[0]: (n, k) for name, (n, k, _, _) in _gemv_shapes(S).items()
               if not name.startswith("lm_head")}
     for name, (n, k) in shapes.items():
-        for wdtype in _gemv_weight_dtypes(b)[1:]:  # the 8-bit ones
+        for wdtype in _gemv_weight_dtypes(b)[1:]:  # the quantised ones
             row = {"op": "quant_gemm", "shape": name, "tokens": S.prefill, "weight": wdtype, "N": n, "K": k}
             flops = 2 * S.prefill * n * k
             try:
                 x = b.randn(S.prefill, k)
-                w, scale = _weight(b, n, k, wdtype)
-                y = b.K.quant_matmul.quant_matmul(x, w, scale, out=b.poisoned(torch.empty(S.prefill, n, dtype=x.dtype,
-                                                                                          device=b.device)))
-                status = _check([rel_err(y, b.K.gemv.gemv_ref(x.float(), w, scale=scale))])
+                w, qkw = _weight(b, n, k, wdtype)
+                y = b.K.quant_matmul.quant_matmul(x, w, out=b.poisoned(torch.empty(S.prefill, n, dtype=x.dtype,
+                                                                                   device=b.device)), **qkw)
+                status = _check([rel_err(y, b.K.gemv.gemv_ref(x.float(), w, **qkw))])
             except Exception as e:  # noqa: BLE001 - recorded in the row; the other cases still run
                 yield {**row, "impl": "triton", "check": _error(e)}
                 continue
-            for impl, fn in (("triton", lambda: b.K.quant_matmul.quant_matmul(x, w, scale)),
-                             ("cublas", lambda: ops._cublas(x, w, scale))):
+            for impl, fn in (("triton", lambda: b.K.quant_matmul.quant_matmul(x, w, **qkw)),
+                             ("cublas", lambda: ops._cublas(x, w, **qkw))):
                 try:
                     ms, spread = b.time_ms(fn)
                 except Exception as e:  # noqa: BLE001
@@ -488,7 +500,7 @@ def quant_gemm(b: Bench) -> Iterator[dict]:
                     continue
                 yield {**row, "impl": impl, "ms": ms, "spread_pct": spread, "tflops": flops / ms / 1e9,
                        "check": status if impl == "triton" else ""}
-            del x, w, scale
+            del x, w, qkw
             b.empty_cache()
 
 
