@@ -195,27 +195,6 @@ def test_int4_kernel_path_equals_reference_path(int4_model, gemv):
     assert torch.equal(fast_tokens, ref_tokens), f"{fast_tokens.tolist()} != {ref_tokens.tolist()}"
 
 
-def _meta_bytes(config: SolarConfig, mode: str | None) -> tuple[int, int]:
-    with torch.device("meta"):
-        model = Solar(config).to(torch.bfloat16)
-    names = quant.quantizable_linears(model)
-    if mode is not None:
-        quant.quantize(model, mode)
-    return quant.parameter_bytes(model), sum(quant.parameter_bytes(model.get_submodule(n)) for n in names)
-
-
-def test_int4_memory():
-    """SOLAR-10.7B's linears in int4: half a byte per weight, plus an fp16 scale and a uint8 zero per 128
-    weights: 0.2578x their bf16 bytes; the whole model (its 0.26 GB bf16 embedding table unchanged) ~0.27x."""
-    config = SolarConfig.preset("solar-10.7b")
-    bf16_all, bf16_linear = _meta_bytes(config, None)
-    q_all, q_linear = _meta_bytes(config, "int4")
-    assert q_linear == bf16_linear // 4 + bf16_linear // 2 // 128 * 3, "4 bits per weight, 3 bytes per group"
-    assert q_all == bf16_all - bf16_linear + q_linear
-    assert 0.25 < q_all / bf16_all < 0.28, q_all / bf16_all
-    print(f"\nsolar-10.7b int4: {q_all / 1e9:.3f} GB vs bf16 {bf16_all / 1e9:.3f} GB ({q_all / bf16_all:.4f}x)")
-
-
 # -------------------------------------------------------------------------------------------------- load
 
 
