@@ -58,6 +58,7 @@ ENGINE_COSTS: dict[str, tuple[float, int, float, float, float]] = {
     "fastsolar": (4.0, 10, 5.8, 6.4, 30.0),
     "fastsolar-fp8": (6.0, 6, 3.4, 3.9, 45.0),
     "fastsolar-int8": (6.0, 6, 3.4, 3.9, 45.0),
+    "fastsolar-int4": (6.0, 6, 2.5, 3.2, 60.0),  # 5.7 GB a step: a quarter of bf16's bytes plus group scales
     "fastsolar-eager": (1.0, 0, 10.0, 11.0, 32.0),
     "torch-ref": (1.0, 0, 16.0, 18.0, 40.0),
     "hf-eager": (8.0, 0, 28.0, 30.0, 60.0),
@@ -149,7 +150,7 @@ def engine_s(name: str, batches: tuple[int, ...]) -> float:
     return total
 
 
-QUANTISED_ENGINES = ("fastsolar-fp8", "fastsolar-int8")  # batch 1 only under bench/run.py's --time-budget
+QUANTISED_ENGINES = ("fastsolar-fp8", "fastsolar-int8", "fastsolar-int4")  # batch 1 only under bench/run.py's --time-budget
 
 
 def bench_estimate(phase: str, engines: list[str], batches: tuple[int, ...] = BENCH_BATCHES) -> Estimate:

@@ -5,8 +5,9 @@ order (the decode path first: what a lent GPU's minutes are worth most on):
 
 * gemv: every decode product of a SOLAR layer and the lm_head at batch 1 and 8, fused in Triton
   (norm / SwiGLU prologue, residual epilogue, one launch) against cuBLAS plus the separate small
-  kernels fastsolar runs otherwise, for bf16, int8 and (sm_89+) FP8 weights; GB/s of the fewest bytes
-  (weights once, activations) and the pick fastsolar.ops.gemv_choice makes timing the same inputs;
+  kernels fastsolar runs otherwise, for bf16, int8, (sm_89+) FP8 and int4 weights (groups of 128: GB/s
+  counts the packed bytes with their scales and zeros); GB/s of the fewest bytes (weights once,
+  activations) and the pick fastsolar.ops.gemv_choice makes timing the same inputs;
 * decode: decode_attention (one launch) at batch 1 and 8 with 512..4096 cached tokens in a 4096-slot
   cache: µs and GB/s of K/V read, against SDPA over the cache's first L slots (the padded cache cut
   to the longest row: all rows hold L tokens here);
@@ -18,7 +19,7 @@ order (the decode path first: what a lent GPU's minutes are worth most on):
   the op must move: each input read once, each output written once) and % of copy, for the Triton kernel,
   torch eager (the op's *_ref at bf16) and, where Liger-Kernel is importable on CUDA, Liger's RMSNorm, RoPE and
   SwiGLU (a same-run peer; its rows say why they were skipped otherwise);
-* quant_gemm: the prefill products of a layer (512 tokens) with int8 and (sm_89+) FP8 weights, the
+* quant_gemm: the prefill products of a layer (512 tokens) with int8, (sm_89+) FP8 and int4 weights, the
   quantised GEMM (kernels/quant_matmul.py: one byte per weight read, tiles dequantised in registers)
   against what cuBLAS needs for them (the weight widened to bf16 with its scale, then the matmul): ms and
   TFLOP/s.
@@ -69,6 +70,8 @@ from common import (RING_MAX, copy_bandwidth, device_info, from_memory, graph_ri
                     markdown_table, ring_size, write_json)
 
 EPS, THETA = 1e-5, 10000.0
+INT4_GROUP = 128  # fastsolar.model.quant.GROUP_SIZE, the int4 rows' inputs per scale and zero (the plan counts it
+#                   without importing fastsolar)
 BF16_TOL = 1e-2  # relative L2 error of bf16 operands against an fp32 reference: 1e-3 .. 1e-2
 
 
@@ -248,17 +251,44 @@ def _gemv_shapes(S: Sizes) -> dict[str, tuple[int, int, str, bool]]:
 
 
 def _weight_dtypes(dtype: str, f: Features) -> list[str]:
-    """The activation dtype's weights, int8, and FP8 where the card converts it (sm_89+; any CPU)."""
-    return [dtype, "int8"] + (["float8_e4m3fn"] if f.fp8 else [])
+    """The activation dtype's weights, int8, FP8 where the card converts it (sm_89+; any CPU), and int4."""
+    return [dtype, "int8"] + (["float8_e4m3fn"] if f.fp8 else []) + ["int4"]
 
 
 def _itemsize(dtype: str) -> int:
     return 1 if dtype in ("int8", "float8_e4m3fn") else 4 if dtype == "float32" else 2
 
 
+def _weight_bytes(n: int, k: int, wdtype: str) -> int:
+    """A weight's bytes as the kernels read them: with its fp32 per-channel scale (8-bit), or packed int4 with an
+    fp16 scale and a uint8 zero per group of INT4_GROUP."""
+    if wdtype == "int4":
+        return n * k // 2 + n * -(-k // INT4_GROUP) * 3
+    return n * k * _itemsize(wdtype) + (4 * n if _itemsize(wdtype) == 1 else 0)
+
+
+def _weight(b: Bench, n: int, k: int, wdtype: str):
+    """(weight [n, k] in `wdtype`, the kernels' quantisation arguments: {} / {"scale"} / int4's {"scale", "zeros",
+    "group_size"}), quantised as fastsolar does (fastsolar.model.quant: per-channel absmax; int4 per group of 128)."""
+    torch = b.torch
+    w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
+    quant = importlib.import_module("fastsolar.model.quant")
+    if wdtype == "int4":
+        q, scale, zeros = quant.quantize_weight_int4(w)
+        return q, {"scale": scale, "zeros": zeros, "group_size": INT4_GROUP}
+    if wdtype in ("int8", "float8_e4m3fn"):
+        q, scale = quant.quantize_weight(w, quant.MODE_OF_DTYPE[getattr(torch, wdtype)])
+        return q, {"scale": scale}
+    return w.to(getattr(torch, wdtype)), {}
+
+
+def _quant_args(kw: dict) -> dict:
+    """The quantisation arguments among a gemv case's keyword arguments."""
+    return {a: kw[a] for a in ("scale", "zeros", "group_size") if a in kw}
+
+
 def _gemv_bytes(n: int, k: int, prologue: str, residual: bool, m: int, wdtype: str, e: int) -> int:
-    w = n * k * _itemsize(wdtype) + (4 * n if _itemsize(wdtype) == 1 else 0)
-    return w + m * (2 * k if prologue == "swiglu" else k) * e + m * n * e * (2 if residual else 1)
+    return _weight_bytes(n, k, wdtype) + m * (2 * k if prologue == "swiglu" else k) * e + m * n * e * (2 if residual else 1)
 
 
 def _plan_gemv(S: Sizes, dtype: str, f: Features) -> Iterator[Row]:
@@ -267,7 +297,7 @@ def _plan_gemv(S: Sizes, dtype: str, f: Features) -> Iterator[Row]:
         for wdtype in _weight_dtypes(dtype, f):
             for m in S.batches:
                 nbytes = _gemv_bytes(n, k, prologue, residual, m, wdtype, e)
-                widen = 1 if _itemsize(wdtype) == 1 else 0
+                widen = 0 if wdtype == dtype else 1  # cuBLAS needs a quantised weight widened first
                 # the triton row also runs gemv_choice's pick: both candidates timed once more
                 yield Row("gemv", (name, wdtype, m), "triton", 3, 1, 1, nbytes, 2.0 * m * n * k)
                 yield Row("gemv", (name, wdtype, m), "cublas", 1, 0, 2 + widen + (prologue == "swiglu") + residual,
@@ -335,7 +365,7 @@ def _plan_quant_gemm(S: Sizes, dtype: str, f: Features) -> Iterator[Row]:
         if name.startswith("lm_head"):  # a prefill's lm_head sees only each prompt's last row: a GEMV, not this
             continue
         for wdtype in _weight_dtypes(dtype, f)[1:]:
-            nbytes = n * k + 4 * n + S.prefill * (k + n) * e
+            nbytes = _weight_bytes(n, k, wdtype) + S.prefill * (k + n) * e
             flops = 2.0 * S.prefill * n * k
             yield Row("quant_gemm", (name.split(" (")[0], wdtype), "triton", 1, 1, 1, nbytes, flops)
             yield Row("quant_gemm", (name.split(" (")[0], wdtype), "cublas", 1, 0, 2, nbytes, flops)
@@ -377,8 +407,8 @@ def features_of(device: str) -> Features:
 def _gemv_case(b: Bench, n: int, k: int, prologue: str, residual: bool, m: int, wdtype: str):
     """x, weight and gemv keyword arguments for one product at m rows (8-bit weights: per-channel absmax scale)."""
     x = b.randn(m, 1, 2 * k if prologue == "swiglu" else k)
-    w, scale = _weight(b, n, k, wdtype)
-    kw: dict[str, Any] = {"scale": scale}
+    w, qkw = _weight(b, n, k, wdtype)
+    kw: dict[str, Any] = dict(qkw)
     if prologue == "norm":
         kw.update(norm_weight=b.randn(k, scale=0.1) + 1.0, eps=EPS)
     elif prologue == "swiglu":
@@ -388,24 +418,13 @@ def _gemv_case(b: Bench, n: int, k: int, prologue: str, residual: bool, m: int, 
     return x, w, kw
 
 
-def _weight(b: Bench, n: int, k: int, wdtype: str):
-    """(weight [n, k] in `wdtype`, its fp32 scale or None): 8-bit weights quantised as fastsolar does (per-channel
-    absmax, fastsolar.model.quant)."""
-    torch = b.torch
-    w = b.randn(n, k, scale=k ** -0.5, dtype=torch.float32)
-    if wdtype in ("int8", "float8_e4m3fn"):
-        quant = importlib.import_module("fastsolar.model.quant")
-        return quant.quantize_weight(w, quant.MODE_OF_DTYPE[getattr(torch, wdtype)])
-    return w.to(getattr(torch, wdtype)), None
-
-
 def _gemv_unfused(b: Bench, ops, x, w, kw):
     """What fastsolar.ops runs instead of the fused kernel: cuBLAS plus the separate small kernels."""
-    K, scale, res = b.K, kw["scale"], kw.get("residual")
+    K, qkw, res = b.K, _quant_args(kw), kw.get("residual")
     if "norm_weight" in kw:
-        return ops._cublas(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, scale)
+        return ops._cublas(K.rms_norm.rms_norm(x, kw["norm_weight"], EPS), w, **qkw)
     a = K.swiglu.swiglu(*x.chunk(2, dim=-1)) if kw.get("swiglu") else x
-    y = ops._cublas(a, w, scale)
+    y = ops._cublas(a, w, **qkw)
     return y if res is None else res + y
 
 
@@ -415,13 +434,13 @@ def _gemv_pick(ops, choice, x, w, kw) -> str:
     choice._choices.clear()
     try:
         with choice.force_gemv(None), ops.force_kernels(True):
-            scale, res = kw["scale"], kw.get("residual")
+            qkw, res = _quant_args(kw), kw.get("residual")
             if "norm_weight" in kw:
-                ops.norm_linear(x, kw["norm_weight"], EPS, w, scale=scale)
+                ops.norm_linear(x, kw["norm_weight"], EPS, w, **qkw)
             elif kw.get("swiglu"):
-                ops.swiglu_linear(x, w, residual=res, scale=scale)
+                ops.swiglu_linear(x, w, residual=res, **qkw)
             else:
-                ops.linear(x, w, residual=res, scale=scale)
+                ops.linear(x, w, residual=res, **qkw)
         picked = list(choice.choices().values())
     finally:
         choice._choices.clear()
@@ -445,7 +464,8 @@ def gemv(b: Bench) -> Iterator[dict]:
                 try:
                     x, w, kw = _gemv_case(b, n, k, prologue, residual, m, wdtype)
                     y = G.gemv(x, w, out=b.poisoned(torch.empty(m, 1, n, dtype=x.dtype, device=b.device)), **kw)
-                    kw32 = {a: (v.float() if isinstance(v, torch.Tensor) and a != "scale" else v) for a, v in kw.items()}
+                    kw32 = {a: (v.float() if isinstance(v, torch.Tensor) and a in ("norm_weight", "residual") else v)
+                            for a, v in kw.items()}
                     status = _check([rel_err(y, G.gemv_ref(x.float(), w, **kw32))])
                     picked = _gemv_pick(ops, choice, x, w, kw)
                     del x, w, kw, y
@@ -728,7 +748,7 @@ def memory_ops(b: Bench) -> Iterator[dict]:
 
 
 def quant_gemm(b: Bench) -> Iterator[dict]:
-    """A layer's prefill products (S.prefill tokens) with int8 / FP8 weights: kernels/quant_matmul.py against
+    """A layer's prefill products (S.prefill tokens) with int8 / FP8 / int4 weights: kernels/quant_matmul.py against
     cuBLAS on the weight widened to the activations' dtype with its scale (fastsolar.ops' route without the
     kernel), ms and TFLOP/s (2*M*N*K); checked against gemv_ref (dequantise, then matmul) in fp32."""
     torch, S = b.torch, b.S
@@ -738,8 +758,8 @@ def quant_gemm(b: Bench) -> Iterator[dict]:
     for name, (n, k, _, _) in _gemv_shapes(S).items():
         if name.startswith("lm_head"):  # a prefill's lm_head sees only each prompt's last row: a GEMV, not this
             continue
-        for wdtype in _weight_dtypes(dtype, b.features)[1:]:  # the 8-bit ones
-            nbytes = n * k + 4 * n + S.prefill * (k + n) * e
+        for wdtype in _weight_dtypes(dtype, b.features)[1:]:  # the quantised ones
+            nbytes = _weight_bytes(n, k, wdtype) + S.prefill * (k + n) * e
             row = {"op": "quant_gemm", "shape": name.split(" (")[0], "tokens": S.prefill, "weight": wdtype, "N": n,
                    "K": k, "bytes": nbytes}
             flops = 2 * S.prefill * n * k
@@ -748,23 +768,23 @@ def quant_gemm(b: Bench) -> Iterator[dict]:
                 return (b.randn(S.prefill, k), *_weight(b, n, k, wdtype))
 
             try:
-                x, w, scale = build()
-                y = b.K.quant_matmul.quant_matmul(x, w, scale, out=b.poisoned(torch.empty(S.prefill, n, dtype=x.dtype,
-                                                                                          device=b.device)))
-                status = _check([rel_err(y, b.K.gemv.gemv_ref(x.float(), w, scale=scale))])
-                del x, w, scale, y
+                x, w, qkw = build()
+                y = b.K.quant_matmul.quant_matmul(x, w, out=b.poisoned(torch.empty(S.prefill, n, dtype=x.dtype,
+                                                                                   device=b.device)), **qkw)
+                status = _check([rel_err(y, b.K.gemv.gemv_ref(x.float(), w, **qkw))])
+                del x, w, qkw, y
             except Exception as e_:  # noqa: BLE001 - recorded in the rows; the other cases still run
                 yield {**row, "impl": "triton", "check": _error(e_)}
                 yield {**row, "impl": "cublas", "check": _error(e_)}
                 continue
 
             def kernel():
-                x, w, scale = build()
-                return lambda: b.K.quant_matmul.quant_matmul(x, w, scale)
+                x, w, qkw = build()
+                return lambda: b.K.quant_matmul.quant_matmul(x, w, **qkw)
 
             def widened():
-                x, w, scale = build()
-                return lambda: ops._cublas(x, w, scale)
+                x, w, qkw = build()
+                return lambda: ops._cublas(x, w, **qkw)
 
             for impl, make in (("triton", kernel), ("cublas", widened)):
                 try:

@@ -14,6 +14,7 @@ Engines (`--engines`, comma separated, default all; `--exclude` leaves some out)
                    the same random bf16 weights quantised (fastsolar.model.quant.quantized_copy: embeddings and norms
                    shared, not copied), or the checkpoint loaded with quantize="fp8"; needs sm_89+ (skipped below)
   fastsolar-int8   the same with int8 weights; sm_80+
+  fastsolar-int4   the same with int4 weights (groups of 128, round-to-nearest, quantize="int4"); sm_80+
   hf-compile       transformers with cache_implementation="static" + torch.compile(mode="reduce-overhead")
                    (generate's own auto-compile, the gpt-fast technique); CUDA only; a failure is reported
                    in the table, not raised
@@ -85,8 +86,9 @@ class Interrupted(BaseException):
 # In order of value, so that a --time-budget skips the least valuable: fastsolar first (it also sets the tokens the
 # others are matched against), then the quantised engines (their batch-1 targets), then the slow CPU-bound
 # baselines, hf-compile (the slowest) last.
-ENGINES = ("fastsolar", "fastsolar-fp8", "fastsolar-int8", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile")
-QUANTIZED = {"fastsolar-fp8": "fp8", "fastsolar-int8": "int8"}
+ENGINES = ("fastsolar", "fastsolar-fp8", "fastsolar-int8", "fastsolar-int4", "fastsolar-eager", "torch-ref", "hf-eager",
+           "hf-compile")
+QUANTIZED = {"fastsolar-fp8": "fp8", "fastsolar-int8": "int8", "fastsolar-int4": "int4"}
 CUDA_ONLY = {
     "fastsolar": "CUDA graphs need a CUDA device",
     "fastsolar-eager": "without CUDA fastsolar runs its torch reference ops: that is the torch-ref engine",

@@ -78,9 +78,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto",
                    help="weight dtype: auto (the checkpoint's), float16, bfloat16 or float32")
-    p.add_argument("--quantize", default=None, type=str.lower, choices=("fp8", "int8"),
-                   help="quantise the linear layers as they load, per output channel: half the memory and "
-                        "the bytes read per token (fp8 needs an sm_89+ GPU, int8 sm_80+)")
+    p.add_argument("--quantize", default=None, type=str.lower, choices=("fp8", "int8", "int4"),
+                   help="quantise the linear layers as they load: fp8 / int8 per output channel (half the memory "
+                        "and the bytes read per token), int4 per group of 128 inputs (about a quarter); fp8 needs "
+                        "an sm_89+ GPU, int8 and int4 sm_80+")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:

@@ -6,8 +6,11 @@
     attention(q, k, v, *, causal=True, scale=None, rows=None)
     decode_attention(q, k_cache, v_cache, seqlens, *, rows=None, scale=None)
     gemv(x, weight, *, scale=None, norm_weight=None, eps=1e-6, swiglu=False, residual=None) -> y  (1..8 rows)
-    quant_matmul(x, weight, scale) -> x @ (scale[:, None] * weight).T   (int8 / float8_e4m3fn weights; prefill)
+    quant_matmul(x, weight, scale) -> x @ (scale[:, None] * weight).T   (int8 / float8_e4m3fn weights; prefill;
+        packed int4 with zeros=, group_size= as well)
     dequantize(weight, scale, dtype) -> scale[:, None] * weight in dtype
+    dequantize_int4(qweight, scales, zeros, group_size, dtype) -> W   (packed int4, kernels/_int4.py's layout;
+        gemv and gemv_ref take it as weight=qweight, scale=scales, zeros=zeros, group_size=group_size)
 
 Every op has a `*_ref` torch twin that the tests and benchmarks compare against; quant_matmul's is
 gemv_ref(x, weight, scale=scale), the same product (dequantise, then matmul) for any number of rows.
@@ -47,6 +50,7 @@ else:
     from .decode_attention import decode_attention, decode_attention_ref
     from .gemv import MAX_M as GEMV_MAX_M
     from .gemv import dequantize, gemv, gemv_ref
+    from ._int4 import dequantize_int4, pack_int4, unpack_int4
     from .quant_matmul import quant_matmul
     from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
     from .rotary import apply_rotary, apply_rotary_ref, rotary_cache_write, rotary_cache_write_ref
@@ -54,6 +58,7 @@ else:
 
     __all__ = [
         "GEMV_MAX_M", "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "attention", "attention_ref",
-        "decode_attention", "decode_attention_ref", "dequantize", "gemv", "gemv_ref", "quant_matmul", "rms_norm",
-        "rms_norm_ref", "rotary_cache_write", "rotary_cache_write_ref", "swiglu", "swiglu_ref",
+        "decode_attention", "decode_attention_ref", "dequantize", "dequantize_int4", "gemv", "gemv_ref", "pack_int4",
+        "quant_matmul", "rms_norm", "rms_norm_ref", "rotary_cache_write", "rotary_cache_write_ref", "swiglu",
+        "swiglu_ref", "unpack_int4",
     ]

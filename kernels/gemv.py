@@ -17,7 +17,10 @@ y to x's dtype. So one launch replaces norm + GEMV, SwiGLU + GEMV or GEMV + add.
 
 Weights: fp16/bf16/fp32 (scale optional), or int8 / float8_e4m3fn with an fp32 scale [N] (weight-only
 quantisation, y[n] = scale[n] * sum_k a[k] W[n, k]): the weight tile is widened in registers after the load,
-so an 8-bit weight moves half the bytes of a bf16 one and the rest of the kernel is the same. GPUs before
+so an 8-bit weight moves half the bytes of a bf16 one and the rest of the kernel is the same. Packed int4
+(kernels/_int4.py: int32 [N, K / 8], group scales [N, G] and uint8 zeros [N, G]) is unpacked and dequantised
+in the tile, W[n, k] = (q - z) * s of k's group, in fp32 (M == 1) or rounded once to x's dtype before the dot
+(M >= 2: the bits the reference's dequantised weight has); a quarter of bf16's bytes plus the group data. GPUs before
 sm_89 have no fp8 conversion (Triton refuses fp8e4nv there), so on them the e4m3 bytes are loaded as uint8
 and decoded with integer ops (`_e4m3_to_f32`: sign, 4-bit exponent biased by 7, 3-bit mantissa,
 subnormals m * 2^-9, 0x7f/0xff NaN), exact like the hardware conversion.
@@ -51,12 +54,14 @@ from ._common import (
     device_properties,
 )
 from ._rounding import cast_rtne
+from ._int4 import _int4_tile, check_int4, dequantize_int4, int4_block_k
 from ._workspace import arrive_last, workspace
 from .attention import _mma
 
 MAX_M = 8  # rows a launch takes: decode batch 1..8; more rows are a GEMM's job
 FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_WEIGHTS = (torch.int8, torch.float8_e4m3fn)
+INT4_WEIGHT = torch.int32  # packed int4 (kernels/_int4.py)
 PROLOGUES = {"plain": 0, "norm": 1, "swiglu": 2}
 
 
@@ -97,14 +102,16 @@ def _e4m3_to_f32(bits):
 def _gemv_kernel(
     X,  # *T, x rows [M, K] (or [M, 2K] gate|up for SWIGLU), last dim contiguous
     W,  # *Tw, weight [N, K], contiguous rows (stride_wn), Tw float or int8/fp8
-    SCALE,  # *fp32 [N] per-output-channel scale (only read when HAS_SCALE)
+    SCALE,  # *fp32 [N] per-output-channel scale (only read when HAS_SCALE), or int4's group scales [N, G]
+    ZEROS,  # *uint8 [N, G] int4 zero points (only read when W_INT4)
     NORM_W,  # *Tg [K] RMSNorm weight (only read when PROLOGUE == 1)
     RES,  # *T residual [M, N] (only read when HAS_RESIDUAL)
     Y,  # *T output [M, N]
     PART,  # *fp32 workspace [SPLIT_K, M, N] of partial sums (only used when SPLIT_K > 1)
     COUNTERS,  # *int32 [cdiv(N, BLOCK_N)], zero between launches (only used when SPLIT_K > 1)
     M, N, K,  # rows, output features, reduction length
-    stride_xm, stride_wn, stride_rm, stride_ym,  # row strides (elements)
+    stride_xm, stride_wn, stride_rm, stride_ym,  # row strides (elements; int32 words for int4's W)
+    stride_sn,  # int4: row stride of SCALE and ZEROS
     up_offset,  # SWIGLU: elements from a gate column to its up column (K for a fused gate|up row)
     eps,  # RMSNorm epsilon
     k_per_split,  # K columns per split, a multiple of BLOCK_K
@@ -116,6 +123,8 @@ def _gemv_kernel(
     HAS_SCALE: tl.constexpr,  # multiply by SCALE[n]
     HAS_RESIDUAL: tl.constexpr,  # add RES[m, n]
     W_E4M3_BITS: tl.constexpr,  # W holds float8_e4m3fn bytes as uint8: decode them in registers
+    W_INT4: tl.constexpr,  # W holds packed int4 (kernels/_int4.py), SCALE/ZEROS its groups
+    GROUP_SIZE: tl.constexpr,  # int4's group size (unused otherwise)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -144,13 +153,18 @@ def _gemv_kernel(
         offs_k = k0 + offs_kb
         mask_k = offs_k < k_end
         a = _load_a(X, offs_m, offs_k, mask_m, mask_k, stride_xm, up_offset, rstd, NORM_W, PROLOGUE)
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if W_INT4:
+            s_rows = offs_n.to(tl.int64) * stride_sn
+            w = _int4_tile(w_rows, SCALE + s_rows, ZEROS + s_rows, mask_n, k0, k_end, BLOCK_N, BLOCK_K, GROUP_SIZE)
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if W_E4M3_BITS:
             w = _e4m3_to_f32(w)
         if BLOCK_M == 1:
             acc += tl.sum(w.to(tl.float32) * a.to(tl.float32), 1)[None, :]
         else:
-            # 8-bit weights widen exactly to fp16/bf16 (int8 |v| <= 128, e4m3 has 3 mantissa bits).
+            # 8-bit weights widen exactly to fp16/bf16 (int8 |v| <= 128, e4m3 has 3 mantissa bits); an int4
+            # tile rounds here once, as the reference's dequantised weight does.
             acc = _mma(a, tl.trans(w.to(a.dtype)), acc)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -181,15 +195,17 @@ def gemv_launch_config(
     w_dtype: torch.dtype,
     capability: tuple[int, int] = DEFAULT_CAPABILITY,
     num_sms: int = DEFAULT_NUM_SMS,
+    group_size: int | None = None,
 ) -> dict:
     """Launch settings for `_gemv_kernel` from shapes only: the constexprs {"BLOCK_M", "BLOCK_N", "BLOCK_K",
-    "SPLIT_K", "W_E4M3_BITS"}, "num_warps"/"num_stages", and the runtime "k_per_split". ValueError outside
-    1 <= m <= MAX_M."""
+    "SPLIT_K", "W_E4M3_BITS", "W_INT4"}, "num_warps"/"num_stages", and the runtime "k_per_split". ValueError outside
+    1 <= m <= MAX_M. group_size: a packed int4 weight's (int32 w_dtype), whose tiles stay within one group."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"gemv takes 1..{MAX_M} rows (decode batch sizes), got {m}; use a matmul for more")
     if n < 1 or k < 1:
         raise ValueError(f"gemv needs N >= 1 and K >= 1, got N={n}, K={k}")
-    item = torch.empty((), dtype=w_dtype).element_size()
+    # int4 tiles are dequantised to fp32 / x's dtype in registers: size them as bf16 tiles.
+    item = 2 if w_dtype == INT4_WEIGHT else torch.empty((), dtype=w_dtype).element_size()
     if m == 1:
         # 512 bytes of each weight row per step: a 16-byte load per thread per row over 32 lanes;
         # 32 rows x 256 bf16 = 16 KiB of W in flight per program, 64 fp32 accumulators per thread.
@@ -201,7 +217,11 @@ def gemv_launch_config(
         block_m, block_n, block_k, warps, stages = 16, 64, 256 // item if item < 4 else 32, 4, 2
         if item == 4:
             block_n = 32  # fp32 (the test/debug dtype): exact products on CUDA cores, tiles stay small
+        if w_dtype == INT4_WEIGHT:
+            block_k = 64  # unpacking nibbles for the dot's layout costs registers: 128-wide tiles spill
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    if w_dtype == INT4_WEIGHT:
+        block_k = int4_block_k(block_k, k, group_size if group_size is not None else k)
     blocks_n = triton.cdiv(n, block_n)
     # Split K while there are fewer than ~4 programs per SM and each split keeps >= 4 steps of K.
     split = 1
@@ -211,7 +231,7 @@ def gemv_launch_config(
     split = triton.cdiv(k, k_per_split)  # drop slices rounding left empty
     e4m3_bits = w_dtype == torch.float8_e4m3fn and tuple(capability) < (8, 9)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "W_E4M3_BITS": e4m3_bits,
-            "num_warps": warps, "num_stages": stages, "k_per_split": k_per_split}
+            "W_INT4": w_dtype == INT4_WEIGHT, "num_warps": warps, "num_stages": stages, "k_per_split": k_per_split}
 
 
 def gemv(
@@ -224,20 +244,31 @@ def gemv(
     swiglu: bool = False,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """y = prologue(x) @ weight.T (* scale) (+ residual) for 1..MAX_M rows, in one launch (module docstring).
 
     x [..., K] (fp16/bf16/fp32; rows may be strided, last dim contiguous), or [..., 2K] = [gate | up] with
     swiglu=True; the leading dims hold 1..MAX_M rows. weight [N, K]: fp16/bf16/fp32, or int8 /
-    float8_e4m3fn together with scale fp32 [N] (weight-only quantisation). norm_weight [K]: RMS-normalise
+    float8_e4m3fn together with scale fp32 [N] (weight-only quantisation), or packed int4 int32 [N, K / 8]
+    with its group scale [N, G], zeros [N, G] and group_size (kernels/_int4.py). norm_weight [K]: RMS-normalise
     x first (eps a Python float). residual [..., N] in x's dtype. Returns y [..., N] in x's dtype (into
     `out` when given).
     """
     check_tensor("x", x)
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_WEIGHTS + QUANT_WEIGHTS)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_WEIGHTS + QUANT_WEIGHTS + (INT4_WEIGHT,))
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension, got a 0-d tensor")
-    n, k = weight.shape
+    int4 = weight.dtype == INT4_WEIGHT
+    if int4:
+        if scale is None or zeros is None or group_size is None:
+            raise ValueError("a packed int4 weight (int32) needs its group scale, zeros and group_size")
+        n, k = check_int4(weight, scale, zeros, group_size)
+    elif zeros is not None or group_size is not None:
+        raise ValueError(f"zeros and group_size belong to packed int4 weights (int32), not {weight.dtype}")
+    else:
+        n, k = weight.shape
     kx = 2 * k if swiglu else k
     if x.shape[-1] != kx:
         what = "2 * K (gate | up)" if swiglu else "K"
@@ -245,11 +276,14 @@ def gemv(
     if swiglu and norm_weight is not None:
         raise ValueError("gemv fuses either an RMSNorm or a SwiGLU prologue, not both")
     m = x.numel() // kx
-    cfg = gemv_launch_config(m, n, k, weight.dtype, *device_properties(x.device))  # checks 1 <= m <= MAX_M
+    cfg = gemv_launch_config(m, n, k, weight.dtype, *device_properties(x.device),  # checks 1 <= m <= MAX_M
+                             group_size=group_size)
     if weight.dtype in QUANT_WEIGHTS and scale is None:
         raise ValueError(f"a {weight.dtype} weight needs its per-output-channel scale (fp32 [{n}])")
     tensors = {"x": x, "weight": weight}
-    if scale is not None:
+    if int4:
+        tensors.update(scale=scale, zeros=zeros)
+    elif scale is not None:
         check_tensor("scale", scale, ndim=1, dtypes=(torch.float32,))
         if scale.shape[0] != n:
             raise ValueError(f"scale must have shape [{n}] (one per output feature), got {tuple(scale.shape)}")
@@ -291,13 +325,14 @@ def gemv(
     if cfg["W_E4M3_BITS"]:
         weight = weight.view(torch.uint8)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x2, weight, scale if scale is not None else y2, norm_weight if norm_weight is not None else y2,
-        r2, y2, part, counters,
+        x2, weight, scale if scale is not None else y2, zeros if int4 else y2,
+        norm_weight if norm_weight is not None else y2, r2, y2, part, counters,
         m, n, k,
-        x2.stride(0), weight.stride(0), r2.stride(0), y2.stride(0),
+        x2.stride(0), weight.stride(0), r2.stride(0), y2.stride(0), scale.stride(0) if int4 else 0,
         k, float(eps), k_per_split,
         SPLIT_K=split, PROLOGUE=PROLOGUES["swiglu" if swiglu else "norm" if norm_weight is not None else "plain"],
-        HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, **cfg,
+        HAS_SCALE=scale is not None and not int4, HAS_RESIDUAL=residual is not None,
+        GROUP_SIZE=group_size if int4 else 1, **cfg,
     )
     return y
 
@@ -318,9 +353,11 @@ def gemv_ref(
     eps: float = 1e-6,
     swiglu: bool = False,
     residual: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """The same as torch ops at x's dtype: rms_norm_ref / F.silu(gate) * up, then F.linear with the weight in
-    x's dtype (with `scale`: dequantised first, `dequantize`), plus residual, each rounded as torch rounds.
+    x's dtype (with `scale`: dequantised first, `dequantize`, or `dequantize_int4` for a packed int4 weight), plus residual, each rounded as torch rounds.
     With fp64 x every step is fp64 (the tests' truth). Any number of rows: it is also the reference of the
     quantised prefill GEMM (kernels/quant_matmul.py)."""
     from .rms_norm import rms_norm_ref
@@ -330,7 +367,10 @@ def gemv_ref(
     elif swiglu:
         gate, up = x.chunk(2, dim=-1)
         x = torch.nn.functional.silu(gate) * up
-    w = weight.to(x.dtype) if scale is None else dequantize(weight, scale, x.dtype)
+    if weight.dtype == INT4_WEIGHT:
+        w = dequantize_int4(weight, scale, zeros, group_size, x.dtype)
+    else:
+        w = weight.to(x.dtype) if scale is None else dequantize(weight, scale, x.dtype)
     y = torch.nn.functional.linear(x, w)
     if residual is not None:
         y = residual + y

@@ -131,6 +131,24 @@ def quantized_weights(n: int, k: int, mode: str, seed: int | None = None) -> tup
     return quant.quantize_weight(channel_weights(n, k, seed), mode)
 
 
+def int4_weights(
+    n: int, k: int, group_size: int, *, scale_dtype: torch.dtype = torch.float16, symmetric: bool = False,
+    seed: int | None = None,
+) -> dict:
+    """A packed int4 weight (kernels/_int4.py) of shape [n, k]: {"weight", "scale", "zeros", "group_size"}, the
+    keyword arguments of gemv / gemv_ref. Random nibbles, zero points 8 (symmetric) or random 0..15 per group, and
+    group scales log-normal around k**-0.5 / 8 so that rows and groups differ in size as trained weights do."""
+    from fastsolar.kernels._int4 import int4_groups, pack_int4
+
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    groups = int4_groups(k, group_size)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    zeros = torch.full((n, groups), 8) if symmetric else torch.randint(0, 16, (n, groups), generator=g)
+    scale = torch.exp(0.7 * torch.randn(n, groups, generator=g)) * (k ** -0.5 / 8)
+    return {"weight": pack_int4(q).to(DEVICE), "scale": scale.to(dtype=scale_dtype, device=DEVICE),
+            "zeros": zeros.to(dtype=torch.uint8, device=DEVICE), "group_size": group_size}
+
+
 # The float dtypes every kernel takes, with their test ids (elementwise kernels run all three everywhere).
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOAT_IDS = ["fp32", "fp16", "bf16"]

@@ -18,7 +18,8 @@ RESULT_FIELDS = {
     "share_of_copy_bw", "peak_memory_GiB", "token_match", "first_divergence_mean", "match_baseline", "t1_s", "tn_s",
     "weights_GB",
 }
-ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile", "fastsolar-fp8", "fastsolar-int8")
+ENGINES = ("fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "hf-compile", "fastsolar-fp8", "fastsolar-int8",
+           "fastsolar-int4")
 
 
 
@@ -49,7 +50,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert set(data["engines"]) == set(ENGINES)
     for name in ("fastsolar", "fastsolar-eager", "hf-compile"):
         assert data["engines"][name]["status"] == "skipped", name
-    for name in ("torch-ref", "hf-eager", "fastsolar-fp8", "fastsolar-int8"):
+    for name in ("torch-ref", "hf-eager", "fastsolar-fp8", "fastsolar-int8", "fastsolar-int4"):
         e = data["engines"][name]
         assert e["status"] == "ok", (name, e.get("reason"), e.get("traceback"))
         assert set(e["results"]) == {"1", "8"}
@@ -65,6 +66,8 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
         r = data["engines"][name]["results"]["1"]
         assert 0.25 * full < r["weights_GB"] < 0.27 * full, (name, r["weights_GB"], full)
         assert r["match_baseline"] == "torch-ref"
+    int4 = data["engines"]["fastsolar-int4"]["results"]["1"]
+    assert 0.12 * full < int4["weights_GB"] < 0.14 * full, (int4["weights_GB"], full)  # 4 bits, 3 bytes per 128
     assert "| engine | batch |" in stdout and "| hf-eager | 8 |" in stdout
     print(f"bench on CPU took {seconds:.1f} s")
 
@@ -142,7 +145,8 @@ def test_step_bytes_and_table(bench_script):
 @pytest.mark.heavy(90)  # 6 engines x 2 batch sizes in a subprocess: 60-100 s on an H200
 def test_bench_cuda_engines_small(tmp_path):
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
-    names = ["fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "fastsolar-int8"] + (["fastsolar-fp8"] if fp8 else [])
+    names = ["fastsolar", "fastsolar-eager", "torch-ref", "hf-eager", "fastsolar-int8", "fastsolar-int4"] + (
+        ["fastsolar-fp8"] if fp8 else [])
     data, _, _ = _run_bench(tmp_path, "--engines", ",".join(names), "--batch-sizes", "1,3")
     for name in names:
         e = data["engines"][name]

@@ -118,7 +118,7 @@ def test_external_upscale_command(capsys):
         (["generate", "{tok}", "--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens"]),
         (["generate", "{tok}", "--prompt", "hi", "--repetition-penalty", "0"], ["--repetition-penalty"]),
         (["generate", "{tok}", "--prompt", "hi", "--dtype", "float8"], ["--dtype"]),
-        (["generate", "{tok}", "--prompt", "hi", "--quantize", "int4"], ["--quantize", "int4", "fp8", "int8"]),
+        (["generate", "{tok}", "--prompt", "hi", "--quantize", "nf4"], ["--quantize", "nf4", "fp8", "int8", "int4"]),
         (["chat", "{tok}", "--quantize", "nf4"], ["--quantize", "nf4"]),
         (["generate", "{tok}", "--prompt", "hi", "--system", "s"], ["--chat"]),
         (["generate", "{tok}", "--prompt", "hi", "--top-p", "abc"], ["--top-p", "abc"]),
@@ -272,7 +272,8 @@ def test_generate_end_to_end(tiny_checkpoint, tok, capsys):
     assert out == tok.decode(new) + "\n"
 
 
-def test_generate_quantized_end_to_end(tiny_checkpoint, tok, capsys, monkeypatch):
+@pytest.mark.parametrize("flag, mode, stored", [("INT8", "int8", torch.int8), ("int4", "int4", torch.int32)])
+def test_generate_quantized_end_to_end(tiny_checkpoint, tok, capsys, monkeypatch, flag, mode, stored):
     from fastsolar import Solar
 
     loaded = []
@@ -281,12 +282,12 @@ def test_generate_quantized_end_to_end(tiny_checkpoint, tok, capsys, monkeypatch
                         classmethod(lambda cls, *a, **kw: loaded.append(real(cls, *a, **kw)) or loaded[-1]))
     prompt = "Quantised weights"
     rc, out, err = run(["generate", tiny_checkpoint, "--prompt", prompt, "--max-new-tokens", "8", "--device", "cpu",
-                        "--dtype", "float32", "--quantize", "INT8"], capsys)
+                        "--dtype", "float32", "--quantize", flag], capsys)
     assert rc == 0, err
-    assert len(loaded) == 1 and loaded[0].lm_head.weight.dtype == torch.int8, "--quantize did not reach the loader"
+    assert len(loaded) == 1 and loaded[0].lm_head.weight.dtype == stored, "--quantize did not reach the loader"
     monkeypatch.undo()
-    model = Solar.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", quantize="int8")
-    assert model.layers[0].feed_forward.w_down.weight.dtype == torch.int8
+    model = Solar.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", quantize=mode)
+    assert model.layers[0].feed_forward.w_down.weight.dtype == stored
     ids = tok.encode(prompt)
     new = model.generate(torch.tensor([ids]), 8, eos_token_id=2)[0, len(ids):].tolist()
     if 2 in new:

@@ -19,7 +19,8 @@ A compile fails the test on:
   `HGMMA` in the SASS).
 
 The weight-only quantised matmul is compiled for int8 weights on both targets and for FP8 (e4m3) weights
-on sm_90 only: FP8 needs sm_89+, and fastsolar.model.quant refuses it on an A100.
+on sm_90 only: FP8 needs sm_89+, and fastsolar.model.quant refuses it on an A100. Packed int4 weights (group 128)
+take both the decode GEMV and the prefill GEMM on both targets.
 
 Set FASTSOLAR_COMPILE_REPORT=path to get a markdown table of every compile's numbers.
 """
@@ -207,14 +208,24 @@ def _run_gemv(m, n, k, prologue="plain", residual=False, wdtype=None):
         if wdt in (torch.int8, torch.float8_e4m3fn):
             kw["scale"] = _t(n, dtype=torch.float32)
         x = _t(m, 1, 2 * k if prologue == "swiglu" else k, dtype=dtype)
-        K.gemv(x, _t(n, k, dtype=wdt), **kw)
+        if wdt == "int4":  # packed int4, group 128, fp16 scales (GPTQ's and AWQ's)
+            kw.update(scale=_t(n, k // 128, dtype=torch.float16), zeros=_t(n, k // 128, dtype=torch.uint8),
+                      group_size=128)
+            K.gemv(x, _t(n, k // 8, dtype=torch.int32), **kw)
+        else:
+            K.gemv(x, _t(n, k, dtype=wdt), **kw)
 
     return run
 
 
 def _run_quant(rows, n, k, weight_dtype):
     def run(K, dtype):  # a prefill's product: x [rows, k] activations (rows > 8), weight [n, k] quantised
-        K.quant_matmul(_t(rows, k, dtype=dtype), _t(n, k, dtype=weight_dtype), _t(n, dtype=torch.float32))
+        if weight_dtype == "int4":  # packed, group 128, fp16 scales
+            K.quant_matmul(_t(rows, k, dtype=dtype), _t(n, k // 8, dtype=torch.int32),
+                           _t(n, k // 128, dtype=torch.float16), zeros=_t(n, k // 128, dtype=torch.uint8),
+                           group_size=128)
+        else:
+            K.quant_matmul(_t(rows, k, dtype=dtype), _t(n, k, dtype=weight_dtype), _t(n, dtype=torch.float32))
 
     return run
 
@@ -262,6 +273,11 @@ CASES = [
     Case("gemv_gate_up_int8_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm", wdtype=torch.int8), dtypes=BF16_ONLY),
     Case("gemv_o_fp8_res_m4", "gemv", _run_gemv(4, HIDDEN, HIDDEN, residual=True, wdtype=torch.float8_e4m3fn),
          dtypes=BF16_ONLY),
+    # Packed int4 (issue 21): batch 1 and 8, every prologue.
+    Case("gemv_gate_up_int4_m1", "gemv", _run_gemv(1, 2 * INTER, HIDDEN, "norm", wdtype="int4"), dtypes=BF16_ONLY),
+    Case("gemv_o_int4_res_m1", "gemv", _run_gemv(1, HIDDEN, HIDDEN, residual=True, wdtype="int4"), dtypes=BF16_ONLY),
+    Case("gemv_down_int4_swiglu_res_m8", "gemv", _run_gemv(8, HIDDEN, INTER, "swiglu", residual=True, wdtype="int4"),
+         dtypes=BF16_ONLY),
     # The weight-only quantised GEMM of prefill (more than 8 rows; decode takes the GEMVs above): 512 tokens
     # into gate_up, 32 rows into qkv, a 12-row prefill into down (the small-M tiles). FP8 only where it runs.
     Case("quant_int8_prefill", "quant_matmul", _run_quant(512, 2 * INTER, HIDDEN, torch.int8), wgmma_on_90=True,
@@ -274,6 +290,10 @@ CASES = [
          min_arch=89),
     Case("quant_fp8_m12", "quant_matmul", _run_quant(12, HIDDEN, INTER, torch.float8_e4m3fn), dtypes=BF16_ONLY,
          min_arch=89),
+    Case("quant_int4_prefill", "quant_matmul", _run_quant(512, 2 * INTER, HIDDEN, "int4"), wgmma_on_90=True,
+         dtypes=BF16_ONLY),
+    Case("quant_int4_m32", "quant_matmul", _run_quant(32, QKV, HIDDEN, "int4"), dtypes=BF16_ONLY),
+    Case("quant_int4_m12", "quant_matmul", _run_quant(12, HIDDEN, INTER, "int4"), dtypes=BF16_ONLY),
 ]
 
 

@@ -73,8 +73,8 @@ def test_quantiser_refuses_non_finite_and_bad_modes():
     with pytest.raises(ValueError, match="non-finite values \\(row 2 of 4\\)"):
         quant.quantize_weight(w, "int8")
     assert quant.check_mode("FP8") == "fp8" and quant.check_mode(None) is None
-    for bad in ("int4", "bf16", "", 8, True):
-        with pytest.raises(ValueError, match="quantize=.* is not supported; use one of 'fp8', 'int8' or None"):
+    for bad in ("int3", "nf4", "bf16", "", 8, True):
+        with pytest.raises(ValueError, match="quantize=.* is not supported; use one of 'fp8', 'int8', 'int4' or None"):
             quant.check_mode(bad)
 
 

@@ -46,6 +46,19 @@ SCALE_KEY_MAP: tuple[tuple[str, str, int | None], ...] = tuple(
     for hf, ours, part in KEY_MAP if ours in LINEAR_WEIGHTS
 )
 
+# An int4 layer's zero points (GPTQ's / AWQ's `qzeros`, renamed by fastsolar.checkpoint.quant_load), mapped likewise.
+ZEROS_KEY_MAP: tuple[tuple[str, str, int | None], ...] = tuple(
+    (hf.removesuffix("weight") + "weight_zeros", ours.removesuffix("weight") + "weight_zeros", part)
+    for hf, ours, part in KEY_MAP if ours in LINEAR_WEIGHTS
+)
+
+# An act-order int4 layer's input order (GPTQ's `g_idx`, renamed likewise): one per layer, so every part of a
+# fused layer maps onto the whole of it (the loader checks the parts agree).
+PERM_KEY_MAP: tuple[tuple[str, str, int | None], ...] = tuple(
+    (hf.removesuffix("weight") + "weight_perm", ours.removesuffix("weight") + "weight_perm", None)
+    for hf, ours, part in KEY_MAP if ours in LINEAR_WEIGHTS
+)
+
 # Static activation scales some quantised checkpoints carry beside the weight scale; unused by fastsolar.
 ACTIVATION_SCALES: tuple[str, ...] = tuple(
     hf.removesuffix("weight") + "input_scale" for hf, ours, _ in KEY_MAP if ours in LINEAR_WEIGHTS
@@ -91,15 +104,16 @@ def fused_parts(config: Any) -> dict[str, tuple[int, ...]]:
         ),
         "layers.{i}.feed_forward.w_gate_up.weight": (config.intermediate_size, config.intermediate_size),
     }
-    # A quantised layer's scales have one row per weight row: the same parts.
-    return parts | {name.removesuffix("weight") + "weight_scale": rows for name, rows in parts.items()}
+    # A quantised layer's scales (and int4 zeros) have one row per weight row: the same parts.
+    return parts | {name.removesuffix("weight") + extra: rows for name, rows in parts.items()
+                    for extra in ("weight_scale", "weight_zeros")}
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(pattern).replace(re.escape(LAYER), r"(?P<i>\d+)") + "$")
 
 
-_MAP_RE = tuple((_compile(hf), ours, part) for hf, ours, part in KEY_MAP + SCALE_KEY_MAP)
+_MAP_RE = tuple((_compile(hf), ours, part) for hf, ours, part in KEY_MAP + SCALE_KEY_MAP + ZEROS_KEY_MAP + PERM_KEY_MAP)
 _IGNORED_RE = tuple(_compile(p) for p in IGNORED)
 _ACTIVATION_SCALE_RE = tuple(_compile(p) for p in ACTIVATION_SCALES)
 

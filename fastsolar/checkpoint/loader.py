@@ -15,7 +15,8 @@ holds a shard's pages, and a shard that was not in the page cache is dropped fro
 that was stays cached for the next start). A progress bar counts bytes (GB, GB/s) on a terminal.
 Pickle checkpoints (`*.bin`) are refused: unpickling can run arbitrary code.
 With `quantize`, or for a checkpoint quantised elsewhere, the linear layers are built quantised (int8/FP8
-weights, fp32 scales: the memory check counts those bytes) and each weight is quantised on the target
+weights and fp32 scales, or packed int4 with fp16 group scales and uint8 zeros: the memory check counts those
+bytes) and each weight is quantised on the target
 device as its chunks arrive, so the device never holds more than the quantised model plus a chunk in
 flight; fastsolar.checkpoint.quant_load says how (and which quantised checkpoints it reads).
 """
@@ -85,6 +86,10 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | Non
     single = model_dir / SINGLE_FILE
     if single.is_file():
         return [single], None
+    ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
+    if ggufs:
+        raise ValueError(f"{model_dir} holds GGUF files ({', '.join(ggufs)}), llama.cpp's format, which fastsolar does "
+                         "not read; load the original safetensors checkpoint (quantize='int4' for 4-bit weights)")
     pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.bin.index.json"))
     if pickles:
         raise ValueError(
@@ -106,13 +111,17 @@ class _Copy:
 
 # F8_E4M3 reaches here only for the layers of a compressed-tensors FP8 checkpoint (quant_load checks that first).
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3")
+# A GPTQ / AWQ layer's tensors: int32 qweight and qzeros, scales in a float dtype.
+_INT4_DTYPES = ("I32", "F16", "BF16", "F32")
 
 
 def _plan(
-    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: Iterable[str] = ()
+    model: nn.Module, config: SolarConfig, headers: dict[str, TensorHeader], scale_keys: Iterable[str] = (),
+    stored: quant_load.StoredQuantization | None = None,
 ) -> list[_Copy]:
     """The copies to make, in file order (shard by shard, each front to back); one ValueError for every problem.
-    `scale_keys`: the scales a quantised checkpoint must hold on top of the usual keys."""
+    `scale_keys`: the scales (and int4 zeros) a quantised checkpoint must hold on top of the usual keys;
+    `stored`: its quantization_config (a GPTQ / AWQ layer's tensors have their own shapes and dtypes)."""
     params = dict(model.named_parameters())
     parts = hf_keys.fused_parts(config)
     plan: list[_Copy] = []
@@ -129,10 +138,10 @@ def _plan(
             logger.info("tie_word_embeddings: using embed_tokens for the lm_head; %s in the checkpoint is unused", key)
             continue
         if mapped is None or mapped[0] not in params:
-            unexpected.append(key)
+            unexpected.append(header.key)  # the checkpoint's own name (int4_keys may have renamed it)
             continue
         name, pattern, part = mapped
-        full = tuple(params[name].shape)
+        full = quant_load.logical_shape(params[name])
         rows = None
         if part is None:
             expected = full
@@ -141,14 +150,16 @@ def _plan(
             start = sum(sizes[:part])
             rows = slice(start, start + sizes[part])
             expected = (sizes[part], *full[1:])
-        if tuple(shape) != expected and not quant_load.scale_shape_ok(name, shape, expected[0]):
-            bad_shape.append(f"{key} (expected {expected}, found {tuple(shape)})")
+        int4 = quant_load.int4_stored_ok(params, name, shape, expected[0], stored)
+        if tuple(shape) != expected and not int4 and not quant_load.scale_shape_ok(name, shape, expected[0]):
+            bad_shape.append(f"{header.key} (expected {expected}, found {tuple(shape)})")
             continue
-        if header.dtype not in _FLOAT_DTYPES:
-            bad_dtype.append(f"{key} ({header.dtype} in {header.file.name})")
+        if header.dtype not in (_INT4_DTYPES if int4 else _FLOAT_DTYPES):
+            bad_dtype.append(f"{header.key} ({header.dtype} in {header.file.name})")
             continue
         plan.append(_Copy(header, name, rows))
-    missing = [k for k in [*hf_keys.expected_keys(config), *scale_keys] if k not in headers]
+    missing = [quant_load.stored_key(k, stored) for k in [*hf_keys.expected_keys(config), *scale_keys]
+               if k not in headers]
     groups = [
         ("missing keys", missing),
         ("unexpected keys", sorted(unexpected)),
@@ -317,7 +328,7 @@ def load_model(
     """Build `cls(config)` from a Hugging Face checkpoint directory; eval mode, no gradients, no cache.
 
     `device` defaults to CUDA when available, else CPU; `dtype` (of activations, embeddings and norms)
-    defaults to the config's torch_dtype. `quantize` ("fp8", "int8"; default None) quantises the linear
+    defaults to the config's torch_dtype. `quantize` ("fp8", "int8", "int4"; default None) quantises the linear
     layers as they load; a checkpoint quantised elsewhere loads quantised as stored. Bad `quantize` values, a
     card that cannot run the mode and unsupported quantised checkpoints are refused before anything else.
     Raises ValueError for a checkpoint that does not match its config (or a corrupt or truncated shard,
@@ -337,6 +348,7 @@ def load_model(
     headers = read_tensor_headers(shards)
     if weight_map is not None:
         _check_index(headers, weight_map)
+    headers = quant_load.int4_keys(headers, stored)
     stored_layers, scale_keys = quant_load.quantized_layers(headers, stored)
     if stored is not None:  # activation scales belong to activation quantisation, which is not replayed
         headers = {k: h for k, h in headers.items() if not hf_keys.is_activation_scale(k)}
@@ -344,15 +356,17 @@ def load_model(
     with torch.device("meta"), _SkipInitOnMeta():
         model = cls(config)
     if mode is not None:
-        quant.quantize(model, mode, only=stored_layers if stored is not None else None)
-    plan = _plan(model, config, headers, scale_keys)
+        int4 = stored is not None and stored.mode == "int4"
+        quant.quantize(model, mode, only=stored_layers if stored is not None else None,
+                       group_size=stored.group_size if int4 else quant.GROUP_SIZE, act_order=int4 and stored.act_order)
+    plan = _plan(model, config, headers, scale_keys, stored)
     _check_memory(model_dir, model, device, dtype)
     _allocate(model, device, dtype)
 
     params = dict(model.named_parameters())
     targets = [(params[c.name] if c.rows is None else params[c.name][c.rows]).view(-1) for c in plan]
     sources = [c.header.torch_dtype for c in plan]
-    sinks = [quant_load.placement(params, c.name, c.rows, c.header.key, c.header.shape, c.header.torch_dtype)
+    sinks = [quant_load.placement(params, c.name, c.rows, c.header.key, c.header.shape, c.header.torch_dtype, stored)
              for c in plan]
     direct = device.type == "cpu"
 
@@ -366,6 +380,9 @@ def load_model(
         read_tensors([c.header for c in plan], placer, into=into, pin_memory=device.type == "cuda",
                      progress=bar.update)
         placer.finish()
+        for m in model.modules():  # act-order int4: the packed inputs into the order the checkpoint's g_idx gives
+            if isinstance(m, quant.QuantLinear) and hasattr(m, "weight_perm"):
+                m.permute_inputs_()
     model.eval()
     model.requires_grad_(False)
     seconds = time.perf_counter() - t0

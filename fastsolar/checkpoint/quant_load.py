@@ -2,12 +2,13 @@
 
 Two ways in:
 
-- `quantize="fp8" | "int8"` on an ordinary bf16/fp16/fp32 checkpoint: every quantisable linear becomes a
+- `quantize="fp8" | "int8" | "int4"` on an ordinary bf16/fp16/fp32 checkpoint: every quantisable linear becomes a
   `QuantLinear` before anything is allocated, and each checkpoint tensor is quantised on the target device
   as its bytes stream in (`QuantizingCopy`, which the loader hands each chunk the shard reader delivers):
   every complete row is quantised as soon as it is in, a row cut by a chunk boundary waits for the rest.
-  Fused q/k/v and gate/up are quantised part by part: the scales are per output row, so a part's rows do
-  not depend on the other parts. Peak device memory is the quantised model plus a chunk in flight and its
+  Fused q/k/v and gate/up are quantised part by part: the scales (and int4's zeros) are per output row, so
+  a part's rows do not depend on the other parts. An int4 layer's packed weight is [rows, K / 8] int32, so
+  the loader checks the checkpoint's [rows, K] against `logical_shape`. Peak device memory is the quantised model plus a chunk in flight and its
   fp32 temporaries; host memory is the reader's staging buffers.
 - a checkpoint quantised elsewhere in the layout llm-compressor writes and vLLM reads (`read_quantization`):
   config.json's `quantization_config` with quant_method "compressed-tensors", format "float-quantized" or
@@ -21,10 +22,22 @@ Two ways in:
   activation quantisation is not replayed: activations stay in the model's dtype (weight-only, which is
   at least as accurate), and activation scales (`input_scale`) are skipped.
 
-Anything else in `quantization_config` (GPTQ, AWQ, bitsandbytes, int4 or int8 compressed-tensors, static
-activation scales, block or group scales, a quantised KV cache, ...) is refused by name before any tensor
-is read, and so are quantised tensors in a checkpoint that declares no quantisation: nothing quantised is
-ever loaded as if it were bf16.
+- a 4-bit GPTQ or AWQ checkpoint (quant_method "gptq": AutoGPTQ's / GPTQModel's packing, v1 or v2 zeros,
+  act-order or not; "awq": AutoAWQ's GEMM packing), read as stored: the config's `group_size` (-1: one group per row)
+  builds int4 `QuantLinear` layers, each layer's `qweight` / `scales` / `qzeros` go to its `weight` /
+  `weight_scale` / `weight_zeros` (renamed by `int4_keys`, so the key map and the plan treat them as one more
+  quantised layout) and are converted to fastsolar's layout (fastsolar.checkpoint.int4_formats) by a
+  `StoredInt4` sink once each tensor has arrived: a transpose for GPTQ's qweight and every scale, nibbles
+  re-ordered for AWQ's qweight and every qzeros. A tensor's own bytes are held once on the device meanwhile;
+  nothing is widened. GPTQ's `g_idx` is not read without act-order (desc_act false: it is k // group_size);
+  with act-order it becomes the layer's `weight_perm` (`ActOrder`: the inputs sorted by group, stably, so
+  each group is contiguous; the parts of a fused layer must agree), and once everything is in, each such
+  layer's packed weight is reordered to it (`QuantLinear.permute_inputs_`); the ops gather x to match.
+
+Anything else in `quantization_config` (bitsandbytes, EXL2, GGUF, GPTQ of other bit widths, AWQ's
+other packings, int4 or int8 compressed-tensors, static activation scales, block or group scales, a quantised
+KV cache, ...) is refused by name before any tensor is read, and so are quantised tensors in a checkpoint
+that declares no quantisation: nothing quantised is ever loaded as if it were bf16.
 """
 from __future__ import annotations
 
@@ -35,8 +48,10 @@ from typing import Any, Protocol
 
 import torch
 
-from fastsolar.checkpoint import hf_keys
-from fastsolar.model.quant import MODE_OF_DTYPE, quantize_rows
+from fastsolar.checkpoint import hf_keys, int4_formats
+from fastsolar.model.quant import INT4_SCALE_DTYPE, MODE_OF_DTYPE, STORAGE_DTYPE, quantize_rows
+
+_PACKED = STORAGE_DTYPE["int4"]  # int4 weights hold 8 inputs per element
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +65,35 @@ _SCALE_DTYPES = ("F32", "F16", "BF16")
 _8BIT_DTYPES = ("F8_E4M3", "F8_E5M2", "I8", "U8")  # what a quantised weight is stored as
 
 
+INT4_METHODS = ("gptq", "awq")
+INT4_SUFFIXES = {"qweight": "weight", "scales": "weight_scale", "qzeros": "weight_zeros"}  # stored -> ours
+# quant_method values (and bitsandbytes' flags) of formats fastsolar does not read, named in the refusal.
+NAMED_FORMATS = {
+    "bitsandbytes": "bitsandbytes (nf4 / fp4 / LLM.int8)", "exl2": "EXL2 (exllamav2)", "gguf": "GGUF",
+    "hqq": "HQQ", "aqlm": "AQLM", "eetq": "EETQ", "quanto": "quanto", "torchao": "torchao",
+}
+
+
 @dataclass(frozen=True)
 class StoredQuantization:
     """What a supported `quantization_config` declares."""
 
-    mode: str  # "fp8": the only stored format read so far
+    mode: str  # "fp8" (compressed-tensors) or "int4" (GPTQ, AWQ)
     strategies: tuple[str, ...]  # weight scale strategies used by its groups ("channel", "tensor")
     dynamic_activations: bool  # the checkpoint asks for dynamic activation quantisation (not replayed)
     ignore: tuple[str, ...]  # layers its author left unquantised (informational: stored dtypes decide)
+    method: str = "compressed-tensors"  # or "gptq", "awq"
+    group_size: int | None = None  # int4: inputs per group, -1 for one group per row
+    zero_offset: int = 0  # int4: added to every stored zero point (GPTQ's v1 format stores zero - 1)
+    symmetric: bool | None = None  # int4: what the config says (the stored zeros are used either way)
+    act_order: bool = False  # GPTQ's desc_act: g_idx orders the inputs
 
     def describe(self) -> str:
+        if self.mode == "int4":
+            groups = "one group per row" if self.group_size == -1 else f"groups of {self.group_size}"
+            zeros = {True: ", symmetric", False: ", asymmetric", None: ""}[self.symmetric]
+            order = ", act-order" if self.act_order else ""
+            return f"{self.method.upper()} 4-bit weights, {groups}{zeros}{order}"
         acts = ", dynamic activations (run unquantised)" if self.dynamic_activations else ""
         return f"compressed-tensors FP8 weights, per {'/'.join(self.strategies)} scales{acts}"
 
@@ -68,8 +102,9 @@ def _refuse(what: str) -> ValueError:
     return ValueError(
         f"config.json: {what}. fastsolar loads pre-quantised checkpoints only as compressed-tensors FP8 "
         "(llm-compressor's FP8 / FP8_DYNAMIC: format 'float-quantized' or 'naive-quantized', 8-bit float weights, "
-        "per-channel or per-tensor scales, no static activation scales); for anything else, load the original "
-        "bf16 checkpoint with quantize='fp8' or quantize='int8'"
+        "per-channel or per-tensor scales, no static activation scales), 4-bit GPTQ, or 4-bit "
+        "AWQ in its GEMM packing; for anything else, load the original "
+        "bf16 checkpoint with quantize='fp8' or quantize='int8' (half the bytes), or quantize='int4' (a quarter)"
     )
 
 
@@ -100,6 +135,13 @@ def read_quantization(raw_config: dict[str, Any]) -> StoredQuantization | None:
     if not isinstance(qc, dict):
         raise _refuse(f"quantization_config must be an object, got {qc!r}")
     method = qc.get("quant_method")
+    if isinstance(method, str) and method.lower() in INT4_METHODS:
+        return _read_int4(method.lower(), qc)
+    if qc.get("load_in_4bit") or qc.get("load_in_8bit"):
+        method = "bitsandbytes"
+    if isinstance(method, str) and method.lower() in NAMED_FORMATS:
+        raise _refuse(f"quantization_config is {NAMED_FORMATS[method.lower()]} (quant_method {method!r}), which "
+                      "fastsolar does not read")
     if method != QUANT_METHOD:
         raise _refuse(f"quantization_config has quant_method {method!r}")
     fmt = qc.get("format")
@@ -138,6 +180,87 @@ def read_quantization(raw_config: dict[str, Any]) -> StoredQuantization | None:
     return StoredQuantization("fp8", tuple(sorted(strategies)), dynamic, tuple(ignore))
 
 
+def _read_int4(method: str, qc: dict[str, Any]) -> StoredQuantization:
+    """A GPTQ / AWQ quantization_config, checked (module docstring)."""
+    name = method.upper()
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        raise _refuse(f"quantization_config is {name} with {bits}-bit weights (fastsolar reads 4-bit)")
+    group = qc.get("group_size", qc.get("q_group_size"))
+    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or (group > 0 and group % 16 == 0)):
+        raise _refuse(f"quantization_config is {name} with group_size {group!r} (fastsolar reads -1 or a "
+                      "multiple of 16)")
+    if method == "gptq":
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise _refuse(f"quantization_config is GPTQ in checkpoint_format {fmt!r} (fastsolar reads 'gptq', "
+                          "'gptq_v2')")
+        offset, sym = (1 if fmt == "gptq" else 0), qc.get("sym")
+    else:
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise _refuse(f"quantization_config is AWQ version {version!r} (fastsolar reads AutoAWQ's 'gemm' packing)")
+        if qc.get("zero_point", True) is not True:
+            raise _refuse("quantization_config is AWQ without zero points (zero_point=false)")
+        offset, sym = 0, False
+    ignore = tuple(qc.get("modules_to_not_convert") or ())
+    return StoredQuantization("int4", (), False, ignore, method=method, group_size=group, zero_offset=offset,
+                              symmetric=sym, act_order=method == "gptq" and bool(qc.get("desc_act")))
+
+
+def int4_keys(headers: dict[str, Any], stored: StoredQuantization | None) -> dict[str, Any]:
+    """A GPTQ / AWQ checkpoint's headers under fastsolar's names: `<layer>.qweight` / `.scales` / `.qzeros` as
+    `<layer>.weight` / `.weight_scale` / `.weight_zeros` (the tensors keep their own keys for messages), GPTQ's
+    `.g_idx` dropped (k // group_size without act-order). Other checkpoints' headers come back unchanged."""
+    if stored is None or stored.mode != "int4":
+        return headers
+    out: dict[str, Any] = {}
+    for key, h in headers.items():
+        base, _, suffix = key.rpartition(".")
+        known = hf_keys.map_key(base + ".weight") is not None
+        if known and suffix == "g_idx" and stored.method == "gptq":
+            if not stored.act_order:
+                continue
+            key = f"{base}.weight_perm"
+        if known and suffix in INT4_SUFFIXES:
+            key = f"{base}.{INT4_SUFFIXES[suffix]}"
+        out[key] = h
+    return out
+
+
+def stored_key(key: str, stored: StoredQuantization | None) -> str:
+    """The checkpoint's own name of a key `int4_keys` renamed (for messages)."""
+    if stored is None or stored.mode != "int4":
+        return key
+    base, _, suffix = key.rpartition(".")
+    back = {ours: theirs for theirs, ours in INT4_SUFFIXES.items()} | {"weight_perm": "g_idx"}
+    return f"{base}.{back[suffix]}" if suffix in back else key
+
+
+def _int4_layers(headers: dict[str, Any], stored: StoredQuantization) -> tuple[set[str], list[str]]:
+    """The layers a GPTQ / AWQ checkpoint stores in int4 (headers under `int4_keys` names) and the keys they need."""
+    layers: dict[str, dict[str, str]] = {}  # our layer -> {key: stored dtype}
+    for key, h in headers.items():
+        mapped = hf_keys.map_key(key)
+        if mapped is not None and mapped[1] in hf_keys.LINEAR_WEIGHTS:
+            layers.setdefault(mapped[0].removesuffix(".weight"), {})[key] = h.dtype
+    quantized, needed = set(), []
+    for layer, parts in layers.items():
+        kinds = set(parts.values())
+        if "I32" not in kinds:
+            continue
+        if kinds != {"I32"}:
+            shown = ", ".join(f"{headers[k].key} {d}" for k, d in parts.items())
+            raise ValueError(f"checkpoint layer parts are stored differently ({shown}): fastsolar fuses them into one "
+                             f"layer ({layer}) and needs them all {stored.method.upper()} int4 or all unquantised")
+        quantized.add(layer)
+        extras = ("weight_scale", "weight_zeros", "weight_perm") if stored.act_order else ("weight_scale", "weight_zeros")
+        needed.extend(k.removesuffix("weight") + extra for k in parts for extra in extras)
+    if not quantized:
+        raise ValueError(f"config.json declares {stored.describe()} but no linear layer has a qweight")
+    return quantized, needed
+
+
 def resolve_mode(quantize: str | None, stored: StoredQuantization | None, model_dir: Any) -> str | None:
     """The mode the model is built in: the checkpoint's own, or `quantize` for an unquantised one."""
     if stored is None:
@@ -153,7 +276,10 @@ def quantized_layers(headers: dict[str, Any], stored: StoredQuantization | None)
     """From the checkpoint's tensor headers: the names of our layers stored quantised, and the scale keys
     those layers need. Refuses quantised tensors without a supported quantization_config, quantised
     embeddings or norms, and fused layers whose parts are stored differently (before any tensor is read).
-    Other dtypes that are no float at all are left to the loader, which lists them with its other checks."""
+    Other dtypes that are no float at all are left to the loader, which lists them with its other checks.
+    A GPTQ / AWQ checkpoint's headers come under `int4_keys` names."""
+    if stored is not None and stored.mode == "int4":
+        return _int4_layers(headers, stored)
     dtypes: dict[str, dict[str, str]] = {}  # our layer -> {hf weight key: stored dtype}
     for key, h in headers.items():
         mapped = hf_keys.map_key(key)
@@ -192,6 +318,30 @@ def quantized_layers(headers: dict[str, Any], stored: StoredQuantization | None)
     return quantized, scales
 
 
+def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The [rows, K] a checkpoint stores for `param`: its shape, or [rows, 8 * words] for packed int4."""
+    if param.dtype == _PACKED:
+        return (param.shape[0], param.shape[1] * 8)
+    return tuple(param.shape)
+
+
+def int4_stored_ok(params: dict[str, torch.nn.Parameter], name: str, shape: tuple[int, ...], rows: int,
+                   stored: StoredQuantization | None) -> bool:
+    """Whether a GPTQ / AWQ tensor of `shape` fits `rows` rows of int4 parameter `name` (stored layout)."""
+    if stored is None or stored.mode != "int4":
+        return False
+    kind = name.rpartition(".")[2]
+    weight = params.get(name.removesuffix(kind) + "weight")
+    if weight is None or weight.dtype != _PACKED:
+        return False
+    if kind == "weight_perm":
+        return tuple(shape) == (weight.shape[1] * 8,)
+    if kind not in INT4_SUFFIXES.values():
+        return False
+    k, groups = weight.shape[1] * 8, params[name.removesuffix(kind) + "weight_scale"].shape[1]
+    return tuple(shape) == int4_formats.logical_stored_shape(stored.method, kind, rows, k, groups)
+
+
 def scale_shape_ok(param_name: str, shape: tuple[int, ...], rows: int) -> bool:
     """Whether a stored scale of `shape` fits `rows` rows of `param_name`: per channel [rows, 1] or [rows],
     per tensor [] or [1]."""
@@ -218,9 +368,10 @@ class QuantizingCopy:
     was finite (the error names the checkpoint key).
     """
 
-    def __init__(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.key, self.q, self.scale = key, q, scale
-        self.k = q.shape[1]
+    def __init__(self, key: str, q: torch.Tensor, scale: torch.Tensor, k: int,
+                 zeros: torch.Tensor | None = None) -> None:
+        self.key, self.q, self.scale, self.zeros = key, q, scale, zeros
+        self.k = k  # the checkpoint's row length (q's for 8-bit, 8 x q's for packed int4)
         self.row = 0  # rows quantised so far
         self.carry: torch.Tensor | None = None  # elements of the next row that arrived already
         self.finite: torch.Tensor | None = None
@@ -234,7 +385,9 @@ class QuantizingCopy:
         rows = src.numel() // self.k
         if rows:
             end = self.row + rows
-            ok = quantize_rows(src[: rows * self.k].view(rows, self.k), self.q[self.row:end], self.scale[self.row:end])
+            zeros = self.zeros[self.row:end] if self.zeros is not None else None
+            ok = quantize_rows(src[: rows * self.k].view(rows, self.k), self.q[self.row:end], self.scale[self.row:end],
+                               zeros)
             self.finite = ok if self.finite is None else self.finite & ok
             self.row = end
         rest = src[rows * self.k:]
@@ -245,6 +398,63 @@ class QuantizingCopy:
             raise RuntimeError(f"{self.key}: {self.row} of {self.q.shape[0]} rows arrived")
         if self.finite is not None and not bool(self.finite):
             raise ValueError(f"checkpoint tensor {self.key} has non-finite values (inf or NaN): it cannot be quantised")
+
+
+class StoredInt4:
+    """Collects one stored GPTQ / AWQ tensor on the device as it arrives and, once complete, writes its
+    conversion to fastsolar's layout (fastsolar.checkpoint.int4_formats) into the target and frees it."""
+
+    def __init__(self, key: str, target: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                 convert: Any) -> None:
+        self.key, self.target, self.shape, self.convert = key, target, shape, convert
+        self.buf: torch.Tensor | None = torch.empty(math.prod(shape), dtype=dtype, device=target.device)
+        self.got = 0
+
+    def __call__(self, first: int, src: torch.Tensor) -> None:
+        if self.buf is None or first != self.got:
+            raise RuntimeError(f"{self.key}: chunk at element {first} out of order")
+        self.buf[first:first + src.numel()].copy_(src)
+        self.got += src.numel()
+        if self.got == self.buf.numel():
+            self.target.copy_(self.convert(self.buf.view(self.shape)))
+            self.buf = None
+
+    def finish(self) -> None:
+        if self.buf is not None:
+            raise RuntimeError(f"{self.key}: {self.got} of {self.buf.numel()} elements arrived")
+
+
+class ActOrder:
+    """A GPTQ act-order layer's g_idx [K] (group of each input) into its `weight_perm`: the inputs sorted by
+    group, stably. `finish` checks that the sorted groups are each `group_size` consecutive inputs (a g_idx
+    GPTQ writes), and that every part of a fused layer left the same order."""
+
+    def __init__(self, key: str, target: torch.Tensor, group_size: int) -> None:
+        self.key, self.target, self.group_size = key, target, group_size
+        self.buf = torch.empty(target.shape[0], dtype=torch.int64, device=target.device)
+        self.got = 0
+        self.perm: torch.Tensor | None = None
+        self.ok: torch.Tensor | None = None
+
+    def __call__(self, first: int, src: torch.Tensor) -> None:
+        self.buf[first:first + src.numel()].copy_(src)
+        self.got += src.numel()
+        if self.got == self.buf.numel():
+            self.perm = torch.sort(self.buf, stable=True).indices
+            k = self.buf.numel()
+            want = torch.arange(k, device=self.buf.device) // self.group_size
+            self.ok = (self.buf[self.perm] == want).all()
+            self.target.copy_(self.perm)
+
+    def finish(self) -> None:
+        if self.perm is None:
+            raise RuntimeError(f"{self.key}: {self.got} of {self.buf.numel()} elements arrived")
+        if not bool(self.ok):
+            raise ValueError(f"checkpoint tensor {self.key} is no GPTQ g_idx for groups of {self.group_size}: sorted, "
+                             "its groups must each cover group_size consecutive inputs")
+        if not torch.equal(self.perm, self.target):
+            raise ValueError(f"checkpoint tensor {self.key} orders the inputs differently from the other parts of the "
+                             "layer fastsolar fuses it into (q/k/v or gate/up); they must share one g_idx")
 
 
 class SpreadScale:
@@ -261,15 +471,27 @@ class SpreadScale:
 
 
 def placement(params: dict[str, torch.nn.Parameter], name: str, rows: slice | None, key: str,
-              shape: tuple[int, ...], dtype: torch.dtype) -> Sink | None:
+              shape: tuple[int, ...], dtype: torch.dtype, stored: StoredQuantization | None = None) -> Sink | None:
     """How checkpoint tensor `key` (`shape`, stored as `dtype`) goes into parameter `name` (its `rows` of a
     fused parameter): a Sink that quantises a float weight into a quantised layer (and writes its scales) or
     spreads a per-tensor scale over its rows; None for a plain (casting) copy of its elements."""
     param = params[name]
     target = param if rows is None else param[rows]
+    if int4_stored_ok(params, name, shape, target.shape[0], stored):
+        method, kind = stored.method, name.rpartition(".")[2]
+        if kind == "weight_perm":
+            k = target.shape[0]
+            return ActOrder(key, target, k if stored.group_size == -1 else stored.group_size)
+        convert = {"weight": lambda t: int4_formats.qweight(method, t),
+                   "weight_scale": lambda t: int4_formats.scales(t).to(INT4_SCALE_DTYPE),
+                   "weight_zeros": lambda t: int4_formats.qzeros(method, t, stored.zero_offset)}[kind]
+        return StoredInt4(key, target, tuple(shape), dtype, convert)
     if param.dtype in MODE_OF_DTYPE and dtype not in MODE_OF_DTYPE:
         scale = params[name.removesuffix("weight") + "weight_scale"]
-        return QuantizingCopy(key, target, scale if rows is None else scale[rows])
+        zeros = params.get(name.removesuffix("weight") + "weight_zeros")
+        if zeros is not None and rows is not None:
+            zeros = zeros[rows]
+        return QuantizingCopy(key, target, scale if rows is None else scale[rows], shape[-1], zeros)
     if name.endswith(".weight_scale") and math.prod(shape) == 1 and target.numel() != 1:
         return SpreadScale(target)
     return None

@@ -21,8 +21,9 @@ The cache is an argument: the model holds weights and config only, and whoever d
 (fastsolar.decoding.session.DecodeSession), handed to every layer as a `CacheView`.
 
 A linear layer may be quantised (fastsolar.model.quant.QuantLinear: int8 / FP8 `weight` plus an fp32
-`weight_scale` per output row, swapped in by the loader or `quant.quantize`); every product passes the
-layer's scale (`_scale`: None for a plain nn.Linear) with its weight, and the ops handle both.
+`weight_scale` per output row, or packed int4 with group scales and zeros, swapped in by the loader or
+`quant.quantize`); every product passes the layer's quantisation arguments (`_quant`: none for a plain
+nn.Linear) with its weight, and the ops handle each kind.
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
         raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
 
 
-def _scale(layer: nn.Module) -> torch.Tensor | None:
-    """A quantised linear layer's per-output-channel scale; None for an unquantised one."""
-    return getattr(layer, "weight_scale", None)
+def _quant(layer: nn.Module) -> dict:
+    """A quantised linear layer's kernel arguments beside its weight (scale=, zeros=, group_size=); {} for an
+    unquantised one."""
+    args = getattr(layer, "kernel_args", None)
+    return args() if args is not None else {}
 
 
 @dataclass
@@ -129,7 +132,7 @@ class Attention(nn.Module):
         cache view: causal attention over h alone; with one: a prefill or a decode step through layer `layer`
         of the cache (CacheView)."""
         b, s, _ = h.shape
-        qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight, scale=_scale(self.wqkv))
+        qkv = ops.norm_linear(h, norm_weight, eps, self.wqkv.weight, **_quant(self.wqkv))
         q, k, v = qkv.view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         if view is None:
@@ -148,7 +151,7 @@ class Attention(nn.Module):
             else:
                 o = ops.attention(q, k_cache[:, :s], v_cache[:, :s], causal=True, rows=rows)
         return ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight, residual=h,
-                          scale=_scale(self.wo))
+                          **_quant(self.wo))
 
 
 class FeedForward(nn.Module):
@@ -159,8 +162,8 @@ class FeedForward(nn.Module):
 
     def forward(self, h: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
         """h + mlp(rms_norm(h)) for the residual stream h."""
-        gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight, scale=_scale(self.w_gate_up))
-        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h, scale=_scale(self.w_down))
+        gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight, **_quant(self.w_gate_up))
+        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h, **_quant(self.w_down))
 
 
 class Block(nn.Module):
@@ -209,7 +212,7 @@ class Transformer(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm fused with the lm_head."""
-        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, scale=_scale(self.lm_head))
+        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, **_quant(self.lm_head))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""

@@ -13,7 +13,12 @@ with the separate small kernels, whichever fastsolar.ops.gemv_choice found faste
 (prefill) take cuBLAS. `scale` (fp32 [N]) is the per-output-channel scale of an int8/fp8 weight
 (fastsolar.model.quant): the GEMV reads the 8-bit weight as it is, cuBLAS gets it widened to the activations'
 dtype with the scale folded in (kernels.dequantize), and prefill runs the quantised GEMM kernel
-(kernels.quant_matmul) instead of cuBLAS. Off the kernel path every product is kernels.gemv_ref
+(kernels.quant_matmul) instead of cuBLAS. A packed int4 weight (int32 [N, K / 8], kernels/_int4.py) comes
+with `scale` [N, G], `zeros` [N, G] and `group_size` and takes the same three paths (cuBLAS gets
+kernels.dequantize_int4's widened copy). An act-order int4 weight (GPTQ's desc_act) also has `perm` [K]: its
+input k is x's input perm[k], so the product's input is gathered once (`_permuted`, with the RMSNorm weight or
+both SwiGLU halves alike: a norm's mean square does not depend on the order) and the kernels see contiguous
+groups. Off the kernel path every product is kernels.gemv_ref
 (dequantise, then matmul).
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -112,19 +118,47 @@ def decode_attention(
     return fn(q, k_cache, v_cache, seqlens, rows=rows)
 
 
-def _cublas(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """cuBLAS x @ weight.T; an 8-bit weight is first widened to x's dtype with its scale folded in (the fused
+Quant = dict[str, Any]  # a quantised weight's other kernel arguments: {} or scale= (8-bit), + zeros=, group_size= (int4)
+
+
+def _quant(scale: torch.Tensor | None, zeros: torch.Tensor | None, group_size: int | None) -> Quant:
+    args = {} if scale is None else {"scale": scale}
+    if zeros is not None or group_size is not None:
+        args.update(zeros=zeros, group_size=group_size)
+    return args
+
+
+def _cublas(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+            zeros: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
+    """cuBLAS x @ weight.T; a quantised weight is first widened to x's dtype with its scales folded in (the fused
     GEMV's rival for decode-sized products: it reads the weight once and writes and reads a widened copy)."""
-    return torch.nn.functional.linear(x, weight if scale is None else K.dequantize(weight, scale, x.dtype))
+    if zeros is not None:
+        weight = K.dequantize_int4(weight, scale, zeros, group_size, x.dtype)
+    elif scale is not None:
+        weight = K.dequantize(weight, scale, x.dtype)
+    return torch.nn.functional.linear(x, weight)
 
 
-def _gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """A prefill's product (more than K.GEMV_MAX_M rows): cuBLAS, or for an 8-bit weight the quantised GEMM
-    kernel, which reads one byte per weight and dequantises its tiles in registers (no widened copy)."""
-    return torch.nn.functional.linear(x, weight) if scale is None else K.quant_matmul(x, weight, scale)
+def _gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+          zeros: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
+    """A prefill's product (more than K.GEMV_MAX_M rows): cuBLAS, or for a quantised weight the quantised GEMM
+    kernel, which reads the packed weight and dequantises its tiles in registers (no widened copy)."""
+    if scale is None:
+        return torch.nn.functional.linear(x, weight)
+    return K.quant_matmul(x, weight, scale, **_quant(None, zeros, group_size))
 
 
-Matmul = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Matmul = Callable[..., torch.Tensor]  # (x, weight, **Quant) -> x @ W.T
+
+
+def _permuted(x: torch.Tensor, perm: torch.Tensor | None, *, halves: bool = False) -> torch.Tensor:
+    """x's last dim gathered by `perm` (each half alike with `halves`: SwiGLU's [gate | up]); x when perm is None."""
+    if perm is None:
+        return x
+    if halves:
+        gate, up = x.chunk(2, dim=-1)
+        return torch.cat((gate.index_select(-1, perm), up.index_select(-1, perm)), dim=-1)
+    return x.index_select(-1, perm)
 
 
 def _fused(
@@ -146,15 +180,25 @@ def _fused(
 
 
 def norm_linear(
-    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, *, scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    group_size: int | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """rms_norm(x, norm_weight, eps) @ weight.T (the qkv, gate_up and lm_head products)."""
+    q = _quant(scale, zeros, group_size)
+    x, norm_weight = _permuted(x, perm), _permuted(norm_weight, perm)
     if not use_kernels(x):
-        return K.gemv_ref(x, weight, scale=scale, norm_weight=norm_weight, eps=eps)
+        return K.gemv_ref(x, weight, norm_weight=norm_weight, eps=eps, **q)
     return _fused(
         "norm", x, weight,
-        lambda: K.gemv(x, weight, scale=scale, norm_weight=norm_weight, eps=eps),
-        lambda matmul: matmul(K.rms_norm(x, norm_weight, eps), weight, scale),
+        lambda: K.gemv(x, weight, norm_weight=norm_weight, eps=eps, **q),
+        lambda matmul: matmul(K.rms_norm(x, norm_weight, eps), weight, **q),
     )
 
 
@@ -164,18 +208,23 @@ def swiglu_linear(
     *,
     residual: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    group_size: int | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu(gate) * up @ weight.T (+ residual), gate and up the two halves of `gate_up`'s last dim (down)."""
+    q = _quant(scale, zeros, group_size)
+    gate_up = _permuted(gate_up, perm, halves=True)
     if not use_kernels(gate_up):
-        return K.gemv_ref(gate_up, weight, scale=scale, swiglu=True, residual=residual)
+        return K.gemv_ref(gate_up, weight, swiglu=True, residual=residual, **q)
 
     def unfused(matmul: Matmul) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        y = matmul(K.swiglu(gate, up), weight, scale)
+        y = matmul(K.swiglu(gate, up), weight, **q)
         return y if residual is None else residual + y
 
     return _fused("swiglu" if residual is None else "swiglu+res", gate_up, weight,
-                  lambda: K.gemv(gate_up, weight, scale=scale, swiglu=True, residual=residual), unfused)
+                  lambda: K.gemv(gate_up, weight, swiglu=True, residual=residual, **q), unfused)
 
 
 def linear(
@@ -184,14 +233,19 @@ def linear(
     *,
     residual: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    group_size: int | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ residual) (the o projection)."""
+    q = _quant(scale, zeros, group_size)
+    x = _permuted(x, perm)
     if not use_kernels(x):
-        return K.gemv_ref(x, weight, scale=scale, residual=residual)
+        return K.gemv_ref(x, weight, residual=residual, **q)
 
     def unfused(matmul: Matmul) -> torch.Tensor:
-        y = matmul(x, weight, scale)
+        y = matmul(x, weight, **q)
         return y if residual is None else residual + y
 
     return _fused("plain" if residual is None else "plain+res", x, weight,
-                  lambda: K.gemv(x, weight, scale=scale, residual=residual), unfused)
+                  lambda: K.gemv(x, weight, residual=residual, **q), unfused)

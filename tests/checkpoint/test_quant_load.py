@@ -276,9 +276,16 @@ def test_broken_fp8_checkpoints_are_refused(hf_model, tmp_path, monkeypatch, edi
 @pytest.mark.parametrize(
     "qc, message",
     [
-        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method 'gptq'"),
-        ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "quant_method 'awq'"),
-        ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "quant_method 'bitsandbytes'"),
+        ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "GPTQ with 8-bit weights"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 100}, "GPTQ with group_size 100"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"},
+         "checkpoint_format 'marlin'"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "AWQ version 'gemv'"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, "AWQ without zero points"),
+        ({"quant_method": "bitsandbytes", "load_in_8bit": True}, r"bitsandbytes \(nf4 / fp4 / LLM.int8\)"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, r"bitsandbytes \(nf4"),
+        ({"quant_method": "exl2", "bits": 4.65}, r"EXL2 \(exllamav2\)"),
+        ({"quant_method": "gguf"}, "GGUF"),
         ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
          "quant_method 'fp8'"),
         (ct_config(fmt="pack-quantized"), "format 'pack-quantized'"),
@@ -294,7 +301,8 @@ def test_broken_fp8_checkpoints_are_refused(hf_model, tmp_path, monkeypatch, edi
         (ct_config(quantization_status="frozen"), "quantization_status 'frozen'"),
         (ct_config(sparsity_config={"format": "sparse-24-bitmask"}), "sparsity_config"),
     ],
-    ids=["gptq", "awq", "bnb", "hf-fp8-block", "int4-packed", "int8-w8a8", "int4-group", "fp8-block", "static-acts",
+    ids=["gptq-8bit", "gptq-group100", "gptq-marlin", "awq-gemv", "awq-no-zeros", "bnb", "bnb-flags",
+         "exl2", "gguf", "hf-fp8-block", "int4-packed", "int8-w8a8", "int4-group", "fp8-block", "static-acts",
          "kv-cache", "frozen", "sparse"],
 )
 def test_unsupported_quantization_config_refused_before_loading(ckpt, tmp_path, no_weight_reads, qc, message):
@@ -316,9 +324,9 @@ def test_quantised_tensors_without_config_refused(hf_model, tmp_path, no_weight_
         Solar.from_pretrained(d, device="cpu")
 
 
-@pytest.mark.parametrize("bad", ["int4", "nf4", "fp16", 8])
+@pytest.mark.parametrize("bad", ["int3", "nf4", "fp16", 8])
 def test_unknown_quantize_refused_first(ckpt, no_weight_reads, bad):
-    with pytest.raises(ValueError, match=r"quantize=.* is not supported; use one of 'fp8', 'int8' or None"):
+    with pytest.raises(ValueError, match=r"quantize=.* is not supported; use one of 'fp8', 'int8', 'int4' or None"):
         Solar.from_pretrained(ckpt, device="cpu", quantize=bad)
     with pytest.raises(ValueError, match="is not supported"):  # before the directory is even looked at
         Solar.from_pretrained("/nonexistent", quantize=bad)

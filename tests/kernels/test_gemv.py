@@ -15,7 +15,7 @@ import torch
 from fastsolar import quant
 from fastsolar.kernels._workspace import workspace
 from fastsolar.kernels.gemv import MAX_M, gemv, gemv_launch_config, gemv_ref
-from helpers import DEVICE, ULP, assert_close, poison, randn
+from helpers import DEVICE, ULP, assert_close, int4_weights, poison, randn
 EPS = 1e-5
 
 
@@ -24,11 +24,15 @@ def _inputs(m, n, k, dtype, wdtype, prologue, residual):
     x = randn(m, kx, dtype=dtype)
     w = randn(n, k, scale=k ** -0.5)
     scale = None
-    if wdtype in (torch.int8, torch.float8_e4m3fn):
-        w, scale = quant.quantize_weight(w, quant.MODE_OF_DTYPE[wdtype])  # per channel: w ~= scale[:, None] * q
+    kw = {}
+    if wdtype == "int4":  # packed, group 128
+        kw = int4_weights(n, k, 128)
+        w = kw.pop("weight")
+    elif wdtype in (torch.int8, torch.float8_e4m3fn):
+        w, kw["scale"] = quant.quantize_weight(w, quant.MODE_OF_DTYPE[wdtype])  # per channel: w ~= scale[:, None] * q
     else:
         w = w.to(wdtype)
-    kw = {"scale": scale}
+        kw["scale"] = None
     if prologue == "norm":
         kw.update(norm_weight=(1.0 + 0.5 * randn(k)).to(dtype), eps=EPS)
     elif prologue == "swiglu":
@@ -76,9 +80,48 @@ def test_gemv_matches_reference(m, n, k, dtype, wdtype, prologue, residual):
     _check(x, w, kw, f"m{m} n{n} k{k} {dtype} {wdtype} {prologue} res={residual}")
 
 
+INT4_CASES = [
+    # m, n, k, group size, x dtype, scale dtype, prologue, residual, symmetric zeros
+    pytest.param(1, 37, 200, 64, torch.float32, torch.float16, "plain", False, False, id="m1-k200-g64-partial-fp32"),
+    pytest.param(1, 50, 3000, 128, torch.bfloat16, torch.bfloat16, "swiglu", True, False, id="m1-swiglu-res-k3000-splitk"),
+    pytest.param(1, 17, 136, 136, torch.float16, torch.float32, "norm", False, True, id="m1-norm-per-channel-sym"),
+    pytest.param(3, 33, 248, 32, torch.float16, torch.float16, "norm", True, False, id="m3-norm-res-g32"),
+    pytest.param(8, 19, 1400, 128, torch.float32, torch.float16, "plain", True, True, id="m8-res-k1400-splitk-sym"),
+    pytest.param(5, 64, 192, 64, torch.float16, torch.bfloat16, "swiglu", False, False, id="m5-swiglu-g64"),
+    pytest.param(4, 31, 256, 128, torch.bfloat16, torch.float16, "norm", True, False, marks=[BF16_DOT], id="m4-bf16"),
+]
+
+
+@pytest.mark.parametrize("m, n, k, group, dtype, sdtype, prologue, residual, sym", INT4_CASES)
+def test_gemv_int4_matches_reference(m, n, k, group, dtype, sdtype, prologue, residual, sym):
+    """Packed int4 weights (kernels/_int4.py): group scales and zeros applied per k, partial last groups, odd N."""
+    x, _, kw = _inputs(m, n, k, dtype, dtype, prologue, residual)
+    kw.pop("scale")
+    kw.update(int4_weights(n, k, group, scale_dtype=sdtype, symmetric=sym))
+    _check(x, kw.pop("weight"), kw, f"int4 m{m} n{n} k{k} g{group} {dtype} {sdtype} {prologue} res={residual}")
+
+
+def test_gemv_int4_realistic_magnitudes_and_bad_inputs():
+    """Row RMS 1e-2 activations through the norm prologue; a zero point or group taken from the wrong column
+    would be far off. Bad int4 arguments are refused by name."""
+    x = randn(2, 96, dtype=torch.float16, scale=1e-2)
+    p = int4_weights(21, 96, 32)
+    w = p.pop("weight")
+    _check(x, w, {**p, "norm_weight": (1.0 + 0.5 * randn(96)).to(torch.float16), "eps": EPS}, "int4 rms 1e-2")
+    with pytest.raises(ValueError, match="needs its group scale, zeros and group_size"):
+        gemv(x, w, scale=p["scale"], group_size=32)
+    with pytest.raises(ValueError, match=r"scales must have shape \[21, 3\]"):
+        gemv(x, w, scale=p["scale"][:, :2], zeros=p["zeros"], group_size=32)
+    with pytest.raises(ValueError, match="zeros and group_size belong to packed int4"):
+        gemv(x, randn(21, 96, dtype=torch.float16), zeros=p["zeros"], group_size=32)
+    with pytest.raises(ValueError, match="x's last dim must be K = 96"):
+        gemv(randn(2, 12, dtype=torch.float16), w, **p)
+
+
 @pytest.mark.gpu("SOLAR-sized products: too slow for the Triton interpreter")
 @pytest.mark.parametrize("m", [1, 4, 8])
-@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn], ids=["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn, "int4"],
+                         ids=["bf16", "int8", "fp8", "int4"])
 def test_gemv_solar_shapes_on_cuda(m, wdtype):
     """Every decode product of a SOLAR layer at its real size, compiled, bf16 activations."""
     for n, k, prologue, residual in ((6144, 4096, "norm", False), (4096, 4096, "plain", True),
@@ -145,6 +188,18 @@ def test_gemv_launch_config():
     assert gemv_launch_config(1, 4096, 4096, torch.bfloat16, (9, 0), 132)["SPLIT_K"] > 1
     # gate_up (N = 28672) fills the GPU without a split.
     assert gemv_launch_config(1, 28672, 4096, torch.bfloat16, (9, 0), 132)["SPLIT_K"] == 1
+
+
+def test_gemv_int4_tiles_stay_in_one_group():
+    """Each int4 tile reads one scale and zero per row, so BLOCK_K divides the group (or one group covers K);
+    groups that are not multiples of 16 are refused by name."""
+    for m in (1, 4):
+        for k, group in ((4096, 128), (14336, 32), (4096, 64), (14336, 14336), (200, 64), (136, 136)):
+            c = gemv_launch_config(m, 4096, k, torch.int32, (9, 0), 132, group_size=group)
+            assert group >= k or group % c["BLOCK_K"] == 0, (m, k, group, c)
+            assert c["W_INT4"] and c["k_per_split"] % c["BLOCK_K"] == 0
+    with pytest.raises(ValueError, match="group_size must be a multiple of 16 .* got 24"):
+        gemv_launch_config(1, 64, 96, torch.int32, group_size=24)
 
 
 def test_gemv_bad_inputs():

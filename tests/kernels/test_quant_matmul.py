@@ -14,7 +14,7 @@ import torch
 
 from fastsolar.kernels.gemv import gemv_ref
 from fastsolar.kernels.quant_matmul import quant_matmul, quant_matmul_launch_config
-from helpers import DEVICE, ON_GPU, ULP, assert_close, poison, quantized_weights, randn
+from helpers import DEVICE, ON_GPU, ULP, assert_close, int4_weights, poison, quantized_weights, randn
 
 MODES = ("int8", "fp8")
 X_DTYPES = [torch.float32, torch.float16]
@@ -61,6 +61,58 @@ def test_quant_matmul_bf16_on_gpu(shape, mode):
     assert_close(out, gemv_ref(x.double(), q, scale=s), baseline=gemv_ref(x, q, scale=s))
 
 
+INT4_CASES = [
+    # m, n, k, group size, symmetric, scale dtype
+    (9, 97, 200, 64, False, torch.float16),  # K past the last full group and not a multiple of BLOCK_K
+    (13, 33, 256, 32, True, torch.bfloat16),
+    (17, 45, 136, 136, False, torch.float32),  # per channel: one group covers K = 8 * 17
+    (113, 64, 384, 128, False, torch.float16),  # prefill tiles (BLOCK_M 128)
+]
+
+
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=X_IDS)
+@pytest.mark.parametrize("m, n, k, group, sym, sdtype", INT4_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_quant_matmul_int4_matches_reference(m, n, k, group, sym, sdtype, dtype):
+    """Packed int4 (kernels/_int4.py): the tile dequantised per group in registers, the same values as the
+    reference's dequantised weight."""
+    x = randn(m, k, dtype=dtype, scale=0.05)
+    p = int4_weights(n, k, group, scale_dtype=sdtype, symmetric=sym)
+    w = p.pop("weight")
+    saved = [x.clone(), w.clone(), p["scale"].clone(), p["zeros"].clone()]
+    out = poison(torch.empty(m, n, dtype=dtype, device=DEVICE))
+    y = quant_matmul(x, w, p["scale"], out=out, zeros=p["zeros"], group_size=group)
+    assert y is out
+    assert_close(y, gemv_ref(x.double(), w, **p), baseline=gemv_ref(x, w, **p), rtol=ULP[dtype],
+                 msg=f"int4 {m}x{n}x{k} g{group} sym={sym} {dtype}")
+    assert all(torch.equal(a, b) for a, b in zip(saved, (x, w, p["scale"], p["zeros"]))), "inputs modified"
+
+
+@pytest.mark.gpu("bf16 tl.dot gives garbage under the Triton interpreter")
+@pytest.mark.parametrize("shape", [(9, 4096, 4096), (77, 1000, 14336), (512, 4096, 4096)], ids=str)
+def test_quant_matmul_int4_bf16_on_gpu(shape):
+    m, n, k = shape
+    x = randn(m, k, dtype=torch.bfloat16)
+    p = int4_weights(n, k, 128)
+    w = p.pop("weight")
+    out = poison(torch.empty(m, n, dtype=torch.bfloat16, device=DEVICE))
+    quant_matmul(x, w, p["scale"], out=out, zeros=p["zeros"], group_size=128)
+    assert_close(out, gemv_ref(x.double(), w, **p), baseline=gemv_ref(x, w, **p), rtol=ULP[torch.bfloat16])
+
+
+def test_quant_matmul_int4_bad_inputs():
+    p = int4_weights(9, 64, 32, seed=3)
+    x = randn(10, 64)
+    with pytest.raises(ValueError, match="needs its group scale, zeros and group_size"):
+        quant_matmul(x, p["weight"], p["scale"], group_size=32)
+    with pytest.raises(ValueError, match=r"zeros must have shape \[9, 2\]"):
+        quant_matmul(x, p["weight"], p["scale"], zeros=p["zeros"][:, :1], group_size=32)
+    with pytest.raises(ValueError, match="x must have last dimension 64"):
+        quant_matmul(randn(10, 60), p["weight"], p["scale"], zeros=p["zeros"], group_size=32)
+    q, s = quantized_weights(9, 64, "int8", seed=5)
+    with pytest.raises(ValueError, match="zeros and group_size belong to packed int4"):
+        quant_matmul(x, q, s, zeros=p["zeros"], group_size=32)
+
+
 def test_quant_matmul_launch_configs():
     """Tiles are powers of two >= 16 (tl.dot), short prefills get the small-M tiles, EVEN_K is exact."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -72,6 +124,13 @@ def test_quant_matmul_launch_configs():
                 assert cfg["EVEN_K"] == (k % cfg["BLOCK_K"] == 0)
                 smem = cfg["num_stages"] * cfg["BLOCK_K"] * (cfg["BLOCK_M"] * dtype.itemsize + cfg["BLOCK_N"])
                 assert smem <= 164 * 1024, (cfg, smem)  # sm_80's opt-in limit
+    for m in (9, 32, 512):  # int4: every tile within one group (one scale and zero per row per tile)
+        for k, group in ((4096, 128), (14336, 32), (14336, 14336), (200, 64), (136, 136)):
+            cfg = quant_matmul_launch_config(m, k, torch.bfloat16, group)
+            assert group >= k or group % cfg["BLOCK_K"] == 0, (m, k, group, cfg)
+            assert cfg["BLOCK_K"] >= 16 and cfg["EVEN_K"] == (k % cfg["BLOCK_K"] == 0)
+    with pytest.raises(ValueError, match="group_size must be a multiple of 16"):
+        quant_matmul_launch_config(32, 4096, torch.bfloat16, 40)
     assert quant_matmul_launch_config(1, 4096, torch.bfloat16)["BLOCK_M"] == 16
     assert quant_matmul_launch_config(512, 4096, torch.bfloat16)["BLOCK_M"] == 128
 

@@ -154,14 +154,22 @@ def _e4m3_ulp(v: torch.Tensor) -> torch.Tensor:
 
 def rounding_noise_model(base: Solar, mode: str, seed: int) -> Solar:
     """`base` with each quantisable weight perturbed by uniform noise of exactly the size the rounding of
-    the per-channel absmax scale implies, and nothing else changed."""
+    the per-channel absmax scale (int4: the per-group range) implies, and nothing else changed."""
     g = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base)
     with torch.no_grad():
         for name in quant.quantizable_linears(model):
             w = model.get_submodule(name).weight
-            s = w.abs().amax(dim=1, keepdim=True) / quant.QMAX[mode]
-            step = s if mode == "int8" else _e4m3_ulp(w / s) * s
+            if mode == "int4":  # a step per group of GROUP_SIZE inputs: the group's range, 0 included, / 15
+                n, k = w.shape
+                groups = w.new_zeros(n, -(-k // quant.GROUP_SIZE) * quant.GROUP_SIZE)
+                groups[:, :k] = w
+                groups = groups.view(n, -1, quant.GROUP_SIZE)
+                step = (groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)) / 15
+                step = step.repeat_interleave(quant.GROUP_SIZE, dim=1)[:, :k]
+            else:
+                s = w.abs().amax(dim=1, keepdim=True) / quant.QMAX[mode]
+                step = s if mode == "int8" else _e4m3_ulp(w / s) * s
             w.add_((torch.rand(w.shape, generator=g).to(w.device) - 0.5) * step)
     return model
 
@@ -208,7 +216,7 @@ def _logit_error(model: Solar, ids: torch.Tensor, ref: torch.Tensor) -> dict[str
     return {"rms": float(d.pow(2).mean().sqrt()), "mean": float(d.mean()), "max": float(d.max())}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "int4"])
 def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
     base, ids, ref, want = realistic
     q = quant.quantized_copy(base, mode)
@@ -223,7 +231,7 @@ def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
             f"{mode}: logit error {k} {got[k]:.4f} > {BOUND} x rounding's {expect[k]:.4f}"
         # Far below the rounding noise would mean the weights were not really quantised.
         assert got[k] >= expect[k] / BOUND, f"{mode}: logit error {k} {got[k]:.4f} is implausibly small"
-    for why, scale_of in WORSE[mode].items():
+    for why, scale_of in WORSE.get(mode, {}).items():
         bad = _logit_error(with_scales(base, mode, scale_of), ids, ref)
         print(f"  {why} scales: rms {bad['rms']:.4f} mean {bad['mean']:.4f}")
         assert bad["rms"] > BOUND * expect["rms"], f"{mode} with {why} scales passes the bound: the test cannot tell"
@@ -238,7 +246,10 @@ def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
              for row, ref_row in zip(got_tokens[:, 8:], want[:, 8:])]
     print(f"  greedy over 32 tokens: {free:.1%} identical (first divergence at {first}), "
           f"{teacher:.1%} top-1 agreement teacher-forced")
-    assert teacher >= 0.9, f"{mode}: top-1 agreement with the fp32 model {teacher:.1%} < 90%"
+    # int4's steps are 8-16x int8's: its logit error is ~0.2 of the logits' spread here (rounding's share too),
+    # and 84% of the teacher-forced top-1 tokens agree (8-bit: > 95%).
+    need = 0.8 if mode == "int4" else 0.9
+    assert teacher >= need, f"{mode}: top-1 agreement with the fp32 model {teacher:.1%} < {need:.0%}"
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -275,3 +286,15 @@ def test_quantised_memory(mode):
         if name == "solar-10.7b":
             assert q_all <= 0.52 * bf16_all, (q_all, bf16_all)
             assert 10.8e9 < q_all < 11.0e9, q_all
+
+
+def test_int4_memory():
+    """SOLAR-10.7B's linears in int4: half a byte per weight, plus an fp16 scale and a uint8 zero per 128
+    weights: 0.2578x their bf16 bytes; the whole model (its 0.26 GB bf16 embedding table unchanged) ~0.27x."""
+    config = SolarConfig.preset("solar-10.7b")
+    bf16_all, bf16_linear = _meta_bytes(config, None)
+    q_all, q_linear = _meta_bytes(config, "int4")
+    assert q_linear == bf16_linear // 4 + bf16_linear // 2 // 128 * 3, "4 bits per weight, 3 bytes per group"
+    assert q_all == bf16_all - bf16_linear + q_linear
+    assert 0.25 < q_all / bf16_all < 0.28, q_all / bf16_all
+    print(f"\nsolar-10.7b int4: {q_all / 1e9:.3f} GB vs bf16 {bf16_all / 1e9:.3f} GB ({q_all / bf16_all:.4f}x)")
