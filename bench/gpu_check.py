@@ -91,11 +91,11 @@ class Phase:
 PLAN: tuple[Phase, ...] = (
     Phase("info", 45, 15, "card facts: versions, card, driver, copy bandwidth; tests collected for the plan",
           ("summary.json",)),
-    Phase("gpu-tests", 90, 30, "pytest -m 'gpu and not heavy': CUDA graphs, then quantised, then the rest",
+    Phase("gpu-tests", 80, 30, "pytest -m 'gpu and not heavy': CUDA graphs, then quantised, then the rest",
           (TESTS_FILE,)),
     Phase("kernels", 110, 20, "decode GEMVs fused vs cuBLAS (bf16/fp8/int8/int4, M 1 and 8) and decode attention",
           ("kernels.json",)),
-    Phase("probe", 60, 20, "profiled full-size decode step (CUDA graph); cuBLAS GEMVs from memory", ("probe.json",)),
+    Phase("probe", 50, 20, "profiled full-size decode step (CUDA graph); cuBLAS GEMVs from memory", ("probe.json",)),
     Phase("bench", 185, 60, "bench/run.py at SOLAR shape: fastsolar, -fp8, -int8, -int4, then the baselines",
           ("bench.json",)),
     Phase("compile", 200, 150, "hf-compile (torch.compile reduce-overhead) at batch 1", ("compile.json",), optional=True),

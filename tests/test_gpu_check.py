@@ -121,7 +121,7 @@ def test_rehearsal_plan_fits_the_lend(rehearsal, bench_script):
     assert gpu["tests"] >= 80 and gpu["heavy"] == 0 and phases["gpu-heavy"]["counts"]["heavy"] >= 1
     kb = bench_script("kernel_bench")
     rows = kb.plan(kb.SOLAR, "bfloat16", kb.Features(fp8=True, liger_missing=None), ["gemv", "decode"])
-    assert phases["kernels"]["counts"]["rows"] == len(rows) == 5 * 3 * 2 * 2 + 2 * 4 * 2
+    assert phases["kernels"]["counts"]["rows"] == len(rows) == 5 * 4 * 2 * 2 + 2 * 4 * 2
     assert phases["kernels"]["counts"]["rows_from_l2"] == 0 == phases["kernels-rest"]["counts"]["rows_from_l2"]
     assert list(phases["bench"]["counts"]["engines"])[:3] == ["fastsolar", "fastsolar-fp8", "fastsolar-int8"]
 

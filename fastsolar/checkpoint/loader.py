@@ -181,7 +181,8 @@ def _mismatch_message(
 ) -> str:
     """One line: the config.json values the shapes contradict, then each kind of problem counted, the first
     `_NAMED_KEYS` keys named (with expected and found shapes)."""
-    found = hf_keys.config_from_shapes({k: tuple(h.shape) for k, h in headers.items()})
+    # Only unquantised tensors tell config values: a stored int4 or 8-bit tensor has its format's own shape.
+    found = hf_keys.config_from_shapes({k: tuple(h.shape) for k, h in headers.items() if h.dtype in _FLOAT_DTYPES})
     wrong = [f"{k} {getattr(config, k)} (weights: {v})" for k, v in found.items() if getattr(config, k) != v]
     head = f"config.json disagrees with the weights: {', '.join(wrong)}" if wrong else (
         f"checkpoint does not match its config ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
