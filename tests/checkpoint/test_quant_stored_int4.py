@@ -94,15 +94,18 @@ def test_stored_int4_refusals_name_the_problem(hf_model, tmp_path):
         Solar.from_pretrained(d, device="cpu", quantize="int8")
     cfg["quantization_config"]["group_size"] = 64  # the stored scales have groups of 32
     (d / "config.json").write_text(json.dumps(cfg))
-    # Every layer's scales and zeros (3 layers x 7 products x 2) have groups of 32, not 64; the packed shapes say
+    # Every layer's scales and zeros (2 layers x 7 products x 2) have groups of 32, not 64; the packed shapes say
     # nothing of config.json's values, so none is blamed.
-    with pytest.raises(ValueError, match=r"^checkpoint does not match its config \(3 layers, hidden 64, vocab 997\); "
-                                         r"42 keys with the wrong shape: model\.layers\.0\.mlp\.down_proj\.qzeros "):
+    with pytest.raises(ValueError, match=r"^checkpoint does not match its config \(2 layers, hidden 64, vocab 997\); "
+                                         r"28 keys with the wrong shape: model\.layers\.0\.mlp\.down_proj\.qzeros "):
         Solar.from_pretrained(d, device="cpu")
     cfg["quantization_config"] = None
     del cfg["quantization_config"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unexpected keys.*qweight"):
+    # Without quantization_config the packed tensors are foreign: 2 layers x 7 products x 4 (qweight, qzeros, scales,
+    # g_idx) unexpected, and each product's weight missing.
+    with pytest.raises(ValueError, match=r"14 missing keys: model\.layers\.0\.self_attn\.q_proj\.weight, .*; "
+                                         r"56 unexpected keys$"):
         Solar.from_pretrained(d, device="cpu")
 
 
