@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -164,3 +168,24 @@ DOT_DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.floa
 def case(*args: object, gpu: bool = False, id: str | None = None):  # noqa: A002 - pytest's name
     """One parametrize case; `gpu=True` marks it CUDA-only (LARGE_GPU)."""
     return pytest.param(*args, marks=[LARGE_GPU] if gpu else [], id=id)
+
+
+@contextlib.contextmanager
+def running_server(app, wait_s: float) -> Iterator[str]:
+    """`app` (fastsolar.serve.api.create_app's) served by uvicorn on a free port of 127.0.0.1 in a daemon thread:
+    yields its base URL once it accepts requests; afterwards it is stopped, within `wait_s`."""
+    from fastsolar.serve.server import address, make_server
+
+    server, sock = make_server(app, "127.0.0.1", 0, shutdown_timeout=5)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + wait_s
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.started, "the server did not start"
+        yield address(sock)
+    finally:
+        server.should_exit = True
+        thread.join(wait_s)
+    assert not thread.is_alive(), "the server did not shut down"

@@ -29,10 +29,11 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai"):
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from helpers import running_server  # noqa: E402
+
 from fastsolar import Solar, Tokenizer, cli  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
 from fastsolar.serve.engine import Engine  # noqa: E402
-from fastsolar.serve.server import address, make_server  # noqa: E402
 
 MODEL = "tiny"
 WAIT_S = 60.0  # bound on any wait (the shared CPU can be slow); the tests take far less when it is not
@@ -80,17 +81,8 @@ def served(serve_checkpoint):
 
     model.decode = slow_decode
     engine = Engine(model, tok, max_batch=8, max_queue=2)
-    server, sock = make_server(create_app(engine, tok, MODEL), "127.0.0.1", 0, shutdown_timeout=5)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "the server did not start"
-    yield Served(address(sock), engine, tok, Solar.from_pretrained(serve_checkpoint), delay)
-    server.should_exit = True
-    thread.join(WAIT_S)
-    assert not thread.is_alive(), "the server did not shut down"
+    with running_server(create_app(engine, tok, MODEL), WAIT_S) as base:
+        yield Served(base, engine, tok, Solar.from_pretrained(serve_checkpoint), delay)
     assert not engine._thread.is_alive(), "the engine thread outlived the server"
 
 
@@ -439,20 +431,10 @@ def test_serve_command_with_quantized_weights(serve_checkpoint, monkeypatch):
     prompt, answers, loaded = "Once upon a time", [], []
 
     def serve_one_request(app, host, port, *, shutdown_timeout):
-        server, sock = make_server(app, "127.0.0.1", 0, shutdown_timeout=5)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + WAIT_S
-            while not server.started and time.monotonic() < deadline:
-                time.sleep(0.01)
-            client = openai.OpenAI(base_url=address(sock) + "/v1", api_key="unused", timeout=WAIT_S, max_retries=0)
+        with running_server(app, WAIT_S) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=WAIT_S, max_retries=0)
             answers.append(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
                                                      extra_body={"ignore_eos": True}).choices[0].text)
-        finally:
-            server.should_exit = True
-            thread.join(WAIT_S)
-        assert not thread.is_alive(), "the server did not shut down"
 
     real_load = cli.load_model
     monkeypatch.setattr(cli, "load_model", lambda args: loaded.append(real_load(args)) or loaded[-1])

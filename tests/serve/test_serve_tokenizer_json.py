@@ -3,9 +3,6 @@ it is given, and its replies are what transformers' tokenizer, greedy generate a
 checkpoint."""
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 
@@ -14,12 +11,12 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai", "transformers"):
 
 import openai  # noqa: E402
 import transformers  # noqa: E402
+from helpers import running_server  # noqa: E402
 from hf_fixtures import build_json_checkpoint  # noqa: E402
 
 from fastsolar import Solar, Tokenizer, TokenizerFast  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
 from fastsolar.serve.engine import Engine  # noqa: E402
-from fastsolar.serve.server import address, make_server  # noqa: E402
 
 WAIT_S = 60.0  # bound on any wait (the shared CPU can be slow)
 MAX_TOKENS = 10
@@ -35,17 +32,8 @@ def url(checkpoint):
     tok = Tokenizer.from_pretrained(checkpoint)
     assert isinstance(tok, TokenizerFast)
     engine = Engine(Solar.from_pretrained(checkpoint, device="cpu", dtype="float32"), tok, max_batch=2, max_queue=4)
-    server, sock = make_server(create_app(engine, tok, "tiny-json"), "127.0.0.1", 0, shutdown_timeout=5)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "the server did not start"
-    yield address(sock)
-    server.should_exit = True
-    thread.join(WAIT_S)
-    assert not thread.is_alive(), "the server did not shut down"
+    with running_server(create_app(engine, tok, "tiny-json"), WAIT_S) as base:
+        yield base
 
 
 def _reference(checkpoint, ids: list[int]) -> str:
