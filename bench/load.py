@@ -169,7 +169,7 @@ def load_fastsolar(model_dir: Path, device, dtype, ids):
 
     model = Solar.from_pretrained(model_dir, device=device, dtype=dtype)
     _sync(device)
-    return model, lambda: model(ids)
+    return model, lambda: model(ids).logits
 
 
 def load_transformers(model_dir: Path, device, dtype, ids):

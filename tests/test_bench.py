@@ -96,7 +96,7 @@ def test_hf_model_shares_weights_and_matches_logits(bench_script):
     )
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = model(ids)
+        ours = model(ids).logits
         theirs = hf(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
     assert ours.std() > 0.05  # random weights give non-degenerate logits

@@ -10,7 +10,8 @@ token reads one matrix instead of three). All math goes through `fastsolar.ops`,
 Triton kernels on CUDA and their torch references elsewhere; this file imports no triton.
 
 Three entry points share one layer stack:
-- `model(input_ids)`: full logits `[batch, seq, vocab]`, no cache (what tests compare with transformers).
+- `model(input_ids, attention_mask=None, labels=None)`: transformers' output (`.logits` `[batch, seq, vocab]`,
+  `.loss` given labels; fastsolar.model.outputs), no cache (what tests compare with transformers).
 - `prefill(input_ids, seqlens, cache, rows=None)`: right-padded prompts written into a static `KVCache` from
   position 0; returns the logits of each row's last real token.
 - `decode(tokens, positions, cache, rows=None)`: one token per row at per-row device positions; graph-safe (no
@@ -35,6 +36,7 @@ from torch import nn
 
 from fastsolar import memory, ops
 from fastsolar.config import SolarConfig
+from fastsolar.model.outputs import IGNORE_INDEX, CausalLMOutput, causal_lm_loss
 
 
 def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
@@ -214,12 +216,73 @@ class Transformer(nn.Module):
         """The final norm fused with the lm_head."""
         return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, **_quant(self.lm_head))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Full causal forward without a cache, as transformers' `LlamaForCausalLM(input_ids, attention_mask,
+        labels)`: `.logits` `[batch, seq, vocab]` in the model's dtype and, given labels, `.loss` (transformers'
+        shift-by-one cross entropy, -100 ignored; fastsolar.model.outputs).
+
+        `attention_mask` (1 = token, 0 = padding; the ones of a row contiguous: left or right padding) makes
+        each row's real tokens count their positions from the row's first one and never see its pads, so their
+        logits are what the row gets alone; the logits at pad positions are finite but meaningless."""
         self._check_ids(input_ids)
+        logits = self._masked_logits(input_ids, attention_mask)
+        if labels is None:
+            return CausalLMOutput(logits)
+        self._check_labels(labels, input_ids.shape)
+        return CausalLMOutput(logits, causal_lm_loss(logits, labels))
+
+    def _masked_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, s = input_ids.shape
-        positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        return self._logits(self._layers(input_ids, positions, None))
+        lead = self._leading_pads(attention_mask, (b, s), input_ids.device)
+        if lead is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+            return self._logits(self._layers(input_ids, positions, None))
+        # Roll each row left by its leading pads: the real tokens then sit at positions 0..n-1 followed by the
+        # pads, where causal attention keeps the pads out of every real token's view (the cacheless causal
+        # kernel needs no key mask); the logits are rolled back into place.
+        cols = torch.arange(s, device=input_ids.device)
+        src = (cols[None, :] + lead[:, None]) % s
+        rolled = input_ids.gather(1, src)
+        logits = self._logits(self._layers(rolled, cols.expand(b, s), None))
+        back = (cols[None, :] - lead[:, None]) % s
+        return logits.gather(1, back[:, :, None].expand(b, s, logits.shape[-1]))
+
+    @staticmethod
+    def _leading_pads(mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """Each row's count of pads before its first token ([b] int64 on `device`), or None when no row has
+        any; refuses a mask that is not a [b, s] tensor of 0/1 whose ones are contiguous and non-empty."""
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+            found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {found}")
+        mask = mask.to(device)
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        ones = mask.to(torch.int64)
+        count = ones.sum(dim=1)
+        if bool((count == 0).any()):
+            raise ValueError(f"attention_mask rows {(count == 0).nonzero().flatten().tolist()} have no tokens")
+        lead = ones.argmax(dim=1)  # index of the first 1
+        # Contiguous ones: every 1 lies in [lead, lead + count).
+        cols = torch.arange(shape[1], device=device)
+        inside = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (lead + count)[:, None])
+        if not bool((inside == ones.bool()).all()):
+            raise ValueError("attention_mask has a 0 between two 1s in a row; only left or right padding is "
+                             "supported (each row's tokens contiguous)")
+        return lead if bool(lead.any()) else None
+
+    def _check_labels(self, labels: torch.Tensor, shape: torch.Size) -> None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
+            raise TypeError("labels must be an int64 (or int32) tensor of token ids (-100: no loss)")
+        if labels.shape != shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
+        check_token_ids(labels[labels != IGNORE_INDEX], self.config.vocab_size)
 
     def prefill(
         self, input_ids: torch.Tensor, seqlens: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None

@@ -236,7 +236,7 @@ def test_llm_compressor_fp8_checkpoint_loads_as_stored(hf_model, tmp_path, strat
             ref_hf.get_parameter(key).copy_(w)
     ids = _ids(c.vocab_size)
     with torch.no_grad():
-        assert_close(model(ids), ref_hf(ids).logits, atol=1e-4, rtol=1e-5, msg=f"fp8 {strategy} checkpoint")
+        assert_close(model(ids).logits, ref_hf(ids).logits, atol=1e-4, rtol=1e-5, msg=f"fp8 {strategy} checkpoint")
 
 
 def test_stored_checkpoint_is_not_requantised(hf_model, tmp_path):

@@ -49,9 +49,9 @@ def test_kernel_logits_match_reference(model: Solar) -> None:
     ids, _ = left_padded([17, 17], seed=1)
     with torch.inference_mode():
         with ops.force_kernels(False):
-            ref = model(ids)
+            ref = model(ids).logits
         with ops.force_kernels(True):
-            fast = model(ids)
+            fast = model(ids).logits
     assert_close(fast, ref, atol=2e-4, rtol=1e-4, msg="kernel-path logits")
 
 
@@ -75,7 +75,7 @@ def test_decode_logits_match_full_forward_on_kernels(model: Solar) -> None:
     ids, _ = left_padded([19], seed=3)
     n_prompt = 7
     with torch.inference_mode(), ops.force_kernels(True):
-        full = model(ids)
+        full = model(ids).logits
         cache = KVCache.allocate(model.config, 1, 32, model.device, model.dtype)
         cache.k.fill_(float("nan"))  # slots the decode must never read
         cache.v.fill_(float("nan"))
@@ -96,7 +96,7 @@ def test_row_map_prefill_and_decode(model: Solar, kernels: bool, gemv: str | Non
     a, _ = left_padded([15], seed=21)
     b, _ = left_padded([9], seed=22)
     with torch.inference_mode(), ops.force_kernels(kernels), force_gemv(gemv):
-        full_a, full_b = model(a), model(b)
+        full_a, full_b = model(a).logits, model(b).logits
         cache = KVCache.allocate(model.config, 4, 32, model.device, model.dtype)
         cache.k.fill_(float("nan"))
         cache.v.fill_(float("nan"))
@@ -202,7 +202,7 @@ def test_bf16_kernel_model_against_fp32_reference(model: Solar) -> None:
         for t in range(n, ids.shape[1]):
             steps.append(m.decode(ids[:, t], pos, cache))
             pos += 1
-        return m(ids).float(), torch.stack(steps, dim=1).float()
+        return m(ids).logits.float(), torch.stack(steps, dim=1).float()
 
     with torch.inference_mode():
         with ops.force_kernels(False):

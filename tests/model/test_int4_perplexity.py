@@ -58,7 +58,7 @@ def trained(tmp_path_factory):
 
 def _perplexity(model: Solar, ids: torch.Tensor) -> float:
     with torch.no_grad():
-        logits = model(ids).float()
+        logits = model(ids).logits.float()
     return math.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)))
 
 

@@ -67,7 +67,7 @@ def test_logits_match_transformers(pair):
     ids = _prompt(2, 37, seed=1).to(DEVICE)
     with torch.no_grad():
         expected = hf(ids).logits
-    actual = model(ids)
+    actual = model(ids).logits
     assert actual.dtype == torch.float32
     close(actual, expected, "logits")
 
@@ -86,7 +86,7 @@ def test_greedy_tokens_match_transformers(pair):
 def test_prefill_then_decode_equals_full_forward(pair):
     _, model = pair
     ids = _prompt(2, 20, seed=3).to(DEVICE)
-    full = model(ids)
+    full = model(ids).logits
     lens = torch.tensor([12, 7], device=DEVICE)
     right = ids[:, :12].clone()
     right[1, 7:] = 0  # row 1 holds only 7 real tokens

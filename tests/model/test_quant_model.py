@@ -87,10 +87,10 @@ def test_kernel_path_equals_reference_path(small_models, mode, gemv):
     kw = dict(max_new_tokens=3, attention_mask=mask, eos_token_id=[])
     with torch.inference_mode():
         with ops.force_kernels(False):
-            ref_logits = model(ids)
+            ref_logits = model(ids).logits
             ref_tokens = model.generate(ids, **kw)
         with ops.force_kernels(True), force_gemv(gemv):
-            fast_logits = model(ids)
+            fast_logits = model(ids).logits
             fast_tokens = model.generate(ids, **kw)
     assert_close(fast_logits, ref_logits, atol=2e-4, rtol=1e-4, msg=f"{mode} kernel-path logits")
     assert torch.equal(fast_tokens, ref_tokens), f"{mode}: kernel path {fast_tokens.tolist()} != {ref_tokens.tolist()}"
@@ -133,8 +133,8 @@ def test_bf16_kernel_path_on_gpu(mode):
     kw = dict(max_new_tokens=8, attention_mask=mask, eos_token_id=[])
     with torch.inference_mode():
         with ops.force_kernels(False):
-            ref32, torch16 = q32(ids), q16(ids)
-        fast16 = q16(ids)
+            ref32, torch16 = q32(ids).logits, q16(ids).logits
+        fast16 = q16(ids).logits
         for gemv in ("triton", None):
             with force_gemv(gemv):
                 eager = q16.generate(ids, cuda_graphs=False, **kw)
@@ -207,12 +207,12 @@ def realistic() -> tuple[Solar, torch.Tensor, torch.Tensor, torch.Tensor]:
     model = realistic_model(REALISTIC)
     ids = torch.randint(3, REALISTIC.vocab_size, (4, 32), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     with torch.inference_mode():
-        return model, ids, model(ids).double(), model.generate(ids[:, :8], 32, eos_token_id=[])
+        return model, ids, model(ids).logits.double(), model.generate(ids[:, :8], 32, eos_token_id=[])
 
 
 def _logit_error(model: Solar, ids: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
-        d = (model(ids).double() - ref).abs()
+        d = (model(ids).logits.double() - ref).abs()
     return {"rms": float(d.pow(2).mean().sqrt()), "mean": float(d.mean()), "max": float(d.max())}
 
 
@@ -239,7 +239,7 @@ def test_accuracy_against_fp32_is_what_rounding_implies(realistic, mode):
     # Greedy agreement over 32 new tokens: free-running, and teacher-forced on the fp32 model's tokens.
     with torch.inference_mode():
         got_tokens = q.generate(ids[:, :8], 32, eos_token_id=[])
-        forced = q(want).argmax(-1)[:, 7:-1]
+        forced = q(want).logits.argmax(-1)[:, 7:-1]
     free = (got_tokens[:, 8:] == want[:, 8:]).float().mean().item()
     teacher = (forced == want[:, 8:]).float().mean().item()
     first = [(row != ref_row).nonzero()[0].item() if (row != ref_row).any() else 32
