@@ -25,13 +25,21 @@ from fastsolar.hf.compat import (
     load_kwargs,
     tokenizer_options,
 )
+from fastsolar.hf.generation_config import GenerationConfig
 from fastsolar.model import Transformer
 from fastsolar.text.tokenizer import SentencePieceTokenizer
 from fastsolar.text.tokenizer_json import JsonTokenizer
 
 
 class Solar(Transformer):
-    """SOLAR-10.7B and its Llama-2 / Mistral relatives, for inference (see fastsolar.model.transformer)."""
+    """SOLAR-10.7B and its Llama-2 / Mistral relatives, for inference (see fastsolar.model.transformer).
+
+    `generation_config` holds the defaults `generate` / `stream` apply to what a call leaves out: the checkpoint's
+    generation_config.json when loaded with `from_pretrained` (fastsolar.hf.generation_config)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.generation_config = GenerationConfig()
 
     @classmethod
     def from_pretrained(
@@ -50,21 +58,26 @@ class Solar(Transformer):
         their memory and the bytes each decode step reads; `"int4"` (groups of 128 inputs, scales and zeros)
         takes them to about a quarter; FP8 needs sm_89+, int8 and int4 sm_80+ (fastsolar.model.quant).
         """
-        return load_model(cls, model_dir, quantize=quantize, **load_kwargs(device=device, dtype=dtype, **hf_kwargs))
+        options = load_kwargs(device=device, dtype=dtype, **hf_kwargs)
+        generation_config = GenerationConfig.from_pretrained(model_dir)  # a bad file fails before the weights load
+        model = load_model(cls, model_dir, quantize=quantize, **options)
+        model.generation_config = generation_config
+        return model
 
     def generate(
         self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs: Any
     ) -> torch.Tensor:
         """Prompt plus new tokens, like transformers' `generate`; see `fastsolar.decoding.generate.generate`
-        for the native arguments and `fastsolar.hf.compat` for transformers' (do_sample, max_length, ...)."""
-        return decoding.generate(self, **generate_kwargs(input_ids, max_new_tokens, **kwargs))
+        for the native arguments and `fastsolar.hf.compat` for transformers' (do_sample, max_length, ...); what
+        the call leaves out comes from `self.generation_config` (fastsolar.hf.generation_config)."""
+        return decoding.generate(self, **generate_kwargs(input_ids, **self.generation_config.fill(max_new_tokens, kwargs)))
 
     def stream(
         self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs: Any
     ) -> Iterator[torch.Tensor]:
         """Yield each new step's tokens `[batch]` as they come; see `fastsolar.decoding.generate.stream` (the
-        same arguments as `generate`, transformers' included)."""
-        return decoding.stream(self, **generate_kwargs(input_ids, max_new_tokens, **kwargs))
+        same arguments and defaults as `generate`, transformers' included)."""
+        return decoding.stream(self, **generate_kwargs(input_ids, **self.generation_config.fill(max_new_tokens, kwargs)))
 
 
 class _TransformersCalls:

@@ -250,6 +250,13 @@ _GENERATE_REFUSED: dict[str, tuple[tuple, str]] = {
 _GENERATE_NATIVE = set(GENERATE_OPTIONS)  # generate's own keyword options pass through as they are
 
 
+def unsupported_generate_options(options: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
+    """{name: (value, why)} for the options generate() would refuse at these values (names it does not know at
+    all are left out: a generation_config.json holds bookkeeping fields too)."""
+    return {k: (v, _GENERATE_REFUSED[k][1]) for k, v in options.items()
+            if k in _GENERATE_REFUSED and not _is_one_of(v, _GENERATE_REFUSED[k][0])}
+
+
 def _given(value: Any, default: Any) -> bool:
     return value is not None and not _is_one_of(value, (default,))
 
