@@ -28,6 +28,7 @@ _EXPORTS = {
     "Tokenizer": "fastsolar.api",
     "TokenizerFast": "fastsolar.api",
     "patch_hf": "fastsolar.hf.patch",
+    "pipeline": "fastsolar.pipelines",
     "upscale": "fastsolar.checkpoint.upscale",
 }
 # modules that moved into subpackages, still reachable as attributes (`from fastsolar import quant`)

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoint", "decoding", "text"),
     ("hf",),
     ("api", "serve"),
+    ("pipelines",),
     ("cli",),
     ("__main__", "__init__"),
 ]
