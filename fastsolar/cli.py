@@ -85,19 +85,23 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+    # No argparse defaults: an option not given comes from the checkpoint's generation_config.json (applied by
+    # model.stream), else from the command's own default (_with_defaults).
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else those below)")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"most tokens to generate (default {max_new_tokens})")
-    g.add_argument("--temperature", type=float, default=temperature, metavar="T",
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
                    help=f"0 = greedy (default {temperature})")
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K likeliest tokens; 0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K likeliest tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass; 1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="1 = off")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.set_defaults(default_temperature=temperature, default_max_new_tokens=max_new_tokens)
 
 
 def _check_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.max_new_tokens < 1:
+    """The sampling options given on the command line (checked), by generate's names."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     from fastsolar.decoding.sampling import check_sampling_args
 
@@ -108,8 +112,24 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any]:
         name, _, rest = str(e).partition(" ")
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     _check_dtype(args)
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _with_defaults(model: Any, args: argparse.Namespace, sampling: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(options for stream_text, max_new_tokens): the command's own defaults where neither the command line nor
+    the model's generation_config (which model.stream applies) sets a value, and its EOS ids."""
+    gc = getattr(model, "generation_config", None)  # the tests' stub models have none
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = gc.max_new_tokens if gc is not None and gc.max_new_tokens else args.default_max_new_tokens
+    options = dict(sampling)
+    if "temperature" not in options and (gc is None or gc.do_sample is None) and args.default_temperature:
+        options["temperature"] = args.default_temperature
+    if gc is not None and gc.eos_token_id is not None:
+        options["eos_token_ids"] = gc.eos_ids()
+    return options, max_new
 
 
 def _check_dtype(args: argparse.Namespace) -> None:
@@ -179,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tokenizer.encode(prompt)
     model = load_model(args)
-    max_new = args.max_new_tokens
+    sampling, max_new = _with_defaults(model, args, sampling)
     limit = _context_limit(model)
     if limit is not None:
         if len(ids) >= limit:
@@ -237,6 +257,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = _check_options(args)
     tokenizer = load_tokenizer(args.model_dir)
     model = load_model(args)
+    sampling, max_new_tokens = _with_defaults(model, args, sampling)
     limit = _context_limit(model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = list(system)
@@ -260,7 +281,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": text})
         try:
-            ids, max_new = _fit_conversation(tokenizer, messages, limit, args.max_new_tokens)
+            ids, max_new = _fit_conversation(tokenizer, messages, limit, max_new_tokens)
         except ValueError as e:
             messages.pop()
             print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -158,7 +158,8 @@ def test_generate_streams_text(stub, tok_dir, tok, capsys):
     (call,) = model.calls
     assert call.ids == tok.encode("The capital of France is")
     assert call.max_new_tokens == 50
-    assert call.kwargs == dict(temperature=0.0, top_k=5, top_p=1.0, repetition_penalty=1.0, seed=3, eos_token_id=2)
+    # Options not given are left out: model.stream takes them from the checkpoint's generation_config.json.
+    assert call.kwargs == dict(top_k=5, seed=3, eos_token_id=2)
 
 
 def test_generate_prompt_from_stdin(stub, tok_dir, tok, capsys, monkeypatch):
@@ -324,6 +325,28 @@ def test_generate_end_to_end_with_tokenizer_json(tiny_json_checkpoint, capsys, c
     new = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=4)[0, len(ids):]
     assert len(new) > 0
     assert out == hf_tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_generate_takes_defaults_from_generation_config(tmp_path, capsys):
+    """Without --max-new-tokens the checkpoint's generation_config.json decides the length (as transformers'
+    generate on the same folder); the command line wins over it."""
+    import json
+
+    import transformers
+    from hf_fixtures import build_json_checkpoint
+
+    d = build_json_checkpoint(tmp_path / "ckpt")
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 4, "max_new_tokens": 3}))
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(d))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    prompt = "The capital of France is"
+    ids = torch.tensor([hf_tok(prompt).input_ids])
+    for extra, want in (([], hf.generate(ids)), (["--max-new-tokens", "7"], hf.generate(ids, max_new_tokens=7))):
+        rc, out, err = run(["generate", d, "--prompt", prompt, "--device", "cpu", *extra], capsys)
+        assert rc == 0, err
+        new = want[0, ids.shape[1]:]
+        assert len(new) == (3 if not extra else 7) and 4 not in new.tolist()
+        assert out == hf_tok.decode(new, skip_special_tokens=True) + "\n"
 
 
 def test_chat_end_to_end(tiny_checkpoint, capsys, monkeypatch):
