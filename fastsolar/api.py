@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fastsolar.checkpoint.loader import load_model
+from fastsolar.config import SolarConfig
 from fastsolar.decoding import generate as decoding
 from fastsolar.hf.compat import (
     BatchEncoding,
@@ -37,7 +38,7 @@ class Solar(Transformer):
     `generation_config` holds the defaults `generate` / `stream` apply to what a call leaves out: the checkpoint's
     generation_config.json when loaded with `from_pretrained` (fastsolar.hf.generation_config)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: SolarConfig) -> None:
         super().__init__(config)
         self.generation_config = GenerationConfig()
 

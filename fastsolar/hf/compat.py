@@ -28,6 +28,7 @@ arguments and what they become:
     accepted; beam search, streamers, logits processors, stopping criteria, dict outputs and the
     sampling variants fastsolar lacks are refused (see _GENERATE_REFUSED).
     Neither max_new_tokens nor max_length: the native default of 32 new tokens (transformers: 20 in total).
+    What a call leaves out comes first from the model's generation_config.json (fastsolar.hf.generation_config).
 
 `tokenizer(text, ...)` (`Tokenizer.__call__`)
     text: a str or a list of str. add_special_tokens (bos/eos as the tokenizer config says; SOLAR: bos),

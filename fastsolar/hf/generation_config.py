@@ -97,6 +97,21 @@ class GenerationConfig:
         """The fields the file (or the user) set: transformers' `to_diff_dict` for these fields."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """What a request that sets no sampling option gets from this file, by generate's native names (for the
+        server, whose requests carry temperature / top_k / top_p / repetition_penalty, no do_sample):
+        do_sample true gives the file's temperature / top_k / top_p (transformers' 1.0 / 50 / 1.0 where unset),
+        do_sample false gives temperature 0 (greedy), and repetition_penalty is the file's when set."""
+        out: dict[str, float | int] = {}
+        if self.do_sample:
+            out.update(temperature=1.0 if self.temperature is None else self.temperature,
+                       top_k=50 if self.top_k is None else self.top_k, top_p=1.0 if self.top_p is None else self.top_p)
+        elif self.do_sample is False:
+            out["temperature"] = 0.0
+        if self.repetition_penalty is not None:
+            out["repetition_penalty"] = self.repetition_penalty
+        return out
+
     def fill(self, max_new_tokens: int | None, call: dict[str, Any]) -> dict[str, Any]:
         """The generate call's keyword arguments (transformers' and native names; `max_new_tokens` apart) with
         what it leaves out filled from these defaults (module docstring)."""

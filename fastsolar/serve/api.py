@@ -161,12 +161,17 @@ async def _sse_stream(events: _Events, shape: _Shape, include_usage: bool) -> As
     yield _sse("[DONE]")
 
 
-def _sampling(body: GenerationRequest) -> RowParams:
+def _sampling(body: GenerationRequest, defaults: dict[str, Any]) -> RowParams:
+    """The request's sampling; what it leaves out comes from `defaults` (the model's generation_config.json,
+    GenerationConfig.sampling_defaults), else OpenAI's (temperature 1) and the neutral values."""
+    def pick(value: Any, name: str, neutral: Any) -> Any:
+        return value if value is not None else defaults.get(name, neutral)
+
     return RowParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        temperature=pick(body.temperature, "temperature", 1.0),
+        top_k=pick(body.top_k, "top_k", None),
+        top_p=pick(body.top_p, "top_p", None),
+        repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
         # Unseeded requests draw a fresh seed: the counter-based noise is then as random as any.
         seed=secrets.randbits(64) if body.seed is None else body.seed,
     )
@@ -186,6 +191,8 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
             await anyio.to_thread.run_sync(engine.stop)
 
     app = FastAPI(title="fastsolar", summary="OpenAI-compatible server for SOLAR", lifespan=lifespan)
+    generation_config = getattr(engine.model, "generation_config", None)  # a Solar's; a bare Transformer has none
+    sampling_defaults = generation_config.sampling_defaults() if generation_config is not None else {}
     errors.install(app)
     bearer = HTTPBearer(auto_error=False)
 
@@ -205,8 +212,9 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
 
     async def generate(body: GenerationRequest, request: Request, ids: list[int], stop: tuple[str, ...], chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget, sampling=_sampling(body),
-                             stop=stop, ignore_eos=body.ignore_eos, user=body.user)
+        ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget,
+                             sampling=_sampling(body, sampling_defaults), stop=stop, ignore_eos=body.ignore_eos,
+                             user=body.user)
         events = _Events(engine, ereq, "messages" if chat else "prompt")
         shape = _Shape(chat, rid, model_name)
         if body.stream:

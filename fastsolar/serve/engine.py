@@ -155,7 +155,12 @@ class Engine:
         self.cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.prefill_tokens = prefill_tokens
         self.vocab_size = config.vocab_size
-        self.eos = frozenset(config.eos_token_ids) or frozenset({tokenizer.eos_id})
+        # The checkpoint's generation_config.json, when the model has one, sets the EOS ids and the default
+        # max_tokens (a Solar's; a bare Transformer has none).
+        generation = getattr(model, "generation_config", None)
+        eos = generation.eos_ids() if generation is not None and generation.eos_token_id is not None else None
+        self.eos = frozenset(config.eos_token_ids if eos is None else eos) or frozenset({tokenizer.eos_id})
+        self.default_max_tokens = generation.max_new_tokens if generation is not None else None
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._active: list[Ticket] = []
@@ -223,7 +228,7 @@ class Engine:
                 "room for a completion", "prompt", "context_length_exceeded")
         m = request.max_tokens
         if m is None:
-            m = self.context - n
+            m = self.context - n if self.default_max_tokens is None else min(self.default_max_tokens, self.context - n)
         elif isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise InvalidRequest(f"max_tokens must be an integer >= 1, got {m!r}", "max_tokens")
         elif n + m > self.context:
