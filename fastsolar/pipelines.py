@@ -7,8 +7,9 @@
 The call takes what transformers' (5.x) does: a string, a list of strings, a conversation (a list of
 {"role", "content"} dicts) or a list of conversations; one input gives a list of one record, a list of inputs a
 list of such lists. A string is tokenized as the tokenizer's call does (BOS added as configured), a conversation
-through the chat template with the generation prompt; a conversation ending in an assistant message is continued
-(`continue_final_message`, which fastsolar's chat template refuses). Records are {"generated_text": ...}: for a
+through the chat template with the generation prompt (one ending in an assistant message would be continued, as
+transformers does, but fastsolar's apply_chat_template refuses `continue_final_message`). Records are
+{"generated_text": ...}: for a
 string the prompt followed by the completion (`return_full_text=False`: the completion alone), for a
 conversation the conversation with the reply appended as an assistant message. The completion is the new tokens
 decoded without special tokens.
@@ -27,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from fastsolar.api import Solar, Tokenizer, TokenizerFast
+from fastsolar.hf.generation_config import SAMPLING
 
 TASK = "text-generation"
 #: transformers' TextGenerationPipeline._default_generation_config, with the tokenizer's pad id added at init.
 DEFAULTS: dict[str, Any] = dict(max_new_tokens=256, do_sample=True, temperature=0.7)
-_SAMPLING = {"temperature", "top_k", "top_p"}
 _REFUSED = {
     "return_tensors": "token ids: call model.generate", "return_text": "use return_full_text",
     "return_type": "use return_full_text", "prefix": "put it in the prompt", "stop_sequence": "not implemented",
@@ -62,6 +63,8 @@ def pipeline(
     if model is None:
         raise ValueError("pipeline() needs model=: a checkpoint directory or a fastsolar Solar")
     _refuse(generate_kwargs)
+    if isinstance(device, int) and not isinstance(device, bool):  # transformers' -1 = CPU, i = CUDA device i
+        device = "cpu" if device < 0 else f"cuda:{device}"
     load = {k: v for k, v in dict(device=device, device_map=device_map, dtype=dtype, torch_dtype=torch_dtype).items()
             if v is not None}
     if isinstance(model, (str, Path)):
@@ -120,7 +123,7 @@ class TextGenerationPipeline:
         added = {k: v for k, v in defaults.items()
                  if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}
         if not {**set_params, **added}.get("do_sample"):
-            added = {k: v for k, v in added.items() if k not in _SAMPLING}
+            added = {k: v for k, v in added.items() if k not in SAMPLING}
         return {**given, **added}
 
     def _one(self, prompt: str | Sequence[Mapping[str, str]], *, return_full_text: bool,

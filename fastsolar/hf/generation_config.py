@@ -32,7 +32,7 @@ from fastsolar.hf.compat import unsupported_generate_options
 logger = logging.getLogger(__name__)
 
 FILENAME = "generation_config.json"
-_SAMPLING = ("temperature", "top_k", "top_p")
+SAMPLING = ("temperature", "top_k", "top_p")  # the options that matter only when sampling
 
 
 @dataclass
@@ -129,7 +129,7 @@ class GenerationConfig:
         if do_sample is None and "temperature" not in given and self.do_sample is not None:
             do_sample = out["do_sample"] = self.do_sample
         if do_sample:
-            for name in _SAMPLING:
+            for name in SAMPLING:
                 if name not in given and getattr(self, name) is not None:
                     out[name] = getattr(self, name)
         out["max_new_tokens"] = max_new_tokens

@@ -92,10 +92,10 @@ def test_sampling_settings_apply_only_when_sampling(tmp_path, ckpt) -> None:
     ids = torch.tensor(PROMPTS)
     model = Solar.from_pretrained(d, device="cpu", dtype="float32")
     greedy = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    native = model.generate(ids, max_new_tokens=6, eos_token_id=[], seed=3, do_sample=True, temperature=1.7,
+                            top_k=40, top_p=0.95)  # the settings given in the call, before the file has any
     model.generation_config = GenerationConfig(do_sample=True, temperature=1.7, top_k=40, top_p=0.95)
     sampled = model.generate(ids, max_new_tokens=6, eos_token_id=[], seed=3)
-    native = Solar.generate(model, ids, max_new_tokens=6, eos_token_id=[], seed=3, do_sample=True,
-                            temperature=1.7, top_k=40, top_p=0.95)
     assert torch.equal(sampled, native) and not torch.equal(sampled, greedy)
     # A call temperature without do_sample decides by itself (native rule): temperature 0 is greedy.
     assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=[], temperature=0.0), greedy)
