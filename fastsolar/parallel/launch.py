@@ -10,6 +10,7 @@ is the watchdog: when a rank exits nonzero (an exception, a kill, a crash) the o
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -18,12 +19,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from fastsolar.parallel.group import DEFAULT_TIMEOUT, init_from_env
 
 
 class RankFailed(RuntimeError):
     """One rank of a launched group failed; the others were ended."""
+
+
+def _fate(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
 
 
 def _free_port() -> int:
@@ -58,9 +68,11 @@ def launch(fn: Callable[..., Any], args: tuple = (), *, nprocs: int, timeout: fl
         while not ctx.join(timeout=0.2):
             if end is not None and time.monotonic() > end:
                 raise TimeoutError(f"the {nprocs} tensor-parallel ranks did not finish within {deadline:g} s")
-    except mp.ProcessException as e:  # join already terminated the other ranks
-        raise RankFailed(f"tensor-parallel rank {e.error_index} of {nprocs} failed; the other ranks were ended:\n"
-                         f"{e}") from None
+    except ProcessException as e:  # join has ended the other ranks (SIGTERM); name every rank that failed itself
+        failed = [f"rank {i} {_fate(p.exitcode)}" for i, p in enumerate(ctx.processes)
+                  if p.exitcode not in (0, -signal.SIGTERM)]
+        raise RankFailed(f"tensor-parallel ranks failed ({'; '.join(failed)}); the other ranks of {nprocs} were "
+                         f"ended:\n{e}") from None
     finally:
         for p in ctx.processes:
             if p.is_alive():
