@@ -11,6 +11,7 @@ calls these methods; it never imports torch.distributed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,6 +51,10 @@ class Shard:
 
     rank: int = 0
     world_size: int = 1
+
+    def starting(self, op: str, cache: Any, **tensors: torch.Tensor | None) -> None:
+        """Called as each pass (`forward`, `prefill`, `decode`) starts, after its inputs were checked: where rank 0
+        of a driven group tells the other ranks to run the same pass (fastsolar.parallel.driver)."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the ranks (in place)."""

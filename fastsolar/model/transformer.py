@@ -237,6 +237,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: logits `[batch, seq, vocab]` in the model's dtype."""
         self._check_ids(input_ids)
+        self.shard.starting("forward", None, input_ids=input_ids)
         b, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         return self._logits(self._layers(input_ids, positions, None))
@@ -253,6 +254,7 @@ class Transformer(nn.Module):
                              f"positions; this one has {cache.max_batch} x {cache.max_seq}")
         if rows is not None:
             rows = self._check_rows(rows, b, cache.max_batch)
+        self.shard.starting("prefill", cache, input_ids=input_ids, seqlens=seqlens, rows=rows)
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         # Right padding plus causal masking leaves every real token's attention exact; padded slots
         # land in the cache beyond seqlens, where decode never reads and later steps overwrite.
@@ -268,6 +270,7 @@ class Transformer(nn.Module):
         b = tokens.shape[0]
         if rows is not None and tuple(rows.shape) != (b,):
             raise ValueError(f"rows must have shape [{b}] (one cache row per token), got {tuple(rows.shape)}")
+        self.shard.starting("decode", cache, tokens=tokens, positions=positions, rows=rows)
         view = CacheView(cache, rows, (positions + 1).to(torch.int32))
         h = self._layers(tokens[:, None], positions[:, None], view)
         return self._logits(h[:, 0])

@@ -12,6 +12,8 @@ import datetime
 import hashlib
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,11 @@ class TensorParallel(Shard):
         self.group = group or dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
+        self.driver: Callable[..., None] | None = None  # rank 0 of a driven group (fastsolar.parallel.driver)
+
+    def starting(self, op: str, cache: Any, **tensors: torch.Tensor | None) -> None:
+        if self.driver is not None:
+            self.driver(op, cache, tensors)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, group=self.group)

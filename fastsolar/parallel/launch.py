@@ -6,14 +6,19 @@ joins the process group (fastsolar.parallel.group.init_from_env) and runs `fn(*a
 is the watchdog: when a rank exits nonzero (an exception, a kill, a crash) the others are terminated at once and
 `RankFailed` names the rank and how it ended; a rank that hangs makes the others' collectives time out after
 `timeout` seconds (the process group's timeout), so they fail and the same happens. Nothing waits forever.
+`ranks_beside` is the same with the launching process as rank 0 (the command line: rank 0 keeps the terminal).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import socket
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -22,6 +27,9 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from fastsolar.parallel.group import DEFAULT_TIMEOUT, init_from_env
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class RankFailed(RuntimeError):
@@ -42,16 +50,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, fn: Callable[..., Any], args: tuple, nprocs: int, port: int, timeout: float) -> None:
+def _join_group(rank: int, nprocs: int, port: int, timeout: float) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if not torch.cuda.is_available():  # N ranks share the CPU cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     init_from_env(timeout)
+
+
+def _rank_main(rank: int, fn: Callable[..., Any], args: tuple, nprocs: int, port: int, timeout: float) -> None:
+    _join_group(rank, nprocs, port, timeout)
     try:
-        fn(*args)
+        code = fn(*args)
     finally:
         dist.destroy_process_group()
+    if code:  # a command's exit status
+        sys.exit(code)
+
+
+def _follower_main(index: int, *args: Any) -> None:
+    """Rank index + 1 beside a rank 0 that is the launching process: Ctrl-C is for rank 0 (which then releases
+    the others), and the rank dies with its parent instead of waiting out the timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):  # Linux only
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _rank_main(index + 1, *args)
 
 
 def launch(fn: Callable[..., Any], args: tuple = (), *, nprocs: int, timeout: float = DEFAULT_TIMEOUT,
@@ -78,3 +101,47 @@ def launch(fn: Callable[..., Any], args: tuple = (), *, nprocs: int, timeout: fl
             if p.is_alive():
                 p.kill()
             p.join(5)
+
+
+@contextlib.contextmanager
+def ranks_beside(fn: Callable[..., Any], args: tuple = (), *, nprocs: int, timeout: float = DEFAULT_TIMEOUT,
+                 grace: float = 5.0) -> Iterator[None]:
+    """This process becomes rank 0 of `nprocs` (keeping its terminal: stdin, stdout, signals) while ranks
+    1..nprocs-1 are spawned and run `fn(*args)`. A watchdog thread ends the run when a spawned rank fails: the
+    other ranks are killed and, unless this process finishes within `grace` seconds on its own (its collectives
+    fail too), it exits with status 1 after a message naming the rank. On leaving, the spawned ranks get `timeout`
+    seconds to finish before they are killed."""
+    port = _free_port()
+    ctx = mp.start_processes(_follower_main, args=(fn, args, nprocs, port, timeout), nprocs=nprocs - 1, join=False,
+                             start_method="spawn")
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            failed = [(i + 1, p.exitcode) for i, p in enumerate(ctx.processes) if p.exitcode not in (None, 0)]
+            if failed:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                if done.wait(grace):
+                    return
+                rank, code = failed[0]
+                print(f"fastsolar: error: tensor-parallel rank {rank} of {nprocs} {_fate(code)}; ending all ranks",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    watchdog = threading.Thread(target=watch, name="tp-watchdog", daemon=True)
+    try:
+        _join_group(0, nprocs, port, timeout)
+        watchdog.start()
+        yield
+    finally:
+        done.set()
+        end = time.monotonic() + timeout
+        for p in ctx.processes:
+            p.join(max(0.0, end - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        if dist.is_initialized():
+            dist.destroy_process_group()
