@@ -36,14 +36,13 @@ def load_parallel(
     size (`Solar.from_pretrained(..., tensor_parallel_size=N)`). A degree the model's heads or MLP cannot be split
     by is refused first, naming both numbers; `device` defaults to the rank's GPU (NCCL) or the CPU (gloo)."""
     ShardSizes.of(SolarConfig.from_pretrained(model_dir), tensor_parallel_size)
-    if quantize is not None:
-        raise ValueError(f"quantize={quantize!r} is not supported with tensor parallelism yet; load unquantised")
     tp = TensorParallel()
     if tp.world_size != tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size {tensor_parallel_size} does not match the process group's "
                          f"{tp.world_size} ranks")
     device = rank_device(tp) if device is None else torch.device(device)
-    return load_sharded(cls, model_dir, tp, device=device, dtype=dtype, reader=reader, fingerprint=fingerprint)
+    return load_sharded(cls, model_dir, tp, device=device, dtype=dtype, quantize=quantize, reader=reader,
+                        fingerprint=fingerprint)
 
 
 __all__ = ["SliceReader", "TensorParallel", "check_same", "init_from_env", "load_parallel", "load_sharded",

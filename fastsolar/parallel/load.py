@@ -26,6 +26,7 @@ from fastsolar.checkpoint import hf_keys, quant_load
 from fastsolar.checkpoint.loader import _allocate, _check_index, _plan, _SkipInitOnMeta, checkpoint_files, resolve_dtype
 from fastsolar.checkpoint.shards import TensorHeader, read_tensor_headers
 from fastsolar.config import SolarConfig, read_config_json
+from fastsolar.model import quant
 from fastsolar.model.sharding import ShardSizes
 from fastsolar.parallel import plan as splits
 from fastsolar.parallel.group import TensorParallel, check_same
@@ -96,6 +97,7 @@ def load_sharded(
     *,
     device: torch.device,
     dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
     reader: SliceReader | None = None,
     fingerprint: str = "",
 ) -> M:
@@ -103,7 +105,10 @@ def load_sharded(
 
     Refuses (on every rank, before reading a weight) a degree that does not split the heads or the MLP (naming
     both numbers), quantised checkpoints, a checkpoint that does not match its config, and ranks that disagree on
-    the checkpoint, the dtype or `fingerprint` (the caller's own arguments). `reader` counts the bytes read."""
+    the checkpoint, the dtype or `fingerprint` (the caller's own arguments). `reader` counts the bytes read.
+    `quantize` ("fp8", "int8") quantises each rank's linear slices once loaded, per output row with the whole
+    row's scale (a column slice's rows take their absmax over every rank), so each rank holds exactly its slice
+    of what one process would hold; int4 is refused."""
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     config = SolarConfig.from_pretrained(model_dir)
@@ -112,12 +117,17 @@ def load_sharded(
     if stored is not None:
         raise ValueError(f"{model_dir} is a quantised checkpoint ({stored.mode}); tensor parallelism loads "
                          "unquantised (fp32 / fp16 / bf16) checkpoints only")
+    quantize = quant.check_mode(quantize)
+    if quantize == "int4":
+        raise ValueError("quantize='int4' is not supported with tensor parallelism yet (fp8 and int8 are)")
+    quant.check_device(quantize, device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
     shards, weight_map = checkpoint_files(model_dir)
     headers = read_tensor_headers(shards)
     if weight_map is not None:
         _check_index(headers, weight_map)
-    check_same(tp, "the checkpoint, dtype and arguments", _fingerprint(config, dtype, headers, fingerprint))
+    check_same(tp, "the checkpoint, dtype and arguments",
+               _fingerprint(config, dtype, headers, f"{quantize}:{fingerprint}"))
     with torch.device("meta"), _SkipInitOnMeta():
         whole = cls(config)  # the strict checks run against the whole model's shapes
         model = cls(config, tp)
@@ -145,6 +155,13 @@ def load_sharded(
     whole_params = [p for n, p in sorted(params.items()) if splits.SPLITS[_pattern(n)] == splits.WHOLE]
     check_same(tp, "the replicated weights (another checkpoint?)",
                "".join(hashlib.sha256(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for p in whole_params))
+    if quantize is not None:
+        def row_absmax(name: str, weight: torch.Tensor) -> torch.Tensor | None:
+            if splits.SPLITS[_pattern(f"{name}.weight")] != splits.COLUMNS:
+                return None
+            return tp.all_reduce_max(weight.detach().abs().amax(dim=1).float())
+
+        quant.quantize(model, quantize, row_absmax=row_absmax)
     model.eval()
     model.requires_grad_(False)
     read = reader.bytes_read - before

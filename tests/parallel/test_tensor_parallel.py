@@ -74,6 +74,30 @@ def test_bf16_logits_within_twice_the_dtypes_own_error(ranks, reference):
         assert_close(res["bf16"], reference["logits"], baseline=reference["bf16"], msg=f"rank {r} of {n}")
 
 
+def test_int8_ranks_hold_slices_of_the_one_process_quantisation(ranks, ckpt):
+    """Each rank's int8 scales are its rows of one process's (o and down: the whole rows' scales, though a rank
+    sees only some columns), so logits and greedy tokens match one process's int8 model."""
+    n, results = ranks
+    one = Solar.from_pretrained(ckpt, dtype="float32", quantize="int8")
+    ids, mask = W.padded_batch()
+    with torch.no_grad():
+        expected = one(W.prompt())
+    tokens = one.generate(ids, W.N_NEW, attention_mask=mask, pad_token_id=0)
+    attn = one.layers[0].attention
+    d = HIDDEN // HEADS
+    q, kv = HEADS * d // n, KV_HEADS * d // n
+    for r, res in enumerate(results):
+        s = res["int8_scales"]
+        qkv = attn.wqkv.weight_scale
+        own = torch.cat([qkv[r * q:(r + 1) * q], qkv[HEADS * d + r * kv:HEADS * d + (r + 1) * kv],
+                         qkv[(HEADS + KV_HEADS) * d + r * kv:(HEADS + KV_HEADS) * d + (r + 1) * kv]])
+        assert torch.equal(s["wqkv"], own), f"rank {r} of {n}"
+        assert torch.equal(s["wo"], attn.wo.weight_scale), f"rank {r} of {n}"
+        assert torch.equal(s["w_down"], one.layers[0].feed_forward.w_down.weight_scale), f"rank {r} of {n}"
+        assert_close(res["int8"], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=f"rank {r}")
+        assert torch.equal(res["int8_tokens"], tokens), f"rank {r} of {n}"
+
+
 def test_each_rank_holds_and_reads_only_its_slice(ranks, ckpt):
     n, results = ranks
     headers = read_tensor_headers(F.shard_files(ckpt))

@@ -45,8 +45,16 @@ def checks(ckpt: str, out_dir: str, n: int) -> None:
     bf16 = Solar.from_pretrained(ckpt, tensor_parallel_size=n, dtype="bfloat16")
     with torch.no_grad():
         bf16_logits = bf16(prompt())
+    int8 = Solar.from_pretrained(ckpt, tensor_parallel_size=n, dtype="float32", quantize="int8")
+    with torch.no_grad():
+        int8_logits = int8(prompt())
+    layer = int8.layers[0]
+    scales = {name: getattr(layer, part).__getattr__(name).weight_scale
+              for part, name in (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w_down"))}
     torch.save(dict(logits=logits, tokens=tokens, bf16=bf16_logits, bytes_read=reader.bytes_read,
-                    kv_heads=model.kv_heads, qkv_rows=model.layers[0].attention.wqkv.weight.shape[0]),
+                    kv_heads=model.kv_heads, qkv_rows=model.layers[0].attention.wqkv.weight.shape[0],
+                    int8=int8_logits, int8_tokens=int8.generate(ids, N_NEW, attention_mask=mask, pad_token_id=0),
+                    int8_scales=scales),
                Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 
