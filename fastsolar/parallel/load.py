@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from fastsolar.checkpoint import hf_keys, quant_load
+from fastsolar.checkpoint import quant_load
 from fastsolar.checkpoint.loader import _allocate, _check_index, _plan, _SkipInitOnMeta, checkpoint_files, resolve_dtype
 from fastsolar.checkpoint.shards import TensorHeader, read_tensor_headers
 from fastsolar.config import SolarConfig, read_config_json
@@ -79,12 +79,6 @@ class SliceReader:
         self._fds.clear()
 
 
-def _pattern(name: str) -> str:
-    """A parameter's pattern in the key map: layers.3.ffn_norm -> layers.{i}.ffn_norm."""
-    parts = name.split(".")
-    return ".".join(hf_keys.LAYER if i == 1 and parts[0] == "layers" else p for i, p in enumerate(parts))
-
-
 def _fingerprint(config: SolarConfig, dtype: torch.dtype, headers: dict[str, TensorHeader], extra: str) -> str:
     tensors = sorted((k, h.dtype, list(h.shape), h.nbytes) for k, h in headers.items())
     return json.dumps([config.__dict__, str(dtype), tensors, extra], sort_keys=True, default=str)
@@ -139,11 +133,11 @@ def load_sharded(
     before = reader.bytes_read
     with torch.no_grad():
         for name, p in params.items():  # the last rank's padding rows of the vocabulary
-            if splits.SPLITS[_pattern(name)] == splits.VOCAB:
+            if splits.SPLITS[splits.pattern_of(name)] == splits.VOCAB:
                 p.zero_()
         try:
             for copy in plan:
-                pattern = _pattern(copy.name)
+                pattern = splits.pattern_of(copy.name)
                 part_start = copy.rows.start if copy.rows is not None else None
                 s = splits.rank_slice(splits.SPLITS[pattern], copy.header.shape, part_start, tp.rank, tp.world_size,
                                       sizes.vocab)
@@ -152,12 +146,12 @@ def load_sharded(
         finally:
             reader.close()
     # Same shapes are not the same weights: the tensors every rank holds whole must agree too.
-    whole_params = [p for n, p in sorted(params.items()) if splits.SPLITS[_pattern(n)] == splits.WHOLE]
+    whole_params = [p for n, p in sorted(params.items()) if splits.SPLITS[splits.pattern_of(n)] == splits.WHOLE]
     check_same(tp, "the replicated weights (another checkpoint?)",
                "".join(hashlib.sha256(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for p in whole_params))
     if quantize is not None:
         def row_absmax(name: str, weight: torch.Tensor) -> torch.Tensor | None:
-            if splits.SPLITS[_pattern(f"{name}.weight")] != splits.COLUMNS:
+            if splits.SPLITS[splits.pattern_of(f"{name}.weight")] != splits.COLUMNS:
                 return None
             return tp.all_reduce_max(weight.detach().abs().amax(dim=1).float())
 

@@ -11,6 +11,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastsolar.checkpoint import hf_keys
+from fastsolar.model.sharding import ShardSizes
 
 ROWS, COLUMNS, VOCAB, WHOLE = "rows", "columns", "vocab", "whole"
 
@@ -56,3 +62,27 @@ def rank_slice(split: str, shape: tuple[int, ...], part_start: int | None, rank:
         hi = min(lo + vocab_rows, shape[0])
         return Slice(slice(lo, hi), None, slice(0, hi - lo))
     raise ValueError(f"unknown split {split!r}; known: {ROWS}, {COLUMNS}, {VOCAB}, {WHOLE}")
+
+
+def pattern_of(name: str) -> str:
+    """A parameter's pattern in SPLITS: layers.3.ffn_norm -> layers.{i}.ffn_norm."""
+    parts = name.split(".")
+    return ".".join(hf_keys.LAYER if i == 1 and parts[0] == "layers" else p for i, p in enumerate(parts))
+
+
+def shard_of(name: str, full: torch.Tensor, config: Any, rank: int, world_size: int) -> torch.Tensor:
+    """`rank`'s local value of parameter `name` from its whole value `full` (each part of a fused parameter
+    sliced alike; the vocabulary's padding rows zero): what the loader reads, for weights made in memory."""
+    pattern = pattern_of(name)
+    vocab_rows = ShardSizes.of(config, world_size).vocab
+    parts = hf_keys.fused_parts(config).get(pattern, (full.shape[0],))
+    pieces, start = [], 0
+    for size in parts:
+        part = full[start:start + size]
+        s = rank_slice(SPLITS[pattern], tuple(part.shape), None, rank, world_size, vocab_rows)
+        piece = part[s.rows] if s.cols is None else part[s.rows, s.cols]
+        if SPLITS[pattern] == VOCAB:
+            piece = torch.cat([piece, piece.new_zeros(vocab_rows - piece.shape[0], *piece.shape[1:])])
+        pieces.append(piece)
+        start += size
+    return torch.cat(pieces)

@@ -98,6 +98,17 @@ def test_int8_ranks_hold_slices_of_the_one_process_quantisation(ranks, ckpt):
         assert torch.equal(res["int8_tokens"], tokens), f"rank {r} of {n}"
 
 
+def test_each_rank_holds_its_slice_of_every_parameter(ranks, ckpt):
+    """The loader's slices are plan.shard_of's slices of one process's parameters (which bench/tp_engine.py uses
+    for weights made in memory)."""
+    n, results = ranks
+    one = Solar.from_pretrained(ckpt, dtype="float32")
+    for r, res in enumerate(results):
+        assert res["params"].keys() == dict(one.named_parameters()).keys()
+        for name, full in one.named_parameters():
+            assert torch.equal(res["params"][name], plan.shard_of(name, full, one.config, r, n)), (name, r, n)
+
+
 def test_each_rank_holds_and_reads_only_its_slice(ranks, ckpt):
     n, results = ranks
     headers = read_tensor_headers(F.shard_files(ckpt))

@@ -54,7 +54,7 @@ def checks(ckpt: str, out_dir: str, n: int) -> None:
     torch.save(dict(logits=logits, tokens=tokens, bf16=bf16_logits, bytes_read=reader.bytes_read,
                     kv_heads=model.kv_heads, qkv_rows=model.layers[0].attention.wqkv.weight.shape[0],
                     int8=int8_logits, int8_tokens=int8.generate(ids, N_NEW, attention_mask=mask, pad_token_id=0),
-                    int8_scales=scales),
+                    int8_scales=scales, params=dict(model.named_parameters())),
                Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 
