@@ -28,7 +28,7 @@ class ShardSizes:
     vocab: int  # rows of the embedding and lm_head per rank (ceil(vocab_size / world_size))
 
     @classmethod
-    def of(cls, config: SolarConfig, world_size: int) -> "ShardSizes":
+    def of(cls, config: SolarConfig, world_size: int) -> ShardSizes:
         """ValueError naming the degree and the size it does not divide (KV heads first: whole heads per rank)."""
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world_size!r}")

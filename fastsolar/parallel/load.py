@@ -23,8 +23,14 @@ import torch
 from torch import nn
 
 from fastsolar.checkpoint import quant_load
-from fastsolar.checkpoint.loader import _allocate, _check_index, _plan, _SkipInitOnMeta, checkpoint_files, resolve_dtype
-from fastsolar.checkpoint.shards import TensorHeader, read_tensor_headers
+from fastsolar.checkpoint.loader import (
+    _allocate,
+    _plan,
+    _SkipInitOnMeta,
+    checkpoint_headers,
+    resolve_dtype,
+)
+from fastsolar.checkpoint.shards import TensorHeader
 from fastsolar.config import SolarConfig, read_config_json
 from fastsolar.model import quant
 from fastsolar.model.sharding import ShardSizes
@@ -116,10 +122,7 @@ def load_sharded(
         raise ValueError("quantize='int4' is not supported with tensor parallelism yet (fp8 and int8 are)")
     quant.check_device(quantize, device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
-    shards, weight_map = checkpoint_files(model_dir)
-    headers = read_tensor_headers(shards)
-    if weight_map is not None:
-        _check_index(headers, weight_map)
+    _, headers = checkpoint_headers(model_dir)
     check_same(tp, "the checkpoint, dtype and arguments",
                _fingerprint(config, dtype, headers, f"{quantize}:{fingerprint}"))
     with torch.device("meta"), _SkipInitOnMeta():

@@ -4,8 +4,6 @@ One process group per degree for the whole module (each rank runs every check in
 its results); the references are computed here, in this process, by the ordinary one-process model."""
 from __future__ import annotations
 
-import time
-
 import hf_fixtures as F
 import pytest
 import torch
@@ -16,7 +14,7 @@ from fastsolar import Solar, SolarConfig
 from fastsolar.checkpoint.shards import read_tensor_headers
 from fastsolar.model.sharding import ShardSizes
 from fastsolar.parallel import plan
-from fastsolar.parallel.launch import RankFailed, launch
+from fastsolar.parallel.launch import launch
 
 pytestmark = pytest.mark.cpu_only
 
