@@ -53,9 +53,10 @@ class Solar(Transformer):
 
         `tensor_parallel_size=N` loads this process's rank of the model split N ways (fastsolar.parallel), inside
         an initialised torch.distributed process group of N ranks (torchrun, or fastsolar.parallel.launch); every
-        rank then calls the same forward / generate and gets the same full logits and tokens.
+        rank then calls the same forward / generate and gets the same full logits and tokens (N = 1: one process,
+        as without it).
         """
-        if tensor_parallel_size is not None:
+        if tensor_parallel_size is not None and not (type(tensor_parallel_size) is int and tensor_parallel_size == 1):
             from fastsolar.parallel import load_parallel
 
             return load_parallel(cls, model_dir, tensor_parallel_size, quantize=quantize,

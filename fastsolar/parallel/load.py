@@ -23,13 +23,8 @@ import torch
 from torch import nn
 
 from fastsolar.checkpoint import quant_load
-from fastsolar.checkpoint.loader import (
-    _allocate,
-    _plan,
-    _SkipInitOnMeta,
-    checkpoint_headers,
-    resolve_dtype,
-)
+from fastsolar.checkpoint.loader import (_allocate, _check_memory, _plan, _SkipInitOnMeta, checkpoint_headers,
+                                        resolve_dtype)
 from fastsolar.checkpoint.shards import TensorHeader
 from fastsolar.config import SolarConfig, read_config_json
 from fastsolar.model import quant
@@ -129,6 +124,7 @@ def load_sharded(
         whole = cls(config)  # the strict checks run against the whole model's shapes
         model = cls(config, tp)
     plan = _plan(whole, config, headers)
+    _check_memory(model_dir, model, device, dtype)  # this rank's slices
     _allocate(model, device, dtype)
 
     params = dict(model.named_parameters())

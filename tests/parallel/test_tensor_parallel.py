@@ -132,6 +132,9 @@ def test_a_degree_that_does_not_divide_the_kv_heads_is_refused(ckpt):
             ShardSizes.of(config, bad)
     with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
         Solar.from_pretrained(ckpt, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1, got True"):
+        Solar.from_pretrained(ckpt, tensor_parallel_size=True)
+    assert Solar.from_pretrained(ckpt, tensor_parallel_size=1).shard.world_size == 1  # one process, no group
 
 
 def test_every_checkpoint_tensor_has_a_split_and_the_ranks_tile_it():
