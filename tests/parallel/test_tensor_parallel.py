@@ -10,7 +10,7 @@ import torch
 import tp_workers as W
 from helpers import assert_close
 
-from fastsolar import Solar, SolarConfig
+from fastsolar import Solar, SolarConfig, ops
 from fastsolar.checkpoint.shards import read_tensor_headers
 from fastsolar.model.sharding import ShardSizes
 from fastsolar.parallel import plan
@@ -18,12 +18,13 @@ from fastsolar.parallel.launch import launch
 
 pytestmark = pytest.mark.cpu_only
 
-HEADS, KV_HEADS, LAYERS, HIDDEN = 8, 4, 2, 64
+HEADS, KV_HEADS, LAYERS, HIDDEN, HEAD_DIM = 8, 4, 2, 64, 16  # head_dim: the attention kernels' smallest
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    hf = F.build_hf_model(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS)
+    hf = F.build_hf_model(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS,
+                          head_dim=HEAD_DIM)
     return F.save(hf, tmp_path_factory.mktemp("tp") / "ckpt")
 
 
@@ -65,6 +66,22 @@ def test_fp32_logits_match_one_process_and_every_rank_agrees(ranks, reference):
         assert torch.equal(res["logits"], results[0]["logits"]), f"rank {r} of {n} differs from rank 0"
 
 
+def test_kernel_path_matches_one_process_on_its_kernel_path(ranks, ckpt):
+    """The Triton kernels (under the interpreter) on the shard shapes: the fused GEMVs without the residual on
+    rank 1, the decode attention over a rank's KV heads."""
+    n, results = ranks
+    if n != 2:
+        pytest.skip("the kernel path runs at 2 ranks only (the interpreter is slow)")
+    one = Solar.from_pretrained(ckpt, dtype="float32")
+    with ops.force_kernels(True), torch.no_grad():
+        expected = one(W.kernel_prompt())
+        tokens = one.generate(W.kernel_prompt(), 2)
+    for r, res in enumerate(results):
+        k = res["kernels"]
+        assert_close(k["logits"], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=f"rank {r}")
+        assert torch.equal(k["tokens"], tokens), f"rank {r}"
+
+
 def test_bf16_logits_within_twice_the_dtypes_own_error(ranks, reference):
     n, results = ranks
     for r, res in enumerate(results):
@@ -82,7 +99,7 @@ def test_int8_ranks_hold_slices_of_the_one_process_quantisation(ranks, ckpt):
         expected = one(W.prompt())
     tokens = one.generate(ids, W.N_NEW, attention_mask=mask, pad_token_id=0)
     attn = one.layers[0].attention
-    d = HIDDEN // HEADS
+    d = HEAD_DIM
     q, kv = HEADS * d // n, KV_HEADS * d // n
     for r, res in enumerate(results):
         s = res["int8_scales"]
@@ -117,7 +134,7 @@ def test_each_rank_holds_and_reads_only_its_slice(ranks, ckpt):
     slack = 2 * n * HIDDEN * 4
     for r, res in enumerate(results):
         assert res["kv_heads"] == KV_HEADS // n
-        assert res["qkv_rows"] == (HEADS + 2 * KV_HEADS) // n * (HIDDEN // HEADS)
+        assert res["qkv_rows"] == (HEADS + 2 * KV_HEADS) // n * HEAD_DIM
         share = (total - replicated) / n + replicated
         assert abs(res["bytes_read"] - share) <= slack, (r, res["bytes_read"], share)
     assert sum(res["bytes_read"] for res in results) == total + (n - 1) * replicated

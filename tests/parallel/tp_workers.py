@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastsolar import Solar
+from fastsolar import Solar, ops
 from fastsolar.parallel import SliceReader, load_parallel
 
 N_NEW = 12
@@ -20,6 +20,11 @@ N_NEW = 12
 def prompt() -> torch.Tensor:
     """[2, 17] token ids (the forward's input)."""
     return torch.randint(3, 997, (2, 17), generator=torch.Generator().manual_seed(5))
+
+
+def kernel_prompt() -> torch.Tensor:
+    """A shorter input for the kernel path: the Triton interpreter is slow."""
+    return prompt()[:, :5]
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +50,10 @@ def checks(ckpt: str, out_dir: str, n: int) -> None:
     bf16 = Solar.from_pretrained(ckpt, tensor_parallel_size=n, dtype="bfloat16")
     with torch.no_grad():
         bf16_logits = bf16(prompt())
+    kernels = {}
+    if n == 2:  # the Triton kernels (interpreter) on the shard shapes, residual on rank 0 only: once is enough
+        with ops.force_kernels(True), torch.no_grad():
+            kernels = dict(logits=model(kernel_prompt()), tokens=model.generate(kernel_prompt(), 2))
     int8 = Solar.from_pretrained(ckpt, tensor_parallel_size=n, dtype="float32", quantize="int8")
     with torch.no_grad():
         int8_logits = int8(prompt())
@@ -54,7 +63,7 @@ def checks(ckpt: str, out_dir: str, n: int) -> None:
     torch.save(dict(logits=logits, tokens=tokens, bf16=bf16_logits, bytes_read=reader.bytes_read,
                     kv_heads=model.kv_heads, qkv_rows=model.layers[0].attention.wqkv.weight.shape[0],
                     int8=int8_logits, int8_tokens=int8.generate(ids, N_NEW, attention_mask=mask, pad_token_id=0),
-                    int8_scales=scales, params=dict(model.named_parameters())),
+                    int8_scales=scales, params=dict(model.named_parameters()), kernels=kernels),
                Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 
