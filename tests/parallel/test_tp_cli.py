@@ -146,3 +146,41 @@ def test_serve_front_on_rank_0_drives_the_other_rank(ckpt):
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+def _rank_processes(parent: int) -> list[int]:
+    """The spawned rank processes under `parent` (not multiprocessing's resource tracker)."""
+    found = []
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"spawn_main" in cmdline:
+                found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through Linux's /proc")
+def test_serve_ends_with_a_clear_error_when_a_rank_is_killed(ckpt):
+    p = subprocess.Popen([sys.executable, "-m", "fastsolar", "serve", str(ckpt), "--port", "0",
+                          "--tensor-parallel-size", "2"], stderr=subprocess.PIPE, text=True, env=ENV)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in p.stderr], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while "listening on " not in lines.get(timeout=max(0.1, deadline - time.monotonic())):
+            pass
+        (rank1,) = _rank_processes(p.pid)
+        os.kill(rank1, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert p.wait(timeout=60) == 1
+        assert time.monotonic() - t0 < 30  # the watchdog's grace, not the process group's timeout
+        reader.join(10)  # stderr read to its end
+        err = []
+        while not lines.empty():
+            err.append(lines.get())
+        assert "fastsolar: error: tensor-parallel rank 1 of 2 was killed by SIGKILL; ending all ranks\n" in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
