@@ -442,7 +442,13 @@ def _tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
 
     ShardSizes.of(SolarConfig.from_pretrained(args.model_dir), args.tensor_parallel_size)  # before any rank starts
     if "RANK" in os.environ:
-        return _rank(args)
+        import torch.distributed as dist
+
+        try:
+            return _rank(args)
+        finally:  # torchrun's ranks leave the group they joined (left to exit, gloo and NCCL may abort)
+            if dist.is_initialized():
+                dist.destroy_process_group()
     if args.command == "generate" and args.prompt in (None, "-"):  # only this process has the terminal
         args.prompt = sys.stdin.read()
         argv = [*argv, "--prompt", args.prompt]

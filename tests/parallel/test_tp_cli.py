@@ -31,7 +31,8 @@ WAIT_S = 120
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny random Llama (scaled lm_head: well-separated greedy tokens) with a tokenizer.json tokenizer."""
-    hf = F.build_hf_model(vocab_size=403, bos_token_id=0, eos_token_id=4, pad_token_id=None, num_hidden_layers=2)
+    hf = F.build_hf_model(vocab_size=403, bos_token_id=0, eos_token_id=4, pad_token_id=None, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=16)
     d = F.save(hf, tmp_path_factory.mktemp("tp-cli") / "ckpt")
     F.make_tokenizer_module().train_tokenizer_json(d)
     return d
@@ -88,7 +89,7 @@ def test_chat_drives_its_ranks(ckpt, capsys, monkeypatch):
 def test_a_bad_degree_is_one_line_before_any_rank_starts(ckpt, capsys):
     assert cli.main(["generate", str(ckpt), "--prompt", "x", "--tensor-parallel-size", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fastsolar: error: tensor_parallel_size 3 does not divide the model's num_key_value_heads 2: each "
+    assert err == ["fastsolar: error: tensor_parallel_size 3 does not divide the model's num_key_value_heads 4: each "
                    "rank must hold whole heads and equal slices"]
 
 
@@ -104,24 +105,32 @@ def _texts(base: str, bodies: list[dict]) -> list[str]:
         return [r["choices"][0]["text"] for r in pool.map(lambda b: _post(base, b), bodies)]
 
 
-def test_serve_front_on_rank_0_drives_the_other_rank(ckpt):
+BODIES = [dict(model="m", prompt=[0, 17, 99, 250, 3], max_tokens=12, temperature=0),
+          dict(model="m", prompt="a longer prompt for the second row", max_tokens=9, temperature=0)]
+
+
+@pytest.fixture(scope="module")
+def served_alone(ckpt) -> list[str]:
+    """What one process's server answers BODIES."""
     from fastsolar.serve.api import create_app
     from fastsolar.serve.engine import Engine
 
-    bodies = [dict(model="m", prompt=[0, 17, 99, 250, 3], max_tokens=12, temperature=0),
-              dict(model="m", prompt="a longer prompt for the second row", max_tokens=9, temperature=0)]
     tok = Tokenizer.from_pretrained(ckpt)
     engine = Engine(Solar.from_pretrained(ckpt, dtype="float32"), tok, max_batch=4, max_seq=128)
     engine.start()
     try:
         with running_server(create_app(engine, tok, "m"), WAIT_S) as base:
-            expected = _texts(base, bodies)
+            texts = _texts(base, BODIES)
     finally:
         engine.stop()
-    assert all(len(t) > 2 for t in expected)
+    assert all(len(t) > 2 for t in texts)
+    return texts
 
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_serve_front_on_rank_0_drives_the_other_ranks(ckpt, served_alone, n):
     p = subprocess.Popen([sys.executable, "-m", "fastsolar", "serve", str(ckpt), "--port", "0", "--model-name", "m",
-                          "--max-batch", "4", "--max-seq", "128", "--tensor-parallel-size", "2"],
+                          "--max-batch", "4", "--max-seq", "128", "--tensor-parallel-size", str(n)],
                          stderr=subprocess.PIPE, text=True, env=ENV)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in p.stderr], daemon=True).start()
@@ -139,7 +148,7 @@ def test_serve_front_on_rank_0_drives_the_other_rank(ckpt):
             except OSError:
                 assert time.monotonic() < deadline, "the server did not answer /health"
                 time.sleep(0.1)
-        assert _texts(base, bodies) == expected
+        assert _texts(base, BODIES) == served_alone
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=60) == 0  # rank 0 shut down and released the other rank
     finally:

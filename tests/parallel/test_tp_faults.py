@@ -12,7 +12,7 @@ from fastsolar.parallel.launch import RankFailed, launch
 
 pytestmark = pytest.mark.cpu_only
 
-TIMEOUT = 10.0  # the process group's: a collective waits this long for a silent rank
+TIMEOUT = 8.0  # the process group's: a collective waits this long for a silent rank
 
 
 @pytest.fixture(scope="module")
