@@ -480,10 +480,9 @@ def _rank(args: argparse.Namespace) -> int:
     if tp.rank != 0:
         follow(load_model(args))
         return 0
-    try:
-        return int(args._run(args) or 0)
-    finally:
-        release(tp)
+    code = int(args._run(args) or 0)
+    release(tp)  # after a failure the launcher (or torchrun) ends the other ranks instead
+    return code
 
 
 def _entry() -> None:

@@ -131,13 +131,15 @@ def ranks_beside(fn: Callable[..., Any], args: tuple = (), *, nprocs: int, timeo
                 os._exit(1)
 
     watchdog = threading.Thread(target=watch, name="tp-watchdog", daemon=True)
+    wait = 0.0  # after a failure of rank 0 the others are ended at once: they would wait in a collective
     try:
         _join_group(0, nprocs, port, timeout)
         watchdog.start()
         yield
+        wait = timeout
     finally:
         done.set()
-        end = time.monotonic() + timeout
+        end = time.monotonic() + wait
         for p in ctx.processes:
             p.join(max(0.0, end - time.monotonic()))
             if p.is_alive():
