@@ -18,6 +18,9 @@ Engines (`--engines`, comma separated, default all; `--exclude` leaves some out)
   hf-compile       transformers with cache_implementation="static" + torch.compile(mode="reduce-overhead")
                    (generate's own auto-compile, the gpt-fast technique); CUDA only; a failure is reported
                    in the table, not raised
+  fastsolar-tp     `fastsolar` split over --tp N tensor-parallel ranks (bench/tp_engine.py), run after the others;
+                   by default when more than one GPU is visible (N: their count rounded down to a power of two),
+                   or with --tp N on a CPU (gloo)
 On a CPU, `fastsolar` and `hf-compile` are reported as skipped (they need CUDA), and so is `fastsolar-eager`:
 without CUDA fastsolar runs its torch reference ops (the Triton kernels run on a CPU only under the slow
 interpreter), which is the torch-ref engine. The quantised engines run there too, on the reference ops
@@ -117,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(bench/gpu_check.sh: every engine but hf-compile, whatever engines exist)")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="add the fastsolar-tp row on N ranks (default: the visible GPUs, rounded down to a power of "
+                        "two, when there are 2 or more; 0 = no row)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; engines and batch sizes not started by then are reported as skipped")
     args = p.parse_args(argv)
@@ -129,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (128 if on_cuda else 8)
     args.repeats = args.repeats or (3 if on_cuda else 2)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    if args.tp is None:
+        gpus = torch.cuda.device_count() if on_cuda else 0
+        args.tp = 2 ** int(math.log2(gpus)) if gpus > 1 else 0
     excluded = [e.strip() for e in args.exclude.split(",") if e.strip()]
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip() and e.strip() not in excluded]
     unknown = [e for e in args.engines + excluded if e not in ENGINES]
@@ -300,6 +309,10 @@ class Bench:
             return HFEngine(self, name, compiled=True)
         if name in QUANTIZED:
             return FastsolarEngine(self, name, graphs=self.on_cuda, kernels=None, quantize=QUANTIZED[name])
+        if name == "fastsolar-tp":
+            from tp_engine import TensorParallelEngine
+
+            return TensorParallelEngine(self, name, self.args.tp)
         raise ValueError(name)
 
     def over_budget(self) -> bool:
@@ -453,12 +466,12 @@ class Bench:
             log.info("=== load ===")
             self.measure_load()
             self.write_json(complete=False)
-        for name in args.engines:
+        for name in args.engines + (["fastsolar-tp"] if args.tp > 1 else []):
             log.info("=== engine %s ===", name)
             self.run_engine(name)
             self.match_tokens()
             self.write_json(complete=False)
-            rest = args.engines[args.engines.index(name) + 1:]
+            rest = args.engines[args.engines.index(name) + 1:] if name in args.engines else []
             if not any(e.startswith("hf-") for e in rest):
                 self._hf = None  # no later engine needs transformers' model
         self._hf = None

@@ -50,6 +50,7 @@ class Solar(Transformer):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         quantize: str | None = None,
+        tensor_parallel_size: int | None = None,
         **hf_kwargs: Any,
     ) -> "Solar":
         """Load a Hugging Face checkpoint directory (sharded or single safetensors); see
@@ -58,10 +59,20 @@ class Solar(Transformer):
         `quantize="fp8"` or `"int8"` quantises the linear layers (per output channel) as they load, halving
         their memory and the bytes each decode step reads; `"int4"` (groups of 128 inputs, scales and zeros)
         takes them to about a quarter; FP8 needs sm_89+, int8 and int4 sm_80+ (fastsolar.model.quant).
+
+        `tensor_parallel_size=N` loads this process's rank of the model split N ways (fastsolar.parallel), inside
+        an initialised torch.distributed process group of N ranks (torchrun, or fastsolar.parallel.launch); every
+        rank then calls the same forward / generate and gets the same full logits and tokens (N = 1: one process,
+        as without it).
         """
         options = load_kwargs(device=device, dtype=dtype, **hf_kwargs)
         generation_config = GenerationConfig.from_pretrained(model_dir)  # a bad file fails before the weights load
-        model = load_model(cls, model_dir, quantize=quantize, **options)
+        if tensor_parallel_size is not None and not (type(tensor_parallel_size) is int and tensor_parallel_size == 1):
+            from fastsolar.parallel import load_parallel
+
+            model = load_parallel(cls, model_dir, tensor_parallel_size, quantize=quantize, **options)
+        else:
+            model = load_model(cls, model_dir, quantize=quantize, **options)
         model.generation_config = generation_config
         return model
 

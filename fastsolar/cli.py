@@ -82,6 +82,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="quantise the linear layers as they load: fp8 / int8 per output channel (half the memory "
                         "and the bytes read per token), int4 per group of 128 inputs (about a quarter); fp8 needs "
                         "an sm_89+ GPU, int8 and int4 sm_80+")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N processes (one GPU each; gloo on a CPU): starts them itself, or "
+                        "takes its rank from torchrun's environment (default 1)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:
@@ -153,8 +156,13 @@ def load_model(args: argparse.Namespace) -> "Solar":
     from fastsolar.api import Solar
 
     t0 = time.perf_counter()
+    tp = args.tensor_parallel_size
     model = Solar.from_pretrained(args.model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                                  quantize=args.quantize)
+                                  quantize=args.quantize, tensor_parallel_size=tp if tp > 1 else None)
+    if tp > 1 and args.command != "generate" and model.shard.rank == 0:  # the other ranks follow rank 0's passes
+        from fastsolar.parallel.driver import drive
+
+        drive(model)
     logger.info("loaded %s on %s in %.1f s", args.model_dir, model.device, time.perf_counter() - t0)
     return model
 
@@ -288,8 +296,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         reply: list[str] = []
         try:
-            for piece in stream_text(model, tokenizer, ids, max_new,
-                                     stop_strings=tokenizer.chat_stop_strings, **sampling):
+            for piece in stream_text(model, tokenizer, ids, max_new, stop_strings=tokenizer.chat_stop_strings,
+                                     cuda_graphs=False if args.tensor_parallel_size > 1 else None, **sampling):
                 reply.append(piece)
                 _write(piece)
         except KeyboardInterrupt:
@@ -377,7 +385,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(PROG).setLevel(logging.INFO)
     tokenizer = load_tokenizer(args.model_dir)
     model = load_model(args)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq,
+                    cuda_graphs=False if args.tensor_parallel_size > 1 else None)  # driven ranks run eagerly
     engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup
     name = args.model_name or Path(args.model_dir).resolve().name
     logger.info("serving %s as '%s': max batch %d, max queue %d, context %d%s", args.model_dir, name,
@@ -428,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fastsolar.devices import resolve_device
 
             resolve_device(args.device)
+        if getattr(args, "tensor_parallel_size", 1) != 1:
+            return _tensor_parallel(args, list(sys.argv[1:] if argv is None else argv))
         return int(args._run(args) or 0)
     except (FileNotFoundError, ValueError, TypeError, MemoryError) as e:
         sys.stdout.flush()
@@ -441,6 +452,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the command as rank 0 of --tensor-parallel-size ranks: under torchrun as the rank its environment
+    names, else starting ranks 1..N-1 itself (fastsolar.parallel.launch; a rank that fails ends them all)."""
+    from fastsolar.config import SolarConfig
+    from fastsolar.model.sharding import ShardSizes
+    from fastsolar.parallel import launch
+
+    ShardSizes.of(SolarConfig.from_pretrained(args.model_dir), args.tensor_parallel_size)  # before any rank starts
+    if "RANK" in os.environ:
+        import torch.distributed as dist
+
+        try:
+            return _rank(args)
+        finally:  # torchrun's ranks leave the group they joined (left to exit, gloo and NCCL may abort)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if args.command == "generate" and args.prompt in (None, "-"):  # only this process has the terminal
+        args.prompt = sys.stdin.read()
+        argv = [*argv, "--prompt", args.prompt]
+    with launch.ranks_beside(_follower, (argv,), nprocs=args.tensor_parallel_size):
+        return _rank(args)
+
+
+def _follower(argv: list[str]) -> int:
+    """A spawned rank 1..N-1 (module level: spawned processes import it)."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    return _rank(args)
+
+
+def _rank(args: argparse.Namespace) -> int:
+    """One rank of the group: `generate` runs everywhere (same prompt, same tokens; rank 0 prints); `chat` and
+    `serve` run on rank 0, whose model passes the other ranks follow (fastsolar.parallel.driver)."""
+    from fastsolar.parallel import init_from_env
+    from fastsolar.parallel.driver import follow, release
+
+    tp = init_from_env()
+    if tp.world_size != args.tensor_parallel_size:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} does not match the {tp.world_size} "
+                         "ranks torchrun started")
+    if args.command == "generate":
+        if tp.rank != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this rank's process
+        return int(args._run(args) or 0)
+    if tp.rank != 0:
+        follow(load_model(args))
+        return 0
+    code = int(args._run(args) or 0)
+    release(tp)  # after a failure the launcher (or torchrun) ends the other ranks instead
+    return code
 
 
 def _entry() -> None:

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ops",),
     ("model",),
     ("checkpoint", "decoding", "text"),
-    ("hf",),
+    ("hf", "parallel"),
     ("api", "serve"),
     ("pipelines",),
     ("cli",),

@@ -206,6 +206,15 @@ def _check_index(headers: dict[str, TensorHeader], weight_map: dict[str, Path]) 
         )
 
 
+def checkpoint_headers(model_dir: Path) -> tuple[list[Path], dict[str, TensorHeader]]:
+    """The shards of a checkpoint directory and every tensor's header, checked against the index (if any)."""
+    shards, weight_map = checkpoint_files(model_dir)
+    headers = read_tensor_headers(shards)
+    if weight_map is not None:
+        _check_index(headers, weight_map)
+    return shards, headers
+
+
 class _SkipInitOnMeta(TorchFunctionMode):
     """Skips `torch.nn.init` on meta tensors while the model is built there: there are no values to initialise,
     and torch's meta `normal_` imports torch._dynamo on first use, seconds of every process's first load."""
@@ -345,10 +354,7 @@ def load_model(
     mode = quant_load.resolve_mode(quantize, stored, model_dir)
     quant.check_device(mode, device)
     dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
-    shards, weight_map = checkpoint_files(model_dir)
-    headers = read_tensor_headers(shards)
-    if weight_map is not None:
-        _check_index(headers, weight_map)
+    shards, headers = checkpoint_headers(model_dir)
     headers = quant_load.int4_keys(headers, stored)
     stored_layers, scale_keys = quant_load.quantized_layers(headers, stored)
     if stored is not None:  # activation scales belong to activation quantisation, which is not replayed

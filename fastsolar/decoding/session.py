@@ -36,7 +36,8 @@ class DecodeSession:
 
     def __init__(self, model: Any, max_batch: int, max_seq: int, *, max_graphs: int = 16) -> None:
         self.model = model
-        self.cache = KVCache.allocate(model.config, max_batch, max_seq, model.device, model.dtype)
+        self.cache = KVCache.allocate(model.config, max_batch, max_seq, model.device, model.dtype,
+                                      kv_heads=model.kv_heads)
         self.graphs = GraphPool(max_graphs=max_graphs)
         self.weights = WeightStorage(model)
         self._busy: set[int] = set()

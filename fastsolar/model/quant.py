@@ -38,7 +38,7 @@ model that shares everything but the quantised linears with the first (the bench
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -121,10 +121,12 @@ def _quantize_rows_int4(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.T
 
 
 def quantize_rows(weight: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor,
-                  zeros_out: torch.Tensor | None = None) -> torch.Tensor:
+                  zeros_out: torch.Tensor | None = None, row_absmax: torch.Tensor | None = None) -> torch.Tensor:
     """Quantise `weight` [N, K] (any float dtype, any device) per output row into `q_out` [N, K] (int8 or
     float8_e4m3fn; the mode follows its dtype) and `scale_out` [N] (fp32), a chunk of rows at a time, on
     q_out's device; int4 (q_out int32 [N, K / 8]) into scale_out [N, G] (fp16) and zeros_out [N, G] (uint8).
+    8-bit `row_absmax` [N]: each row's absmax when `weight` holds only some of its columns (a tensor-parallel
+    rank's slice, fastsolar.parallel), so the slice gets the whole row's scale.
     Views (a row slice of a fused parameter) are written in place. No host sync: returns a 0-d bool tensor on
     q_out's device, whether every value was finite (rows that were not are garbage)."""
     mode = MODE_OF_DTYPE[q_out.dtype]
@@ -139,6 +141,8 @@ def quantize_rows(weight: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Te
             finite &= _quantize_rows_int4(w, q_out[start:end], scale_out[start:end], zeros_out[start:end])
             continue
         absmax = w.abs().amax(dim=1) if k else torch.zeros(w.shape[0], device=w.device)
+        if row_absmax is not None:
+            absmax = torch.maximum(absmax, row_absmax[start:start + step].to(absmax.device, torch.float32))
         finite &= torch.isfinite(absmax).all()  # amax propagates NaN
         scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
         scaled = w / scale[:, None]
@@ -152,9 +156,9 @@ def quantize_rows(weight: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Te
 
 
 def quantize_into(weight: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor,
-                  zeros_out: torch.Tensor | None = None) -> None:
+                  zeros_out: torch.Tensor | None = None, row_absmax: torch.Tensor | None = None) -> None:
     """`quantize_rows`, then ValueError for non-finite weights (a host sync: converting, not the hot path)."""
-    if not bool(quantize_rows(weight, q_out, scale_out, zeros_out)):
+    if not bool(quantize_rows(weight, q_out, scale_out, zeros_out, row_absmax)):
         bad = int((~torch.isfinite(weight).all(dim=1)).nonzero()[0])
         raise ValueError(f"cannot quantise a weight with non-finite values (row {bad} of {weight.shape[0]})")
 
@@ -226,9 +230,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE,
-                    act_order: bool = False) -> "QuantLinear":
+                    act_order: bool = False, row_absmax: torch.Tensor | None = None) -> "QuantLinear":
         """Quantise an existing bias-free nn.Linear (on its device; a meta one gives an empty meta layer, of
-        `group_size` and `act_order` for int4: what a loader fills from a GPTQ / AWQ checkpoint)."""
+        `group_size` and `act_order` for int4: what a loader fills from a GPTQ / AWQ checkpoint); `row_absmax`:
+        quantize_rows'."""
         if linear.bias is not None:
             raise ValueError("QuantLinear has no bias; the model's linear layers are bias-free")
         w = linear.weight
@@ -240,7 +245,7 @@ class QuantLinear(nn.Module):
                                  f"group_size={group_size}, act_order={act_order}")
             with torch.no_grad():
                 zeros = layer.weight_zeros.data if layer.group_size is not None else None
-                quantize_into(w.detach(), layer.weight.data, layer.weight_scale.data, zeros)
+                quantize_into(w.detach(), layer.weight.data, layer.weight_scale.data, zeros, row_absmax)
         return layer
 
     def _apply(self, fn, recurse=True):
@@ -291,10 +296,12 @@ def quantizable_linears(model: nn.Module) -> list[str]:
 
 
 def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None,
-             group_size: int = GROUP_SIZE, act_order: bool = False) -> nn.Module:
+             group_size: int = GROUP_SIZE, act_order: bool = False,
+             row_absmax: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None) -> nn.Module:
     """Replace the model's linear layers (all of `quantizable_linears`, or the names in `only`) by QuantLinear
     layers of `mode`, in place, quantising their weights one by one (a meta model gets empty meta layers,
-    which is how the loader prepares a model it then fills). Returns the model."""
+    which is how the loader prepares a model it then fills). `row_absmax(name, weight)`: the whole rows' absmax
+    for a layer holding a slice of their columns, else None (quantize_rows). Returns the model."""
     mode = check_mode(mode)
     if mode is None:
         raise ValueError("quantize(model, mode) needs mode 'fp8', 'int8' or 'int4'")
@@ -308,7 +315,9 @@ def quantize(model: nn.Module, mode: str, *, only: Iterable[str] | None = None,
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode, group_size, act_order))
+        linear = getattr(parent, attr)
+        absmax = None if row_absmax is None else row_absmax(name, linear.weight)
+        setattr(parent, attr, QuantLinear.from_linear(linear, mode, group_size, act_order, absmax))
     if names:
         logger.debug("quantised %d linear layers to %s", len(names), mode)
     return model

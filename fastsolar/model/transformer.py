@@ -37,6 +37,7 @@ from torch import nn
 from fastsolar import memory, ops
 from fastsolar.config import SolarConfig
 from fastsolar.model.outputs import IGNORE_INDEX, CausalLMOutput, causal_lm_loss
+from fastsolar.model.sharding import Shard, ShardSizes
 
 
 def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
@@ -70,16 +71,18 @@ class KVCache:
 
     @classmethod
     def allocate(
-        cls, config: SolarConfig, max_batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
+        cls, config: SolarConfig, max_batch: int, max_seq: int, device: torch.device, dtype: torch.dtype,
+        kv_heads: int | None = None,
     ) -> "KVCache":
         """An uninitialised cache of `max_batch` rows x `max_seq` positions, after checking that it fits the
-        model's context and the memory free on `device` (memory.InsufficientMemoryError)."""
+        model's context and the memory free on `device` (memory.InsufficientMemoryError). `kv_heads`: the KV
+        heads one tensor-parallel rank holds (`model.kv_heads`; default all of them)."""
         for name, value in (("max_batch", max_batch), ("max_seq", max_seq)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if max_seq > config.max_position_embeddings:
             raise ValueError(f"max_seq {max_seq} exceeds the model's context of {config.max_position_embeddings} tokens")
-        shape = (config.num_hidden_layers, max_batch, max_seq, config.num_key_value_heads, config.head_dim)
+        shape = (config.num_hidden_layers, max_batch, max_seq, kv_heads or config.num_key_value_heads, config.head_dim)
         memory.check_fits(f"the KV cache {shape}", device, dtype, 2 * torch.Size(shape).numel() * dtype.itemsize,
                           advice="Lower the batch size or the maximum sequence length.")
         # Normal tensors even when made under inference_mode (as generate does), so that prefill and decode can
@@ -111,10 +114,12 @@ class CacheView:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: SolarConfig) -> None:
+    def __init__(self, config: SolarConfig, shard: Shard) -> None:
         super().__init__()
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
+        sizes = ShardSizes.of(config, shard.world_size)
+        self.shard = shard
+        self.n_heads = sizes.n_heads
+        self.n_kv_heads = sizes.n_kv_heads
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
         qkv_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
@@ -152,30 +157,37 @@ class Attention(nn.Module):
                 o = ops.decode_attention(q[:, 0], k_cache, v_cache, view.seqlens, rows=rows).unsqueeze(1)
             else:
                 o = ops.attention(q, k_cache[:, :s], v_cache[:, :s], causal=True, rows=rows)
-        return ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight, residual=h,
-                          **_quant(self.wo))
+        # Split by input columns, each rank's product is a partial sum: the residual is added once (rank 0),
+        # inside the fused epilogue, and the all-reduce joins the partial sums.
+        y = ops.linear(o.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight,
+                       residual=h if self.shard.rank == 0 else None, **_quant(self.wo))
+        return self.shard.all_reduce(y)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: SolarConfig) -> None:
+    def __init__(self, config: SolarConfig, shard: Shard) -> None:
         super().__init__()
-        self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        intermediate = ShardSizes.of(config, shard.world_size).intermediate
+        self.shard = shard
+        self.w_gate_up = nn.Linear(config.hidden_size, 2 * intermediate, bias=False)
+        self.w_down = nn.Linear(intermediate, config.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
         """h + mlp(rms_norm(h)) for the residual stream h."""
         gate_up = ops.norm_linear(h, norm_weight, eps, self.w_gate_up.weight, **_quant(self.w_gate_up))
-        return ops.swiglu_linear(gate_up, self.w_down.weight, residual=h, **_quant(self.w_down))
+        y = ops.swiglu_linear(gate_up, self.w_down.weight, residual=h if self.shard.rank == 0 else None,
+                              **_quant(self.w_down))
+        return self.shard.all_reduce(y)
 
 
 class Block(nn.Module):
-    def __init__(self, config: SolarConfig) -> None:
+    def __init__(self, config: SolarConfig, shard: Shard) -> None:
         super().__init__()
         self.eps = config.rms_norm_eps
         self.attention_norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.attention = Attention(config)
+        self.attention = Attention(config, shard)
         self.ffn_norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = FeedForward(config, shard)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, view: CacheView | None, layer: int) -> torch.Tensor:
         """The residual stream after this layer (layer `layer` of the cache view, if any)."""
@@ -185,15 +197,22 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """SOLAR-10.7B and its Llama-2 / Mistral relatives, for inference: weights and config, and the three
-    forward passes (module docstring). Loading and generation live above it (`fastsolar.Solar`)."""
+    forward passes (module docstring). Loading and generation live above it (`fastsolar.Solar`).
 
-    def __init__(self, config: SolarConfig) -> None:
+    `shard` (default: the whole model) makes this one rank's slice of a tensor-parallel model
+    (fastsolar.model.sharding; built and loaded by fastsolar.parallel): the config stays the whole model's,
+    the layers hold this rank's heads, MLP columns and vocabulary rows, and every pass returns the full logits."""
+
+    def __init__(self, config: SolarConfig, shard: Shard | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.shard = shard = shard or Shard()
+        sizes = ShardSizes.of(config, shard.world_size)
+        self.kv_heads = sizes.n_kv_heads  # the KV heads this rank's cache holds
+        self.embed_tokens = nn.Embedding(sizes.vocab, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, shard) for _ in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, sizes.vocab, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -207,14 +226,15 @@ class Transformer(nn.Module):
 
     def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, view: CacheView | None) -> torch.Tensor:
         """Run the layer stack; returns the residual stream `[b, s, hidden]` (before the final norm)."""
-        h = self.embed_tokens(input_ids)
+        h = self.shard.embed(self.embed_tokens.weight, input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, view, i)
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm fused with the lm_head."""
-        return ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, **_quant(self.lm_head))
+        local = ops.norm_linear(h, self.norm, self.config.rms_norm_eps, self.lm_head.weight, **_quant(self.lm_head))
+        return self.shard.logits(local, self.config.vocab_size)
 
     def forward(
         self,
@@ -239,16 +259,18 @@ class Transformer(nn.Module):
     def _masked_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, s = input_ids.shape
         lead = self._leading_pads(attention_mask, (b, s), input_ids.device)
-        if lead is None:
-            positions = torch.arange(s, device=input_ids.device).expand(b, s)
-            return self._logits(self._layers(input_ids, positions, None))
-        # Roll each row left by its leading pads: the real tokens then sit at positions 0..n-1 followed by the
-        # pads, where causal attention keeps the pads out of every real token's view (the cacheless causal
-        # kernel needs no key mask); the logits are rolled back into place.
         cols = torch.arange(s, device=input_ids.device)
-        src = (cols[None, :] + lead[:, None]) % s
-        rolled = input_ids.gather(1, src)
-        logits = self._logits(self._layers(rolled, cols.expand(b, s), None))
+        ids = input_ids
+        if lead is not None:
+            # Roll each row left by its leading pads: the real tokens then sit at positions 0..n-1 followed by the
+            # pads, where causal attention keeps the pads out of every real token's view (the cacheless causal
+            # kernel needs no key mask); the logits are rolled back into place.
+            ids = input_ids.gather(1, (cols[None, :] + lead[:, None]) % s)
+        # The followers of a driven tensor-parallel group run the same layer passes on these ids.
+        self.shard.starting("forward", None, input_ids=ids)
+        logits = self._logits(self._layers(ids, cols.expand(b, s), None))
+        if lead is None:
+            return logits
         back = (cols[None, :] - lead[:, None]) % s
         return logits.gather(1, back[:, :, None].expand(b, s, logits.shape[-1]))
 
@@ -296,6 +318,7 @@ class Transformer(nn.Module):
                              f"positions; this one has {cache.max_batch} x {cache.max_seq}")
         if rows is not None:
             rows = self._check_rows(rows, b, cache.max_batch)
+        self.shard.starting("prefill", cache, input_ids=input_ids, seqlens=seqlens, rows=rows)
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         # Right padding plus causal masking leaves every real token's attention exact; padded slots
         # land in the cache beyond seqlens, where decode never reads and later steps overwrite.
@@ -311,6 +334,7 @@ class Transformer(nn.Module):
         b = tokens.shape[0]
         if rows is not None and tuple(rows.shape) != (b,):
             raise ValueError(f"rows must have shape [{b}] (one cache row per token), got {tuple(rows.shape)}")
+        self.shard.starting("decode", cache, tokens=tokens, positions=positions, rows=rows)
         view = CacheView(cache, rows, (positions + 1).to(torch.int32))
         h = self._layers(tokens[:, None], positions[:, None], view)
         return self._logits(h[:, 0])
