@@ -34,8 +34,8 @@ def reference(ckpt):
     model = Solar.from_pretrained(ckpt, dtype="float32")
     ids, mask = W.padded_batch()
     with torch.no_grad():
-        logits = model(W.prompt())
-        bf16 = Solar.from_pretrained(ckpt, dtype="bfloat16")(W.prompt())
+        logits = model(W.prompt()).logits
+        bf16 = Solar.from_pretrained(ckpt, dtype="bfloat16")(W.prompt()).logits
     return dict(logits=logits, tokens=model.generate(ids, W.N_NEW, attention_mask=mask, pad_token_id=0), bf16=bf16)
 
 

@@ -45,18 +45,18 @@ def checks(ckpt: str, out_dir: str, n: int) -> None:
     model = load_parallel(Solar, ckpt, n, dtype="float32", reader=reader)
     ids, mask = padded_batch()
     with torch.no_grad():
-        logits = model(prompt())
+        logits = model(prompt()).logits
     tokens = model.generate(ids, N_NEW, attention_mask=mask, pad_token_id=0)
     bf16 = Solar.from_pretrained(ckpt, tensor_parallel_size=n, dtype="bfloat16")
     with torch.no_grad():
-        bf16_logits = bf16(prompt())
+        bf16_logits = bf16(prompt()).logits
     kernels = {}
     if n == 2:  # the Triton kernels (interpreter) on the shard shapes, residual on rank 0 only: once is enough
         with ops.force_kernels(True), torch.no_grad():
-            kernels = dict(logits=model(kernel_prompt()), tokens=model.generate(kernel_prompt(), 2))
+            kernels = dict(logits=model(kernel_prompt()).logits, tokens=model.generate(kernel_prompt(), 2))
     int8 = Solar.from_pretrained(ckpt, tensor_parallel_size=n, dtype="float32", quantize="int8")
     with torch.no_grad():
-        int8_logits = int8(prompt())
+        int8_logits = int8(prompt()).logits
     layer = int8.layers[0]
     scales = {name: getattr(layer, part).__getattr__(name).weight_scale
               for part, name in (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w_down"))}
