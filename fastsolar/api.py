@@ -28,6 +28,7 @@ from fastsolar.hf.compat import (
 )
 from fastsolar.hf.generation_config import GenerationConfig
 from fastsolar.model import Transformer
+from fastsolar.model.sharding import Shard
 from fastsolar.text.tokenizer import SentencePieceTokenizer
 from fastsolar.text.tokenizer_json import JsonTokenizer
 
@@ -38,8 +39,8 @@ class Solar(Transformer):
     `generation_config` holds the defaults `generate` / `stream` apply to what a call leaves out: the checkpoint's
     generation_config.json when loaded with `from_pretrained` (fastsolar.hf.generation_config)."""
 
-    def __init__(self, config: SolarConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: SolarConfig, shard: Shard | None = None) -> None:
+        super().__init__(config, shard)
         self.generation_config = GenerationConfig()
 
     @classmethod
