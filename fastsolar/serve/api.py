@@ -216,13 +216,14 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
 
     async def generate(body: GenerationRequest, request: Request, ids: list[int], stop: tuple[str, ...], chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        try:
-            grammar = grammars.compile(body.response_format and body.response_format.grammar_input())
-        except GrammarError as e:
-            raise APIError(400, str(e), param=e.param) from None
+        constraint = None
+        if body.response_format is not None and body.response_format.type != "text":
+            try:  # off the event loop: a large schema's grammar takes a while to build
+                constraint = await anyio.to_thread.run_sync(grammars.constraint, body.response_format.grammar_input())
+            except GrammarError as e:
+                raise APIError(400, str(e), param=e.param) from None
         ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget, sampling=_sampling(body),
-                             stop=stop, ignore_eos=body.ignore_eos, user=body.user,
-                             constraint=None if grammar is None else grammars.matcher(grammar))
+                             stop=stop, ignore_eos=body.ignore_eos, user=body.user, constraint=constraint)
         events = _Events(engine, ereq, "messages" if chat else "prompt")
         shape = _Shape(chat, rid, model_name)
         if body.stream:

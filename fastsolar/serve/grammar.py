@@ -2,18 +2,19 @@
 
 `{"type": "json_object"}` (any JSON object) and `{"type": "json_schema", "json_schema": {"name", "schema",
 "strict"}}` become an llguidance grammar (`Grammars.compile`); `{"type": "text"}` is no constraint. A schema
-llguidance cannot enforce exactly (an unknown keyword, a `format` it does not know, ...) is refused with
+llguidance cannot enforce exactly (a `format` it does not know, a `$ref` it cannot resolve, ...) is refused with
 GrammarError naming it, instead of being half-enforced: the output of a constrained request always parses and
 validates against its schema, whatever the model's logits (`strict` false is enforced just as strictly).
 
 Why llguidance (over xgrammar and outlines-core, which install here too): no grammar compilation step (a mask
-is computed lazily per step, in tens of microseconds for JSON, so a new schema costs its first token nothing),
+is computed lazily per step: ~30 us per row and step for a JSON schema over SOLAR's 32000 tokens, measured on
+the 2-core dev machine; the first step ~4 ms, the tokenizer index 0.17 s once per server),
 it refuses unsupported schema features instead of ignoring them, and it has no Python dependencies. Its mask
 is the same 32-bit bitmask the others use ([rows, ceil(V/32)] int32, bit i of word w allows token 32w+i).
 
-How it enters a decode step (`fastsolar.serve.token_mask`): the host fills one bitmask row per batch row between steps -- a
-constrained row from its matcher, a free row all ones -- into a pinned host buffer, copies it into a fixed
-device buffer, and the step reads that buffer: `TokenMask.apply(logits)` sets disallowed tokens to -inf
+How it enters a decode step (`fastsolar.serve.token_mask`): the host fills one bitmask row per batch row
+between steps -- a constrained row from its matcher, a free row all ones -- into a pinned host buffer, copies
+it into a fixed device buffer, and the step reads that buffer: `TokenMask.apply(logits)` sets disallowed tokens to -inf
 before the sampler's processing, inside the captured step. A batch without constrained rows skips the apply
 (the mask's host flag is part of the graph key), so free batches pay nothing. EOS is allowed by the matcher
 only where the grammar is complete; the engine ends a row as soon as its grammar is complete and nothing
@@ -119,7 +120,13 @@ class Grammars:
         return grammar
 
     def matcher(self, grammar: str) -> "Constraint":
+        """A fresh matcher of a compiled grammar, at its start."""
         return Constraint(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0))
+
+    def constraint(self, response_format: dict[str, Any]) -> "Constraint | None":
+        """`compile` then `matcher`: a request's constraint, None for free text."""
+        grammar = self.compile(response_format)
+        return None if grammar is None else self.matcher(grammar)
 
 
 @dataclass

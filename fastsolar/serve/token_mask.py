@@ -29,9 +29,7 @@ class TokenMask:
         device = torch.device(device)
         self.host = torch.full((rows, self.words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.bits = torch.full((rows, self.words), -1, dtype=torch.int32, device=device)
-        index = torch.arange(vocab_size, device=device)
-        self.word = index // 32  # token -> its word, and its bit in that word
-        self.shift = (index % 32).to(torch.int32)
+        self.shift = torch.arange(32, dtype=torch.int32, device=device)  # bit i of a word: token 32 * word + i
         self.active = False  # some row of the selected batch is constrained (a host flag: part of the graph key)
 
     def set(self, fills: Sequence[RowFill | None]) -> None:
@@ -54,7 +52,7 @@ class TokenMask:
         if not self.active:
             return logits
         b = logits.shape[0]
-        allowed = (self.bits[:b, self.word] >> self.shift) & 1
+        allowed = ((self.bits[:b, :, None] >> self.shift) & 1).view(b, -1)[:, : self.vocab_size]
         return logits.masked_fill(allowed == 0, float("-inf"))
 
 
