@@ -20,12 +20,13 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai", "jsonschema", "llguidance
 import httpx  # noqa: E402
 import jsonschema  # noqa: E402
 import openai  # noqa: E402
-from helpers import running_server  # noqa: E402
+from helpers import DEVICE, running_server  # noqa: E402
 from hf_fixtures import build_json_checkpoint  # noqa: E402
 
 from fastsolar import Solar, Tokenizer  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
-from fastsolar.serve.engine import Engine  # noqa: E402
+from fastsolar.decoding.sampling import RowParams  # noqa: E402
+from fastsolar.serve.engine import Engine, Request  # noqa: E402
 from fastsolar.serve.grammar import Grammars  # noqa: E402
 from fastsolar.serve.token_mask import TokenMask  # noqa: E402
 
@@ -311,3 +312,46 @@ def test_token_mask_unpacks_bits_exactly():
             assert (out[r, token] == logits[r, token]) if allowed else out[r, token] == float("-inf"), (r, token)
     mask.set([None, None])
     assert not mask.active and mask.apply(logits) is logits
+
+
+def test_engine_mixes_constrained_and_free_rows_in_its_step(serve_checkpoint):
+    """The engine alone (no HTTP), on the test device: constrained and free requests decode in one batch through
+    the static-buffer step (on CUDA: captured graphs, keyed with and without the mask), the free ones equal to
+    `generate` alone, the constrained ones schema-valid."""
+    tok = Tokenizer.from_pretrained(serve_checkpoint)
+    ref = Solar.from_pretrained(serve_checkpoint, device=DEVICE)
+    engine = Engine(Solar.from_pretrained(serve_checkpoint, device=DEVICE), tok, max_batch=4).start()
+    try:
+        grammars = Grammars(tok, engine.vocab_size, sorted(engine.eos))
+        done = {i: threading.Event() for i in range(4)}
+        outs: dict = {i: [] for i in range(4)}
+
+        def sink(i):
+            def put(out):
+                outs[i].append(out)
+                if out.finish_reason is not None:
+                    done[i].set()
+            return put
+
+        prompts = ["Once upon a time", "Hello", "The quick brown fox", "Person:"]
+        for i, p in enumerate(prompts):
+            constraint = grammars.constraint(json_schema("person")) if i % 2 else None
+            engine.submit(Request(f"r{i}", tok.encode(p), 40 if constraint is None else 120,
+                                  RowParams(temperature=0.0 if constraint is None else 1.0, seed=i),
+                                  ignore_eos=constraint is None, constraint=constraint), sink(i))
+        for i in range(4):
+            assert done[i].wait(WAIT_S)
+            text = "".join(o.text for o in outs[i])
+            if i % 2:
+                assert outs[i][-1].finish_reason == "stop"
+                _validate(text, PERSON)
+            else:
+                ids = tok.encode(prompts[i])
+                new = ref.generate(torch.tensor([ids], device=DEVICE), 40, eos_token_id=[])[0, len(ids):].tolist()
+                assert text == tok.decode(new, skip_special_tokens=True), i
+        assert engine.batch_sizes[4] > 0  # the four decoded together
+        masked = {e.key.sampler_mode[-1] for e in engine.step.pool.entries.values()}
+        assert masked == {True, False}  # steps with the mask and, once the constrained rows ended, without
+        assert all((e.graph is not None) == engine.cuda_graphs for e in engine.step.pool.entries.values())
+    finally:
+        engine.stop()
