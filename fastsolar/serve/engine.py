@@ -78,6 +78,8 @@ class Constraint(Protocol):
 
     finished: bool  # complete, and nothing but EOS may follow
 
+    def copy(self) -> "Constraint": ...  # an independent matcher in the same state
+
     def fill(self, row: torch.Tensor) -> None: ...  # the allowed next tokens, as one int32 bitmask row
 
     def advance(self, token: int) -> None: ...  # accept a token (RuntimeError if the grammar refuses it)
@@ -106,7 +108,7 @@ class Request:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     user: str | None = None  # the client's end-user id (OpenAI's `user`), only logged
-    constraint: Constraint | None = None  # a fresh grammar matcher, advanced by the engine (module docstring)
+    constraint: Constraint | None = None  # a grammar matcher at its start; each row advances its own copy
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class Ticket:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.t_last = 0.0  # when its latest token came
+        self.constraint = request.constraint.copy() if request.constraint is not None else None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -385,7 +388,7 @@ class Engine:
         host_rows = [t.row for t in tickets]
         rows = torch.tensor(host_rows, dtype=torch.int64, device=device)
         self.sampler.select(rows, host_rows)
-        self.mask.set([t.request.constraint and t.request.constraint.fill for t in tickets])
+        self.mask.set([t.constraint and t.constraint.fill for t in tickets])
         logits = self.session.prefill(ids.to(device), torch.tensor(lens, device=device), rows=rows)
         tokens = self._masked(logits).tolist()
         now = time.perf_counter()
@@ -402,7 +405,7 @@ class Engine:
         host = [[t.last for t in batch], [t.pos for t in batch], [t.row for t in batch]]
         inp = torch.tensor(host, dtype=torch.int64).to(self.model.device)
         self.sampler.select(inp[2], host[2])
-        self.mask.set([t.request.constraint and t.request.constraint.fill for t in batch])
+        self.mask.set([t.constraint and t.constraint.fill for t in batch])
         tokens = self.step(inp[0], inp[1], inp[2]).tolist()
         now = time.perf_counter()
         self._count(now, len(tokens), decode=True)
@@ -417,7 +420,7 @@ class Engine:
         t.generated += 1
         t.last = token
         t.t_last = now
-        constraint = t.request.constraint
+        constraint = t.constraint
         if constraint is not None and token not in self.eos:
             try:
                 constraint.advance(token)

@@ -26,7 +26,6 @@ matches them, ids past the tokenizer's vocabulary (a padded embedding) never all
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,8 +35,6 @@ import torch
 
 if TYPE_CHECKING:
     from fastsolar.text.base import TokenizerBase
-
-logger = logging.getLogger(__name__)
 
 #: llguidance's marker for a special token's bytes: no grammar text matches a token that starts with it.
 SPECIAL_PREFIX = b"\xff"
@@ -134,6 +131,10 @@ class Constraint:
     """One request's grammar state on the host: advanced with every accepted token."""
 
     matcher: Any  # llguidance.LLMatcher
+
+    def copy(self) -> "Constraint":
+        """An independent matcher in the same state (cheap: no grammar is rebuilt)."""
+        return Constraint(self.matcher.deep_copy())
 
     def fill(self, row: torch.Tensor) -> None:
         """Write the allowed next tokens into `row` (a contiguous int32 CPU tensor of ceil(V/32) words)."""

@@ -173,11 +173,17 @@ def test_constrained_and_free_rows_in_one_batch(served):
         ).choices[0]
 
     before = httpx.get(base + "/stats", timeout=WAIT_S).json()["decode_steps_by_batch_size"]
-    delay["s"] = 0.02  # the six requests overlap for sure
+    finished_before = engine.stats["requests_finished"]
+    delay["s"] = 0.5  # slow steps until all six run, so that they overlap however slow the machine is
     try:
         threads = [threading.Thread(target=f, args=(i,)) for i in range(3) for f in (constrained, free)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + WAIT_S
+        while engine.metrics()["running"] + engine.stats["requests_finished"] - finished_before < 6:
+            assert time.monotonic() < deadline, engine.metrics()
+            time.sleep(0.01)
+        delay["s"] = 0.02
         for t in threads:
             t.join(WAIT_S)
         assert not any(t.is_alive() for t in threads)
@@ -350,8 +356,11 @@ def test_engine_mixes_constrained_and_free_rows_in_its_step(serve_checkpoint):
                 new = ref.generate(torch.tensor([ids], device=DEVICE), 40, eos_token_id=[])[0, len(ids):].tolist()
                 assert text == tok.decode(new, skip_special_tokens=True), i
         assert engine.batch_sizes[4] > 0  # the four decoded together
+        done[0].clear()
+        engine.submit(Request("free", tok.encode("Hi"), 3, RowParams(temperature=0.0)), sink(0))
+        assert done[0].wait(WAIT_S)
         masked = {e.key.sampler_mode[-1] for e in engine.step.pool.entries.values()}
-        assert masked == {True, False}  # steps with the mask and, once the constrained rows ended, without
+        assert masked == {True, False}  # steps with the mask, and without it for a batch of free rows
         assert all((e.graph is not None) == engine.cuda_graphs for e in engine.step.pool.entries.values())
     finally:
         engine.stop()
