@@ -364,3 +364,28 @@ def test_engine_mixes_constrained_and_free_rows_in_its_step(serve_checkpoint):
         assert all((e.graph is not None) == engine.cuda_graphs for e in engine.step.pool.entries.values())
     finally:
         engine.stop()
+
+
+def test_openai_parse_helper_gets_a_pydantic_object(served):
+    """The openai client's structured-output helper: it sends its strict schema of a pydantic model and parses
+    the reply into the model."""
+    from typing import Annotated, Literal
+
+    import pydantic
+
+    class Pet(pydantic.BaseModel):
+        name: Annotated[str, pydantic.Field(min_length=1, max_length=8)]
+        kind: Literal["cat", "dog"]
+        age: Annotated[int, pydantic.Field(ge=0, le=30)]
+
+    class Owner(pydantic.BaseModel):
+        pets: Annotated[list[Pet], pydantic.Field(max_length=2)]
+        vip: bool
+
+    _, client, *_ = served
+    for seed in range(2):
+        reply = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "pets?"}],
+                                              max_tokens=120, temperature=1.0, seed=seed, response_format=Owner)
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "stop" and isinstance(message.parsed, Owner), message
+        assert message.parsed == Owner.model_validate_json(message.content)
