@@ -91,7 +91,6 @@ class Grammars:
     def __init__(self, tokenizer: "TokenizerBase", vocab_size: int, eos_ids: Sequence[int]) -> None:
         if not eos_ids:
             raise ValueError("constrained decoding needs at least one EOS id")
-        self.vocab_size = vocab_size
         self.eos_ids = sorted(eos_ids)
         wrapper = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, vocab_size, eos_ids))
         self.tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=self.eos_ids)

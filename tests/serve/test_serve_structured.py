@@ -284,6 +284,7 @@ def test_grammar_masks_follow_a_schema_for_any_logits(serve_checkpoint):
                     continue
                 allowed = torch.isfinite(masked[r])
                 assert not allowed[tok.vocab_size:].any()
+                assert bool(allowed[tok.eos_id]) == constraints[r].complete  # EOS only where the JSON is whole
                 token = int(torch.multinomial(allowed.float(), 1, generator=gen))
                 if token == tok.eos_id:
                     done[r] = True
