@@ -337,7 +337,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
                    help="the model id clients send and /v1/models lists (default: MODEL_DIR's name)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds in-flight requests get to finish at SIGINT/SIGTERM before they are cancelled")
+                   help="seconds in-flight requests get to finish at SIGINT/SIGTERM; then they end with an error "
+                        "(a 503, or an SSE error event and [DONE])")
 
 
 def _set_chat_template(tokenizer: Any, value: str) -> None:
@@ -359,7 +360,7 @@ def _set_chat_template(tokenizer: Any, value: str) -> None:
 @command("serve", help="OpenAI-compatible HTTP server with continuous batching", arguments=_serve_arguments)
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model over HTTP with OpenAI's API (POST /v1/chat/completions, /v1/completions; GET /v1/models,
-    /health, /metrics), decoding concurrent requests together. SIGINT / SIGTERM shut it down cleanly."""
+    /health, /metrics, /stats), decoding concurrent requests together. SIGINT / SIGTERM shut it down cleanly."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch is not None and args.max_batch < 1:
