@@ -339,32 +339,60 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 # -- serve -------------------------------------------------------------------------------------------
 
+SERVE_MAX_BATCH = 8  # cache rows without --max-batch / --gpu-memory-utilization
+SERVE_MAX_ROWS = 256  # vLLM's default --max-num-seqs: the cap on rows --gpu-memory-utilization sizes
+
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N",
-                   help="requests decoded together: rows of the KV cache (default 8)")
+    # The second names are vLLM's, so that its command lines work here.
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=None, metavar="N",
+                   help=f"requests decoded together: rows of the KV cache (default {SERVE_MAX_BATCH}; with "
+                        f"--gpu-memory-utilization as many as fit, at most this or {SERVE_MAX_ROWS})")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests waiting for a row; beyond that new requests get 429 (default 64)")
-    p.add_argument("--max-seq", type=int, default=None, metavar="N",
+    p.add_argument("--max-seq", "--max-model-len", dest="max_seq", type=int, default=None, metavar="N",
                    help="prompt + completion tokens per request (default: the model's context)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="size the KV cache so that weights + cache + activations take this fraction of the "
+                        "device's total memory (on CPU: of the machine's RAM, or the container's limit)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                   help="the chat template for /v1/chat/completions: a file, or the Jinja text itself "
+                        "(default: the checkpoint's, else SOLAR-Instruct's)")
     p.add_argument("--api-key", default=os.environ.get("FASTSOLAR_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FASTSOLAR_API_KEY, else none)")
-    p.add_argument("--model-name", default=None,
+    p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
                    help="the model id clients send and /v1/models lists (default: MODEL_DIR's name)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds in-flight requests get to finish at SIGINT/SIGTERM before they are cancelled")
+                   help="seconds in-flight requests get to finish at SIGINT/SIGTERM; then they end with an error "
+                        "(a 503, or an SSE error event and [DONE])")
+
+
+def _set_chat_template(tokenizer: Any, value: str) -> None:
+    """`--chat-template`: a file's text, or `value` itself when it is Jinja; checked by rendering one turn."""
+    path = Path(value)
+    if len(value) < 4096 and path.is_file():
+        template = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    tokenizer.chat_template = template
+    try:
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    except ValueError as e:  # render_chat_template's: a Jinja error or the template's own raise_exception
+        raise ValueError(f"--chat-template does not render a user turn: {e}") from None
 
 
 @command("serve", help="OpenAI-compatible HTTP server with continuous batching", arguments=_serve_arguments)
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model over HTTP with OpenAI's API (POST /v1/chat/completions, /v1/completions; GET /v1/models,
-    /health, /metrics), decoding concurrent requests together. SIGINT / SIGTERM shut it down cleanly."""
+    /health, /metrics, /stats), decoding concurrent requests together. SIGINT / SIGTERM shut it down cleanly."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_batch < 1:
+    if args.max_batch is not None and args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -384,13 +412,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.verbose:  # a server's log: one line per request, startup and shutdown
         logging.getLogger(PROG).setLevel(logging.INFO)
     tokenizer = load_tokenizer(args.model_dir)
+    if args.chat_template is not None:
+        _set_chat_template(tokenizer, args.chat_template)
     model = load_model(args)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq,
+    max_batch = SERVE_MAX_BATCH if args.max_batch is None else args.max_batch
+    if args.gpu_memory_utilization is not None:
+        from fastsolar.serve.sizing import rows_that_fit
+
+        context = args.max_seq or model.config.max_position_embeddings
+        fit = rows_that_fit(model, args.gpu_memory_utilization, context)
+        max_batch = min(fit, SERVE_MAX_ROWS if args.max_batch is None else args.max_batch)
+        logger.info("--gpu-memory-utilization %g: %d cache rows fit, using %d", args.gpu_memory_utilization, fit,
+                    max_batch)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=args.max_queue, max_seq=args.max_seq,
                     cuda_graphs=False if args.tensor_parallel_size > 1 else None)  # driven ranks run eagerly
     engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup
     name = args.model_name or Path(args.model_dir).resolve().name
     logger.info("serving %s as '%s': max batch %d, max queue %d, context %d%s", args.model_dir, name,
-                args.max_batch, args.max_queue, engine.context, ", API key required" if args.api_key else "")
+                max_batch, args.max_queue, engine.context, ", API key required" if args.api_key else "")
     run(create_app(engine, tokenizer, name, api_key=args.api_key), args.host, args.port,
         shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -3,6 +3,10 @@
 - `engine.py`: the continuous-batching loop (one thread owns the model; requests join and leave the
   running decode batch one step at a time, each in its own cache row);
 - `schemas.py`, `errors.py`, `api.py`: request validation, OpenAI-shaped errors, the FastAPI routes;
+- `grammar.py`, `token_mask.py`: `response_format` as an llguidance grammar, and the per-row token bitmask a
+  decode step applies;
+- `metrics.py`: GET /metrics in Prometheus' format under vLLM's names;
+- `sizing.py`: cache rows from a memory fraction (`--gpu-memory-utilization`);
 - `server.py`: uvicorn, binding and graceful shutdown.
 
 The HTTP parts need the `serve` extra (`pip install 'fastsolar[serve]'`); the engine needs only torch.

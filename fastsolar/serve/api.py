@@ -5,10 +5,15 @@
     POST /v1/completions        a prompt string (encoded with bos, as `tokenizer(text)` does) or token ids
     GET  /v1/models             the one model served
     GET  /health                200 while the server runs
-    GET  /metrics               running / queued requests, totals, aggregate tokens/s (JSON)
+    GET  /metrics               Prometheus metrics under vLLM's names (fastsolar.serve.metrics)
+    GET  /stats                 running / queued requests, totals, aggregate tokens/s, decode steps per batch
+                                size (JSON: `Engine.metrics()`)
 
-With an API key, every /v1 route needs `Authorization: Bearer KEY` (401 otherwise); /health and /metrics
-stay open for probes. `stream: true` answers server-sent events in OpenAI's chunk format, ending with
+`response_format` (json_object / json_schema) is compiled into a grammar (fastsolar.serve.grammar) that the
+engine enforces token by token; a schema it cannot enforce is a 400 naming what is unsupported.
+
+With an API key, every /v1 route needs `Authorization: Bearer KEY` (401 otherwise); /health, /metrics and
+/stats stay open for probes. `stream: true` answers server-sent events in OpenAI's chunk format, ending with
 `data: [DONE]`; both forms come from the same engine events, so the streamed text is the whole text. A
 client that goes away cancels its request: Starlette cancels a stream when the connection drops, and a
 non-streamed request polls for the disconnect while it waits.
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 
@@ -35,6 +40,8 @@ from fastsolar.serve import errors
 from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, Output, QueueFull
 from fastsolar.serve.engine import Request as EngineRequest
 from fastsolar.serve.errors import APIError
+from fastsolar.serve.grammar import GrammarError, Grammars
+from fastsolar.serve.metrics import ServeMetrics
 from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 if TYPE_CHECKING:
@@ -178,7 +185,10 @@ def _sampling(body: GenerationRequest, defaults: dict[str, Any]) -> RowParams:
 
 
 def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`; its lifespan starts the engine and stops it at shutdown."""
+    """The FastAPI app serving `engine`; its lifespan starts the engine and stops it at shutdown. `app.state.engine`
+    is the engine (fastsolar.serve.server drains it when shutdown begins)."""
+    grammars = Grammars(tokenizer, engine.vocab_size, sorted(engine.eos))
+    prometheus = ServeMetrics(engine, model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -193,6 +203,7 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
     app = FastAPI(title="fastsolar", summary="OpenAI-compatible server for SOLAR", lifespan=lifespan)
     generation_config = getattr(engine.model, "generation_config", None)  # a Solar's; a bare Transformer has none
     sampling_defaults = generation_config.sampling_defaults() if generation_config is not None else {}
+    app.state.engine = engine
     errors.install(app)
     bearer = HTTPBearer(auto_error=False)
 
@@ -212,9 +223,14 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
 
     async def generate(body: GenerationRequest, request: Request, ids: list[int], stop: tuple[str, ...], chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget,
-                             sampling=_sampling(body, sampling_defaults), stop=stop, ignore_eos=body.ignore_eos,
-                             user=body.user)
+        constraint = None
+        if body.response_format is not None and body.response_format.type != "text":
+            try:  # off the event loop: a large schema's grammar takes a while to build
+                constraint = await anyio.to_thread.run_sync(grammars.constraint, body.response_format.grammar_input())
+            except GrammarError as e:
+                raise APIError(400, str(e), param=e.param) from None
+        ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget, sampling=_sampling(body, sampling_defaults),
+                             stop=stop, ignore_eos=body.ignore_eos, user=body.user, constraint=constraint)
         events = _Events(engine, ereq, "messages" if chat else "prompt")
         shape = _Shape(chat, rid, model_name)
         if body.stream:
@@ -235,7 +251,9 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
             ids = tokenizer.encode_chat(messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        stop = tuple(body.stop or ()) + tuple(tokenizer.chat_stop_strings)
+        # The template's turn headers end free text; a constrained reply ends where its grammar does.
+        constrained = body.response_format is not None and body.response_format.type != "text"
+        stop = tuple(body.stop or ()) + (() if constrained else tuple(tokenizer.chat_stop_strings))
         return await generate(body, request, ids, stop, chat=True)
 
     @v1.post("/completions")
@@ -257,6 +275,10 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
 
     @app.get("/metrics")
     async def metrics():
+        return Response(prometheus.render(), media_type=prometheus.content_type)
+
+    @app.get("/stats")
+    async def stats():
         return engine.metrics()
 
     return app

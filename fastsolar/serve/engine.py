@@ -19,6 +19,13 @@ requests get exactly what `generate` gives them alone. Text is produced here too
 strings must end a row as soon as they appear); each event goes to the request's `sink` callback, called
 on the engine thread.
 
+Constrained rows (`Request.constraint`: a grammar matcher, `fastsolar.serve.grammar`) write the tokens they
+allow into the step's token mask before each prefill and decode (`fastsolar.serve.token_mask`: a device bitmask
+the step applies to the logits before sampling; free rows allow everything); each accepted token advances the
+matcher, and the row ends ("stop") as soon as its grammar is complete and nothing else may follow, or at an EOS,
+which the mask allows only where the grammar is complete. An `observer` (`add_observer`) hears of each step's
+tokens and each request's end, on the engine thread (the Prometheus metrics, `fastsolar.serve.metrics`).
+
 Prefill is not chunked: a long prompt delays the running requests' next token by its prefill time.
 """
 from __future__ import annotations
@@ -29,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -37,6 +44,7 @@ from fastsolar.decoding.graphs import CudaGraphStep
 from fastsolar.decoding.sampling import RowParams, Sampler, check_sampling_args
 from fastsolar.decoding.session import DecodeSession
 from fastsolar.model import check_token_ids
+from fastsolar.serve.token_mask import MaskedSampler, TokenMask
 from fastsolar.text.chat import TextStream
 
 if TYPE_CHECKING:
@@ -65,6 +73,30 @@ class EngineClosed(RuntimeError):
     """The engine is shutting down (or never started) and takes no new requests."""
 
 
+class Constraint(Protocol):
+    """A request's grammar state (fastsolar.serve.grammar.Constraint): what the engine needs of it."""
+
+    finished: bool  # complete, and nothing but EOS may follow
+
+    def copy(self) -> "Constraint": ...  # an independent matcher in the same state
+
+    def fill(self, row: torch.Tensor) -> None: ...  # the allowed next tokens, as one int32 bitmask row
+
+    def advance(self, token: int) -> None: ...  # accept a token (RuntimeError if the grammar refuses it)
+
+
+class Observer(Protocol):
+    """What hears of the engine's work, on the engine thread (must not block)."""
+
+    def on_tokens(self, prompt_tokens: int, first_token_s: Sequence[float], inter_token_s: Sequence[float]) -> None:
+        """A prefill (its prompt tokens; each request's time from submission to its first token) or a decode
+        step (each running request's time since its previous token): one generated token per time given."""
+
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int, e2e_s: float,
+                  first_token_s: float | None) -> None:
+        """A request ended: reason "stop", "length", "abort" (its client went away) or "error"."""
+
+
 @dataclass(frozen=True)
 class Request:
     """What to generate: prompt token ids, a token budget (None: whatever fits the context), sampling."""
@@ -76,6 +108,7 @@ class Request:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     user: str | None = None  # the client's end-user id (OpenAI's `user`), only logged
+    constraint: Constraint | None = None  # a grammar matcher at its start; each row advances its own copy
 
 
 @dataclass(frozen=True)
@@ -113,6 +146,8 @@ class Ticket:
         self.generated = 0
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
+        self.t_last = 0.0  # when its latest token came
+        self.constraint = request.constraint.copy() if request.constraint is not None else None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -178,16 +213,22 @@ class Engine:
         self.session: DecodeSession | None = None
         self.sampler: Sampler | None = None
         self.step = None
+        self.mask: TokenMask | None = None
+        self._masked: MaskedSampler | None = None
+        self._observers: list[Observer] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> "Engine":
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
-        # Its own session: its cache rows and graphs are the engine's alone; a graph per batch size and mode.
-        self.session = DecodeSession(self.model, self.max_batch, self.context, max_graphs=max(16, 4 * self.max_batch))
+        # Its own session: its cache rows and graphs are the engine's alone; a graph per batch size and mode
+        # (4 sampling modes, each with and without a token mask).
+        self.session = DecodeSession(self.model, self.max_batch, self.context, max_graphs=max(16, 8 * self.max_batch))
         self.sampler = Sampler(self.max_batch, self.vocab_size, self.model.device, coarse_modes=True)
-        self.step = CudaGraphStep(self.session, self.sampler, capture=self.cuda_graphs)
+        self.mask = TokenMask(self.max_batch, self.vocab_size, self.model.device)
+        self._masked = MaskedSampler(self.mask, self.sampler)
+        self.step = CudaGraphStep(self.session, self._masked, capture=self.cuda_graphs)
         self._accepting = True
         self._t_start = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="fastsolar-engine", daemon=True)
@@ -209,6 +250,11 @@ class Engine:
             self._thread.join(join_timeout)
             if self._thread.is_alive():
                 logger.error("the engine thread did not stop within %.0f s", join_timeout)
+
+    def add_observer(self, observer: Observer) -> None:
+        """`observer` hears of every step's tokens and every request's end from now on."""
+        with self._cond:
+            self._observers.append(observer)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -316,6 +362,7 @@ class Engine:
                 self._waiting.remove(t)
                 t.done = True
                 self.stats["requests_cancelled"] += 1
+                self._observe_end(t, "abort")
                 logger.info("%s: cancelled while queued", t.request.id)
             self._cond.notify_all()
 
@@ -346,37 +393,54 @@ class Engine:
         host_rows = [t.row for t in tickets]
         rows = torch.tensor(host_rows, dtype=torch.int64, device=device)
         self.sampler.select(rows, host_rows)
+        self.mask.set([t.constraint and t.constraint.fill for t in tickets])
         logits = self.session.prefill(ids.to(device), torch.tensor(lens, device=device), rows=rows)
-        tokens = self.sampler(logits).tolist()
+        tokens = self._masked(logits).tolist()
         now = time.perf_counter()
         self._count(now, len(tokens))
+        for obs in self._observers:
+            obs.on_tokens(sum(lens), [now - t.t_submit for t in tickets], ())
         for t, n, tok in zip(tickets, lens, tokens):
             t.pos, t.t_first = n, now
             self.stats["prompt_tokens"] += n
-            self._accept(t, tok)
+            self._accept(t, tok, now)
 
     def _decode(self) -> None:
         batch = list(self._active)
         host = [[t.last for t in batch], [t.pos for t in batch], [t.row for t in batch]]
         inp = torch.tensor(host, dtype=torch.int64).to(self.model.device)
         self.sampler.select(inp[2], host[2])
+        self.mask.set([t.constraint and t.constraint.fill for t in batch])
         tokens = self.step(inp[0], inp[1], inp[2]).tolist()
-        self._count(time.perf_counter(), len(tokens), decode=True)
+        now = time.perf_counter()
+        self._count(now, len(tokens), decode=True)
+        for obs in self._observers:
+            obs.on_tokens(0, (), [now - t.t_last for t in batch])
         for t, tok in zip(batch, tokens):
             t.pos += 1
-            self._accept(t, tok)
+            self._accept(t, tok, now)
 
-    def _accept(self, t: Ticket, token: int) -> None:
+    def _accept(self, t: Ticket, token: int, now: float) -> None:
         """One new token for a running request: emit its text, or end it."""
         t.generated += 1
         t.last = token
-        if token in self.eos and not t.request.ignore_eos:
+        t.t_last = now
+        constraint = t.constraint
+        if constraint is not None and token not in self.eos:
+            try:
+                constraint.advance(token)
+            except RuntimeError as e:  # the mask let through a token the grammar refuses: fail this request only
+                logger.error("%s: %s", t.request.id, e)
+                self._finish(t, "error", "", error="internal error: the output left its response_format grammar")
+                return
+        if token in self.eos and (constraint is not None or not t.request.ignore_eos):
             tail, _ = t.text.finish()
             self._finish(t, "stop", tail)
             return
         text, stopped = t.text.push(token)
-        if stopped:
-            self._finish(t, "stop", text)
+        if stopped or (constraint is not None and constraint.finished):
+            tail = t.text.finish()[0] if not stopped else ""
+            self._finish(t, "stop", text + tail)
         elif t.generated >= t.max_tokens:
             tail, stopped = t.text.finish()
             self._finish(t, "stop" if stopped else "length", text + tail)
@@ -387,6 +451,7 @@ class Engine:
         for t in [t for t in self._active if t.cancelled]:
             self._release(t)
             self.stats["requests_cancelled"] += 1
+            self._observe_end(t, "abort")
             logger.info("%s: cancelled after %d tokens", t.request.id, t.generated)
 
     def _finish(self, t: Ticket, reason: str, text: str, error: str | None = None) -> None:
@@ -395,6 +460,7 @@ class Engine:
             if t in self._waiting:
                 self._waiting.remove(t)
         self._release(t)
+        self._observe_end(t, "error" if error is not None else reason)
         if error is not None:
             self.stats["requests_failed"] += 1
             logger.warning("%s: failed after %d tokens: %s", t.request.id, t.generated, error)
@@ -418,6 +484,12 @@ class Engine:
                 self.session.release([t.row])
                 self.sampler.release(t.row)
             self._cond.notify_all()
+
+    def _observe_end(self, t: Ticket, reason: str) -> None:
+        now = time.perf_counter()
+        for obs in self._observers:
+            obs.on_finish(reason, len(t.request.prompt), t.generated, now - t.t_submit,
+                          None if t.t_first is None else t.t_first - t.t_submit)
 
     def _emit(self, t: Ticket, out: Output) -> None:
         if t.done:

@@ -10,7 +10,11 @@ Every field OpenAI defines either works or is refused with a 400 naming it -- ne
   `frequency_penalty` = `presence_penalty` = 0, `logprobs` false (chat) / null (completions), `echo`
   false and `best_of` 1 (completions);
 - accepted and only logged: `user` (OpenAI's end-user id);
-- anything else (`tools`, `logit_bias`, `response_format`, `suffix`, ...) is an unknown field: 400.
+- `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+  {"name", "description", "schema", "strict"}}`, enforced by constrained decoding (fastsolar.serve.grammar);
+- anything else (`tools`, `logit_bias`, `suffix`, ...) is an unknown field: 400.
+
+`temperature` is OpenAI's range, 0 to 2.
 
 Types are strict (no "0.7" for 0.7, no 1 for true) and numbers finite, as a JSON API should be.
 """
@@ -54,6 +58,28 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")  # `schema` would shadow BaseModel's method
+    strict: bool | None = None  # enforced either way: the output always follows the schema
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only allowed with it")
+        return self
+
+    def grammar_input(self) -> dict[str, Any]:
+        """As plain JSON data, `fastsolar.serve.grammar.Grammars.compile`'s input."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class GenerationRequest(_Strict):
     """What both endpoints share."""
 
@@ -63,7 +89,7 @@ class GenerationRequest(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -76,6 +102,7 @@ class GenerationRequest(_Strict):
     n: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -69,6 +69,11 @@ class TokenizerBase:
     def id_to_piece(self, token_id: int) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` adds to a decoded text in the middle of it (a byte-fallback piece its byte,
+        the space marker a space); a special token's piece as it is written. What a grammar matches tokens by."""
+        raise NotImplementedError
+
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 

@@ -167,6 +167,10 @@ class SentencePieceTokenizer(TokenizerBase):
     def is_byte(self, token_id: int) -> bool:
         return token_id in self._byte_value
 
+    def token_bytes(self, token_id: int) -> bytes:
+        b = self._byte_value.get(token_id)
+        return bytes([b]) if b is not None else self.id_to_piece(token_id).replace("\u2581", " ").encode()
+
     def _decode_content(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(ids)
 

@@ -135,6 +135,17 @@ class JsonTokenizer(TokenizerBase):
     def id_to_piece(self, token_id: int) -> str:
         return self.tk.id_to_token(self._check_id(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.id_to_piece(token_id)
+        if token_id in self.special_ids:
+            return piece.encode()
+        if (m := _BYTE_PIECE.fullmatch(piece)) is not None:  # byte fallback
+            return bytes([int(m.group(1), 16)])
+        if self._byte_level:
+            values = _byte_level_values()
+            return bytes(values[c] for c in piece) if all(c in values for c in piece) else piece.encode()
+        return piece.replace("\u2581", " ").encode()  # sentencepiece-style metaspace
+
     def _encode_text(self, text: str) -> list[int]:
         return self._tk_plain.encode(text, add_special_tokens=False).ids
 

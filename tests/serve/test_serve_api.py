@@ -55,7 +55,7 @@ class Served:
         return httpx.Client(base_url=self.url, timeout=WAIT_S)
 
     def metrics(self) -> dict:
-        return httpx.get(self.url + "/metrics", timeout=WAIT_S).json()
+        return httpx.get(self.url + "/stats", timeout=WAIT_S).json()
 
     def wait_metrics(self, ok, what: str) -> dict:
         deadline = time.monotonic() + WAIT_S
@@ -135,12 +135,12 @@ def stream_completion(client: openai.OpenAI, **kw):
 
 # -- the endpoints ------------------------------------------------------------------------------------
 
-def test_models_health_and_metrics(served):
+def test_models_health_and_stats(served):
     client = served.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
     with served.http() as http:
         assert http.get("/health").json() == {"status": "ok"}
-        m = http.get("/metrics").json()
+        m = http.get("/stats").json()
     assert {"running", "queued", "tokens_per_second", "requests_finished", "completion_tokens_total"} <= set(m)
     assert m["max_batch"] == 8 and m["max_queue"] == 2 and m["cuda_graphs"] is False
 
