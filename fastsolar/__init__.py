@@ -22,6 +22,7 @@ _EXPORTS = {
     "AutoTokenizer": "fastsolar.api",
     "BatchEncoding": "fastsolar.hf.compat",
     "DecodeSession": "fastsolar.decoding.session",
+    "GenerationConfig": "fastsolar.hf.generation_config",
     "KVCache": "fastsolar.model.transformer",
     "Solar": "fastsolar.api",
     "SolarConfig": "fastsolar.config",

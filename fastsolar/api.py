@@ -83,14 +83,16 @@ class Solar(Transformer):
         """Prompt plus new tokens, like transformers' `generate`; see `fastsolar.decoding.generate.generate`
         for the native arguments and `fastsolar.hf.compat` for transformers' (do_sample, max_length, ...); what
         the call leaves out comes from `self.generation_config` (fastsolar.hf.generation_config)."""
-        return decoding.generate(self, **generate_kwargs(input_ids, **self.generation_config.fill(max_new_tokens, kwargs)))
+        options = self.generation_config.fill(max_new_tokens, kwargs)
+        return decoding.generate(self, **generate_kwargs(input_ids, **options))
 
     def stream(
         self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs: Any
     ) -> Iterator[torch.Tensor]:
         """Yield each new step's tokens `[batch]` as they come; see `fastsolar.decoding.generate.stream` (the
         same arguments and defaults as `generate`, transformers' included)."""
-        return decoding.stream(self, **generate_kwargs(input_ids, **self.generation_config.fill(max_new_tokens, kwargs)))
+        options = self.generation_config.fill(max_new_tokens, kwargs)
+        return decoding.stream(self, **generate_kwargs(input_ids, **options))
 
 
 class _TransformersCalls:

@@ -101,13 +101,15 @@ class TextGenerationPipeline:
         skip_special_tokens: bool = True,
         **generate_kwargs: Any,
     ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """[{"generated_text": ...}] for one input, a list of those for a list of inputs (module docstring)."""
         _refuse(generate_kwargs)
         options = dict(return_full_text=return_full_text, continue_final_message=continue_final_message,
                        add_special_tokens=add_special_tokens, skip_special_tokens=skip_special_tokens,
                        generate_kwargs=self._generate_kwargs(generate_kwargs))
         if isinstance(text_inputs, str) or _is_chat(text_inputs):
             return self._one(text_inputs, **options)
-        if not isinstance(text_inputs, (list, tuple)) or not all(isinstance(t, str) or _is_chat(t) for t in text_inputs):
+        batch = isinstance(text_inputs, (list, tuple)) and all(isinstance(t, str) or _is_chat(t) for t in text_inputs)
+        if not batch:
             raise TypeError("text_inputs must be a string, a conversation (a list of {'role', 'content'} dicts) "
                             f"or a list of either, got {type(text_inputs).__name__}")
         return [self._one(t, **options) for t in text_inputs]
