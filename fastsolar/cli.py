@@ -321,6 +321,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a row; beyond that new requests get 429 (default 64)")
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
                    help="prompt + completion tokens per request (default: the model's context)")
+    p.add_argument("--max-n", type=int, default=8, metavar="N",
+                   help="most choices (`n`) one request may ask for, each a row of the batch (default 8)")
     p.add_argument("--api-key", default=os.environ.get("FASTSOLAR_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FASTSOLAR_API_KEY, else none)")
     p.add_argument("--model-name", default=None,
@@ -339,6 +341,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_n < 1:
+        raise ValueError(f"--max-n must be at least 1, got {args.max_n}")
     if args.max_seq is not None and args.max_seq < 2:
         raise ValueError(f"--max-seq must be at least 2, got {args.max_seq}")
     if not args.shutdown_timeout >= 0:
@@ -356,7 +360,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(PROG).setLevel(logging.INFO)
     tokenizer = load_tokenizer(args.model_dir)
     model = load_model(args)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq,
+                    max_n=args.max_n)
     engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup
     name = args.model_name or Path(args.model_dir).resolve().name
     logger.info("serving %s as '%s': max batch %d, max queue %d, context %d%s", args.model_dir, name,
