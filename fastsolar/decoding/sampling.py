@@ -494,8 +494,8 @@ class Sampler(DeviceState):
         if count_penalize:
             if in_order:
                 self.counts[rows].scatter_add_(1, tokens[:, None], self._one.expand(b, 1))
-            else:  # rows are distinct slots: one count per (row, token)
-                self.counts.index_put_((rows, tokens), self._one, accumulate=True)
+            else:  # rows are distinct slots, so each (row, token) is written once: no accumulating put needed
+                self.counts.index_put_((rows, tokens), self.counts[rows, tokens] + 1)
         if logprobs:
             chosen, top_values, top_ids = token_logprobs(logits, tokens, self.top_k_logprobs)
             self.logprob[:b].copy_(chosen)

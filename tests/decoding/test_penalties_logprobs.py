@@ -181,3 +181,20 @@ def _full_logits(model: Solar, seq: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         x = torch.tensor([seq], device=DEVICE)
         return session.prefill(x, torch.tensor([len(seq)], device=DEVICE))[0].float()
+
+
+@pytest.mark.gpu("host-sync detection needs CUDA")
+def test_sampler_with_penalties_and_logprobs_never_syncs():
+    sampler = Sampler(8, 997, DEVICE, coarse_modes=True)
+    for s, p in ROWS.items():
+        sampler.assign(s, p, [1, 2, 3])
+    order = [6, 3, 1, 4, 0]
+    sampler.select(torch.tensor(order, device=DEVICE), order)
+    logits = torch.randn(len(order), 997, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampler(logits)
+        sampler(logits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
