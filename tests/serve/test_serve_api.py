@@ -29,7 +29,7 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai"):
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from helpers import running_server  # noqa: E402
+from helpers import running_server, slowed  # noqa: E402
 
 from fastsolar import Solar, Tokenizer, cli  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
@@ -71,15 +71,7 @@ class Served:
 def served(serve_checkpoint):
     tok = Tokenizer.from_pretrained(serve_checkpoint)
     model = Solar.from_pretrained(serve_checkpoint)
-    delay = {"s": 0.0}
-    decode = model.decode
-
-    def slow_decode(*args, **kwargs):  # a slower model, so that tests can hold requests in flight
-        if delay["s"]:
-            time.sleep(delay["s"])
-        return decode(*args, **kwargs)
-
-    model.decode = slow_decode
+    delay = slowed(model)  # a slower model, so that tests can hold requests in flight
     engine = Engine(model, tok, max_batch=8, max_queue=2)
     with running_server(create_app(engine, tok, MODEL), WAIT_S) as base:
         yield Served(base, engine, tok, Solar.from_pretrained(serve_checkpoint), delay)

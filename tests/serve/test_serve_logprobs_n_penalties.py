@@ -8,7 +8,6 @@ never repeats a token; all of it with penalised and plain, greedy and sampled re
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai"):
 import openai  # noqa: E402
 import transformers  # noqa: E402
 
-from helpers import assert_close, running_server  # noqa: E402
+from helpers import assert_close, running_server, slowed  # noqa: E402
 
 from fastsolar import Solar, Tokenizer  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
@@ -64,15 +63,7 @@ class Server:
 def server(serve_checkpoint):
     tok = Tokenizer.from_pretrained(serve_checkpoint)
     model = Solar.from_pretrained(serve_checkpoint)
-    delay = {"s": 0.0}
-    decode = model.decode
-
-    def slow_decode(*args, **kwargs):  # a slower model, so that concurrent requests surely share steps
-        if delay["s"]:
-            time.sleep(delay["s"])
-        return decode(*args, **kwargs)
-
-    model.decode = slow_decode
+    delay = slowed(model)  # a slower model, so that concurrent requests surely share steps
     hf = transformers.AutoModelForCausalLM.from_pretrained(serve_checkpoint, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     engine = Engine(model, tok, max_batch=8, max_queue=4)
