@@ -238,7 +238,8 @@ def generate(
 
     temperature 0 is greedy (argmax); otherwise sample after repetition_penalty, temperature, top_k and
     top_p, in transformers' order (OpenAI's `presence_penalty` / `frequency_penalty`, in [-2, 2] and over the
-    tokens generated so far, right after repetition_penalty, as fastsolar.decoding.penalties defines); `seed` makes sampling reproducible: row i draws with seed + i (a list
+    tokens generated so far, right after repetition_penalty, as fastsolar.decoding.penalties defines); `seed`
+    makes sampling reproducible: row i draws with seed + i (a list
     gives each row its own), exactly as a served request with that seed does, whatever else is in the batch. eos_token_id defaults to the config's;
     no EOS is chosen among the first `min_new_tokens` tokens; finished rows are filled with `pad_token_id`
     (default: the config's pad id, else the first EOS id). `session`: the DecodeSession to decode in (its

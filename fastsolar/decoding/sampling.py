@@ -16,7 +16,8 @@ transformers' processing, takes the argmax for greedy rows (exactly) and an expo
 counter-based noise (`fastsolar.decoding.rng`: a pure function of seed, counter and token) for sampled ones,
 and advances the rows' counters, seen-masks and token counts. For rows that ask for them it also writes
 the logprobs of the chosen tokens and the top `MAX_TOP_LOGPROBS` (fastsolar.decoding.logprobs: the model's
-raw distribution) into its output buffers `logprob`, `top_logprobs`, `top_ids` (indexed by batch row). A row's tokens depend only on its own logits, parameters, seed
+raw distribution) into its output buffers `logprob`, `top_logprobs`, `top_ids` (indexed by batch row).
+A row's tokens depend only on its own logits, parameters, seed
 and counter, so a seeded request draws the same tokens alone or in any batch, through `generate`, `stream`,
 the CLI and the server: one int `seed` gives row i of a call `seed + i` (`row_seeds`).
 

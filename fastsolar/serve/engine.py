@@ -487,7 +487,8 @@ class Engine:
         self.stats["requests_finished"] += 1
         now = time.perf_counter()
         ttft = (t.t_first or now) - t.t_submit
-        rate = (generated - len(t.group)) / (now - t.t_first) if t.t_first is not None and generated > len(t.group) else 0.0
+        later = generated - len(t.group)  # tokens after each choice's first
+        rate = later / (now - t.t_first) if t.t_first is not None and later > 0 else 0.0
         user = f" (user {t.request.user!r})" if t.request.user is not None else ""
         choices = f" in {len(t.group)} choices" if len(t.group) > 1 else ""
         logger.info("%s: %s, prompt %d tokens, completion %d tokens%s, time to first token %.3f s, %.1f tokens/s, "

@@ -84,7 +84,9 @@ class Formatter:
             content.append({"token": text, "logprob": _value(item.logprob), "bytes": raw, "top_logprobs": top})
         return {"content": content, "refusal": None}
 
-    def completion(self, items: tuple[TokenLogprob, ...] | list[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
+    def completion(
+        self, items: tuple[TokenLogprob, ...] | list[TokenLogprob], offset: int
+    ) -> tuple[dict[str, Any], int]:
         """OpenAI's legacy completions `logprobs` object for these tokens, the first at character `offset`
         of the completion; also the offset after the last one."""
         tokens, values, tops, offsets = [], [], [], []

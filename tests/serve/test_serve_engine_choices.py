@@ -38,7 +38,8 @@ def test_engine_n_choices_penalties_and_logprobs_in_one_batch(serve_checkpoint):
     tok = Tokenizer.from_pretrained(serve_checkpoint)
     ref = Solar.from_pretrained(serve_checkpoint, device=DEVICE)
     cases = [  # (prompt, n, sampling, logprobs)
-        (tok.encode("alpha beta gamma"), 3, dict(temperature=0.9, seed=31, presence_penalty=1.0, frequency_penalty=0.5), 4),
+        (tok.encode("alpha beta gamma"), 3,
+         dict(temperature=0.9, seed=31, presence_penalty=1.0, frequency_penalty=0.5), 4),
         (tok.encode("Once upon a time"), 1, dict(temperature=0.0), None),
         (tok.encode("delta"), 2, dict(temperature=0.0, frequency_penalty=2.0), 0),
     ]
