@@ -406,7 +406,7 @@ class Engine:
         host_rows = [t.row for t in tickets]
         self.sampler.select(torch.tensor(host_rows, dtype=torch.int64, device=device), host_rows)
         tokens = self.sampler(logits).tolist()
-        logprobs = self._logprobs(tickets)
+        logprobs = self._logprobs(tickets, tokens)
         now = time.perf_counter()
         self._count(now, len(tokens))
         for i, (t, tok) in enumerate(zip(tickets, tokens)):
@@ -421,22 +421,22 @@ class Engine:
         inp = torch.tensor(host, dtype=torch.int64).to(self.model.device)
         self.sampler.select(inp[2], host[2])
         tokens = self.step(inp[0], inp[1], inp[2]).tolist()
-        logprobs = self._logprobs(batch)
+        logprobs = self._logprobs(batch, tokens)
         self._count(time.perf_counter(), len(tokens), decode=True)
         for t, tok, lp in zip(batch, tokens, logprobs):
             t.pos += 1
             self._accept(t, tok, lp)
 
-    def _logprobs(self, batch: list[Ticket]) -> list[TokenLogprob | None]:
-        """The last sampler call's logprobs of each batch row's token, for the rows that asked for them (read
-        from the sampler's output buffers only when some row did)."""
+    def _logprobs(self, batch: list[Ticket], tokens: list[int]) -> list[TokenLogprob | None]:
+        """The logprobs of the last sampler call's `tokens`, for the batch rows that asked for them (read from
+        the sampler's output buffers only when some row did), each with its request's k top ones."""
         if not self.sampler.mode[_LOGPROBS]:
             return [None] * len(batch)
         b = len(batch)
         chosen = self.sampler.logprob[:b].tolist()
         top, ids = self.sampler.top_logprobs[:b].tolist(), self.sampler.top_ids[:b].tolist()
-        return [None if t.request.logprobs is None else
-                TokenLogprob(-1, chosen[i], tuple(zip(ids[i][: t.request.logprobs], top[i][: t.request.logprobs])))
+        return [None if (k := t.request.logprobs) is None else
+                TokenLogprob(tokens[i], chosen[i], tuple(zip(ids[i][:k], top[i][:k])))
                 for i, t in enumerate(batch)]
 
     def _accept(self, t: Ticket, token: int, logprob: TokenLogprob | None = None) -> None:
@@ -448,7 +448,7 @@ class Engine:
             self._finish(t, "stop", tail)
             return
         if logprob is not None:  # with the token's text, whenever that is emitted
-            t.logprobs.append(dataclasses.replace(logprob, token=token))
+            t.logprobs.append(logprob)
         text, stopped = t.text.push(token)
         if stopped:
             self._finish(t, "stop", text)

@@ -12,6 +12,7 @@ applied here.
   the sampled one (so up to k + 1 entries, as OpenAI documents); `text_offset` is each token's character
   offset in the completion's text (0 at its first token; the prompt is not echoed).
 
+Every generated token whose text belongs to the reply is listed (so an EOS that ends a choice is not).
 A token's string is its bytes decoded as UTF-8, with a byte that is only part of a character written as
 `\\xNN` (the `bytes` field always holds the exact bytes). A logprob of -inf (a token with a -inf logit) is
 sent as -9999.0, as OpenAI does, since JSON has no infinity.
