@@ -21,6 +21,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from fastsolar.decoding.logprobs import MAX_TOP_LOGPROBS
+from fastsolar.decoding.penalties import LIMIT as PENALTY_LIMIT
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -75,8 +78,8 @@ class GenerationRequest(_Strict):
     ignore_eos: bool = False
     user: str | None = None
     n: int | None = Field(None, ge=1)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    presence_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -119,7 +122,7 @@ class GenerationRequest(_Strict):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("top_logprobs")
     @classmethod
