@@ -361,6 +361,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
                    help="the chat template for /v1/chat/completions: a file, or the Jinja text itself "
                         "(default: the checkpoint's, else SOLAR-Instruct's)")
+    p.add_argument("--max-n", type=int, default=8, metavar="N",
+                   help="most choices (`n`) one request may ask for, each a row of the batch (default 8)")
     p.add_argument("--api-key", default=os.environ.get("FASTSOLAR_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FASTSOLAR_API_KEY, else none)")
     p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
@@ -396,6 +398,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_n < 1:
+        raise ValueError(f"--max-n must be at least 1, got {args.max_n}")
     if args.max_seq is not None and args.max_seq < 2:
         raise ValueError(f"--max-seq must be at least 2, got {args.max_seq}")
     if not args.shutdown_timeout >= 0:
@@ -425,7 +429,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.info("--gpu-memory-utilization %g: %d cache rows fit, using %d", args.gpu_memory_utilization, fit,
                     max_batch)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=args.max_queue, max_seq=args.max_seq,
-                    cuda_graphs=False if args.tensor_parallel_size > 1 else None)  # driven ranks run eagerly
+                    max_n=args.max_n, cuda_graphs=False if args.tensor_parallel_size > 1 else None)  # driven ranks run eagerly
     engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup
     name = args.model_name or Path(args.model_dir).resolve().name
     logger.info("serving %s as '%s': max batch %d, max queue %d, context %d%s", args.model_dir, name,

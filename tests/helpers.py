@@ -170,6 +170,21 @@ def case(*args: object, gpu: bool = False, id: str | None = None):  # noqa: A002
     return pytest.param(*args, marks=[LARGE_GPU] if gpu else [], id=id)
 
 
+def slowed(model) -> dict:
+    """Make `model.decode` sleep `delay["s"]` seconds (0 at first) before each step, so that a server test can hold
+    requests in flight and make them share decode steps; returns that `delay` dict."""
+    delay = {"s": 0.0}
+    decode = model.decode
+
+    def slow_decode(*args, **kwargs):
+        if delay["s"]:
+            time.sleep(delay["s"])
+        return decode(*args, **kwargs)
+
+    model.decode = slow_decode
+    return delay
+
+
 @contextlib.contextmanager
 def running_server(app, wait_s: float) -> Iterator[str]:
     """`app` (fastsolar.serve.api.create_app's) served by uvicorn on a free port of 127.0.0.1 in a daemon thread:

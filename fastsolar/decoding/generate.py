@@ -69,6 +69,8 @@ def _validate(
     cuda_graphs: bool | None,
     min_new_tokens: int = 0,
     pad_token_id: int | None = None,
+    presence_penalty: PerRow = 0.0,
+    frequency_penalty: PerRow = 0.0,
 ) -> _Request:
     config = model.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -84,7 +86,8 @@ def _validate(
                                      or not 0 <= pad_token_id < config.vocab_size):
         raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), got {pad_token_id!r}")
     check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                        min_new_tokens=min_new_tokens)
+                        min_new_tokens=min_new_tokens, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty)
 
     device = model.device
     if cuda_graphs is None:
@@ -137,7 +140,8 @@ def _validate(
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     return _Request(
         input_ids=ids, attention_mask=mask, lengths=lengths, max_new_tokens=max_new_tokens,
-        sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty),
+        sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty),
         seeds=row_seeds(seed, b), eos=eos, pad=pad, cuda_graphs=bool(cuda_graphs), min_new_tokens=min_new_tokens,
     )
 
@@ -226,12 +230,16 @@ def generate(
     min_new_tokens: int = 0,
     pad_token_id: int | None = None,
     session: DecodeSession | None = None,
+    presence_penalty: PerRow = 0.0,
+    frequency_penalty: PerRow = 0.0,
 ) -> torch.Tensor:
     """The prompt (as given, left padding kept) followed by the new tokens: `[b, L + n]` int64 on the
     model's device, n <= max_new_tokens (shorter when every row reached an EOS, like transformers).
 
     temperature 0 is greedy (argmax); otherwise sample after repetition_penalty, temperature, top_k and
-    top_p, in transformers' order; `seed` makes sampling reproducible: row i draws with seed + i (a list
+    top_p, in transformers' order (OpenAI's `presence_penalty` / `frequency_penalty`, in [-2, 2] and over the
+    tokens generated so far, right after repetition_penalty, as fastsolar.decoding.penalties defines); `seed`
+    makes sampling reproducible: row i draws with seed + i (a list
     gives each row its own), exactly as a served request with that seed does, whatever else is in the batch. eos_token_id defaults to the config's;
     no EOS is chosen among the first `min_new_tokens` tokens; finished rows are filled with `pad_token_id`
     (default: the config's pad id, else the first EOS id). `session`: the DecodeSession to decode in (its
@@ -241,6 +249,7 @@ def generate(
         model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, attention_mask=attention_mask,
         seed=seed, cuda_graphs=cuda_graphs, min_new_tokens=min_new_tokens, pad_token_id=pad_token_id,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
     )
     out: list[DecodeLoop] = []
     steps = sum(1 for _ in _token_loop(_session_for(model, req, session), req, CHECK_EVERY, out))

@@ -2,8 +2,10 @@
 
 `process_logits` is the pure function: repetition penalty -> temperature -> top-k -> top-p, in
 transformers' order and with its exact float math (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-TopKLogitsWarper, TopPLogitsWarper). Rows with temperature 0 are greedy: only the penalty applies to them,
-as in transformers' greedy search (their warper parameters are neutral by construction).
+TopKLogitsWarper, TopPLogitsWarper). Rows with temperature 0 are greedy: only the penalties apply to them,
+as in transformers' greedy search (their warper parameters are neutral by construction). OpenAI's presence
+and frequency penalties (fastsolar.decoding.penalties, on the counts of the tokens a row generated) come
+right after the repetition penalty, before temperature, as in vLLM.
 
 `Sampler` is the one sampler of generate, stream and the server. It keeps everything per *slot* (a row of
 the KV cache): the parameters (`SamplingParams` buffers), the repetition-penalty seen-mask, a 64-bit seed and a
@@ -12,7 +14,10 @@ RowParams, prompt)` one slot for a served request; `select(rows)` says which slo
 device buffer, so one captured graph serves any row map). `sampler(logits [b, V]) -> tokens [b]` runs
 transformers' processing, takes the argmax for greedy rows (exactly) and an exponential race with
 counter-based noise (`fastsolar.decoding.rng`: a pure function of seed, counter and token) for sampled ones,
-and advances the rows' counters and seen-masks. A row's tokens depend only on its own logits, parameters, seed
+and advances the rows' counters, seen-masks and token counts. For rows that ask for them it also writes
+the logprobs of the chosen tokens and the top `MAX_TOP_LOGPROBS` (fastsolar.decoding.logprobs: the model's
+raw distribution) into its output buffers `logprob`, `top_logprobs`, `top_ids` (indexed by batch row).
+A row's tokens depend only on its own logits, parameters, seed
 and counter, so a seeded request draws the same tokens alone or in any batch, through `generate`, `stream`,
 the CLI and the server: one int `seed` gives row i of a call `seed + i` (`row_seeds`).
 
@@ -23,7 +28,7 @@ in order) is part of a captured graph's key. Calling the sampler never syncs wit
 has drawn fewer than that many tokens (its counter; the prefill's pick is draw 0), so the ban lifts inside a
 captured graph too, without a host sync.
 
-Its device state is explicit: `state_tensors()` (the counters and seen-masks: what a call writes);
+Its device state is explicit: `state_tensors()` (the counters, seen-masks and counts: what a call writes);
 `snapshot()` / `restore(snap)` copy them out and back (a graph step's warm-up runs the sampler for real and
 must leave no trace). There is no torch.Generator to register with a graph.
 """
@@ -36,6 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from fastsolar.decoding import rng
+from fastsolar.decoding.logprobs import MAX_TOP_LOGPROBS, token_logprobs
+from fastsolar.decoding.penalties import LIMIT as PENALTY_LIMIT
+from fastsolar.decoding.penalties import apply_count_penalties
 
 Number = int | float
 PerRow = Number | Sequence[Number] | torch.Tensor | None
@@ -49,6 +57,8 @@ def check_sampling_args(
     repetition_penalty: PerRow = 1.0,
     min_new_tokens: int = 0,
     seed: int | Sequence[int] | None = None,
+    presence_penalty: PerRow = 0.0,
+    frequency_penalty: PerRow = 0.0,
 ) -> None:
     """Raise ValueError for out-of-range sampling parameters (scalars or per-row sequences): the one check of
     them, for generate, stream, the CLI and the server."""
@@ -62,6 +72,10 @@ def check_sampling_args(
         ("top_k", top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0 (0 or None disables it)"),
         ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 or None disables it)"),
         ("repetition_penalty", repetition_penalty, lambda v: v > 0, "> 0 (1 disables it)"),
+        ("presence_penalty", presence_penalty, lambda v: -PENALTY_LIMIT <= v <= PENALTY_LIMIT,
+         f"in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 disables it)"),
+        ("frequency_penalty", frequency_penalty, lambda v: -PENALTY_LIMIT <= v <= PENALTY_LIMIT,
+         f"in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 disables it)"),
     ):
         if value is None:
             continue
@@ -109,10 +123,13 @@ class SamplingParams:
     top_p_threshold: torch.Tensor  # [b] f32, -1 when disabled
     penalty: torch.Tensor  # [b] f32
     inv_penalty: torch.Tensor  # [b] f32
+    presence: torch.Tensor  # [b] f32, presence_penalty (0 = off)
+    frequency: torch.Tensor  # [b] f32, frequency_penalty (0 = off)
     penalize: bool = False  # some row has repetition_penalty != 1
     sample: bool = False  # some row has temperature > 0
     use_top_k: bool = False
     use_top_p: bool = False
+    count_penalize: bool = False  # some row has a presence or frequency penalty
 
     @classmethod
     def empty(cls, batch: int, vocab_size: int, device: torch.device | str) -> "SamplingParams":
@@ -122,7 +139,8 @@ class SamplingParams:
             inv_divisor=torch.ones(batch, **f32),
             top_k=torch.full((batch,), vocab_size, dtype=torch.int64, device=device),
             top_p_threshold=torch.full((batch,), -1.0, **f32), penalty=torch.ones(batch, **f32),
-            inv_penalty=torch.ones(batch, **f32),
+            inv_penalty=torch.ones(batch, **f32), presence=torch.zeros(batch, **f32),
+            frequency=torch.zeros(batch, **f32),
         )
 
     @classmethod
@@ -139,14 +157,19 @@ class SamplingParams:
         top_k: PerRow = None,
         top_p: PerRow = None,
         repetition_penalty: PerRow = 1.0,
+        presence_penalty: PerRow = 0.0,
+        frequency_penalty: PerRow = 0.0,
     ) -> None:
         """Refill the buffers in place from scalars or per-row values (validated)."""
-        check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         b = self.temperature.shape[0]
         temp = _per_row(temperature, b, "temperature", 0.0)
         ks = _per_row(top_k, b, "top_k", 0)
         ps = _per_row(top_p, b, "top_p", 1.0)
         pens = _per_row(repetition_penalty, b, "repetition_penalty", 1.0)
+        presence = _per_row(presence_penalty, b, "presence_penalty", 0.0)
+        frequency = _per_row(frequency_penalty, b, "frequency_penalty", 0.0)
         sampled = [t > 0 for t in temp]
         divisor = [t if s else 1.0 for t, s in zip(temp, sampled)]
         k = [min(max(int(kk), 1), vocab_size) if (s and kk > 0) else vocab_size for kk, s in zip(ks, sampled)]
@@ -161,7 +184,10 @@ class SamplingParams:
         self.top_p_threshold.copy_(torch.tensor(thr, dtype=torch.float64).to(torch.float32))
         self.penalty.copy_(pen_t)
         self.inv_penalty.copy_(1.0 / pen_t)
+        self.presence.copy_(torch.tensor(presence, **host))
+        self.frequency.copy_(torch.tensor(frequency, **host))
         self.penalize = any(p != 1.0 for p in pens)
+        self.count_penalize = any(p != 0.0 for p in presence + frequency)
         self.sample = any(sampled)
         self.use_top_k = any(kk < vocab_size for kk in k)
         self.use_top_p = any(t >= 0 for t in thr)
@@ -176,15 +202,19 @@ def process_logits(
     params: SamplingParams,
     seen: torch.Tensor | None = None,
     banned: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """transformers' processing of next-token logits `[b, V]`, in float32: repetition penalty (on the tokens
-    marked in `seen` [b, V]), the tokens marked in `banned` ([V] or [b, V]) set to -inf (min_new_tokens),
-    then for sampled rows temperature, top-k and top-p. Never modifies `logits`."""
+    marked in `seen` [b, V]), presence and frequency penalties (on the generated-token `counts` [b, V]), the
+    tokens marked in `banned` ([V] or [b, V]) set to -inf (min_new_tokens), then for sampled rows
+    temperature, top-k and top-p. Never modifies `logits`."""
     scores = logits.float()
     if params.penalize and seen is not None:
         pen = params.penalty[:, None]
         penalized = torch.where(scores < 0, scores * pen, _div(scores, pen, params.inv_penalty[:, None]))
         scores = torch.where(seen, penalized, scores)
+    if params.count_penalize and counts is not None:
+        scores = apply_count_penalties(scores, counts, params.frequency, params.presence)
     if banned is not None:
         scores = scores.masked_fill(banned, float("-inf"))
     if not params.sample:
@@ -239,7 +269,7 @@ class DeviceState:
 
 
 #: The host flags of a sampling step (`Sampler.mode`): which stages run for the selected rows.
-MODE_FLAGS = ("penalize", "sample", "use_top_k", "use_top_p", "suppress_eos")
+MODE_FLAGS = ("penalize", "sample", "use_top_k", "use_top_p", "suppress_eos", "count_penalize", "logprobs")
 
 
 @dataclass(frozen=True)
@@ -252,6 +282,9 @@ class RowParams:
     repetition_penalty: float = 1.0
     seed: int = 0
     min_new_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False  # the step writes this row's logprobs into the sampler's output buffers
 
 
 def row_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
@@ -272,8 +305,9 @@ class Sampler(DeviceState):
     """Sampling state per slot (a row of the KV cache) for `slots` slots; `sampler(logits [b, V]) -> tokens [b]`
     where batch row i is slot `rows[i]` (`select`; slots 0..b-1 after `reset`). See the module docstring.
 
-    `coarse_modes`: a batch with any sampled row runs the top-k and top-p stages for all of them (neutral rows
-    come out unchanged), so a serving engine records 4 graphs per batch size instead of 16.
+    `coarse_modes`: a batch with any sampled row runs the top-k and top-p stages for all of them, and one
+    with any penalised row all three penalties (neutral rows come out unchanged), so a serving engine records
+    at most 8 graphs per batch size (penalties x sampling x logprobs) instead of 64.
     """
 
     def __init__(self, slots: int, vocab_size: int, device: torch.device | str, *, coarse_modes: bool = False) -> None:
@@ -284,6 +318,13 @@ class Sampler(DeviceState):
         self.params = SamplingParams.empty(slots, vocab_size, self.device)
         self._tensors = [f.name for f in dataclasses.fields(self.params) if isinstance(getattr(self.params, f.name), torch.Tensor)]
         self.seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=self.device)
+        # Generated-token counts for the presence / frequency penalties (float: they multiply the penalty).
+        self.counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=self.device)
+        # Outputs of a step with logprobs, per batch row: read by the host after the step.
+        self.top_k_logprobs = min(MAX_TOP_LOGPROBS, vocab_size)
+        self.logprob = torch.zeros(slots, dtype=torch.float32, device=self.device)
+        self.top_logprobs = torch.zeros(slots, self.top_k_logprobs, dtype=torch.float32, device=self.device)
+        self.top_ids = torch.zeros(slots, self.top_k_logprobs, dtype=torch.int64, device=self.device)
         self.key = torch.zeros(slots, 2, dtype=torch.int64, device=self.device)  # seed words (low, high)
         self.counter = torch.zeros(slots, dtype=torch.int64, device=self.device)  # tokens drawn since assigned
         self.min_new_tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
@@ -291,6 +332,7 @@ class Sampler(DeviceState):
         self.batch_rows = torch.arange(slots, dtype=torch.int64, device=self.device)  # batch row i -> slot
         self.index = torch.arange(vocab_size, dtype=torch.int64, device=self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self._one = torch.ones((), dtype=torch.float32, device=self.device)
         self._has_eos = False
         self._slot_flags: dict[int, tuple[bool, ...]] = {}
         self._mode: tuple[bool, ...] = (False,) * (len(MODE_FLAGS) + 1)
@@ -311,7 +353,8 @@ class Sampler(DeviceState):
         its draw counter back at 0. Raises ValueError for invalid values."""
         self.fill(range(slot, slot + 1), temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                   repetition_penalty=params.repetition_penalty, seed=[params.seed],
-                  min_new_tokens=params.min_new_tokens)
+                  min_new_tokens=params.min_new_tokens, presence_penalty=params.presence_penalty,
+                  frequency_penalty=params.frequency_penalty, logprobs=params.logprobs)
         if self._slot_flags[slot][0] and len(prompt_ids):
             ids = torch.as_tensor(prompt_ids, dtype=torch.int64).to(self.device)
             self.seen[slot].index_fill_(0, ids, True)
@@ -326,13 +369,18 @@ class Sampler(DeviceState):
         repetition_penalty: PerRow = 1.0,
         seed: int | Sequence[int] | None = None,
         min_new_tokens: int = 0,
+        presence_penalty: PerRow = 0.0,
+        frequency_penalty: PerRow = 0.0,
+        logprobs: bool = False,
     ) -> None:
         """Refill the contiguous slots `slots` in place from scalars or per-row values (validated), seeds
-        as `row_seeds` gives them; their seen-masks cleared and counters zeroed."""
+        as `row_seeds` gives them; their seen-masks, token counts and counters zeroed. `logprobs`: the
+        steps write these rows' logprobs (`logprob`, `top_logprobs`, `top_ids`)."""
         check_sampling_args(min_new_tokens=min_new_tokens)
         n = len(slots)
         one = SamplingParams.build(n, self.vocab_size, "cpu", temperature=temperature, top_k=top_k, top_p=top_p,
-                                   repetition_penalty=repetition_penalty)
+                                   repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                   frequency_penalty=frequency_penalty)
         sl = slice(slots.start, slots.stop)
         for name in self._tensors:
             getattr(self.params, name)[sl].copy_(getattr(one, name))
@@ -341,10 +389,13 @@ class Sampler(DeviceState):
         self.counter[sl] = 0
         self.min_new_tokens[sl] = min_new_tokens
         self.seen[sl] = False
+        self.counts[sl] = 0
         ban = min_new_tokens > 0 and self._has_eos
-        for slot, t, k, thr, pen in zip(slots, one.temperature.tolist(), one.top_k.tolist(),
-                                        one.top_p_threshold.tolist(), one.penalty.tolist()):
-            self._slot_flags[slot] = (pen != 1.0, t > 0, k < self.vocab_size, thr >= 0, ban)
+        for slot, t, k, thr, pen, pres, freq in zip(
+                slots, one.temperature.tolist(), one.top_k.tolist(), one.top_p_threshold.tolist(),
+                one.penalty.tolist(), one.presence.tolist(), one.frequency.tolist()):
+            self._slot_flags[slot] = (pen != 1.0, t > 0, k < self.vocab_size, thr >= 0, ban,
+                                      pres != 0.0 or freq != 0.0, bool(logprobs))
 
     def reset(
         self,
@@ -358,6 +409,8 @@ class Sampler(DeviceState):
         prompt_mask: torch.Tensor | None = None,
         min_new_tokens: int = 0,
         eos_token_ids: Sequence[int] = (),
+        presence_penalty: PerRow = 0.0,
+        frequency_penalty: PerRow = 0.0,
     ) -> None:
         """A generate call's batch in slots 0..b-1 (b: prompt_ids' rows, else every slot), selected in
         order. `prompt_ids` [b, s] with `prompt_mask` [b, s] (True = real token) marks the prompt's tokens as
@@ -365,7 +418,8 @@ class Sampler(DeviceState):
         b = prompt_ids.shape[0] if prompt_ids is not None else self.slots
         self.set_eos(eos_token_ids)
         self.fill(range(b), temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, seed=seed, min_new_tokens=min_new_tokens)
+                  repetition_penalty=repetition_penalty, seed=seed, min_new_tokens=min_new_tokens,
+                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         if prompt_ids is not None and any(self._slot_flags[r][0] for r in range(b)):
             ids = prompt_ids.to(self.device, torch.int64)
             if prompt_mask is not None:
@@ -388,8 +442,11 @@ class Sampler(DeviceState):
         mode = [any(f[i] for f in flags) for i in range(len(MODE_FLAGS))]
         if self.coarse_modes and mode[1]:
             mode[2] = mode[3] = True
+        if self.coarse_modes and (mode[0] or mode[5]):  # neutral penalties leave a row's scores exactly as they are
+            mode[0] = mode[5] = True
         # The buffers' host flags describe the selection, so `params` is the SamplingParams of these rows.
         self.params.penalize, self.params.sample, self.params.use_top_k, self.params.use_top_p = mode[:4]
+        self.params.count_penalize = mode[5]
         # Slots 0..b-1 in order (a generate call) are read as slices: no gather per parameter and step.
         self._mode = (*mode, list(host_rows) == list(range(len(host_rows))))
 
@@ -402,19 +459,24 @@ class Sampler(DeviceState):
         return self._mode
 
     def state_tensors(self) -> tuple[torch.Tensor, ...]:
-        """What a call writes: the draw counters and seen-masks (the noise is counter-based: no generator)."""
-        return self.counter, self.seen
+        """What a call writes: the draw counters, seen-masks and token counts (the noise is counter-based: no
+        generator). The logprob outputs are left out: every step overwrites them before anyone reads them."""
+        return self.counter, self.seen, self.counts
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """The selected rows' next tokens from `logits`; the logprobs (when the mode asks) are of `raw`, the
+        model's own logits where a caller has already masked `logits` (fastsolar.serve.token_mask)."""
         # b is the batch size the graph was recorded for (a static shape), not a per-step value.
         b = logits.shape[0]
-        penalize, sample, use_top_k, use_top_p, suppress_eos, in_order = self._mode
+        penalize, sample, use_top_k, use_top_p, suppress_eos, count_penalize, logprobs, in_order = self._mode
         rows = slice(0, b) if in_order else self.batch_rows[:b]
         params = dataclasses.replace(self.params, **{name: getattr(self.params, name)[rows] for name in self._tensors},
-                                     penalize=penalize, sample=sample, use_top_k=use_top_k, use_top_p=use_top_p)
+                                     penalize=penalize, sample=sample, use_top_k=use_top_k, use_top_p=use_top_p,
+                                     count_penalize=count_penalize)
         counter = self.counter[rows]
         banned = self.eos_mask[None, :] & (counter < self.min_new_tokens[rows])[:, None] if suppress_eos else None
-        scores = process_logits(logits, params, self.seen[rows] if penalize else None, banned)
+        scores = process_logits(logits, params, self.seen[rows] if penalize else None, banned,
+                                self.counts[rows] if count_penalize else None)
         tokens = scores.argmax(dim=-1)
         if sample:
             # Exponential race: argmax(p / E) with E ~ Exp(1) from each row's own counter-based noise draws
@@ -432,4 +494,14 @@ class Sampler(DeviceState):
                 self.seen[rows].scatter_(1, tokens[:, None], True)
             else:
                 self.seen.index_put_((rows, tokens), self._true)
+        if count_penalize:
+            if in_order:
+                self.counts[rows].scatter_add_(1, tokens[:, None], self._one.expand(b, 1))
+            else:  # rows are distinct slots, so each (row, token) is written once: no accumulating put needed
+                self.counts.index_put_((rows, tokens), self.counts[rows, tokens] + 1)
+        if logprobs:
+            chosen, top_values, top_ids = token_logprobs(logits if raw is None else raw, tokens, self.top_k_logprobs)
+            self.logprob[:b].copy_(chosen)
+            self.top_logprobs[:b].copy_(top_values)
+            self.top_ids[:b].copy_(top_ids)
         return tokens

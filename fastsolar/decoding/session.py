@@ -15,7 +15,7 @@ rows)`; `session.graphs` keeps its CUDA graphs (fastsolar.decoding.graphs), inva
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +97,17 @@ class DecodeSession:
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.decode(tokens, positions, self.cache, rows)
+
+    def copy_rows(self, src: int, dst: Sequence[int], length: int) -> None:
+        """Copy the keys and values of cache row `src`'s first `length` positions (every layer) into rows
+        `dst`: choices that share a prompt decode on from one prefill instead of recomputing it."""
+        bad = [r for r in (src, *dst) if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < self.max_batch]
+        if bad or src in dst or len(set(dst)) != len(dst):
+            raise ValueError(f"copy_rows needs distinct cache rows in [0, {self.max_batch}), got {src} -> {list(dst)}")
+        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= self.max_seq:
+            raise ValueError(f"length must be an integer in [1, {self.max_seq}], got {length!r}")
+        index = torch.tensor(list(dst), dtype=torch.int64, device=self.device)
+        self.model.copy_cache_rows(self.cache, torch.tensor(src), index, torch.tensor(length))
 
     # -- device buffers its graphs read -----------------------------------------------------------------
 

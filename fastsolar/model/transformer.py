@@ -339,6 +339,16 @@ class Transformer(nn.Module):
         h = self._layers(tokens[:, None], positions[:, None], view)
         return self._logits(h[:, 0])
 
+    def copy_cache_rows(self, cache: KVCache, src: torch.Tensor, dst: torch.Tensor, length: torch.Tensor) -> None:
+        """Copy the keys and values of cache row `src` (a 0-d tensor) at its first `length` (0-d) positions,
+        every layer, into rows `dst` ([n] int64 on the model's device; checked by the caller,
+        fastsolar.decoding.DecodeSession.copy_rows). A pass of its own so that the followers of a driven
+        tensor-parallel group copy their KV heads too."""
+        self.shard.starting("copy_cache_rows", cache, src=src, dst=dst, length=length)
+        s, n = int(src), int(length)
+        for t in (cache.k, cache.v):  # [layers, rows, positions, heads, head_dim]
+            t[:, :, :n].index_copy_(1, dst, t[:, s:s + 1, :n].expand(-1, dst.numel(), -1, -1, -1))
+
     def _check_rows(self, rows: torch.Tensor, b: int, max_batch: int) -> torch.Tensor:
         """`rows` as int64 on the model's device after checking it names b distinct cache rows (a host
         sync: prefill is not captured in a graph)."""

@@ -17,11 +17,16 @@ With an API key, every /v1 route needs `Authorization: Bearer KEY` (401 otherwis
 `data: [DONE]`; both forms come from the same engine events, so the streamed text is the whole text. A
 client that goes away cancels its request: Starlette cancels a stream when the connection drops, and a
 non-streamed request polls for the disconnect while it waits.
+
+`n` choices answer with indexes 0..n-1 (streamed chunks carry theirs); `usage` counts the prompt once and
+every choice's completion tokens. Logprobs (fastsolar.serve.logprobs) come with the text they belong to:
+in the whole response for all of it, in each streamed chunk for that chunk's tokens.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -42,6 +47,7 @@ from fastsolar.serve.engine import Request as EngineRequest
 from fastsolar.serve.errors import APIError
 from fastsolar.serve.grammar import GrammarError, Grammars
 from fastsolar.serve.metrics import ServeMetrics
+from fastsolar.serve.logprobs import Formatter, TokenLogprob
 from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 if TYPE_CHECKING:
@@ -55,6 +61,7 @@ class _Events:
 
     def __init__(self, engine: Engine, request: EngineRequest, prompt_param: str) -> None:
         self.loop = asyncio.get_running_loop()
+        self.n = request.n
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
         try:
             self.ticket = engine.submit(request, self._put)
@@ -70,18 +77,26 @@ class _Events:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
     async def stream(self) -> AsyncIterator[Output]:
+        """Every choice's Outputs as they come, until each has finished (or one failed)."""
+        finished = 0
         try:
             while True:
                 out = await self.queue.get()
                 yield out
-                if out.finish_reason is not None:
+                if out.error is not None:
+                    return
+                finished += out.finish_reason is not None
+                if finished == self.n:
                     return
         finally:
-            self.ticket.cancel()  # a no-op once finished; frees the row when the client went away
+            self.ticket.cancel()  # a no-op once finished; frees the rows when the client went away
 
-    async def collect(self, request: Request) -> Output | None:
-        """Wait for the whole reply as one Output; None when the client disconnected first."""
-        parts: list[str] = []
+    async def collect(self, request: Request) -> list[Output] | None:
+        """Wait for the whole reply: one Output per choice, by index (or the one that failed); None when the
+        client disconnected first."""
+        parts: list[list[str]] = [[] for _ in range(self.n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
+        done: dict[int, Output] = {}
         next_check = self.loop.time() + DISCONNECT_POLL_S
         try:
             while True:
@@ -95,17 +110,23 @@ class _Events:
                     next_check = self.loop.time() + DISCONNECT_POLL_S
                 if out is None:
                     continue
-                parts.append(out.text)
+                if out.error is not None:
+                    return [out]
+                parts[out.index].append(out.text)
+                logprobs[out.index].extend(out.logprobs)
                 if out.finish_reason is not None:
-                    return Output("".join(parts), out.completion_tokens, out.prompt_tokens, out.finish_reason,
-                                  out.error)
+                    done[out.index] = out
+                if len(done) == self.n:
+                    return [dataclasses.replace(done[i], text="".join(parts[i]), logprobs=tuple(logprobs[i]))
+                            for i in range(self.n)]
         finally:
             self.ticket.cancel()
 
 
-def _usage(out: Output) -> dict[str, int]:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+def _usage(finals: list[Output]) -> dict[str, int]:
+    """The prompt once (the choices share it), every choice's completion tokens."""
+    prompt, completion = finals[0].prompt_tokens, sum(o.completion_tokens for o in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _error_status(out: Output) -> APIError:
@@ -114,38 +135,55 @@ def _error_status(out: Output) -> APIError:
 
 
 class _Shape:
-    """OpenAI's response objects for one endpoint: chat ("chat.completion") or text ("text_completion")."""
+    """OpenAI's response objects for one endpoint: chat ("chat.completion") or text ("text_completion").
+    `logprobs`: the request's Formatter, None without logprobs; a stream's text offsets per choice are kept
+    here, so the streamed logprobs add up to the whole response's."""
 
-    def __init__(self, chat: bool, rid: str, model: str) -> None:
+    def __init__(self, chat: bool, rid: str, model: str, logprobs: Formatter | None = None) -> None:
         self.chat, self.rid, self.model, self.created = chat, rid, model, int(time.time())
+        self.logprobs = logprobs
+        self._offsets: dict[int, int] = {}
 
     def _wrap(self, obj: str, choices: list, **extra: Any) -> dict[str, Any]:
         return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def _choice(self, text: str | None, finish: str | None, *, delta: bool) -> dict[str, Any]:
+    def _logprobs(self, index: int, items: tuple[TokenLogprob, ...]) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            return self.logprobs.chat(items)
+        body, self._offsets[index] = self.logprobs.completion(items, self._offsets.get(index, 0))
+        return body
+
+    def _choice(self, index: int, text: str | None, finish: str | None, *, delta: bool,
+                logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
+        lp = self._logprobs(index, logprobs) if (logprobs or finish is None or not delta) else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         if delta:
             body = {} if text is None else {"content": text}
-            return {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            return {"index": index, "delta": body, "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                 "finish_reason": finish}
 
-    def whole(self, out: Output) -> dict[str, Any]:
+    def whole(self, finals: list[Output]) -> dict[str, Any]:
         obj = "chat.completion" if self.chat else "text_completion"
-        return self._wrap(obj, [self._choice(out.text, out.finish_reason, delta=False)], usage=_usage(out))
+        choices = [self._choice(o.index, o.text, o.finish_reason, delta=False, logprobs=o.logprobs) for o in finals]
+        return self._wrap(obj, choices, usage=_usage(finals))
 
-    def chunk(self, text: str | None, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
+    def chunk(self, index: int, text: str | None, finish: str | None = None, *, role: bool = False,
+              logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        choice = self._choice(text, finish, delta=True)
+        choice = self._choice(index, text, finish, delta=True, logprobs=logprobs)
         if role:
             choice["delta"]["role"] = "assistant"
+            choice["logprobs"] = None
         return self._wrap(obj, [choice])
 
-    def usage_chunk(self, out: Output) -> dict[str, Any]:
+    def usage_chunk(self, finals: list[Output]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._wrap(obj, [], usage=_usage(out))
+        return self._wrap(obj, [], usage=_usage(finals))
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -154,17 +192,20 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 async def _sse_stream(events: _Events, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
     if shape.chat:
-        yield _sse(shape.chunk("", role=True))
+        for i in range(events.n):
+            yield _sse(shape.chunk(i, "", role=True))
+    finals: list[Output] = []
     async for out in events.stream():
         if out.error is not None:
             yield _sse(_error_status(out).body())
             break
-        if out.text:
-            yield _sse(shape.chunk(out.text))
+        if out.text or out.logprobs:
+            yield _sse(shape.chunk(out.index, out.text, logprobs=out.logprobs))
         if out.finish_reason is not None:
-            yield _sse(shape.chunk(None if shape.chat else "", out.finish_reason))
-            if include_usage:
-                yield _sse(shape.usage_chunk(out))
+            yield _sse(shape.chunk(out.index, None if shape.chat else "", out.finish_reason))
+            finals.append(out)
+            if include_usage and len(finals) == events.n:
+                yield _sse(shape.usage_chunk(finals))
     yield _sse("[DONE]")
 
 
@@ -179,6 +220,8 @@ def _sampling(body: GenerationRequest, defaults: dict[str, Any]) -> RowParams:
         top_k=pick(body.top_k, "top_k", None),
         top_p=pick(body.top_p, "top_p", None),
         repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
         # Unseeded requests draw a fresh seed: the counter-based noise is then as random as any.
         seed=secrets.randbits(64) if body.seed is None else body.seed,
     )
@@ -229,19 +272,21 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
                 constraint = await anyio.to_thread.run_sync(grammars.constraint, body.response_format.grammar_input())
             except GrammarError as e:
                 raise APIError(400, str(e), param=e.param) from None
+        k = body.logprob_count
         ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget, sampling=_sampling(body, sampling_defaults),
-                             stop=stop, ignore_eos=body.ignore_eos, user=body.user, constraint=constraint)
+                             stop=stop, ignore_eos=body.ignore_eos, user=body.user, constraint=constraint,
+                             n=body.n or 1, logprobs=k)
         events = _Events(engine, ereq, "messages" if chat else "prompt")
-        shape = _Shape(chat, rid, model_name)
+        shape = _Shape(chat, rid, model_name, None if k is None else Formatter(tokenizer, k))
         if body.stream:
             return EventSourceResponse(_sse_stream(events, shape, body.include_usage),
                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        out = await events.collect(request)
-        if out is None:  # the client is gone; nobody reads this
+        finals = await events.collect(request)
+        if finals is None:  # the client is gone; nobody reads this
             return JSONResponse(errors.error_body("client disconnected"), status_code=499)
-        if out.error is not None:
-            raise _error_status(out)
-        return JSONResponse(shape.whole(out))
+        if finals[0].error is not None:
+            raise _error_status(finals[0])
+        return JSONResponse(shape.whole(finals))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -26,11 +26,18 @@ matcher, and the row ends ("stop") as soon as its grammar is complete and nothin
 which the mask allows only where the grammar is complete. An `observer` (`add_observer`) hears of each step's
 tokens and each request's end, on the engine thread (the Prometheus metrics, `fastsolar.serve.metrics`).
 
+A request with `n` choices runs as n rows of the batch (n tickets of one group, admitted together): the
+prompt is prefilled once, in the first choice's row, and its KV cache copied to its siblings' rows
+(`DecodeSession.copy_rows`); choice i samples with the request's seed + i, as row i of a `generate` call
+with that seed does. A request with `logprobs` gets each token's logprob and its step's top 20 (the
+sampler computes them on the device inside the step; fastsolar.serve.logprobs formats them).
+
 Prefill is not chunked: a long prompt delays the running requests' next token by its prefill time.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -41,10 +48,12 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from fastsolar.decoding.graphs import CudaGraphStep
-from fastsolar.decoding.sampling import RowParams, Sampler, check_sampling_args
+from fastsolar.decoding.logprobs import MAX_TOP_LOGPROBS
+from fastsolar.decoding.sampling import MODE_FLAGS, RowParams, Sampler, check_sampling_args
 from fastsolar.decoding.session import DecodeSession
 from fastsolar.model import check_token_ids
 from fastsolar.serve.token_mask import MaskedSampler, TokenMask
+from fastsolar.serve.logprobs import TokenLogprob
 from fastsolar.text.chat import TextStream
 
 if TYPE_CHECKING:
@@ -54,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill call (one prompt is always admitted, whatever its length)
 RATE_WINDOW_S = 10.0  # the aggregate tokens/s of `metrics()` is measured over this window
+MAX_N = 8  # default bound on a request's choices (`n`), each a row of the batch
+_LOGPROBS = MODE_FLAGS.index("logprobs")
 
 
 class InvalidRequest(ValueError):
@@ -109,6 +120,8 @@ class Request:
     ignore_eos: bool = False
     user: str | None = None  # the client's end-user id (OpenAI's `user`), only logged
     constraint: Constraint | None = None  # a grammar matcher at its start; each row advances its own copy
+    n: int = 1  # choices: rows sharing one prefill, choice i sampling with seed + i
+    logprobs: int | None = None  # None: no logprobs; k in 0..20: each token's logprob and the k most likely
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,8 @@ class Output:
     prompt_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    index: int = 0  # which of the request's n choices
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind `text` (with request.logprobs)
 
 
 Sink = Callable[[Output], None]
@@ -133,11 +148,15 @@ class Ticket:
     """A submitted request's state, owned by the engine thread; `cancel()` is the one call safe from any
     thread (the engine drops the request at its next step and frees its row)."""
 
-    def __init__(self, request: Request, max_tokens: int, sink: Sink, text: TextStream) -> None:
+    def __init__(self, request: Request, max_tokens: int, sink: Sink, text: TextStream, index: int = 0) -> None:
         self.request = request
         self.max_tokens = max_tokens
         self.sink = sink
         self.text = text
+        self.index = index  # the choice this ticket generates
+        self.group: list[Ticket] = [self]  # the request's choices, this one among them
+        self.logprobs: list[TokenLogprob] = []  # of tokens whose text has not been emitted yet
+        self.error: str | None = None
         self.cancelled = False
         self.done = False
         self.row = -1
@@ -150,7 +169,19 @@ class Ticket:
         self.constraint = request.constraint.copy() if request.constraint is not None else None
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Cancel the request: every one of its choices."""
+        for t in self.group:
+            t.cancelled = True
+
+    @property
+    def sampling(self) -> RowParams:
+        """This choice's sampling: the request's, with seed + index, and logprobs when asked for."""
+        s = self.request.sampling
+        return dataclasses.replace(s, seed=s.seed + self.index, logprobs=self.request.logprobs is not None)
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        out, self.logprobs = tuple(self.logprobs), []
+        return out
 
 
 class Engine:
@@ -171,10 +202,13 @@ class Engine:
         max_seq: int | None = None,
         cuda_graphs: bool | None = None,
         prefill_tokens: int = PREFILL_TOKENS,
+        max_n: int = MAX_N,
     ) -> None:
         config = model.config
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
+            raise ValueError(f"max_n must be an integer >= 1, got {max_n!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         context = config.max_position_embeddings
@@ -186,6 +220,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_n = max_n
         self.context = max_seq or context
         self.cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.prefill_tokens = prefill_tokens
@@ -223,8 +258,8 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
         # Its own session: its cache rows and graphs are the engine's alone; a graph per batch size and mode
-        # (4 sampling modes, each with and without a token mask).
-        self.session = DecodeSession(self.model, self.max_batch, self.context, max_graphs=max(16, 8 * self.max_batch))
+        # (the sampler's modes, each with and without a token mask).
+        self.session = DecodeSession(self.model, self.max_batch, self.context, max_graphs=max(16, 16 * self.max_batch))
         self.sampler = Sampler(self.max_batch, self.vocab_size, self.model.device, coarse_modes=True)
         self.mask = TokenMask(self.max_batch, self.vocab_size, self.model.device)
         self._masked = MaskedSampler(self.mask, self.sampler)
@@ -284,9 +319,20 @@ class Engine:
         s = request.sampling
         try:
             check_sampling_args(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                repetition_penalty=s.repetition_penalty, seed=s.seed)
+                                repetition_penalty=s.repetition_penalty, seed=s.seed,
+                                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty)
         except ValueError as e:
             raise InvalidRequest(str(e), str(e).split()[0]) from None
+        n = request.n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_n:
+            raise InvalidRequest(f"n must be an integer in [1, {self.max_n}] (the server's --max-n), got {n!r}", "n")
+        if n > self.max_batch:
+            raise InvalidRequest(f"n={n} choices need {n} rows of the batch, but the server decodes at most "
+                                 f"{self.max_batch} rows (--max-batch)", "n")
+        k = request.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest(f"logprobs (top logprobs per token) must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                                 f"got {k!r}", "logprobs")
         if any(not isinstance(x, str) or not x for x in request.stop):
             raise InvalidRequest("stop strings must be non-empty strings", "stop")
         return m
@@ -294,18 +340,21 @@ class Engine:
     def submit(self, request: Request, sink: Sink) -> Ticket:
         """Queue a request; `sink` receives its Outputs on the engine thread (it must not block)."""
         max_tokens = self.validate(request)
-        ticket = Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop))
+        group = [Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop), i)
+                 for i in range(request.n)]
+        for t in group:
+            t.group = group
         with self._cond:
             if not self._accepting:
                 raise EngineClosed("the server is shutting down" if self._thread else "the engine is not started")
-            if len(self._active) + len(self._waiting) >= self.max_batch + self.max_queue:
+            if len(self._active) + len(self._waiting) + len(group) > self.max_batch + self.max_queue:
                 raise QueueFull(
-                    f"the server is at capacity: {len(self._active)} requests running (max batch "
+                    f"the server is at capacity: {len(self._active)} rows running (max batch "
                     f"{self.max_batch}) and {len(self._waiting)} waiting (max queue {self.max_queue}); retry later")
-            self._waiting.append(ticket)
+            self._waiting.extend(group)  # a group stays together in the queue: it is admitted at once
             self.stats["requests_submitted"] += 1
             self._cond.notify_all()
-        return ticket
+        return group[0]
 
     def metrics(self) -> dict:
         """Running and queued requests, totals, and the aggregate generation rate over the last window."""
@@ -361,49 +410,65 @@ class Engine:
             for t in [t for t in self._waiting if t.cancelled]:
                 self._waiting.remove(t)
                 t.done = True
-                self.stats["requests_cancelled"] += 1
-                self._observe_end(t, "abort")
-                logger.info("%s: cancelled while queued", t.request.id)
+                if t.index == 0:  # once per request
+                    self.stats["requests_cancelled"] += 1
+                    self._observe_end(t, "abort")
+                    logger.info("%s: cancelled while queued", t.request.id)
             self._cond.notify_all()
 
     def _admit(self) -> list[Ticket]:
         """Waiting requests that get a row now, within the prefill token budget (caller holds the lock)."""
         taken: list[Ticket] = []
-        width = 0
-        while self._waiting and len(self.session.rows_in_use) < self.max_batch:
-            nxt = self._waiting[0]
-            w = max(width, len(nxt.request.prompt))
-            if taken and (len(taken) + 1) * w > self.prefill_tokens:
+        width = prompts = 0
+        while self._waiting:
+            group = self._waiting[0].group  # at the head of the queue, with all its choices
+            if len(group) > self.max_batch - len(self.session.rows_in_use):
                 break
-            self._waiting.popleft()
-            (nxt.row,) = self.session.claim(1)
-            self.rows_used.add(nxt.row)
-            self._active.append(nxt)
-            taken.append(nxt)
-            width = w
+            w = max(width, len(group[0].request.prompt))
+            if taken and (prompts + 1) * w > self.prefill_tokens:
+                break
+            for t in group:
+                self._waiting.popleft()
+                (t.row,) = self.session.claim(1)
+                self.rows_used.add(t.row)
+                self._active.append(t)
+                taken.append(t)
+            width, prompts = w, prompts + 1
         return taken
 
     def _prefill(self, tickets: list[Ticket]) -> None:
+        """Prefill each request's prompt once (in its first choice's row), copy it to the other choices' rows,
+        and draw every choice's first token."""
         device = self.model.device
-        lens = [len(t.request.prompt) for t in tickets]
-        ids = torch.zeros(len(tickets), max(lens), dtype=torch.int64)
-        for i, t in enumerate(tickets):
+        firsts = [t for t in tickets if t.index == 0]
+        lens = [len(t.request.prompt) for t in firsts]
+        ids = torch.zeros(len(firsts), max(lens), dtype=torch.int64)
+        for i, t in enumerate(firsts):
             ids[i, : lens[i]] = torch.tensor(list(t.request.prompt), dtype=torch.int64)
-            self.sampler.assign(t.row, t.request.sampling, t.request.prompt)
-        host_rows = [t.row for t in tickets]
-        rows = torch.tensor(host_rows, dtype=torch.int64, device=device)
-        self.sampler.select(rows, host_rows)
-        self.mask.set([t.constraint and t.constraint.fill for t in tickets])
+        for t in tickets:
+            self.sampler.assign(t.row, t.sampling, t.request.prompt)
+        rows = torch.tensor([t.row for t in firsts], dtype=torch.int64, device=device)
         logits = self.session.prefill(ids.to(device), torch.tensor(lens, device=device), rows=rows)
+        for t, n in zip(firsts, lens):
+            if len(t.group) > 1:
+                self.session.copy_rows(t.row, [s.row for s in t.group[1:]], n)
+        if len(firsts) < len(tickets):  # each choice samples from its request's prompt logits
+            which = {id(t): i for i, t in enumerate(firsts)}
+            logits = logits[torch.tensor([which[id(t.group[0])] for t in tickets], device=device)]
+        host_rows = [t.row for t in tickets]
+        self.sampler.select(torch.tensor(host_rows, dtype=torch.int64, device=device), host_rows)
+        self.mask.set([t.constraint and t.constraint.fill for t in tickets])
         tokens = self._masked(logits).tolist()
+        logprobs = self._logprobs(tickets, tokens)
         now = time.perf_counter()
         self._count(now, len(tokens))
         for obs in self._observers:
             obs.on_tokens(sum(lens), [now - t.t_submit for t in tickets], ())
-        for t, n, tok in zip(tickets, lens, tokens):
-            t.pos, t.t_first = n, now
-            self.stats["prompt_tokens"] += n
-            self._accept(t, tok, now)
+        for i, (t, tok) in enumerate(zip(tickets, tokens)):
+            t.pos, t.t_first = len(t.request.prompt), now
+            if t.index == 0:  # the prompt is counted once per request
+                self.stats["prompt_tokens"] += t.pos
+            self._accept(t, tok, now, logprobs[i])
 
     def _decode(self) -> None:
         batch = list(self._active)
@@ -412,15 +477,28 @@ class Engine:
         self.sampler.select(inp[2], host[2])
         self.mask.set([t.constraint and t.constraint.fill for t in batch])
         tokens = self.step(inp[0], inp[1], inp[2]).tolist()
+        logprobs = self._logprobs(batch, tokens)
         now = time.perf_counter()
         self._count(now, len(tokens), decode=True)
         for obs in self._observers:
             obs.on_tokens(0, (), [now - t.t_last for t in batch])
-        for t, tok in zip(batch, tokens):
+        for t, tok, lp in zip(batch, tokens, logprobs):
             t.pos += 1
-            self._accept(t, tok, now)
+            self._accept(t, tok, now, lp)
 
-    def _accept(self, t: Ticket, token: int, now: float) -> None:
+    def _logprobs(self, batch: list[Ticket], tokens: list[int]) -> list[TokenLogprob | None]:
+        """The logprobs of the last sampler call's `tokens`, for the batch rows that asked for them (read from
+        the sampler's output buffers only when some row did), each with its request's k top ones."""
+        if not self.sampler.mode[_LOGPROBS]:
+            return [None] * len(batch)
+        b = len(batch)
+        chosen = self.sampler.logprob[:b].tolist()
+        top, ids = self.sampler.top_logprobs[:b].tolist(), self.sampler.top_ids[:b].tolist()
+        return [None if (k := t.request.logprobs) is None else
+                TokenLogprob(tokens[i], chosen[i], tuple(zip(ids[i][:k], top[i][:k])))
+                for i, t in enumerate(batch)]
+
+    def _accept(self, t: Ticket, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         """One new token for a running request: emit its text, or end it."""
         t.generated += 1
         t.last = token
@@ -437,6 +515,8 @@ class Engine:
             tail, _ = t.text.finish()
             self._finish(t, "stop", tail)
             return
+        if logprob is not None:  # with the token's text, whenever that is emitted
+            t.logprobs.append(logprob)
         text, stopped = t.text.push(token)
         if stopped or (constraint is not None and constraint.finished):
             tail = t.text.finish()[0] if not stopped else ""
@@ -445,34 +525,45 @@ class Engine:
             tail, stopped = t.text.finish()
             self._finish(t, "stop" if stopped else "length", text + tail)
         elif text:
-            self._emit(t, Output(text, t.generated, len(t.request.prompt)))
+            self._emit(t, Output(text, t.generated, len(t.request.prompt), index=t.index,
+                                 logprobs=t.take_logprobs()))
 
     def _drop_cancelled(self) -> None:
         for t in [t for t in self._active if t.cancelled]:
             self._release(t)
-            self.stats["requests_cancelled"] += 1
-            self._observe_end(t, "abort")
-            logger.info("%s: cancelled after %d tokens", t.request.id, t.generated)
+            if t.index == 0:  # once per request
+                self.stats["requests_cancelled"] += 1
+                self._observe_end(t, "abort")
+                logger.info("%s: cancelled after %d tokens", t.request.id, sum(s.generated for s in t.group))
 
     def _finish(self, t: Ticket, reason: str, text: str, error: str | None = None) -> None:
-        self._emit(t, Output(text, t.generated, len(t.request.prompt), finish_reason=reason, error=error))
+        self._emit(t, Output(text, t.generated, len(t.request.prompt), finish_reason=reason, error=error,
+                             index=t.index, logprobs=t.take_logprobs()))
         with self._cond:
             if t in self._waiting:
                 self._waiting.remove(t)
         self._release(t)
-        self._observe_end(t, "error" if error is not None else reason)
-        if error is not None:
+        t.error = error
+        if error is None:
+            self.stats["completion_tokens"] += t.generated
+        if not all(s.done for s in t.group):
+            return  # the request's log line and counts come with its last choice
+        generated = sum(s.generated for s in t.group)
+        errors = [s.error for s in t.group if s.error is not None]
+        self._observe_end(t, "error" if errors else reason)
+        if errors:
             self.stats["requests_failed"] += 1
-            logger.warning("%s: failed after %d tokens: %s", t.request.id, t.generated, error)
+            logger.warning("%s: failed after %d tokens: %s", t.request.id, generated, errors[0])
             return
         self.stats["requests_finished"] += 1
-        self.stats["completion_tokens"] += t.generated
         now = time.perf_counter()
         ttft = (t.t_first or now) - t.t_submit
-        rate = (t.generated - 1) / (now - t.t_first) if t.t_first is not None and t.generated > 1 else 0.0
+        later = generated - len(t.group)  # tokens after each choice's first
+        rate = later / (now - t.t_first) if t.t_first is not None and later > 0 else 0.0
         user = f" (user {t.request.user!r})" if t.request.user is not None else ""
-        logger.info("%s: %s, prompt %d tokens, completion %d tokens, time to first token %.3f s, %.1f tokens/s, "
-                    "total %.3f s%s", t.request.id, reason, len(t.request.prompt), t.generated, ttft, rate,
+        choices = f" in {len(t.group)} choices" if len(t.group) > 1 else ""
+        logger.info("%s: %s, prompt %d tokens, completion %d tokens%s, time to first token %.3f s, %.1f tokens/s, "
+                    "total %.3f s%s", t.request.id, reason, len(t.request.prompt), generated, choices, ttft, rate,
                     now - t.t_submit, user)
 
     def _release(self, t: Ticket) -> None:
@@ -488,7 +579,7 @@ class Engine:
     def _observe_end(self, t: Ticket, reason: str) -> None:
         now = time.perf_counter()
         for obs in self._observers:
-            obs.on_finish(reason, len(t.request.prompt), t.generated, now - t.t_submit,
+            obs.on_finish(reason, len(t.request.prompt), sum(s.generated for s in t.group), now - t.t_submit,
                           None if t.t_first is None else t.t_first - t.t_submit)
 
     def _emit(self, t: Ticket, out: Output) -> None:

@@ -4,11 +4,12 @@ Every field OpenAI defines either works or is refused with a 400 naming it -- ne
 
 - implemented: `model`, `messages` / `prompt`, `max_tokens` (`max_completion_tokens` is its newer name;
   default: what fits the context), `temperature` (default 1, as OpenAI's), `top_p`, `seed`, `stop` (a string
-  or a list), `stream`, `stream_options.include_usage`;
+  or a list), `stream`, `stream_options.include_usage`, `n` (>= 1; the engine's `--max-n` bounds it),
+  `presence_penalty` and `frequency_penalty` (in [-2, 2]), `logprobs` with `top_logprobs` (0-20) on chat,
+  `logprobs` (0-5, the top-N) on completions;
 - extra fields (as vLLM names them): `top_k` (0 = off), `repetition_penalty` (1 = off), `ignore_eos`;
-- accepted only at their neutral value (so clients that always send them keep working): `n` = 1,
-  `frequency_penalty` = `presence_penalty` = 0, `logprobs` false (chat) / null (completions), `echo`
-  false and `best_of` 1 (completions);
+- accepted only at their neutral value (so clients that always send them keep working): `echo` false and
+  `best_of` 1 (completions);
 - accepted and only logged: `user` (OpenAI's end-user id);
 - `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
   {"name", "description", "schema", "strict"}}`, enforced by constrained decoding (fastsolar.serve.grammar);
@@ -23,6 +24,9 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from fastsolar.decoding.logprobs import MAX_TOP_LOGPROBS
+from fastsolar.decoding.penalties import LIMIT as PENALTY_LIMIT
 
 ROLES = ("system", "user", "assistant")
 
@@ -84,7 +88,7 @@ class GenerationRequest(_Strict):
     """What both endpoints share."""
 
     # Fields accepted only at the value that means "not used"; anything else is refused naming the field.
-    NEUTRAL: ClassVar[dict[str, Any]] = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0}
+    NEUTRAL: ClassVar[dict[str, Any]] = {}
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -99,9 +103,9 @@ class GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    n: int | None = Field(None, ge=1)
+    frequency_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    presence_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
     response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
@@ -115,8 +119,7 @@ class GenerationRequest(_Strict):
             raise ValueError("stop strings must not be empty")
         return v
 
-    @field_validator("n", "frequency_penalty", "presence_penalty", "logprobs", "echo", "best_of",
-                     check_fields=False)
+    @field_validator("echo", "best_of", check_fields=False)
     @classmethod
     def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
         neutral = cls.NEUTRAL[info.field_name]
@@ -144,20 +147,34 @@ class GenerationRequest(_Strict):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    NEUTRAL: ClassVar[dict[str, Any]] = {**GenerationRequest.NEUTRAL, "logprobs": False}
-
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @property
+    def logprob_count(self) -> int | None:
+        """How many top logprobs per token the engine reports (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(GenerationRequest):
-    NEUTRAL: ClassVar[dict[str, Any]] = {**GenerationRequest.NEUTRAL, "logprobs": None, "echo": False,
-                                         "best_of": 1}
+    NEUTRAL: ClassVar[dict[str, Any]] = {**GenerationRequest.NEUTRAL, "echo": False, "best_of": 1}
 
     prompt: str | list[int]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's legacy completions: the top-N per token
     echo: bool | None = None
     best_of: int | None = None
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod

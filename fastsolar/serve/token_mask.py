@@ -70,7 +70,7 @@ class MaskedSampler:
         return (*self.sampler.mode, self.mask.active)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.sampler(self.mask.apply(logits))
+        return self.sampler(self.mask.apply(logits), raw=logits)  # logprobs stay the model's own
 
     def snapshot(self) -> Any:
         return self.sampler.snapshot()

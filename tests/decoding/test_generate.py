@@ -235,7 +235,8 @@ def test_sampler_reset_in_place():
     assert [t.data_ptr() for t in buffers] == ptrs
     assert sampler.seen.nonzero().tolist() == [[0, 1], [0, 2], [1, 3]]  # padding marked nothing
     assert sampler.params.top_k.tolist() == [3, 3]
-    assert sampler.mode == (True, True, True, True, False, True)  # no min_new_tokens: no EOS ban; slots in order
+    # No min_new_tokens: no EOS ban; no presence/frequency penalty, no logprobs; slots in order.
+    assert sampler.mode == (True, True, True, True, False, False, False, True)
 
 
 @pytest.mark.gpu("host-sync detection needs CUDA")

@@ -100,17 +100,19 @@ def _post(base: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _texts(base: str, bodies: list[dict]) -> list[str]:
+def _texts(base: str, bodies: list[dict]) -> list[list[str]]:
     with ThreadPoolExecutor(len(bodies)) as pool:  # concurrent: decoded together, each in its own cache row
-        return [r["choices"][0]["text"] for r in pool.map(lambda b: _post(base, b), bodies)]
+        return [[c["text"] for c in r["choices"]] for r in pool.map(lambda b: _post(base, b), bodies)]
 
 
 BODIES = [dict(model="m", prompt=[0, 17, 99, 250, 3], max_tokens=12, temperature=0),
-          dict(model="m", prompt="a longer prompt for the second row", max_tokens=9, temperature=0)]
+          dict(model="m", prompt="a longer prompt for the second row", max_tokens=9, temperature=0),
+          # n choices: one prefill whose cache rows every rank copies (Transformer.copy_cache_rows, driven)
+          dict(model="m", prompt="two sampled choices", max_tokens=8, temperature=0.9, seed=5, n=2)]
 
 
 @pytest.fixture(scope="module")
-def served_alone(ckpt) -> list[str]:
+def served_alone(ckpt) -> list[list[str]]:
     """What one process's server answers BODIES."""
     from fastsolar.serve.api import create_app
     from fastsolar.serve.engine import Engine
@@ -123,7 +125,7 @@ def served_alone(ckpt) -> list[str]:
             texts = _texts(base, BODIES)
     finally:
         engine.stop()
-    assert all(len(t) > 2 for t in texts)
+    assert all(len(t) > 2 for choices in texts for t in choices) and len(texts[2]) == 2
     return texts
 
 

@@ -29,7 +29,7 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai"):
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from helpers import running_server  # noqa: E402
+from helpers import running_server, slowed  # noqa: E402
 
 from fastsolar import Solar, Tokenizer, cli  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
@@ -71,15 +71,7 @@ class Served:
 def served(serve_checkpoint):
     tok = Tokenizer.from_pretrained(serve_checkpoint)
     model = Solar.from_pretrained(serve_checkpoint)
-    delay = {"s": 0.0}
-    decode = model.decode
-
-    def slow_decode(*args, **kwargs):  # a slower model, so that tests can hold requests in flight
-        if delay["s"]:
-            time.sleep(delay["s"])
-        return decode(*args, **kwargs)
-
-    model.decode = slow_decode
+    delay = slowed(model)  # a slower model, so that tests can hold requests in flight
     engine = Engine(model, tok, max_batch=8, max_queue=2)
     with running_server(create_app(engine, tok, MODEL), WAIT_S) as base:
         yield Served(base, engine, tok, Solar.from_pretrained(serve_checkpoint), delay)
@@ -289,9 +281,22 @@ BAD = [
     (CHAT, {**GOOD, "stop": ["x", ""]}, 400, "must not be empty", "stop"),
     (CHAT, {**GOOD, "stop": 3}, 400, "string or a list of strings", "stop"),
     (CHAT, {**GOOD, "seed": 1.5}, 400, "valid integer", "seed"),
-    (CHAT, {**GOOD, "n": 2}, 400, "n=2", "n"),
-    (CHAT, {**GOOD, "logprobs": True}, 400, "logprobs", "logprobs"),
-    (CHAT, {**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", "presence_penalty"),
+    (CHAT, {**GOOD, "n": 9}, 400, "n must be an integer in [1, 8]", "n"),
+    (CHAT, {**GOOD, "n": 0}, 400, "greater than or equal to 1", "n"),
+    (CHAT, {**GOOD, "n": 1.5}, 400, "valid integer", "n"),
+    (CHAT, {**GOOD, "logprobs": True, "top_logprobs": 21}, 400, "less than or equal to 20", "top_logprobs"),
+    (CHAT, {**GOOD, "logprobs": True, "top_logprobs": -1}, 400, "greater than or equal to 0", "top_logprobs"),
+    (CHAT, {**GOOD, "top_logprobs": 3}, 400, "top_logprobs needs logprobs: true", "top_logprobs"),
+    (CHAT, {**GOOD, "logprobs": 3}, 400, "valid boolean", "logprobs"),
+    (CHAT, {**GOOD, "presence_penalty": 2.5}, 400, "less than or equal to 2", "presence_penalty"),
+    (CHAT, {**GOOD, "frequency_penalty": -2.01}, 400, "greater than or equal to -2", "frequency_penalty"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "presence_penalty": -3}, 400, "greater than or equal to -2",
+     "presence_penalty"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "frequency_penalty": 2.5}, 400, "less than or equal to 2",
+     "frequency_penalty"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "less than or equal to 5", "logprobs"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "valid integer", "logprobs"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "n": 9}, 400, "--max-n", "n"),
     (CHAT, {**GOOD, "tools": []}, 400, "unsupported parameter 'tools'", "tools"),
     (CHAT, {**GOOD, "logit_bias": {"5": 1}}, 400, "unsupported parameter 'logit_bias'", "logit_bias"),
     (CHAT, {**GOOD, "stream_options": {"include_usage": True}}, 400, "only allowed with stream", None),

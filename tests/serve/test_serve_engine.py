@@ -75,7 +75,8 @@ def test_row_sampler_sampled_row_is_the_exponential_race_over_its_own_noise():
     sampler = Sampler(4, vocab, DEVICE, coarse_modes=True)
     sampler.assign(2, RowParams(temperature=0.8, seed=99))
     sampler.select(torch.tensor([2], device=DEVICE), [2])
-    assert sampler.mode == (False, True, True, True, False, False)  # sampling widened to top-k/p; slot 2 not in order
+    # Sampling widened to top-k/p; no penalties, no logprobs; slot 2 not in order.
+    assert sampler.mode == (False, True, True, True, False, False, False, False)
     g = torch.Generator().manual_seed(5)
     ref = SamplingParams.build(1, vocab, DEVICE, temperature=0.8)
     assert (ref.use_top_k, ref.use_top_p) == (False, False)
@@ -117,7 +118,7 @@ def test_row_sampler_row_result_independent_of_batch():
         for i, r in enumerate(order):
             if params[r].temperature == 0 and params[r].repetition_penalty == 1:
                 assert batch[i] == int(logits[i].argmax())
-    assert together.mode == (True, True, True, True, False, False)
+    assert together.mode == (True, True, True, True, False, True, False, False)
     # Greedy with a penalty is transformers' processing then argmax (checked against process_logits directly).
     fresh = Sampler(6, vocab, DEVICE, coarse_modes=True)
     fresh.assign(5, params[5], prompts[5])
