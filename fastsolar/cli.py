@@ -327,6 +327,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model id clients send and /v1/models lists (default: MODEL_DIR's name)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="seconds in-flight requests get to finish at SIGINT/SIGTERM before they are cancelled")
+    p.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="torch's intra-op threads (default on a CPU: $OMP_NUM_THREADS if set, else cores - 1, "
+                        "leaving a core to the HTTP loop)")
 
 
 @command("serve", help="OpenAI-compatible HTTP server with continuous batching", arguments=_serve_arguments)
@@ -343,6 +346,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-seq must be at least 2, got {args.max_seq}")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise ValueError(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
     _check_dtype(args)
     try:
         from fastsolar.serve.api import create_app
@@ -351,11 +356,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"fastsolar serve needs the serve extra ({e.name} is not installed): "
                        "pip install 'fastsolar[serve]'") from None
     from fastsolar.serve.engine import Engine
+    from fastsolar.serve.threads import server_threads
 
     if not args.verbose:  # a server's log: one line per request, startup and shutdown
         logging.getLogger(PROG).setLevel(logging.INFO)
     tokenizer = load_tokenizer(args.model_dir)
     model = load_model(args)
+    server_threads(model.device, args.cpu_threads)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_seq=args.max_seq)
     engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup
     name = args.model_name or Path(args.model_dir).resolve().name
