@@ -35,6 +35,7 @@ from fastsolar.serve import errors
 from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, Output, QueueFull
 from fastsolar.serve.engine import Request as EngineRequest
 from fastsolar.serve.errors import APIError
+from fastsolar.serve.mailbox import Mailbox
 from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 if TYPE_CHECKING:
@@ -46,11 +47,12 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks whether its c
 class _Events:
     """One submitted request's Outputs, handed from the engine thread to this event loop."""
 
-    def __init__(self, engine: Engine, request: EngineRequest, prompt_param: str) -> None:
+    def __init__(self, engine: Engine, request: EngineRequest, prompt_param: str, mailbox: Mailbox) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.mailbox = mailbox
         try:
-            self.ticket = engine.submit(request, self._put)
+            self.ticket = engine.submit(request, self._put, mailbox.flush)
         except InvalidRequest as e:
             param = prompt_param if e.param == "prompt" else e.param
             raise APIError(400, str(e), param=param, code=e.code) from None
@@ -60,7 +62,7 @@ class _Events:
             raise APIError(503, str(e), code="shutting_down") from None
 
     def _put(self, out: Output) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        self.mailbox.put(self.queue, out)
 
     async def stream(self) -> AsyncIterator[Output]:
         try:
@@ -175,6 +177,14 @@ def _sampling(body: GenerationRequest) -> RowParams:
 def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine`; its lifespan starts the engine and stops it at shutdown."""
 
+    box: list[Mailbox] = []  # the engine's events into the serving loop (made on it; a new loop, a new box)
+
+    def mailbox() -> Mailbox:
+        loop = asyncio.get_running_loop()
+        if not box or box[0].loop is not loop:
+            box[:] = [Mailbox(loop)]
+        return box[0]
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if engine.step is None:
@@ -207,7 +217,7 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget, sampling=_sampling(body),
                              stop=stop, ignore_eos=body.ignore_eos, user=body.user)
-        events = _Events(engine, ereq, "messages" if chat else "prompt")
+        events = _Events(engine, ereq, "messages" if chat else "prompt", mailbox())
         shape = _Shape(chat, rid, model_name)
         if body.stream:
             return EventSourceResponse(_sse_stream(events, shape, body.include_usage),

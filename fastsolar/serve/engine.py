@@ -12,6 +12,15 @@ context)`: its KV cache, graphs and row allocation, shared with no other user of
 3. a request leaves at its EOS, a stop string or `max_tokens` (or when its client cancels, at the next
    step); its row is free for the next admission.
 
+Host work overlaps the device: each iteration queues its prefill and its decode step first, and only then
+turns the previous iteration's tokens into text (detokenization, stop strings, delivery to the sinks). The
+step's input tokens never visit the host: the last token of every cache row stays on the device (`_last`,
+written by each prefill and step, read by the next step), and sampled tokens come back through pinned memory
+behind an event (`fastsolar.serve.transfer`), so on CUDA step k+1 runs while step k's tokens are processed.
+The host therefore learns that a request ended one step late: a request that met its EOS or a stop string has
+already been given one more step, whose token is discarded (never emitted, never counted). `max_tokens` is
+known ahead, so a request is never stepped past it, and a position never leaves the cache.
+
 So a new request joins the running batch at the next step instead of waiting for the batch to drain.
 Sampling state is per cache row (`fastsolar.decoding.sampling.Sampler`, the one generate uses): each request
 keeps its own parameters and seed, and greedy
@@ -37,6 +46,7 @@ from fastsolar.decoding.graphs import CudaGraphStep
 from fastsolar.decoding.sampling import RowParams, Sampler, check_sampling_args
 from fastsolar.decoding.session import DecodeSession
 from fastsolar.model import check_token_ids
+from fastsolar.serve.transfer import ToHost, to_device
 from fastsolar.text.chat import TextStream
 
 if TYPE_CHECKING:
@@ -78,7 +88,7 @@ class Request:
     user: str | None = None  # the client's end-user id (OpenAI's `user`), only logged
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one is made per request per step
 class Output:
     """One event for a request: new text, and on the last one why it ended.
 
@@ -94,23 +104,35 @@ class Output:
 
 
 Sink = Callable[[Output], None]
+Flush = Callable[[], None]
+
+
+@dataclass
+class Launched:
+    """A queued prefill or decode step: its requests in batch order and their sampled tokens on the way to the
+    host (processed one iteration later, while the next step runs)."""
+
+    tickets: list["Ticket"]
+    tokens: ToHost
 
 
 class Ticket:
     """A submitted request's state, owned by the engine thread; `cancel()` is the one call safe from any
     thread (the engine drops the request at its next step and frees its row)."""
 
-    def __init__(self, request: Request, max_tokens: int, sink: Sink, text: TextStream) -> None:
+    def __init__(self, request: Request, max_tokens: int, sink: Sink, text: TextStream,
+                 flush: Flush | None = None) -> None:
         self.request = request
         self.max_tokens = max_tokens
         self.sink = sink
+        self.flush = flush
         self.text = text
         self.cancelled = False
         self.done = False
         self.row = -1
         self.pos = 0  # cache position of the next decode input
-        self.last = 0  # last generated token (the next decode input)
-        self.generated = 0
+        self.launched = 0  # tokens asked of the device (prefill and steps), some perhaps not yet processed
+        self.generated = 0  # tokens processed on the host
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
 
@@ -173,6 +195,7 @@ class Engine:
         self.session: DecodeSession | None = None
         self.sampler: Sampler | None = None
         self.step = None
+        self._last: torch.Tensor | None = None  # [max_batch] the last sampled token of each cache row (device)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -183,6 +206,7 @@ class Engine:
         self.session = DecodeSession(self.model, self.max_batch, self.context, max_graphs=max(16, 4 * self.max_batch))
         self.sampler = Sampler(self.max_batch, self.vocab_size, self.model.device, coarse_modes=True)
         self.step = CudaGraphStep(self.session, self.sampler, capture=self.cuda_graphs)
+        self._last = torch.zeros(self.max_batch, dtype=torch.int64, device=self.model.device)
         self._accepting = True
         self._t_start = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="fastsolar-engine", daemon=True)
@@ -240,10 +264,12 @@ class Engine:
             raise InvalidRequest("stop strings must be non-empty strings", "stop")
         return m
 
-    def submit(self, request: Request, sink: Sink) -> Ticket:
-        """Queue a request; `sink` receives its Outputs on the engine thread (it must not block)."""
+    def submit(self, request: Request, sink: Sink, flush: Flush | None = None) -> Ticket:
+        """Queue a request; `sink` receives its Outputs on the engine thread (it must not block). `flush`, if
+        given, is called once the events of a step (or a request's last event) are all given to the sinks, so
+        that a sink may buffer them and hand them on together (fastsolar.serve.mailbox)."""
         max_tokens = self.validate(request)
-        ticket = Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop))
+        ticket = Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop, request.prompt), flush)
         with self._cond:
             if not self._accepting:
                 raise EngineClosed("the server is shutting down" if self._thread else "the engine is not started")
@@ -281,24 +307,29 @@ class Engine:
     # -- the loop (engine thread) -------------------------------------------------------------------
 
     def _run(self) -> None:
+        pending: list[Launched] = []  # queued last iteration, processed in this one
         with torch.inference_mode():
             while True:
                 with self._cond:
                     self._reap_waiting()
-                    while not self._closed and not self._waiting and not self._active:
+                    while not self._closed and not self._waiting and not self._active and not pending:
                         self._cond.wait()
                         self._reap_waiting()
                     if self._closed:
                         break
                     admitted = self._admit()
                 try:
-                    if admitted:
-                        self._prefill(admitted)
+                    launched = [self._prefill(admitted)] if admitted else []
                     self._drop_cancelled()
-                    if self._active:
-                        self._decode()
+                    batch = [t for t in self._active if t.launched < t.max_tokens]
+                    if batch:
+                        launched.append(self._decode(batch))
+                    for item in pending:  # the device runs `launched` meanwhile
+                        self._process(item)
+                    pending = launched
                 except Exception as e:  # a failed step must not kill the server: fail its requests, go on
                     logger.exception("engine step failed")
+                    pending = []
                     for t in list(self._active):  # admitted requests are among them
                         self._finish(t, "error", "", error=f"internal error: {type(e).__name__}: {e}")
             for t in list(self._active) + list(self._waiting):
@@ -331,40 +362,54 @@ class Engine:
             width = w
         return taken
 
-    def _prefill(self, tickets: list[Ticket]) -> None:
+    def _prefill(self, tickets: list[Ticket]) -> Launched:
+        """Queue the prompts' prefill; their first tokens are processed next iteration."""
         device = self.model.device
         lens = [len(t.request.prompt) for t in tickets]
-        ids = torch.zeros(len(tickets), max(lens), dtype=torch.int64)
-        for i, t in enumerate(tickets):
-            ids[i, : lens[i]] = torch.tensor(list(t.request.prompt), dtype=torch.int64)
+        width = max(lens)
+        for t in tickets:
             self.sampler.assign(t.row, t.request.sampling, t.request.prompt)
         host_rows = [t.row for t in tickets]
-        rows = torch.tensor(host_rows, dtype=torch.int64, device=device)
+        ids = to_device([list(t.request.prompt) + [0] * (width - n) for t, n in zip(tickets, lens)], device)
+        seqlens, rows = to_device([lens, host_rows], device)
         self.sampler.select(rows, host_rows)
-        logits = self.session.prefill(ids.to(device), torch.tensor(lens, device=device), rows=rows)
-        tokens = self.sampler(logits).tolist()
-        now = time.perf_counter()
-        self._count(now, len(tokens))
-        for t, n, tok in zip(tickets, lens, tokens):
-            t.pos, t.t_first = n, now
+        tokens = self.sampler(self.session.prefill(ids, seqlens, rows=rows))
+        self._last.index_copy_(0, rows, tokens)
+        for t, n in zip(tickets, lens):
+            t.pos, t.launched = n, 1
             self.stats["prompt_tokens"] += n
-            self._accept(t, tok)
+        return Launched(tickets, ToHost(tokens))
 
-    def _decode(self) -> None:
-        batch = list(self._active)
-        host = [[t.last for t in batch], [t.pos for t in batch], [t.row for t in batch]]
-        inp = torch.tensor(host, dtype=torch.int64).to(self.model.device)
-        self.sampler.select(inp[2], host[2])
-        tokens = self.step(inp[0], inp[1], inp[2]).tolist()
-        self._count(time.perf_counter(), len(tokens), decode=True)
-        for t, tok in zip(batch, tokens):
+    def _decode(self, batch: list[Ticket]) -> Launched:
+        """Queue one decode step of `batch`; its input tokens are the rows' last tokens, read on the device."""
+        host_rows = [t.row for t in batch]
+        inp = to_device([[t.pos for t in batch], host_rows], self.model.device)
+        positions, rows = inp[0], inp[1]
+        self.sampler.select(rows, host_rows)
+        tokens = self.step(self._last.index_select(0, rows), positions, rows)
+        self._last.index_copy_(0, rows, tokens)
+        for t in batch:
             t.pos += 1
+            t.launched += 1
+        self._count_step(len(batch))
+        return Launched(batch, ToHost(tokens))
+
+    def _process(self, item: Launched) -> None:
+        """A queued call's tokens, now on the host, for the requests still running (a request that ended at
+        the previous token had one more step queued: that token is dropped here)."""
+        tokens = item.tokens.tolist()
+        live = [(t, tok) for t, tok in zip(item.tickets, tokens) if not t.done]
+        self._count(time.perf_counter(), len(live))
+        for t, tok in live:
             self._accept(t, tok)
+        for flush in {t.flush for t, _ in live if t.flush is not None}:
+            flush()
 
     def _accept(self, t: Ticket, token: int) -> None:
         """One new token for a running request: emit its text, or end it."""
+        if t.t_first is None:
+            t.t_first = time.perf_counter()
         t.generated += 1
-        t.last = token
         if token in self.eos and not t.request.ignore_eos:
             tail, _ = t.text.finish()
             self._finish(t, "stop", tail)
@@ -386,6 +431,8 @@ class Engine:
 
     def _finish(self, t: Ticket, reason: str, text: str, error: str | None = None) -> None:
         self._emit(t, Output(text, t.generated, len(t.request.prompt), finish_reason=reason, error=error))
+        if t.flush is not None:
+            t.flush()
         with self._cond:
             if t in self._waiting:
                 self._waiting.remove(t)
@@ -423,9 +470,11 @@ class Engine:
             logger.debug("%s: sink failed; cancelling", t.request.id, exc_info=True)
             t.cancel()
 
-    def _count(self, now: float, n: int, decode: bool = False) -> None:
+    def _count(self, now: float, n: int) -> None:
         with self._cond:
             self._rate.append((now, n))
-            if decode:
-                self.stats["decode_steps"] += 1
-                self.batch_sizes[n] += 1
+
+    def _count_step(self, batch: int) -> None:
+        with self._cond:
+            self.stats["decode_steps"] += 1
+            self.batch_sizes[batch] += 1
