@@ -403,7 +403,7 @@ class Engine:
         for t, tok in live:
             self._accept(t, tok)
         for flush in {t.flush for t, _ in live if t.flush is not None}:
-            flush()
+            self._flush(flush)
 
     def _accept(self, t: Ticket, token: int) -> None:
         """One new token for a running request: emit its text, or end it."""
@@ -432,7 +432,7 @@ class Engine:
     def _finish(self, t: Ticket, reason: str, text: str, error: str | None = None) -> None:
         self._emit(t, Output(text, t.generated, len(t.request.prompt), finish_reason=reason, error=error))
         if t.flush is not None:
-            t.flush()
+            self._flush(t.flush)
         with self._cond:
             if t in self._waiting:
                 self._waiting.remove(t)
@@ -469,6 +469,12 @@ class Engine:
         except Exception:  # a sink that cannot take events (its event loop is gone) means its client is gone
             logger.debug("%s: sink failed; cancelling", t.request.id, exc_info=True)
             t.cancel()
+
+    def _flush(self, flush: Flush) -> None:
+        try:
+            flush()
+        except Exception:  # its event loop is gone: its clients are gone, and their sinks cancel them
+            logger.debug("flush failed", exc_info=True)
 
     def _count(self, now: float, n: int) -> None:
         with self._cond:
