@@ -12,9 +12,12 @@ extra), so detokenization is the real work.
 
 Measured: the engine's decode step (`engine.step`) is timed call by call; what happens between two consecutive
 steps of the full batch is host work (processing the previous step's tokens: detokenization, stop strings,
-delivery; building the next step's inputs). Reported per N: host microseconds per step (median and p90 of those
-gaps, the first two steps dropped), per row, and the step call's own time. The target is at most 1000 us per step
-at 64 rows. `--json` writes everything; a markdown table is printed last.
+delivery; building the next step's inputs). Reported per N: host microseconds per step on the wall clock (median
+and p90 of those gaps, the first two steps dropped), per row, the same gaps on the engine thread's own CPU clock,
+and the step call's own time. The target is at most 1000 us of host work per step at 64 rows, judged on the
+engine thread's CPU clock: on a shared machine the wall-clock gaps also hold the time the thread waited for a
+core (they swing 5-10x from run to run at a load of 8 on 2 cores; the CPU clock stays within 10%). `--json`
+writes everything; a markdown table is printed last.
 """
 from __future__ import annotations
 
@@ -167,7 +170,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     rows = [[r["rows"], f"{r['host_us_per_step']['p50']:.0f}", f"{r['host_us_per_step']['p90']:.0f}",
              f"{r['host_us_per_step_per_row']['p50']:.1f}", f"{r['host_cpu_us_per_step']['p50']:.0f}",
              f"{r['step_call_us']['p50']:.0f}",
-             ("yes" if r["host_us_per_step"]["p50"] <= TARGET_US else "NO") if r["rows"] == 64 else "-"]
+             ("yes" if r["host_cpu_us_per_step"]["p50"] <= TARGET_US else "NO") if r["rows"] == 64 else "-"]
             for r in results]
     return common.markdown_table(header, rows)
 
@@ -182,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastsolar import Tokenizer
 
+    from fastsolar.serve.threads import server_threads
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    server_threads(device)  # the threads `fastsolar serve` would give its engine
     with tempfile.TemporaryDirectory(prefix="bench-host-") as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(mistral_tokenizer().read_bytes())
         tok = Tokenizer.from_pretrained(tmp)
