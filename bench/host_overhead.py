@@ -123,6 +123,7 @@ def run_rows(model, tok, rows: int, args: argparse.Namespace) -> dict[str, Any]:
     done = threading.Event()
     finished = [0]
     texts = [[] for _ in range(rows)]
+    tokens = [0] * rows  # each reply's completion tokens, from its last event
 
     class Reader:  # each request's queue, as the HTTP layer's: the mailbox calls put_nowait on the loop
         def __init__(self, i: int) -> None:
@@ -131,6 +132,7 @@ def run_rows(model, tok, rows: int, args: argparse.Namespace) -> dict[str, Any]:
         def put_nowait(self, out) -> None:
             texts[self.i].append(out.text)
             if out.finish_reason is not None:
+                tokens[self.i] = out.completion_tokens
                 finished[0] += 1
                 if finished[0] == rows:
                     done.set()
@@ -148,7 +150,6 @@ def run_rows(model, tok, rows: int, args: argparse.Namespace) -> dict[str, Any]:
                                   ignore_eos=True), make_sink(i), mailbox.flush)
         if not done.wait(args.timeout):
             raise RuntimeError(f"{rows} rows did not finish within {args.timeout} s")
-        completion_tokens = engine.metrics()["completion_tokens_total"]
     finally:
         engine.stop()
         loop.call_soon_threadsafe(loop.stop)
@@ -160,7 +161,7 @@ def run_rows(model, tok, rows: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "steps": len(timed.calls), "full_batch_gaps": len(gaps["wall"]),
             "host_us_per_step": host, "host_cpu_us_per_step": cpu,
             "host_us_per_step_per_row": {k: v / rows for k, v in host.items()},
-            "step_call_us": stats_us(gaps["step"]), "completion_tokens": completion_tokens,
+            "step_call_us": stats_us(gaps["step"]), "completion_tokens": sum(tokens),
             "text_chars": sum(len("".join(t)) for t in texts)}
 
 
@@ -181,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.import_fastsolar("bench/host_overhead.py")
     import torch
-    from serve import mistral_tokenizer
 
     from fastsolar import Tokenizer
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     server_threads(device)  # the threads `fastsolar serve` would give its engine
     with tempfile.TemporaryDirectory(prefix="bench-host-") as tmp:
-        (Path(tmp) / "tokenizer.model").write_bytes(mistral_tokenizer().read_bytes())
+        (Path(tmp) / "tokenizer.model").write_bytes(common.mistral_tokenizer("bench/host_overhead.py").read_bytes())
         tok = Tokenizer.from_pretrained(tmp)
     model = tiny_model(device, tok.vocab_size, args.prompt_len + args.new_tokens, args.seed)
     data: dict[str, Any] = {"meta": {**common.device_info(device), "device": str(device),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -107,17 +106,6 @@ def summary(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ weights and prompts
 
 
-def mistral_tokenizer() -> Path:
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or spec.origin is None:
-        raise SystemExit("bench/serve.py: random weights need a tokenizer.model: pip install mistral-common "
-                         "(in the bench extra), or pass --model DIR")
-    path = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        raise SystemExit(f"bench/serve.py: {path} is missing from mistral-common")
-    return path
-
-
 def write_random_checkpoint(args: argparse.Namespace, out: Path, device, dtype) -> dict[str, Any]:
     import torch
     from engines import hf_sharing_weights, random_solar
@@ -127,7 +115,7 @@ def write_random_checkpoint(args: argparse.Namespace, out: Path, device, dtype) 
     config = SolarConfig.preset(args.preset)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
-    tok = mistral_tokenizer()
+    tok = common.mistral_tokenizer("bench/serve.py")
     model = random_solar(config, torch.device("cpu"), dtype, args.seed)  # saved from the host either way
     hf_sharing_weights(model, dtype).save_pretrained(out)
     (out / "tokenizer.model").write_bytes(tok.read_bytes())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 
 def test_gaps_are_between_consecutive_full_batch_steps(bench_script):
@@ -26,8 +27,12 @@ def test_runs_the_engine_and_reports_per_row(bench_script, tmp_path, capsys):
     pytest.importorskip("mistral_common", reason="the bench's tokenizer.model comes from mistral-common")
     ho = bench_script("host_overhead")
     out = tmp_path / "host.json"
-    assert ho.main(["--rows", "2,3", "--prompt-len", "4", "--new-tokens", "8", "--device", "cpu",
-                    "--json", str(out)]) == 0
+    threads = torch.get_num_threads()  # main() sets the server's thread policy, as `fastsolar serve` would
+    try:
+        assert ho.main(["--rows", "2,3", "--prompt-len", "4", "--new-tokens", "8", "--device", "cpu",
+                        "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     data = json.loads(out.read_text())
     assert [r["rows"] for r in data["results"]] == [2, 3]
     for r in data["results"]:
