@@ -31,6 +31,21 @@ def import_fastsolar(script: str):
     return fastsolar
 
 
+def mistral_tokenizer(script: str) -> "Path":
+    """Mistral-7B's real tokenizer.model (SOLAR's) as the mistral-common package ships it (the bench extra)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"{script}: random weights need a tokenizer.model: pip install mistral-common "
+                         "(in the bench extra), or pass --model DIR")
+    path = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise SystemExit(f"{script}: {path} is missing from mistral-common")
+    return path
+
+
 def _version(name: str) -> str:
     try:
         return importlib.import_module(name).__version__

@@ -4,17 +4,23 @@
     python bench/serve.py --clients 1,8 --new-tokens 64 --json out.json
     python bench/serve.py --model SOLAR-10.7B-Instruct-v1.0  # a real checkpoint (needs its tokenizer.model)
     python bench/serve.py --url http://127.0.0.1:8000 --model-name NAME   # a server already running
+    python bench/serve.py --write-checkpoint DIR            # only write the random checkpoint (for a peer server)
+    python bench/serve.py --model DIR --peer-url http://127.0.0.1:8001 --peer-model-name NAME --peer-label vLLM \
+        --rounds 3                                          # fastsolar and peers (vLLM ...) in alternate rounds
 
 Without --url it starts `fastsolar serve` on 127.0.0.1 (an ephemeral port) in a subprocess and stops it with
 SIGTERM at the end; without --model it first writes a checkpoint of random weights at the --preset shape
 (bench/engines.random_solar, saved in the Hugging Face format) with Mistral-7B's real tokenizer.model, the one
 SOLAR inherits, from the mistral-common package (the bench extra installs it).
 
-Each request is a completion of --prompt-len random token ids, greedy, EOS ignored, streamed: exactly
---new-tokens tokens. For each concurrency N, N closed-loop clients send --requests-per-client requests each.
-Reported per N: aggregate tokens/s (all completion tokens / wall time from the first request to the last
-reply), time to first token and per-request latency (p50, p90, p99), and the decode batch sizes the server
-ran (from /metrics). The baseline is the same prompts one after another through `model.stream` (generate's
+Each request is a completion of --prompt-len random token ids, greedy, EOS ignored (`ignore_eos`, which vLLM
+takes too), streamed: exactly --new-tokens tokens. For each concurrency N, N closed-loop clients send
+--requests-per-client requests each. Reported per N: aggregate tokens/s (all completion tokens / wall time from
+the first request to the last reply), time to first token, inter-token latency (the gaps between a stream's
+chunks) and per-request latency (p50, p90, p99), and the decode batch sizes the server ran (from a JSON /metrics
+that has them; skipped otherwise). Any OpenAI-compatible server takes the same load: --url instead of starting
+fastsolar, or --peer-url beside it, run in alternate rounds (--rounds; each N's figures are the round with the
+median tokens/s, every round kept in the JSON). The baseline is the same prompts one after another through `model.stream` (generate's
 loop) in this process, on the same checkpoint, before the server starts: its tokens/s is what one user gets
 and what a server without batching would give. `--json` writes everything; a markdown table is printed last.
 """
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -62,7 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 512 on CUDA, 32 on CPU)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 128 on CUDA, 32 on CPU)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for the baseline and the server (default 1 on CPU, torch's on CUDA)")
+                   help="torch intra-op threads for the baseline and the server (default: the server's policy, "
+                        "fastsolar.serve.threads: cores - 1 on a CPU)")
+    p.add_argument("--peer-url", action="append", default=[],
+                   help="also load this OpenAI-compatible server (vLLM, ...); repeatable")
+    p.add_argument("--peer-model-name", action="append", default=[],
+                   help="the model id each peer serves, in --peer-url order (default --model-name)")
+    p.add_argument("--peer-label", action="append", default=[],
+                   help="each peer's name in the report, in --peer-url order (default its URL)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds over every N and server, alternating (default 1)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the sequential generate baseline")
+    p.add_argument("--write-checkpoint", type=Path, default=None, metavar="DIR",
+                   help="write the random checkpoint to DIR and exit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--timeout", type=float, default=600.0, help="bound on any one wait, in seconds")
@@ -78,25 +94,16 @@ def percentiles(xs: list[float]) -> dict[str, float]:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": statistics.fmean(xs)}
 
 
-def summary(records: list[dict[str, float]], wall: float) -> dict[str, Any]:
+def summary(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in records)
+    gaps = [g * 1e3 for r in records for g in r.get("gaps", ())]
     return {"requests": len(records), "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_ms": percentiles([r["ttft"] * 1e3 for r in records]),
+            "itl_ms": percentiles(gaps) if gaps else None,
             "latency_ms": percentiles([r["latency"] * 1e3 for r in records])}
 
 
 # ------------------------------------------------------------------------------------ weights and prompts
-
-
-def mistral_tokenizer() -> Path:
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or spec.origin is None:
-        raise SystemExit("bench/serve.py: random weights need a tokenizer.model: pip install mistral-common "
-                         "(in the bench extra), or pass --model DIR")
-    path = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        raise SystemExit(f"bench/serve.py: {path} is missing from mistral-common")
-    return path
 
 
 def write_random_checkpoint(args: argparse.Namespace, out: Path, device, dtype) -> dict[str, Any]:
@@ -108,7 +115,7 @@ def write_random_checkpoint(args: argparse.Namespace, out: Path, device, dtype) 
     config = SolarConfig.preset(args.preset)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
-    tok = mistral_tokenizer()
+    tok = common.mistral_tokenizer("bench/serve.py")
     model = random_solar(config, torch.device("cpu"), dtype, args.seed)  # saved from the host either way
     hf_sharing_weights(model, dtype).save_pretrained(out)
     (out / "tokenizer.model").write_bytes(tok.read_bytes())
@@ -162,10 +169,10 @@ class Server:
             cmd += ["--device", args.device]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
+        if args.threads:
+            cmd += ["--cpu-threads", str(args.threads)]
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads in the server
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                      env=env)
         self.log: list[str] = []
@@ -202,7 +209,7 @@ async def one_request(client, url: str, model: str, ids: list[int], new_tokens: 
     body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first = None
+    arrivals = []  # when each chunk with a choice came
     tokens = 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -215,10 +222,11 @@ async def one_request(client, url: str, model: str, ids: list[int], new_tokens: 
                 raise RuntimeError(f"server error: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None:
-                first = time.perf_counter()  # the first chunk after the request was admitted
+            if chunk.get("choices") and (chunk["choices"][0].get("text") or not arrivals):
+                arrivals.append(time.perf_counter())
     end = time.perf_counter()
-    return {"ttft": (first or end) - t0, "latency": end - t0, "tokens": tokens}
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return {"ttft": (arrivals[0] if arrivals else end) - t0, "latency": end - t0, "tokens": tokens, "gaps": gaps}
 
 
 async def concurrent_run(url: str, model: str, prompts: list[list[int]], clients: int, new_tokens: int,
@@ -248,10 +256,17 @@ async def warm_up(url: str, model: str, prompts: list[list[int]], timeout: float
         await asyncio.wait_for(asyncio.gather(*calls), timeout)
 
 
-def server_metrics(url: str) -> dict[str, Any]:
+def batch_sizes(url: str) -> dict[str, int] | None:
+    """Decode steps per batch size from a JSON /metrics that has them (fastsolar's); None from any other server
+    or format (Prometheus text, vLLM's)."""
     import httpx
 
-    return httpx.get(url + "/metrics", timeout=30).json()
+    try:
+        m = httpx.get(url + "/metrics", timeout=30).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    sizes = m.get("decode_steps_by_batch_size") if isinstance(m, dict) else None
+    return {str(k): v for k, v in sizes.items()} if isinstance(sizes, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -259,18 +274,26 @@ def server_metrics(url: str) -> dict[str, Any]:
 
 def markdown(data: dict[str, Any]) -> str:
     base = data["baseline"]
-    header = ["engine", "clients", "tokens/s", "vs sequential", "TTFT p50 ms", "TTFT p90 ms", "latency p50 ms",
-              "latency p90 ms", "latency p99 ms"]
+    header = ["engine", "clients", "tokens/s", "vs sequential", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+              "ITL p99 ms", "latency p50 ms", "latency p99 ms"]
 
     def row(name: str, clients: Any, r: dict[str, Any]) -> list:
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        itl = r.get("itl_ms") or {}
         return [name, clients, f"{r['tokens_per_s']:.1f}", speed, f"{r['ttft_ms']['p50']:.1f}",
-                f"{r['ttft_ms']['p90']:.1f}", f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p90']:.1f}",
-                f"{r['latency_ms']['p99']:.1f}"]
+                f"{r['ttft_ms']['p99']:.1f}", f"{itl.get('p50', float('nan')):.1f}",
+                f"{itl.get('p99', float('nan')):.1f}", f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p99']:.1f}"]
 
     rows = [row("generate, one request at a time", 1, base)] if base else []
-    rows += [row("fastsolar serve", n, r) for n, r in data["serve"].items()]
+    for label, results in [(data["meta"]["label"], data["serve"]), *data["peers"].items()]:
+        rows += [row(label, n, r) for n, r in results.items()]
     return common.markdown_table(header, rows)
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median tokens/s (the lower middle of an even count), every round kept beside it."""
+    ranked = sorted(rounds, key=lambda r: r["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,21 +306,23 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     args.dtype = str(dtype).replace("torch.", "")
-    # On a CPU, one thread on both sides: OpenMP's multi-threaded small ops behave very differently from the
-    # main thread (the baseline) and from the server's engine thread on a shared machine (10x apart here).
-    args.threads = args.threads or (None if on_cuda else 1)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # The baseline gets the thread count the server gives itself (fastsolar.serve.threads), so both sides of the
+    # comparison have the same cores; --threads sets both.
+    from fastsolar.serve.threads import server_threads
+
+    args.threads = server_threads(device, args.threads)
     clients = [int(c) for c in args.clients.split(",") if c]
     per_client = args.requests_per_client or (4 if on_cuda else 2)
     prompt_len = args.prompt_len or (512 if on_cuda else 32)
     new_tokens = args.new_tokens or (128 if on_cuda else 32)
+    label = "fastsolar serve" if args.url is None else f"server at {args.url}"
     data: dict[str, Any] = {
         "meta": {**common.device_info(device), "device": str(device), "dtype": args.dtype, "clients": clients,
-                 "threads": args.threads,
+                 "threads": args.threads, "rounds": args.rounds, "label": label,
+                 "peers": args.peer_url,
                  "requests_per_client": per_client, "prompt_len": prompt_len, "new_tokens": new_tokens,
                  "greedy": True, "ignore_eos": True, "method": METHOD},
-        "baseline": None, "serve": {}, "complete": False,
+        "baseline": None, "serve": {}, "peers": {}, "complete": False,
     }
 
     def write() -> None:
@@ -305,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(data, indent=1, default=str))
 
+    if args.write_checkpoint is not None:
+        log.info("writing a %s checkpoint of random weights to %s", args.preset, args.write_checkpoint)
+        write_random_checkpoint(args, args.write_checkpoint, device, dtype)
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = args.model
         if args.url is None and model_dir is None:
@@ -320,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             vocab = 32000
         prompts = {n: make_prompts(n * per_client, prompt_len, vocab, args.seed + n) for n in clients}
-        if model_dir is not None:
+        if model_dir is not None and not args.no_baseline:
             log.info("baseline: %d requests one after another through generate", len(prompts[max(clients)]))
             data["baseline"] = baseline(model_dir, device, dtype, prompts[max(clients)], new_tokens)
             write()
@@ -330,21 +359,32 @@ def main(argv: list[str] | None = None) -> int:
             server = Server(model_dir, args, max(clients), args.timeout)
             url = server.url
             log.info("server at %s", url)
+        targets = [(data["serve"], url, args.model_name, label)]
+        for i, peer in enumerate(args.peer_url):
+            name = args.peer_label[i] if i < len(args.peer_label) else peer
+            model = args.peer_model_name[i] if i < len(args.peer_model_name) else args.model_name
+            targets.append((data["peers"].setdefault(name, {}), peer, model, name))
+        rounds: dict[tuple[int, int], list[dict[str, Any]]] = {}
         try:
             # Warm-up: staggered lengths visit every batch size up to the largest, so graphs are captured.
-            asyncio.run(warm_up(url, args.model_name, make_prompts(max(clients), prompt_len, vocab, args.seed - 1),
-                                args.timeout))
-            for n in clients:
-                before = server_metrics(url)["decode_steps_by_batch_size"]
-                records, wall = asyncio.run(concurrent_run(url, args.model_name, prompts[n], n, new_tokens,
-                                                           args.timeout))
-                after = server_metrics(url)["decode_steps_by_batch_size"]
-                result = summary(records, wall)
-                result["decode_steps_by_batch_size"] = {b: after[b] - before.get(b, 0) for b in after
-                                                        if after[b] != before.get(b, 0)}
-                data["serve"][str(n)] = result
-                log.info("%d clients: %.1f tokens/s", n, result["tokens_per_s"])
-                write()
+            for _, target, model, _ in targets:
+                asyncio.run(warm_up(target, model, make_prompts(max(clients), prompt_len, vocab, args.seed - 1),
+                                    args.timeout))
+            for r in range(args.rounds):
+                for n in clients:
+                    for t, (results, target, model, name) in enumerate(targets):
+                        before = batch_sizes(target)
+                        records, wall = asyncio.run(concurrent_run(target, model, prompts[n], n, new_tokens,
+                                                                   args.timeout))
+                        after = batch_sizes(target)
+                        result = summary(records, wall)
+                        if before is not None and after is not None:
+                            result["decode_steps_by_batch_size"] = {
+                                b: after[b] - before.get(b, 0) for b in after if after[b] != before.get(b, 0)}
+                        rounds.setdefault((t, n), []).append(result)
+                        results[str(n)] = median_round(rounds[(t, n)])
+                        log.info("round %d, %s, %d clients: %.1f tokens/s", r + 1, name, n, result["tokens_per_s"])
+                        write()
         finally:
             if server is not None:
                 data["meta"]["server_exit_code"] = server.stop()
@@ -353,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     write()
     print(markdown(data))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

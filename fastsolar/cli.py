@@ -370,6 +370,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="seconds in-flight requests get to finish at SIGINT/SIGTERM; then they end with an error "
                         "(a 503, or an SSE error event and [DONE])")
+    p.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="torch's intra-op threads (default on a CPU: $OMP_NUM_THREADS if set, else cores - 1, "
+                        "leaving a core to the HTTP loop)")
 
 
 def _set_chat_template(tokenizer: Any, value: str) -> None:
@@ -404,6 +407,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-seq must be at least 2, got {args.max_seq}")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise ValueError(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
     _check_dtype(args)
     try:
         from fastsolar.serve.api import create_app
@@ -412,6 +417,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"fastsolar serve needs the serve extra ({e.name} is not installed): "
                        "pip install 'fastsolar[serve]'") from None
     from fastsolar.serve.engine import Engine
+    from fastsolar.serve.threads import server_threads
 
     if not args.verbose:  # a server's log: one line per request, startup and shutdown
         logging.getLogger(PROG).setLevel(logging.INFO)
@@ -428,6 +434,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch = min(fit, SERVE_MAX_ROWS if args.max_batch is None else args.max_batch)
         logger.info("--gpu-memory-utilization %g: %d cache rows fit, using %d", args.gpu_memory_utilization, fit,
                     max_batch)
+    server_threads(model.device, args.cpu_threads)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=args.max_queue, max_seq=args.max_seq,
                     max_n=args.max_n, cuda_graphs=False if args.tensor_parallel_size > 1 else None)  # driven ranks run eagerly
     engine.start()  # here, so that a cache that does not fit is a one-line error, not a failed app startup

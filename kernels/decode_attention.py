@@ -306,21 +306,29 @@ def decode_attention_ref(
     """Torch attention of each row's query over its first seqlens[b] cache positions (fp32 math, fp64 for
     fp64 inputs). Vectorised with a mask, no host sync, so it is graph-safe like the kernel; slots at or
     beyond seqlens[b] are never let into the result, even when they hold NaN. With `rows`, query row b
-    reads cache row rows[b] (gathered, clamped into range as the kernel does)."""
+    reads cache row rows[b] (gathered, clamped into range as the kernel does).
+
+    On a CPU the batch's longest seqlens is read (host memory: no sync) and only that many positions are
+    gathered and multiplied, so a decode step costs what the used cache costs, not the whole cache; on
+    CUDA (the reference engine, perhaps inside a captured graph) it walks every position."""
+    max_seq = k_cache.shape[1]
+    if not q.is_cuda and not seqlens.is_cuda:
+        used = int(seqlens.max().clamp(0, max_seq)) if seqlens.numel() else 0
+        k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
     if rows is not None:
         rows = rows.to(k_cache.device).long().clamp(0, k_cache.shape[0] - 1)
         k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
     batch, n_heads, head_dim = q.shape
-    max_seq, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    span, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
     if scale is None:
         scale = head_dim ** -0.5
     ct = torch.promote_types(q.dtype, torch.float32)
-    valid = torch.arange(max_seq, device=q.device)[None, :] < seqlens.to(q.device)[:, None]  # [b, S]
+    valid = torch.arange(span, device=q.device)[None, :] < seqlens.to(q.device)[:, None]  # [b, span]
     qg = q.to(ct).view(batch, n_kv_heads, group, head_dim)
-    k = torch.where(valid[:, :, None, None], k_cache.to(ct), 0.0)  # 0 * NaN would poison the sums
+    # A NaN key only makes a NaN score, which the mask then overwrites; a NaN value would survive 0 * NaN.
     v = torch.where(valid[:, :, None, None], v_cache.to(ct), 0.0)
-    s = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
+    s = torch.einsum("bkgd,bskd->bkgs", qg, k_cache.to(ct)) * scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with seqlens 0 gives 0, as the kernel
     out = torch.einsum("bkgs,bskd->bkgd", p, v)

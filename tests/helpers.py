@@ -204,3 +204,11 @@ def running_server(app, wait_s: float) -> Iterator[str]:
         server.should_exit = True
         thread.join(wait_s)
     assert not thread.is_alive(), "the server did not shut down"
+
+
+def joined(decode, prompt: list[int], new: list[int]) -> str:
+    """A completion's text as transformers' full decode and vLLM give it: decode(prompt + new) minus decode(prompt),
+    `decode` skipping special tokens (checked to be a difference of a prefix)."""
+    whole, head = decode(list(prompt) + list(new)), decode(list(prompt))
+    assert whole.startswith(head), (whole, head)
+    return whole[len(head):]

@@ -46,8 +46,9 @@ from fastsolar.serve.engine import Engine, EngineClosed, InvalidRequest, Output,
 from fastsolar.serve.engine import Request as EngineRequest
 from fastsolar.serve.errors import APIError
 from fastsolar.serve.grammar import GrammarError, Grammars
-from fastsolar.serve.metrics import ServeMetrics
 from fastsolar.serve.logprobs import Formatter, TokenLogprob
+from fastsolar.serve.mailbox import Mailbox
+from fastsolar.serve.metrics import ServeMetrics
 from fastsolar.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 if TYPE_CHECKING:
@@ -59,12 +60,13 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks whether its c
 class _Events:
     """One submitted request's Outputs, handed from the engine thread to this event loop."""
 
-    def __init__(self, engine: Engine, request: EngineRequest, prompt_param: str) -> None:
+    def __init__(self, engine: Engine, request: EngineRequest, prompt_param: str, mailbox: Mailbox) -> None:
         self.loop = asyncio.get_running_loop()
         self.n = request.n
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.mailbox = mailbox
         try:
-            self.ticket = engine.submit(request, self._put)
+            self.ticket = engine.submit(request, self._put, mailbox.flush)
         except InvalidRequest as e:
             param = prompt_param if e.param == "prompt" else e.param
             raise APIError(400, str(e), param=param, code=e.code) from None
@@ -74,7 +76,7 @@ class _Events:
             raise APIError(503, str(e), code="shutting_down") from None
 
     def _put(self, out: Output) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        self.mailbox.put(self.queue, out)
 
     async def stream(self) -> AsyncIterator[Output]:
         """Every choice's Outputs as they come, until each has finished (or one failed)."""
@@ -233,6 +235,14 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
     grammars = Grammars(tokenizer, engine.vocab_size, sorted(engine.eos))
     prometheus = ServeMetrics(engine, model_name)
 
+    box: list[Mailbox] = []  # the engine's events into the serving loop (made on it; a new loop, a new box)
+
+    def mailbox() -> Mailbox:
+        loop = asyncio.get_running_loop()
+        if not box or box[0].loop is not loop:
+            box[:] = [Mailbox(loop)]
+        return box[0]
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if engine.step is None:
@@ -276,7 +286,7 @@ def create_app(engine: Engine, tokenizer: "Tokenizer", model_name: str, *, api_k
         ereq = EngineRequest(id=rid, prompt=ids, max_tokens=body.token_budget, sampling=_sampling(body, sampling_defaults),
                              stop=stop, ignore_eos=body.ignore_eos, user=body.user, constraint=constraint,
                              n=body.n or 1, logprobs=k)
-        events = _Events(engine, ereq, "messages" if chat else "prompt")
+        events = _Events(engine, ereq, "messages" if chat else "prompt", mailbox())
         shape = _Shape(chat, rid, model_name, None if k is None else Formatter(tokenizer, k))
         if body.stream:
             return EventSourceResponse(_sse_stream(events, shape, body.include_usage),

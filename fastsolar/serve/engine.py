@@ -12,6 +12,15 @@ context)`: its KV cache, graphs and row allocation, shared with no other user of
 3. a request leaves at its EOS, a stop string or `max_tokens` (or when its client cancels, at the next
    step); its row is free for the next admission.
 
+Host work overlaps the device: each iteration queues its prefill and its decode step first, and only then
+turns the previous iteration's tokens into text (detokenization, stop strings, delivery to the sinks). The
+step's input tokens never visit the host: the last token of every cache row stays on the device (`_last`,
+written by each prefill and step, read by the next step), and sampled tokens come back through pinned memory
+behind an event (`fastsolar.serve.transfer`), so on CUDA step k+1 runs while step k's tokens are processed.
+The host therefore learns that a request ended one step late: a request that met its EOS or a stop string has
+already been given one more step, whose token is discarded (never emitted, never counted). `max_tokens` is
+known ahead, so a request is never stepped past it, and a position never leaves the cache.
+
 So a new request joins the running batch at the next step instead of waiting for the batch to drain.
 Sampling state is per cache row (`fastsolar.decoding.sampling.Sampler`, the one generate uses): each request
 keeps its own parameters and seed, and greedy
@@ -54,6 +63,7 @@ from fastsolar.decoding.session import DecodeSession
 from fastsolar.model import check_token_ids
 from fastsolar.serve.token_mask import MaskedSampler, TokenMask
 from fastsolar.serve.logprobs import TokenLogprob
+from fastsolar.serve.transfer import ToHost, to_device
 from fastsolar.text.chat import TextStream
 
 if TYPE_CHECKING:
@@ -124,7 +134,7 @@ class Request:
     logprobs: int | None = None  # None: no logprobs; k in 0..20: each token's logprob and the k most likely
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one is made per request per step
 class Output:
     """One event for a request: new text, and on the last one why it ended.
 
@@ -142,16 +152,30 @@ class Output:
 
 
 Sink = Callable[[Output], None]
+Flush = Callable[[], None]
+
+
+@dataclass
+class Launched:
+    """A queued prefill or decode step: its requests in batch order and their sampled tokens on the way to the
+    host (processed one iteration later, while the next step runs)."""
+
+    tickets: list["Ticket"]
+    tokens: ToHost
+    logprobs: tuple[ToHost, ToHost, ToHost] | None = None  # chosen [b], top [b, 20], their ids [b, 20]
+    prompt_tokens: int = 0  # a prefill's prompt tokens, once per request
 
 
 class Ticket:
     """A submitted request's state, owned by the engine thread; `cancel()` is the one call safe from any
     thread (the engine drops the request at its next step and frees its row)."""
 
-    def __init__(self, request: Request, max_tokens: int, sink: Sink, text: TextStream, index: int = 0) -> None:
+    def __init__(self, request: Request, max_tokens: int, sink: Sink, text: TextStream, index: int = 0,
+                 flush: Flush | None = None) -> None:
         self.request = request
         self.max_tokens = max_tokens
         self.sink = sink
+        self.flush = flush
         self.text = text
         self.index = index  # the choice this ticket generates
         self.group: list[Ticket] = [self]  # the request's choices, this one among them
@@ -161,8 +185,8 @@ class Ticket:
         self.done = False
         self.row = -1
         self.pos = 0  # cache position of the next decode input
-        self.last = 0  # last generated token (the next decode input)
-        self.generated = 0
+        self.launched = 0  # tokens asked of the device (prefill and steps), some perhaps not yet processed
+        self.generated = 0  # tokens processed on the host
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.t_last = 0.0  # when its latest token came
@@ -251,6 +275,7 @@ class Engine:
         self.mask: TokenMask | None = None
         self._masked: MaskedSampler | None = None
         self._observers: list[Observer] = []
+        self._last: torch.Tensor | None = None  # [max_batch] the last sampled token of each cache row (device)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -264,6 +289,7 @@ class Engine:
         self.mask = TokenMask(self.max_batch, self.vocab_size, self.model.device)
         self._masked = MaskedSampler(self.mask, self.sampler)
         self.step = CudaGraphStep(self.session, self._masked, capture=self.cuda_graphs)
+        self._last = torch.zeros(self.max_batch, dtype=torch.int64, device=self.model.device)
         self._accepting = True
         self._t_start = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="fastsolar-engine", daemon=True)
@@ -337,10 +363,12 @@ class Engine:
             raise InvalidRequest("stop strings must be non-empty strings", "stop")
         return m
 
-    def submit(self, request: Request, sink: Sink) -> Ticket:
-        """Queue a request; `sink` receives its Outputs on the engine thread (it must not block)."""
+    def submit(self, request: Request, sink: Sink, flush: Flush | None = None) -> Ticket:
+        """Queue a request; `sink` receives its Outputs on the engine thread (it must not block). `flush`, if
+        given, is called once the events of a step (or a request's last event) are all given to the sinks, so
+        that a sink may buffer them and hand them on together (fastsolar.serve.mailbox)."""
         max_tokens = self.validate(request)
-        group = [Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop), i)
+        group = [Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop, request.prompt), i, flush)
                  for i in range(request.n)]
         for t in group:
             t.group = group
@@ -381,24 +409,39 @@ class Engine:
     # -- the loop (engine thread) -------------------------------------------------------------------
 
     def _run(self) -> None:
+        pending: list[Launched] = []  # queued last iteration, processed in this one
         with torch.inference_mode():
             while True:
                 with self._cond:
                     self._reap_waiting()
-                    while not self._closed and not self._waiting and not self._active:
+                    while not self._closed and not self._waiting and not self._active and not pending:
                         self._cond.wait()
                         self._reap_waiting()
                     if self._closed:
                         break
                     admitted = self._admit()
                 try:
+                    # A grammar's mask for the next call needs the token its row just drew: while a constrained
+                    # row runs, each call's tokens are processed before the next call is queued (no overlap).
+                    sync = any(t.constraint is not None for t in self._active)
+                    if sync:
+                        for item in pending:
+                            self._process(item)
+                        pending = []
+                    launched: list[Launched] = []
+                    queue = self._process if sync else launched.append
                     if admitted:
-                        self._prefill(admitted)
+                        queue(self._prefill(admitted))
                     self._drop_cancelled()
-                    if self._active:
-                        self._decode()
+                    batch = [t for t in self._active if t.launched < t.max_tokens]
+                    if batch:
+                        queue(self._decode(batch))
+                    for item in pending:  # the device runs `launched` meanwhile
+                        self._process(item)
+                    pending = launched
                 except Exception as e:  # a failed step must not kill the server: fail its requests, go on
                     logger.exception("engine step failed")
+                    pending = []
                     for t in list(self._active):  # admitted requests are among them
                         self._finish(t, "error", "", error=f"internal error: {type(e).__name__}: {e}")
             for t in list(self._active) + list(self._waiting):
@@ -436,72 +479,88 @@ class Engine:
             width, prompts = w, prompts + 1
         return taken
 
-    def _prefill(self, tickets: list[Ticket]) -> None:
-        """Prefill each request's prompt once (in its first choice's row), copy it to the other choices' rows,
-        and draw every choice's first token."""
+    def _prefill(self, tickets: list[Ticket]) -> Launched:
+        """Queue the prefill of each request's prompt, once (in its first choice's row), the copy of its cache
+        rows to the other choices' rows, and every choice's first token; processed next iteration."""
         device = self.model.device
         firsts = [t for t in tickets if t.index == 0]
         lens = [len(t.request.prompt) for t in firsts]
-        ids = torch.zeros(len(firsts), max(lens), dtype=torch.int64)
-        for i, t in enumerate(firsts):
-            ids[i, : lens[i]] = torch.tensor(list(t.request.prompt), dtype=torch.int64)
+        width = max(lens)
         for t in tickets:
             self.sampler.assign(t.row, t.sampling, t.request.prompt)
-        rows = torch.tensor([t.row for t in firsts], dtype=torch.int64, device=device)
-        logits = self.session.prefill(ids.to(device), torch.tensor(lens, device=device), rows=rows)
+        ids = to_device([list(t.request.prompt) + [0] * (width - n) for t, n in zip(firsts, lens)], device)
+        seqlens, first_rows = to_device([lens, [t.row for t in firsts]], device)
+        logits = self.session.prefill(ids, seqlens, rows=first_rows)
         for t, n in zip(firsts, lens):
             if len(t.group) > 1:
                 self.session.copy_rows(t.row, [s.row for s in t.group[1:]], n)
         if len(firsts) < len(tickets):  # each choice samples from its request's prompt logits
             which = {id(t): i for i, t in enumerate(firsts)}
-            logits = logits[torch.tensor([which[id(t.group[0])] for t in tickets], device=device)]
+            logits = logits[to_device([which[id(t.group[0])] for t in tickets], device)]
         host_rows = [t.row for t in tickets]
-        self.sampler.select(torch.tensor(host_rows, dtype=torch.int64, device=device), host_rows)
+        rows = to_device(host_rows, device)
+        self.sampler.select(rows, host_rows)
         self.mask.set([t.constraint and t.constraint.fill for t in tickets])
-        tokens = self._masked(logits).tolist()
-        logprobs = self._logprobs(tickets, tokens)
-        now = time.perf_counter()
-        self._count(now, len(tokens))
-        for obs in self._observers:
-            obs.on_tokens(sum(lens), [now - t.t_submit for t in tickets], ())
-        for i, (t, tok) in enumerate(zip(tickets, tokens)):
-            t.pos, t.t_first = len(t.request.prompt), now
-            if t.index == 0:  # the prompt is counted once per request
-                self.stats["prompt_tokens"] += t.pos
-            self._accept(t, tok, now, logprobs[i])
+        tokens = self._masked(logits)
+        self._last.index_copy_(0, rows, tokens)
+        for t in tickets:
+            t.pos, t.launched = len(t.request.prompt), 1
+        self.stats["prompt_tokens"] += sum(lens)  # once per request, not per choice
+        return Launched(tickets, ToHost(tokens), self._logprobs_to_host(len(tickets)), sum(lens))
 
-    def _decode(self) -> None:
-        batch = list(self._active)
-        host = [[t.last for t in batch], [t.pos for t in batch], [t.row for t in batch]]
-        inp = torch.tensor(host, dtype=torch.int64).to(self.model.device)
-        self.sampler.select(inp[2], host[2])
+    def _decode(self, batch: list[Ticket]) -> Launched:
+        """Queue one decode step of `batch`; its input tokens are the rows' last tokens, read on the device."""
+        host_rows = [t.row for t in batch]
+        inp = to_device([[t.pos for t in batch], host_rows], self.model.device)
+        positions, rows = inp[0], inp[1]
+        self.sampler.select(rows, host_rows)
         self.mask.set([t.constraint and t.constraint.fill for t in batch])
-        tokens = self.step(inp[0], inp[1], inp[2]).tolist()
-        logprobs = self._logprobs(batch, tokens)
-        now = time.perf_counter()
-        self._count(now, len(tokens), decode=True)
-        for obs in self._observers:
-            obs.on_tokens(0, (), [now - t.t_last for t in batch])
-        for t, tok, lp in zip(batch, tokens, logprobs):
+        tokens = self.step(self._last.index_select(0, rows), positions, rows)
+        self._last.index_copy_(0, rows, tokens)
+        for t in batch:
             t.pos += 1
-            self._accept(t, tok, now, lp)
+            t.launched += 1
+        self._count_step(len(batch))
+        return Launched(batch, ToHost(tokens), self._logprobs_to_host(len(batch)))
 
-    def _logprobs(self, batch: list[Ticket], tokens: list[int]) -> list[TokenLogprob | None]:
-        """The logprobs of the last sampler call's `tokens`, for the batch rows that asked for them (read from
-        the sampler's output buffers only when some row did), each with its request's k top ones."""
+    def _process(self, item: Launched) -> None:
+        """A queued call's tokens, now on the host, for the requests still running (a request that ended at
+        the previous token had one more step queued: that token is dropped here)."""
+        tokens = item.tokens.tolist()
+        logprobs = self._logprobs(item, tokens)
+        now = time.perf_counter()
+        live = [(t, tok, lp) for t, tok, lp in zip(item.tickets, tokens, logprobs) if not t.done]
+        self._count(now, len(live))
+        for obs in self._observers:
+            obs.on_tokens(item.prompt_tokens, [now - t.t_submit for t, _, _ in live if t.generated == 0],
+                          [now - t.t_last for t, _, _ in live if t.generated > 0])
+        for t, tok, lp in live:
+            self._accept(t, tok, now, lp)
+        for flush in {t.flush for t, _, _ in live if t.flush is not None}:
+            self._flush(flush)
+
+    def _logprobs_to_host(self, b: int) -> tuple[ToHost, ToHost, ToHost] | None:
+        """The last sampler call's logprob outputs for its `b` rows, on their way to the host, when some row
+        asked for them (the sampler overwrites its buffers at the next call)."""
         if not self.sampler.mode[_LOGPROBS]:
-            return [None] * len(batch)
-        b = len(batch)
-        chosen = self.sampler.logprob[:b].tolist()
-        top, ids = self.sampler.top_logprobs[:b].tolist(), self.sampler.top_ids[:b].tolist()
+            return None
+        return ToHost(self.sampler.logprob[:b]), ToHost(self.sampler.top_logprobs[:b]), ToHost(self.sampler.top_ids[:b])
+
+    def _logprobs(self, item: Launched, tokens: list[int]) -> list[TokenLogprob | None]:
+        """Each row's TokenLogprob for `tokens` (item's sampled tokens), with its request's k top ones; None for
+        rows that did not ask."""
+        if item.logprobs is None:
+            return [None] * len(item.tickets)
+        chosen, top, ids = (x.tolist() for x in item.logprobs)
         return [None if (k := t.request.logprobs) is None else
                 TokenLogprob(tokens[i], chosen[i], tuple(zip(ids[i][:k], top[i][:k])))
-                for i, t in enumerate(batch)]
+                for i, t in enumerate(item.tickets)]
 
     def _accept(self, t: Ticket, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         """One new token for a running request: emit its text, or end it."""
+        if t.t_first is None:
+            t.t_first = now
         t.generated += 1
-        t.last = token
         t.t_last = now
         constraint = t.constraint
         if constraint is not None and token not in self.eos:
@@ -539,6 +598,8 @@ class Engine:
     def _finish(self, t: Ticket, reason: str, text: str, error: str | None = None) -> None:
         self._emit(t, Output(text, t.generated, len(t.request.prompt), finish_reason=reason, error=error,
                              index=t.index, logprobs=t.take_logprobs()))
+        if t.flush is not None:
+            self._flush(t.flush)
         with self._cond:
             if t in self._waiting:
                 self._waiting.remove(t)
@@ -591,9 +652,17 @@ class Engine:
             logger.debug("%s: sink failed; cancelling", t.request.id, exc_info=True)
             t.cancel()
 
-    def _count(self, now: float, n: int, decode: bool = False) -> None:
+    def _flush(self, flush: Flush) -> None:
+        try:
+            flush()
+        except Exception:  # its event loop is gone: its clients are gone, and their sinks cancel them
+            logger.debug("flush failed", exc_info=True)
+
+    def _count(self, now: float, n: int) -> None:
         with self._cond:
             self._rate.append((now, n))
-            if decode:
-                self.stats["decode_steps"] += 1
-                self.batch_sizes[n] += 1
+
+    def _count_step(self, batch: int) -> None:
+        with self._cond:
+            self.stats["decode_steps"] += 1
+            self.batch_sizes[batch] += 1

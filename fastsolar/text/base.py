@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,12 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _REPLACEMENT = "\ufffd"
 # A UTF-8 character has at most 4 bytes, so at most 3 of them can be waiting for the rest.
 _MAX_PENDING_BYTES = 4
+# Prompt ids a StreamDecoder keeps as context: enough to start at a character boundary (a character is at most
+# 4 byte pieces) with a whole piece before it; the decode rule is local beyond the text's first piece.
+_CONTEXT_IDS = 8
+# A StreamDecoder re-anchors its window once this many ids are emitted: one decode per token in between (a
+# decode's cost is mostly per call), a window that never grows past a few dozen ids.
+_SLIDE_AT = 24
 
 
 class TokenizerBase:
@@ -87,12 +93,21 @@ class TokenizerBase:
         """Text of ids none of which is special (what the stream decoder decodes)."""
         raise NotImplementedError
 
+    def _plain_texts(self) -> list[str | None] | None:
+        """Per id: the text its piece adds after any text that ends at a character boundary, for pieces whose
+        decode is that local (None for the others); or None when the backend has no such table. The streaming
+        decoder's fast path: one list lookup instead of a decode per token."""
+        return None
+
     def _starts_with_continuation_byte(self, token_id: int) -> bool:
         """Whether the token's bytes start with a UTF-8 continuation byte (0x80-0xBF)."""
         raise NotImplementedError
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream_decoder(self, context: Sequence[int] = ()) -> "StreamDecoder":
+        """An incremental decoder; with `context` (the prompt's ids) its text is what the tokens add after
+        that prompt: decode(prompt + tokens) minus decode(prompt), as transformers' full decode and vLLM
+        have it (a first token's leading space is kept after a prompt, dropped only at the very start)."""
+        return StreamDecoder(self, context)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **options: Any) -> "TokenizerBase":
@@ -385,13 +400,33 @@ class StreamDecoder:
     applied to the same piece in both (and therefore cancelling out except at the true start).
     """
 
-    def __init__(self, tokenizer: TokenizerBase) -> None:
+    def __init__(self, tokenizer: TokenizerBase, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self._ids: list[int] = []
         self._read = 0  # ids[:_read] have been emitted
-        self._read_text = ""  # decode(ids[:_read])
+        self._read_text: str | None = ""  # decode(ids[:_read]); None: not made yet (see push)
+        self._plain = tokenizer._plain_texts()
+        if context:
+            self._prime(context)
+
+    def _prime(self, context: Sequence[int]) -> None:
+        """Start as if the tail of `context` had been emitted, so that the first token's text is decoded after
+        it (sentencepiece drops a leading space only at a text's first piece). The tail starts and ends at
+        character boundaries: a token-id prompt cut inside a character leaves that character's bytes out."""
+        tok = self.tokenizer
+        ids = [int(i) for i in context[-_CONTEXT_IDS:] if 0 <= int(i) < tok.vocab_size and int(i) not in tok.special_ids]
+        while ids and tok._starts_with_continuation_byte(ids[0]):
+            ids.pop(0)
+        text = tok._decode_content(ids)
+        for _ in range(_MAX_PENDING_BYTES - 1):
+            if not ids or not text.endswith(_REPLACEMENT):
+                break
+            ids.pop()
+            text = tok._decode_content(ids)
+        self._ids, self._read, self._read_text = ids, len(ids), text
 
     def reset(self) -> None:
+        """Forget everything, context included: the next text is decoded as the start of a text."""
         self._ids, self._read, self._read_text = [], 0, ""
 
     def push(self, token_id: int) -> str:
@@ -399,7 +434,19 @@ class StreamDecoder:
         token_id = tok._check_id(token_id)
         if token_id in tok.special_ids:
             return ""
+        if self._plain is not None and self._ids and self._read == len(self._ids):
+            piece = self._plain[token_id]
+            if piece is not None:
+                # Nothing pending and the text under way: a plain piece adds its own text, no decode. The
+                # window stays short; its text is decoded again only when a slow-path token needs it.
+                self._ids.append(token_id)
+                if len(self._ids) > 2 * _SLIDE_AT:
+                    del self._ids[:-_SLIDE_AT]
+                self._read, self._read_text = len(self._ids), None
+                return piece
         self._ids.append(token_id)
+        if self._read_text is None:
+            self._read_text = tok._decode_content(self._ids[: self._read])
         text = tok._decode_content(self._ids)
         if not text.endswith(_REPLACEMENT):
             return self._emit(len(self._ids), text)
@@ -420,12 +467,15 @@ class StreamDecoder:
 
     def _emit(self, end: int, text: str) -> str:
         new = text[len(self._read_text):]
+        if self._read < _SLIDE_AT:  # text is decode(ids[:end]): the anchor grows, no second decode
+            self._read, self._read_text = end, text
+            return new
         # Slide the window: what was emitted before this call is dropped, this call's ids become the
-        # prefix that anchors the next decode.
+        # prefix that anchors the next decode (so each decode stays short).
         dropped = self._read
         self._ids = self._ids[dropped:]
         self._read = end - dropped
-        self._read_text = self.tokenizer._decode_content(self._ids[: self._read]) if dropped else text
+        self._read_text = self.tokenizer._decode_content(self._ids[: self._read])
         return new
 
     def flush(self) -> str:

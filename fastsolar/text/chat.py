@@ -166,10 +166,14 @@ class StopStringFilter:
             return buf[:i], True
         keep = 0
         for s in self.stop_strings:
-            for n in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:n]):
-                    keep = n
+            # The longest tail of buf that begins s starts at the first s[0] among buf's last len(s) - 1 chars
+            # from which the rest of buf is a prefix of s (a find per candidate, not an endswith per length).
+            i = buf.find(s[0], max(0, len(buf) - len(s) + 1))
+            while 0 <= i and len(buf) - i > keep:
+                if s.startswith(buf[i:]):
+                    keep = len(buf) - i
                     break
+                i = buf.find(s[0], i + 1)
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[: len(buf) - keep], False
 
@@ -184,11 +188,12 @@ class TextStream:
 
     `push(token)` returns `(text, stopped)`; `finish()` returns `(tail, stopped)` at the end of generation
     (what was held back, itself cut if the last characters completed a stop string). The concatenation of
-    the pieces is the same however the tokens were grouped, so streamed and whole replies agree.
+    the pieces is the same however the tokens were grouped, so streamed and whole replies agree. With
+    `context` (the prompt's ids) the text is what the tokens add after the prompt (`stream_decoder`).
     """
 
-    def __init__(self, tokenizer: Any, stop_strings: Iterable[str] = ()) -> None:
-        self.decoder = tokenizer.stream_decoder()
+    def __init__(self, tokenizer: Any, stop_strings: Iterable[str] = (), context: Sequence[int] = ()) -> None:
+        self.decoder = tokenizer.stream_decoder(context)
         self.stops = StopStringFilter(stop_strings)
 
     def push(self, token: int) -> tuple[str, bool]:

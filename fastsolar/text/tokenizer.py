@@ -80,6 +80,7 @@ class SentencePieceTokenizer(TokenizerBase):
         self._byte_value: dict[int, int] = {
             i: int(sp.IdToPiece(i)[3:5], 16) for i in range(self.vocab_size) if sp.IsByte(i)
         }
+        self._plain: list[str | None] | None = None  # _plain_texts(), made on first use
         self.chat_template: str = chat_template if chat_template is not None else SOLAR_CHAT_TEMPLATE
         tokens = {
             "bos_token": sp.IdToPiece(self.bos_id),
@@ -173,6 +174,15 @@ class SentencePieceTokenizer(TokenizerBase):
 
     def _decode_content(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(ids)
+
+    def _plain_texts(self) -> list[str | None]:
+        # sentencepiece decodes a normal piece to its text with U+2581 as a space; bytes (merged into UTF-8),
+        # control, unknown and unused pieces are decoded otherwise, and so is any piece at the text's start.
+        if self._plain is None:
+            sp = self.sp
+            self._plain = [None if sp.IsByte(i) or sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)
+                           else sp.IdToPiece(i).replace("\u2581", " ") for i in range(self.vocab_size)]
+        return self._plain
 
     def _starts_with_continuation_byte(self, token_id: int) -> bool:
         b = self._byte_value.get(token_id)

@@ -260,3 +260,18 @@ def test_gemv_contiguous_inputs_strided_out():
         assert_close(y, gemv_ref(x.double(), w.double(), residual=res.double()), baseline=gemv_ref(x, w, residual=res),
                      rtol=ULP[torch.float16], msg=f"m{m} k{k}")
         assert big[:, :40].isnan().all() and big[:, 69:].isnan().all(), f"m{m}: wrote outside the out view"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+def test_gemv_ref_few_rows_against_a_big_weight(rows):
+    """gemv_ref's CPU layout for a decode batch against a weight larger than the caches ((W @ x.T).T for 1..8 rows,
+    kernels/gemv.py `_linear`) is the same product: fp64 truth, fp32 F.linear's error as the baseline."""
+    from fastsolar.kernels.gemv import _CPU_BIG_WEIGHT
+
+    w = randn(8209, 257, seed=1, scale=0.05)  # odd sizes, above the big-weight bound
+    assert w.numel() * w.element_size() >= _CPU_BIG_WEIGHT
+    x, res = randn(rows, 1, 257, seed=2), randn(rows, 1, 8209, seed=3)
+    got = gemv_ref(x, w, residual=res)
+    assert got.shape == (rows, 1, 8209) and got.is_contiguous()
+    truth = res.double() + torch.nn.functional.linear(x.double(), w.double())
+    assert_close(got, truth, baseline=res + torch.nn.functional.linear(x, w))

@@ -29,7 +29,7 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai"):
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from helpers import running_server, slowed  # noqa: E402
+from helpers import joined, running_server, slowed  # noqa: E402
 
 from fastsolar import Solar, Tokenizer, cli  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
@@ -92,7 +92,7 @@ def alone(served: Served, ids: list[int], max_tokens: int, stops=(), ignore_eos=
     new = new[0, len(ids):].tolist()
     eos = set(served.ref.config.eos_token_ids)
     cut = None if ignore_eos else next((i for i, t in enumerate(new) if t in eos), None)
-    text = served.tok.decode(new if cut is None else new[:cut])
+    text = joined(lambda x: served.tok.decode(x, skip_special_tokens=True), ids, new if cut is None else new[:cut])
     hits = [text.find(s) for s in stops if s in text]
     if hits:
         return text[:min(hits)], "stop", None  # (where a stop string ends generation, tokens are not compared)
@@ -446,13 +446,17 @@ def test_serve_command_with_quantized_weights(serve_checkpoint, monkeypatch):
     monkeypatch.setattr(server_mod, "run", serve_one_request)
     argv = ["serve", str(serve_checkpoint), "--quantize", "int8", "--device", "cpu", "--max-batch", "2",
             "--model-name", MODEL]
-    assert cli.main(argv) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command sets the server's thread policy (fastsolar.serve.threads)
     assert [m.layers[1].feed_forward.w_down.weight.dtype for m in loaded] == [torch.int8]
     tok = Tokenizer.from_pretrained(serve_checkpoint)
     ids = tok.encode(prompt)
     ref = Solar.from_pretrained(serve_checkpoint, device="cpu", quantize="int8")
     new = ref.generate(torch.tensor([ids]), 8, eos_token_id=[])[0, len(ids):].tolist()
-    assert answers == [tok.decode(new)]
+    assert answers == [joined(lambda x: tok.decode(x, skip_special_tokens=True), ids, new)]
 
 
 def _read_lines(stream, sink: queue.Queue) -> None:

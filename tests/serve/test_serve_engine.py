@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, joined
 
 from fastsolar import Solar, Tokenizer
 from fastsolar.decoding import rng
@@ -190,6 +190,11 @@ def no_engine_running() -> None:
     assert not running, "a reference computed while an engine thread runs: compute it before starting the engine"
 
 
+def reply(tok: Tokenizer, prompt: list[int], new) -> str:
+    """The text of `new` after `prompt` (the join rule, tests/serve/test_serve_join.py)."""
+    return joined(lambda ids: tok.decode(ids, skip_special_tokens=True), prompt, list(new))
+
+
 def alone(ref: Solar, tok: Tokenizer, prompt: list[int], max_tokens: int, **sampling):
     """What generate gives one prompt: (text, finish_reason, completion tokens) with EOS ending it."""
     no_engine_running()
@@ -198,8 +203,8 @@ def alone(ref: Solar, tok: Tokenizer, prompt: list[int], max_tokens: int, **samp
     eos = set(ref.config.eos_token_ids)
     cut = next((i for i, t in enumerate(new) if t in eos), None)
     if cut is not None:
-        return tok.decode(new[:cut]), "stop", cut + 1
-    return tok.decode(new), "length", len(new)
+        return reply(tok, prompt, new[:cut]), "stop", cut + 1
+    return reply(tok, prompt, new), "length", len(new)
 
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "Once upon a time",
@@ -258,7 +263,7 @@ def test_generate_on_a_served_model_leaves_the_served_output_unchanged(ckpt, mak
     c.wait()
     assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
     new = ref.generate(torch.tensor([served], device=DEVICE), 20, eos_token_id=[])[0, len(served):]
-    want_served = tok.decode(new, skip_special_tokens=True)
+    want_served = reply(tok, served, new.tolist())
     assert (c.text, c.last.completion_tokens) == (want_served, 20)
     want_other = ref.generate(torch.tensor([other, other], device=DEVICE), 8, eos_token_id=[])
     assert torch.equal(got[0], want_other)
@@ -285,7 +290,7 @@ def test_same_seed_same_tokens_through_generate_stream_and_the_engine(ckpt, make
     engine.submit(Request("o", tok.encode(PROMPTS[4]), 16, RowParams(temperature=1.0, seed=7)), busy)
     served = Collector()
     engine.submit(Request("s", prompt, 16, RowParams(seed=42, **sampling), ignore_eos=True), served)
-    assert served.wait().text == tok.decode(new.tolist(), skip_special_tokens=True)
+    assert served.wait().text == reply(tok, prompt, new.tolist())
     busy.wait()
 
 
@@ -336,14 +341,14 @@ def test_engine_eos_and_length(ckpt, make_engine):
     engine = make_engine(max_batch=2)
     full = Collector()
     engine.submit(Request("full", prompt, 12, RowParams(temperature=0.0), ignore_eos=True), full)
-    assert full.wait().text == tok.decode(tokens) and full.last.finish_reason == "length"
+    assert full.wait().text == reply(tok, prompt, tokens) and full.last.finish_reason == "length"
     # A later token made the EOS: the request ends at its first occurrence ("stop"), counted but not shown.
     k = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])
     engine.eos = frozenset({tokens[k]})
     eos = Collector()
     engine.submit(Request("eos", prompt, 12, RowParams(temperature=0.0)), eos)
     assert (eos.wait().text, eos.last.finish_reason, eos.last.completion_tokens) == \
-        (tok.decode(tokens[:k]), "stop", k + 1)
+        (reply(tok, prompt, tokens[:k]), "stop", k + 1)
 
 
 def test_cancel_frees_the_row_within_a_step(ckpt, make_engine):

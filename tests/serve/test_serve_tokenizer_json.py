@@ -11,7 +11,7 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai", "transformers"):
 
 import openai  # noqa: E402
 import transformers  # noqa: E402
-from helpers import running_server  # noqa: E402
+from helpers import joined, running_server  # noqa: E402
 from hf_fixtures import build_json_checkpoint  # noqa: E402
 
 from fastsolar import Solar, Tokenizer, TokenizerFast  # noqa: E402
@@ -40,7 +40,7 @@ def _reference(checkpoint, ids: list[int]) -> str:
     hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(checkpoint))
     hf = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     new = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=4)[0, len(ids):]
-    return hf_tok.decode(new, skip_special_tokens=True)
+    return joined(lambda x: hf_tok.decode(x, skip_special_tokens=True), ids, new.tolist())
 
 
 def test_chat_and_completion_match_transformers(checkpoint, url):
