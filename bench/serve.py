@@ -17,8 +17,8 @@ Each request is a completion of --prompt-len random token ids, greedy, EOS ignor
 takes too), streamed: exactly --new-tokens tokens. For each concurrency N, N closed-loop clients send
 --requests-per-client requests each. Reported per N: aggregate tokens/s (all completion tokens / wall time from
 the first request to the last reply), time to first token, inter-token latency (the gaps between a stream's
-chunks) and per-request latency (p50, p90, p99), and the decode batch sizes the server ran (from a JSON /metrics
-that has them; skipped otherwise). Any OpenAI-compatible server takes the same load: --url instead of starting
+chunks) and per-request latency (p50, p90, p99), and the decode batch sizes the server ran (from fastsolar's JSON
+/stats; skipped for servers without it). Any OpenAI-compatible server takes the same load: --url instead of starting
 fastsolar, or --peer-url beside it, run in alternate rounds (--rounds; each N's figures are the round with the
 median tokens/s, every round kept in the JSON). The baseline is the same prompts one after another through `model.stream` (generate's
 loop) in this process, on the same checkpoint, before the server starts: its tokens/s is what one user gets
@@ -257,12 +257,12 @@ async def warm_up(url: str, model: str, prompts: list[list[int]], timeout: float
 
 
 def batch_sizes(url: str) -> dict[str, int] | None:
-    """Decode steps per batch size from a JSON /metrics that has them (fastsolar's); None from any other server
-    or format (Prometheus text, vLLM's)."""
+    """Decode steps per batch size from fastsolar's JSON /stats (its /metrics is Prometheus text); None from a
+    server without it (vLLM's)."""
     import httpx
 
     try:
-        m = httpx.get(url + "/metrics", timeout=30).json()
+        m = httpx.get(url + "/stats", timeout=30).json()
     except (httpx.HTTPError, ValueError):
         return None
     sizes = m.get("decode_steps_by_batch_size") if isinstance(m, dict) else None
