@@ -2,6 +2,7 @@
 processes: the command starting its ranks itself, and under torchrun."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -44,7 +45,7 @@ def _fastsolar(*argv: str, stdin: str = "", env: dict | None = None) -> subproce
 
 
 def _one_process(argv: list[str], capsys, monkeypatch, stdin: str = "") -> str:
-    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(stdin))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     assert cli.main(argv) == 0
     return capsys.readouterr().out
 
