@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 import torch
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, joined
 
 from fastsolar import Solar, Tokenizer
 from fastsolar.decoding.sampling import RowParams
@@ -65,7 +65,7 @@ def test_engine_n_choices_penalties_and_logprobs_in_one_batch(serve_checkpoint):
     for (ids, n, _, k), sink, rows in zip(cases, sinks, expected):
         for index, row in enumerate(rows):
             outs = sink.outputs[index]
-            assert "".join(o.text for o in outs) == tok.decode(row), (ids, index)
+            assert "".join(o.text for o in outs) == joined(tok.decode, ids, row), (ids, index)
             assert outs[-1].completion_tokens == steps
             logprobs = [lp for o in outs for lp in o.logprobs]
             if k is None:

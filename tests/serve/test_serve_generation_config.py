@@ -14,7 +14,7 @@ for _name in ("fastapi", "uvicorn", "httpx"):
     pytest.importorskip(_name, reason=f"the server tests need {_name}: pip install -e '.[test]'")
 import httpx  # noqa: E402
 import transformers  # noqa: E402
-from helpers import running_server  # noqa: E402
+from helpers import joined, running_server  # noqa: E402
 
 from fastsolar import Solar, Tokenizer  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
@@ -45,6 +45,6 @@ def test_request_defaults_come_from_generation_config(serve_checkpoint, tmp_path
 
         got = complete()
         assert got["usage"]["completion_tokens"] == len(want)
-        assert got["choices"][0]["text"] == tok.decode(want) and got["choices"][0]["finish_reason"] == "length"
+        assert got["choices"][0]["text"] == joined(tok.decode, ids, want) and got["choices"][0]["finish_reason"] == "length"
         explicit = complete(temperature=0, repetition_penalty=1.0, max_tokens=9)
-        assert explicit["choices"][0]["text"] == tok.decode(plain)
+        assert explicit["choices"][0]["text"] == joined(tok.decode, ids, plain)

@@ -18,7 +18,7 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai"):
 import openai  # noqa: E402
 import transformers  # noqa: E402
 
-from helpers import assert_close, running_server, slowed  # noqa: E402
+from helpers import assert_close, joined, running_server, slowed  # noqa: E402
 
 from fastsolar import Solar, Tokenizer  # noqa: E402
 from fastsolar.serve.api import create_app  # noqa: E402
@@ -159,7 +159,8 @@ def test_n_choices_share_a_prefill_and_reproduce_seeded_generate(server):
               seed=2024, n=3, extra_body={"ignore_eos": True})
     first = client.chat.completions.create(**kw)
     assert [c.index for c in first.choices] == [0, 1, 2]
-    expected = [server.tok.decode(row) for row in server.generated(ids, 12, rows=3, temperature=1.0, seed=2024)]
+    expected = [joined(server.tok.decode, ids, row)
+                for row in server.generated(ids, 12, rows=3, temperature=1.0, seed=2024)]
     assert [c.message.content for c in first.choices] == expected  # choice i: generate's row i (seed + i)
     assert len(set(expected)) == 3
     assert first.usage.prompt_tokens == len(ids) and first.usage.completion_tokens == 36
@@ -184,7 +185,7 @@ def test_n_choices_share_a_prefill_and_reproduce_seeded_generate(server):
     greedy = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0, n=2,
                                        extra_body={"ignore_eos": True})
     (plain,) = server.generated(ids, 8)
-    assert [c.text for c in greedy.choices] == [server.tok.decode(plain)] * 2
+    assert [c.text for c in greedy.choices] == [joined(server.tok.decode, ids, plain)] * 2
 
 
 def test_penalties_served_follow_the_formula_and_never_repeat(server):
@@ -196,12 +197,12 @@ def test_penalties_served_follow_the_formula_and_never_repeat(server):
     # Greedy with the strongest penalties never repeats a token here.
     out = client.completions.create(max_tokens=16, frequency_penalty=2.0, presence_penalty=2.0, logprobs=0, **kw)
     (both,) = server.generated(ids, 16, frequency_penalty=2.0, presence_penalty=2.0)
-    assert len(set(both)) == len(both) and out.choices[0].text == server.tok.decode(both)
+    assert len(set(both)) == len(both) and out.choices[0].text == joined(server.tok.decode, ids, both)
     # Each step's token is the argmax of the model's float32 log_softmax (transformers) minus the formula on
     # the counts of the tokens generated before it (a constant per step does not move the argmax).
     out = client.completions.create(max_tokens=24, frequency_penalty=1.5, presence_penalty=-0.5, logprobs=0, **kw)
     (new,) = server.generated(ids, 24, frequency_penalty=1.5, presence_penalty=-0.5)
-    assert out.choices[0].text == server.tok.decode(new)
+    assert out.choices[0].text == joined(server.tok.decode, ids, new)
     assert out.choices[0].logprobs.tokens == [server.piece(t).decode("utf-8", errors="backslashreplace") for t in new]
     ref = server.reference_logprobs(ids, new)
     counts = torch.zeros(ref.shape[1], dtype=torch.float64)
@@ -237,7 +238,7 @@ def test_penalised_plain_greedy_sampled_and_n_requests_in_one_batch(server):
     assert max(shared) == 5  # all five rows decoded together
     for (p, n, s), res in zip(cases, results):
         rows = server.generated(p, 16, rows=n, **s)
-        assert [c.text for c in res.choices] == [server.tok.decode(r) for r in rows], s
+        assert [c.text for c in res.choices] == [joined(server.tok.decode, p, r) for r in rows], s
         for c, row in zip(res.choices, rows):
             ref = server.reference_logprobs(p, row)
             assert_close(torch.tensor(c.logprobs.token_logprobs, dtype=torch.float64),
