@@ -12,7 +12,7 @@ for _name in ("fastapi", "uvicorn", "httpx", "openai", "prometheus_client"):
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-from helpers import running_server  # noqa: E402
+from helpers import running_server, slowed  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from fastsolar import Solar, Tokenizer  # noqa: E402
@@ -38,16 +38,8 @@ def value(samples: dict, name: str, model: str, **labels: str) -> float:
 def servers(serve_checkpoint):
     """Two servers of the same model in this process, as "a" and "b"."""
     tok = Tokenizer.from_pretrained(serve_checkpoint)
-    delay = {"s": 0.0}
     model = Solar.from_pretrained(serve_checkpoint)
-    decode = model.decode
-
-    def slow_decode(*args, **kwargs):
-        if delay["s"]:
-            time.sleep(delay["s"])
-        return decode(*args, **kwargs)
-
-    model.decode = slow_decode
+    delay = slowed(model)
     engine_a = Engine(model, tok, max_batch=4, max_queue=4)
     engine_b = Engine(Solar.from_pretrained(serve_checkpoint), tok, max_batch=2, max_queue=4)
     with running_server(create_app(engine_a, tok, "a"), WAIT_S) as url_a, \
