@@ -124,6 +124,17 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def test_every_package_is_installed():
+    """pyproject's explicit package list names every package of the tree: a wheel (a non-editable install)
+    otherwise ships without it, which the editable installs of the tests would never show."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"fastsolar." + ".".join(p.parent.relative_to(ROOT / "fastsolar").parts) if p.parent != ROOT / "fastsolar"
+             else "fastsolar" for p in (ROOT / "fastsolar").rglob("__init__.py")} | {"fastsolar.kernels"}
+    assert found == listed, f"in the tree, not in pyproject: {sorted(found - listed)}; listed, absent: {sorted(listed - found)}"
+
+
 def test_layering_check_sees_function_level_and_relative_imports(tmp_path):
     """The checker itself: an upward import inside a function and a relative one are both found."""
     pkg = tmp_path / "fastsolar"
