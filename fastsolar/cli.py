@@ -303,7 +303,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             _write("\n")
             messages.pop()  # the interrupted turn is forgotten
-            if not interactive:
+            # A driven tensor-parallel pass cannot be abandoned halfway (the other ranks wait in its collectives):
+            # there an interrupt ends the chat, and the launcher ends the ranks.
+            if not interactive or args.tensor_parallel_size > 1:
                 raise
             continue
         _write("\n")

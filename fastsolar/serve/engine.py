@@ -109,13 +109,16 @@ class Constraint(Protocol):
 class Observer(Protocol):
     """What hears of the engine's work, on the engine thread (must not block)."""
 
-    def on_tokens(self, prompt_tokens: int, first_token_s: Sequence[float], inter_token_s: Sequence[float]) -> None:
-        """A prefill (its prompt tokens; each request's time from submission to its first token) or a decode
-        step (each running request's time since its previous token): one generated token per time given."""
+    def on_tokens(self, prompt_tokens: int, new_tokens: int, first_token_s: Sequence[float],
+                  inter_token_s: Sequence[float]) -> None:
+        """A prefill's or a decode step's tokens reached the host: its prompt tokens (once per request), the
+        tokens generated, each request's time from submission to its first token, each running choice's time
+        since its previous token."""
 
-    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int, e2e_s: float,
+    def on_finish(self, reason: str, prompt_tokens: int, choice_tokens: int, e2e_s: float,
                   first_token_s: float | None) -> None:
-        """A request ended: reason "stop", "length", "abort" (its client went away) or "error"."""
+        """A request ended: reason "stop", "length", "abort" (its client went away) or "error";
+        `choice_tokens` is its longest choice's token count (the steps it ran)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,14 @@ class Launched:
     prompt_tokens: int = 0  # a prefill's prompt tokens, once per request
 
 
+class Choices(list):
+    """A request's tickets, one per choice (`n`), with what they share: one cancel flag (a single write, so a
+    cancel from the event loop is never seen half done) and whether the request's end was recorded."""
+
+    cancelled = False
+    ended = False
+
+
 class Ticket:
     """A submitted request's state, owned by the engine thread; `cancel()` is the one call safe from any
     thread (the engine drops the request at its next step and frees its row)."""
@@ -178,10 +189,10 @@ class Ticket:
         self.flush = flush
         self.text = text
         self.index = index  # the choice this ticket generates
-        self.group: list[Ticket] = [self]  # the request's choices, this one among them
+        self.group = Choices([self])  # the request's choices, this one among them
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text has not been emitted yet
         self.error: str | None = None
-        self.cancelled = False
+        self.reason: str | None = None  # how this choice ended ("abort": dropped after a cancel)
         self.done = False
         self.row = -1
         self.pos = 0  # cache position of the next decode input
@@ -194,8 +205,11 @@ class Ticket:
 
     def cancel(self) -> None:
         """Cancel the request: every one of its choices."""
-        for t in self.group:
-            t.cancelled = True
+        self.group.cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self.group.cancelled
 
     @property
     def sampling(self) -> RowParams:
@@ -368,8 +382,8 @@ class Engine:
         given, is called once the events of a step (or a request's last event) are all given to the sinks, so
         that a sink may buffer them and hand them on together (fastsolar.serve.mailbox)."""
         max_tokens = self.validate(request)
-        group = [Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop, request.prompt), i, flush)
-                 for i in range(request.n)]
+        group = Choices(Ticket(request, max_tokens, sink, TextStream(self.tokenizer, request.stop, request.prompt), i,
+                               flush) for i in range(request.n))
         for t in group:
             t.group = group
         with self._cond:
@@ -452,11 +466,8 @@ class Engine:
         if any(t.cancelled for t in self._waiting):
             for t in [t for t in self._waiting if t.cancelled]:
                 self._waiting.remove(t)
-                t.done = True
-                if t.index == 0:  # once per request
-                    self.stats["requests_cancelled"] += 1
-                    self._observe_end(t, "abort")
-                    logger.info("%s: cancelled while queued", t.request.id)
+                t.done, t.reason = True, "abort"
+                self._ended(t)
             self._cond.notify_all()
 
     def _admit(self) -> list[Ticket]:
@@ -532,7 +543,9 @@ class Engine:
         live = [(t, tok, lp) for t, tok, lp in zip(item.tickets, tokens, logprobs) if not t.done]
         self._count(now, len(live))
         for obs in self._observers:
-            obs.on_tokens(item.prompt_tokens, [now - t.t_submit for t, _, _ in live if t.generated == 0],
+            # A request's first token is its first choice's (the choices are prefilled together).
+            obs.on_tokens(item.prompt_tokens, len(live),
+                          [now - t.t_submit for t, _, _ in live if t.generated == 0 and t.index == 0],
                           [now - t.t_last for t, _, _ in live if t.generated > 0])
         for t, tok, lp in live:
             self._accept(t, tok, now, lp)
@@ -590,10 +603,8 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for t in [t for t in self._active if t.cancelled]:
             self._release(t)
-            if t.index == 0:  # once per request
-                self.stats["requests_cancelled"] += 1
-                self._observe_end(t, "abort")
-                logger.info("%s: cancelled after %d tokens", t.request.id, sum(s.generated for s in t.group))
+            t.reason = "abort"
+            self._ended(t)
 
     def _finish(self, t: Ticket, reason: str, text: str, error: str | None = None) -> None:
         self._emit(t, Output(text, t.generated, len(t.request.prompt), finish_reason=reason, error=error,
@@ -607,22 +618,39 @@ class Engine:
         t.error = error
         if error is None:
             self.stats["completion_tokens"] += t.generated
-        if not all(s.done for s in t.group):
-            return  # the request's log line and counts come with its last choice
-        generated = sum(s.generated for s in t.group)
-        errors = [s.error for s in t.group if s.error is not None]
-        self._observe_end(t, "error" if errors else reason)
+        t.reason = reason
+        self._ended(t)
+
+    def _ended(self, t: Ticket) -> None:
+        """Record the end of `t`'s request, once, when its last choice is done (whichever way each ended): the
+        counters, the observers and the request's one log line. An error in any choice makes it "error", a
+        choice dropped after a cancel "abort", else it is the reason its last choice ended with."""
+        group = t.group
+        if group.ended or not all(s.done for s in group):
+            return
+        group.ended = True
+        generated = sum(s.generated for s in group)
+        errors = [s.error for s in group if s.error is not None]
+        reason = "error" if errors else "abort" if any(s.reason == "abort" for s in group) else t.reason
+        now = time.perf_counter()
+        t_first = min((s.t_first for s in group if s.t_first is not None), default=None)
+        for obs in self._observers:
+            obs.on_finish(reason, len(t.request.prompt), max(s.generated for s in group), now - t.t_submit,
+                          None if t_first is None else t_first - t.t_submit)
         if errors:
             self.stats["requests_failed"] += 1
             logger.warning("%s: failed after %d tokens: %s", t.request.id, generated, errors[0])
             return
+        if reason == "abort":
+            self.stats["requests_cancelled"] += 1
+            logger.info("%s: cancelled after %d tokens", t.request.id, generated)
+            return
         self.stats["requests_finished"] += 1
-        now = time.perf_counter()
-        ttft = (t.t_first or now) - t.t_submit
-        later = generated - len(t.group)  # tokens after each choice's first
-        rate = later / (now - t.t_first) if t.t_first is not None and later > 0 else 0.0
+        ttft = (t_first or now) - t.t_submit
+        later = generated - len(group)  # tokens after each choice's first
+        rate = later / (now - t_first) if t_first is not None and later > 0 else 0.0
         user = f" (user {t.request.user!r})" if t.request.user is not None else ""
-        choices = f" in {len(t.group)} choices" if len(t.group) > 1 else ""
+        choices = f" in {len(group)} choices" if len(group) > 1 else ""
         logger.info("%s: %s, prompt %d tokens, completion %d tokens%s, time to first token %.3f s, %.1f tokens/s, "
                     "total %.3f s%s", t.request.id, reason, len(t.request.prompt), generated, choices, ttft, rate,
                     now - t.t_submit, user)
@@ -636,12 +664,6 @@ class Engine:
                 self.session.release([t.row])
                 self.sampler.release(t.row)
             self._cond.notify_all()
-
-    def _observe_end(self, t: Ticket, reason: str) -> None:
-        now = time.perf_counter()
-        for obs in self._observers:
-            obs.on_finish(reason, len(t.request.prompt), sum(s.generated for s in t.group), now - t.t_submit,
-                          None if t.t_first is None else t.t_first - t.t_submit)
 
     def _emit(self, t: Ticket, out: Output) -> None:
         if t.done:

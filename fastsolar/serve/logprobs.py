@@ -20,12 +20,9 @@ sent as -9999.0, as OpenAI does, since JSON has no infinity.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_SPACE = "\u2581"  # sentencepiece's word-boundary mark
 IMPOSSIBLE = -9999.0
 
 
@@ -36,22 +33,6 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
-
-
-def token_bytes(tokenizer: Any, token_id: int) -> bytes:
-    """The bytes token `token_id` stands for in the text: a byte-fallback piece `<0xNN>` is that byte, a
-    byte-level (GPT-2 alphabet) piece maps back through the alphabet, sentencepiece's U+2581 is a space."""
-    piece = tokenizer.id_to_piece(token_id)
-    m = _BYTE_PIECE.fullmatch(piece)
-    if m is not None:
-        return bytes([int(m.group(1), 16)])
-    if getattr(tokenizer, "_byte_level", False):
-        from fastsolar.text.tokenizer_json import _byte_level_values
-
-        values = _byte_level_values()
-        if all(c in values for c in piece):
-            return bytes(values[c] for c in piece)
-    return piece.replace(_SPACE, " ").encode("utf-8")
 
 
 def _value(logprob: float) -> float:
@@ -69,7 +50,7 @@ class Formatter:
     def _token(self, token_id: int) -> tuple[str, list[int]]:
         hit = self._strings.get(token_id)
         if hit is None:
-            raw = token_bytes(self.tokenizer, token_id)
+            raw = self.tokenizer.token_bytes(token_id)  # the bytes it adds to a text (TokenizerBase)
             hit = self._strings[token_id] = (raw.decode("utf-8", errors="backslashreplace"), list(raw))
         return hit
 

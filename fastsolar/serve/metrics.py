@@ -72,20 +72,21 @@ class ServeMetrics:
                           "in seconds.", buckets=REQUEST_BUCKETS)
         engine.add_observer(self)
 
-    def on_tokens(self, prompt_tokens: int, first_token_s: Sequence[float], inter_token_s: Sequence[float]) -> None:
+    def on_tokens(self, prompt_tokens: int, new_tokens: int, first_token_s: Sequence[float],
+                  inter_token_s: Sequence[float]) -> None:
         self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(len(first_token_s) + len(inter_token_s))
+        self.generation_tokens.inc(new_tokens)
         for s in first_token_s:
             self.ttft.observe(s)
         for s in inter_token_s:
             self.itl.observe(s)
 
-    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int, e2e_s: float,
+    def on_finish(self, reason: str, prompt_tokens: int, choice_tokens: int, e2e_s: float,
                   first_token_s: float | None) -> None:
         self.success[reason].inc()
         self.e2e.observe(e2e_s)
-        if first_token_s is not None and completion_tokens > 1:
-            self.tpot.observe((e2e_s - first_token_s) / (completion_tokens - 1))
+        if first_token_s is not None and choice_tokens > 1:
+            self.tpot.observe((e2e_s - first_token_s) / (choice_tokens - 1))
 
     def render(self) -> bytes:
         """The exposition text of every metric."""

@@ -42,9 +42,10 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def row_bytes(model: torch.nn.Module, max_seq: int) -> int:
-    """Bytes of one KV-cache row of `max_seq` positions (keys and values, every layer, the model's dtype)."""
+    """Bytes of one KV-cache row of `max_seq` positions (keys and values, every layer, the model's dtype) as
+    this process holds it: a tensor-parallel rank's KV heads only (`model.kv_heads`), as DecodeSession allocates."""
     c = model.config
-    return 2 * c.num_hidden_layers * max_seq * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    return 2 * c.num_hidden_layers * max_seq * model.kv_heads * c.head_dim * model.dtype.itemsize
 
 
 def rows_that_fit(model: torch.nn.Module, fraction: float, max_seq: int, total: int | None = None) -> int:

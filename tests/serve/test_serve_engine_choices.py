@@ -5,6 +5,7 @@ float32 prefill over prompt + the tokens before it."""
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 from helpers import DEVICE, assert_close, joined
@@ -81,3 +82,39 @@ def test_engine_n_choices_penalties_and_logprobs_in_one_batch(serve_checkpoint):
                     top = want.topk(k)
                     assert [t for t, _ in lp.top] == top.indices.tolist()
                     assert_close(torch.tensor([v for _, v in lp.top], dtype=torch.float64), top.values.cpu(), atol=2e-4)
+
+
+def test_a_request_whose_choices_end_differently_is_recorded_once(serve_checkpoint):
+    """Choice 0 ends at a stop string, then the client goes away while choice 1 runs: the request's end is
+    recorded once, as a cancel, when its last choice is dropped (not never, not twice)."""
+    tok = Tokenizer.from_pretrained(serve_checkpoint)
+    ids = tok.encode("alpha beta gamma")
+    sampling = RowParams(temperature=1.0, seed=5)
+    engine = Engine(Solar.from_pretrained(serve_checkpoint, device=DEVICE), tok, max_batch=2).start()
+    try:
+        free = Choices(2)
+        engine.submit(Request("free", ids, 30, sampling, ignore_eos=True, n=2), free)
+        texts = ["".join(o.text for o in free.wait().outputs[i]) for i in range(2)]
+        # A stop string only choice 0 writes (the choices differ: seed + index), early in its text.
+        stop = next(texts[0][k:k + 3] for k in range(1, len(texts[0]) - 3) if texts[0][k:k + 3] not in texts[1])
+        before = engine.metrics()
+        first_done = threading.Event()
+        sink = Choices(2)
+
+        def on_output(out) -> None:
+            sink(out)
+            if out.index == 0 and out.finish_reason is not None:
+                first_done.set()
+
+        ticket = engine.submit(Request("r", ids, 30, sampling, stop=(stop,), ignore_eos=True, n=2), on_output)
+        assert first_done.wait(WAIT_S) and sink.outputs[0][-1].finish_reason == "stop"
+        ticket.cancel()
+        deadline = time.monotonic() + WAIT_S
+        while engine.metrics()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = engine.metrics()
+    finally:
+        engine.stop()
+    assert after["running"] == 0
+    assert (after["requests_cancelled"] - before["requests_cancelled"],
+            after["requests_finished"] - before["requests_finished"]) == (1, 0)
